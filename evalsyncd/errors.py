@@ -1,0 +1,110 @@
+"""The one exception tree of evalsyncd.
+
+Backends translate SDK errors (botocore, aiohttp, gcloud-aio) into these classes
+at their boundary and chain the original (``raise ... from exc``), so callers
+decide on retries by type and never by matching message strings::
+
+    EvalsyncdError
+    ├── ConfigError                       bad settings; the CLI exits 78 (EX_CONFIG)
+    └── StorageError                      anything a storage backend raises
+        ├── ObjectNotFoundError           also FileNotFoundError: the object is missing
+        ├── ConflictError                 a precondition failed (HTTP 412, offset mismatch):
+        │                                 someone else changed the object; re-read, reconcile
+        ├── TransientStorageError         retry with backoff: timeouts, connection resets,
+        │                                 HTTP 5xx, 429, S3 SlowDown
+        └── PermanentStorageError         retrying the same request will not help
+            ├── AccessDeniedError         also PermissionError: 401/403, bad credentials
+            ├── BucketNotFoundError       the bucket itself does not exist
+            └── InvalidRequestError       the server refused the request as malformed
+
+Keys that are empty, absolute or contain ``..`` are refused before any request
+with a plain :class:`ValueError` (:class:`InvalidKeyError` subclasses both).
+
+An outage is never reported as "missing": only a definite answer from the
+server (404 on the object, with the bucket present) becomes
+:class:`ObjectNotFoundError`.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AccessDeniedError",
+    "BucketNotFoundError",
+    "ConfigError",
+    "ConflictError",
+    "EvalsyncdError",
+    "InvalidKeyError",
+    "InvalidRequestError",
+    "ObjectNotFoundError",
+    "PermanentStorageError",
+    "StorageError",
+    "TransientStorageError",
+]
+
+
+class EvalsyncdError(Exception):
+    """Root of every error evalsyncd raises on purpose."""
+
+
+class ConfigError(EvalsyncdError):
+    """The configuration is invalid. The message names the offending key or file."""
+
+
+class StorageError(EvalsyncdError):
+    """A storage backend failed.
+
+    Attributes:
+        url: the URL of the object or prefix concerned, when known.
+    """
+
+    def __init__(self, message: str, *, url: str | None = None) -> None:
+        super().__init__(message)
+        self.url = url
+
+
+class ObjectNotFoundError(StorageError, FileNotFoundError):
+    """The object (file) does not exist. Also a :class:`FileNotFoundError`."""
+
+
+class ConflictError(StorageError):
+    """A conditional request failed: the object is not in the state the caller expected.
+
+    Raised on HTTP 412 (``If-Match``, ``CopySourceIfMatch``, ``ifGenerationMatch``)
+    and when ``append(..., offset=N)`` finds a size other than ``N`` (and the
+    append was not already applied).
+
+    Attributes:
+        actual_size: the object's size in bytes as seen when the conflict was
+            detected, or ``None`` when unknown.
+    """
+
+    def __init__(self, message: str, *, url: str | None = None, actual_size: int | None = None):
+        super().__init__(message, url=url)
+        self.actual_size = actual_size
+
+
+class TransientStorageError(StorageError):
+    """A failure that may succeed later: retry with backoff.
+
+    Timeouts, connection errors and resets, HTTP 5xx, 408, 429 and S3 ``SlowDown``.
+    """
+
+
+class PermanentStorageError(StorageError):
+    """A failure that retrying the same request will not fix."""
+
+
+class AccessDeniedError(PermanentStorageError, PermissionError):
+    """The credentials are missing, invalid or lack permission (401/403)."""
+
+
+class BucketNotFoundError(PermanentStorageError):
+    """The bucket does not exist (S3 ``NoSuchBucket``, GCS 404 on the bucket)."""
+
+
+class InvalidRequestError(PermanentStorageError):
+    """The server rejected the request as malformed (HTTP 400 and the like)."""
+
+
+class InvalidKeyError(EvalsyncdError, ValueError):
+    """A storage path is empty, absolute, or contains ``.``/``..`` segments."""
