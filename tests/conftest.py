@@ -24,9 +24,15 @@ GCS_BUCKET = "evalsyncd-test"
 
 # Variables that could point a test at a real cloud account or change SDK behaviour.
 _ISOLATED_ENV = (
-    "AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SESSION_TOKEN", "AWS_CONFIG_FILE",
-    "AWS_SHARED_CREDENTIALS_FILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3",
-    "GOOGLE_APPLICATION_CREDENTIALS", "STORAGE_EMULATOR_HOST",
+    "AWS_PROFILE",
+    "AWS_DEFAULT_PROFILE",
+    "AWS_SESSION_TOKEN",
+    "AWS_CONFIG_FILE",
+    "AWS_SHARED_CREDENTIALS_FILE",
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "GOOGLE_APPLICATION_CREDENTIALS",
+    "STORAGE_EMULATOR_HOST",
 )
 
 
@@ -88,7 +94,9 @@ def unique_prefix(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-def s3_storage(cloud_env: dict[str, str], s3_server: SeaweedS3Server, unique_prefix: str) -> Iterator[S3Storage]:
+def s3_storage(
+    cloud_env: dict[str, str], s3_server: SeaweedS3Server, unique_prefix: str
+) -> Iterator[S3Storage]:
     """An ``S3Storage`` on the test server under a fresh prefix."""
     storage = S3Storage(S3_BUCKET, unique_prefix, endpoint_url=s3_server.endpoint_url)
     with storage:
@@ -123,7 +131,9 @@ def _no_thread_leaks() -> Iterator[None]:
     yield
     deadline = time.monotonic() + 5.0
     while True:
-        leaked = [t for t in threading.enumerate() if t not in before and t.is_alive() and not t.daemon]
+        leaked = [
+            t for t in threading.enumerate() if t not in before and t.is_alive() and not t.daemon
+        ]
         if not leaked or time.monotonic() > deadline:
             break
         time.sleep(0.05)

@@ -7,7 +7,10 @@ from collections.abc import Callable
 
 
 def wait_for(
-    condition: Callable[[], object], timeout_s: float = 30.0, interval_s: float = 0.05, what: str = ""
+    condition: Callable[[], object],
+    timeout_s: float = 30.0,
+    interval_s: float = 0.05,
+    what: str = "",
 ) -> object:
     """Poll ``condition`` until it returns a truthy value; fail after ``timeout_s`` seconds."""
     deadline = time.monotonic() + timeout_s
@@ -20,4 +23,6 @@ def wait_for(
         if value:
             return value
         time.sleep(interval_s)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what or condition}") from last_exc
+    raise AssertionError(
+        f"timed out after {timeout_s} s waiting for {what or condition}"
+    ) from last_exc

@@ -145,7 +145,8 @@ def test_appends_cross_the_multipart_minimum(storage: AnyStorage) -> None:
 
 
 @pytest.mark.parametrize(
-    "name", ["with space.json", "plus+sign.json", "per%20cent.json", "hash#tag.json", "ünï/cødé ☃.jsonl"]
+    "name",
+    ["with space.json", "plus+sign.json", "per%20cent.json", "hash#tag.json", "ünï/cødé ☃.jsonl"],
 )
 def test_unusual_keys_roundtrip(storage: AnyStorage, name: str) -> None:
     """Keys with spaces, +, %, # and non-ASCII characters are stored as they are."""
@@ -265,12 +266,16 @@ def test_sync_use_from_thread_while_loop_runs(storage: AnyStorage) -> None:
     storage.write("t.txt", b"threaded")
 
     async def main() -> list[bytes]:
-        return list(await asyncio.gather(*(asyncio.to_thread(storage.read, "t.txt") for _ in range(4))))
+        return list(
+            await asyncio.gather(*(asyncio.to_thread(storage.read, "t.txt") for _ in range(4)))
+        )
 
     assert asyncio.run(main()) == [b"threaded"] * 4
 
     results: list[bytes] = []
-    threads = [threading.Thread(target=lambda: results.append(storage.read("t.txt"))) for _ in range(4)]
+    threads = [
+        threading.Thread(target=lambda: results.append(storage.read("t.txt"))) for _ in range(4)
+    ]
     for t in threads:
         t.start()
     for t in threads:

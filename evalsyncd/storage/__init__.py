@@ -71,4 +71,6 @@ def storage_from_uri(uri: str | Path, **kwargs: Any) -> AnyStorage:
                 )
             return S3Storage(bucket, prefix, **kwargs)
         return GCSStorage(bucket, prefix, **kwargs)
-    raise ValueError(f"{uri!r}: unsupported scheme {scheme!r} (use a path, file://, s3:// or gs://)")
+    raise ValueError(
+        f"{uri!r}: unsupported scheme {scheme!r} (use a path, file://, s3:// or gs://)"
+    )

@@ -51,7 +51,9 @@ class CloudStorage(ABC):
         self._init_runtime()
 
     def _init_runtime(self) -> None:
-        self._clients: dict[asyncio.AbstractEventLoop, asyncio.Task[tuple[AsyncExitStack, Any]]] = {}
+        self._clients: dict[
+            asyncio.AbstractEventLoop, asyncio.Task[tuple[AsyncExitStack, Any]]
+        ] = {}
         self._clients_lock = threading.Lock()
         self._bridge_hooked = False
 
@@ -182,7 +184,7 @@ class CloudStorage(ABC):
         """See :meth:`Storage.remove_dir`: a no-op, object stores have no directories."""
         check_key(path)
 
-    async def aflush(self) -> None:
+    async def aflush(self) -> None:  # noqa: B027 - a no-op unless the backend buffers
         """See :meth:`Storage.flush`: nothing is buffered unless the backend says so."""
 
     # -- the sync contract: one line each through the bridge ------------------------

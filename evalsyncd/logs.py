@@ -1,0 +1,83 @@
+"""Logging setup: structlog, configured once, by the CLI only.
+
+JSON lines when stderr is not a TTY (journald, files), readable console output
+otherwise. stdlib ``logging`` records (from libraries, and from the store) go
+through the same renderer. Credentials never reach the logs: the daemon logs
+keys, URLs without query strings, and error messages; a processor also masks
+anything that looks like a signed-URL query or an AWS secret.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from typing import Any, Literal
+
+import structlog
+
+__all__ = ["configure_logging"]
+
+_SECRET_PATTERNS = (
+    re.compile(r"(X-Amz-(?:Signature|Credential|Security-Token)=)[^&\s\"']+", re.IGNORECASE),
+    re.compile(
+        r"((?:aws_secret_access_key|secret|token|password|authorization)[\"']?\s*[:=]\s*[\"']?)[^\s\"',}]+",
+        re.IGNORECASE,
+    ),
+    re.compile(r"(Bearer\s+)[A-Za-z0-9._\-]+"),
+)
+
+
+def _redact(_logger: Any, _method: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+    for key, value in event_dict.items():
+        if isinstance(value, str):
+            for pattern in _SECRET_PATTERNS:
+                value = pattern.sub(r"\1***", value)
+            event_dict[key] = value
+    return event_dict
+
+
+def configure_logging(
+    fmt: Literal["auto", "json", "console"] = "auto",
+    level: str = "info",
+) -> None:
+    """Configure structlog and stdlib logging for the process.
+
+    Args:
+        fmt: ``json``, ``console``, or ``auto`` (console on a TTY, else JSON).
+        level: minimum level name (``debug``, ``info``, ``warning``, ``error``).
+    """
+    use_json = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
+    numeric = logging.getLevelName(level.upper())
+    shared: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        _redact,
+    ]
+    renderer: Any = (
+        structlog.processors.JSONRenderer()
+        if use_json
+        else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+    )
+    structlog.configure(
+        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.make_filtering_bound_logger(numeric),
+        cache_logger_on_first_use=True,
+    )
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=shared,
+        processors=[
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(numeric)
+    for noisy in ("botocore", "aiobotocore", "aioboto3", "urllib3", "asyncio"):
+        logging.getLogger(noisy).setLevel(max(numeric, logging.WARNING))

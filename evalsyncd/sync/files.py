@@ -1,0 +1,99 @@
+"""What the daemon mirrors, how, and in which order: classification and scanning.
+
+Rules (``shared/DESIGN.md`` section 2):
+
+- ``*.jsonl`` files are **append-only**: only complete lines are mirrored.
+- every other regular file is **replace-on-write**: uploaded whole once stable;
+  a ``*.json`` only once it parses.
+- **ignored**: names starting with ``.`` (atomic-write temporaries such as
+  ``.metadata.json.1234.tmp``, editor swap files), names ending in ``.tmp``,
+  ``~`` or ``.swp``, the daemon's state directory, symlinks (never followed),
+  sockets, FIFOs and devices.
+
+Ordering for readers of the bucket is expressed as a *phase* per path; within
+one upload pass a destination finishes every task of a phase before it starts
+the next: a run's results and trajectories (phase 0) are caught up before its
+``metadata.json`` and ``summary.json`` (phase 1), and ``runs.jsonl`` (phase 2)
+comes after every ``metadata.json``.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import stat as stat_mod
+from collections.abc import Iterator
+from pathlib import Path
+
+__all__ = ["FileKind", "classify", "is_run_metadata", "phase_of", "scan_tree"]
+
+
+class FileKind(enum.Enum):
+    """How a file is mirrored."""
+
+    APPEND = "append"
+    """``*.jsonl``: delta upload of complete lines."""
+    REPLACE = "replace"
+    """everything else: whole-file upload once stable."""
+    IGNORED = "ignored"
+    """never uploaded."""
+
+
+def classify(relpath: str) -> FileKind:
+    """The kind of a file, from its relative POSIX path alone."""
+    parts = relpath.split("/")
+    if any(p.startswith(".") for p in parts):
+        return FileKind.IGNORED
+    name = parts[-1]
+    if name.endswith((".tmp", "~", ".swp", ".swx", ".part")):
+        return FileKind.IGNORED
+    if name.endswith(".jsonl"):
+        return FileKind.APPEND
+    return FileKind.REPLACE
+
+
+def is_run_metadata(relpath: str) -> bool:
+    """Whether ``relpath`` is ``runs/{run_id}/metadata.json``."""
+    parts = relpath.split("/")
+    return len(parts) == 3 and parts[0] == "runs" and parts[2] == "metadata.json"
+
+
+def phase_of(relpath: str) -> int:
+    """Upload phase of a path: 0 data files, 1 run metadata and summary, 2 the index."""
+    if relpath == "runs.jsonl":
+        return 2
+    parts = relpath.split("/")
+    if len(parts) == 3 and parts[0] == "runs" and parts[2] in ("metadata.json", "summary.json"):
+        return 1
+    return 0
+
+
+def scan_tree(root: Path, exclude: tuple[Path, ...] = ()) -> Iterator[tuple[str, os.stat_result]]:
+    """Walk ``root`` and yield ``(relative POSIX path, lstat)`` of every file to mirror.
+
+    Symlinks are neither followed nor yielded; directories in ``exclude`` (the
+    state directory, if it lies under the root) and ignored names are skipped.
+    Files that vanish during the walk are skipped silently; unreadable
+    directories are skipped (the next scan tries again).
+    """
+    excluded = {str(p) for p in exclude}
+    stack = [(str(root), "")]
+    while stack:
+        directory, rel_dir = stack.pop()
+        try:
+            entries = list(os.scandir(directory))
+        except (FileNotFoundError, NotADirectoryError, PermissionError):
+            continue
+        for entry in entries:
+            rel = f"{rel_dir}{entry.name}"
+            if entry.name.startswith("."):
+                continue
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            if stat_mod.S_ISDIR(st.st_mode):
+                if entry.path not in excluded:
+                    stack.append((entry.path, f"{rel}/"))
+            elif stat_mod.S_ISREG(st.st_mode) and classify(rel) is not FileKind.IGNORED:
+                yield rel, st

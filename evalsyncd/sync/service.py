@@ -1,0 +1,422 @@
+"""The daemon's engine: scanner, watcher and destinations wired on one event loop.
+
+::
+
+    watchdog thread --hint--> event loop <--- scanner (startup, every rescan_interval_s,
+                                   |            at once after an inotify overflow or a new directory)
+                                   v  mark(path) on every destination
+                       Destination 1 ... Destination n   (own dirty set, passes, backoff, state)
+                                   |  on acknowledgement only
+                                 Journal (SQLite)
+
+This module never imports the eval store; the CLI wires it to settings,
+logging, signals and systemd.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from collections.abc import Callable
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+
+from evalsyncd.config import DestinationSettings, Settings
+from evalsyncd.storage import AnyStorage, LocalStorage, storage_from_uri
+from evalsyncd.sync.destination import Destination, DestinationState
+from evalsyncd.sync.files import FileKind, classify, is_run_metadata, scan_tree
+from evalsyncd.sync.journal import Journal
+from evalsyncd.sync.watcher import Watcher
+
+__all__ = ["Backlog", "Service", "open_destination_storage"]
+
+log = structlog.get_logger("evalsyncd.sync")
+
+JOURNAL_NAME = "journal.sqlite3"
+
+
+def open_destination_storage(dest: DestinationSettings) -> AnyStorage:
+    """The storage backend of a destination, configured from its settings (no I/O)."""
+    retry = dest.retry
+    if dest.url.startswith("s3://"):
+        return storage_from_uri(
+            dest.url,
+            endpoint_url=dest.endpoint_url,
+            region=dest.region,
+            profile=dest.profile,
+            connect_timeout_s=retry.connect_timeout_s,
+            read_timeout_s=retry.read_timeout_s,
+            compact_idle_s=dest.compact_idle_s,
+        )
+    if dest.url.startswith("gs://"):
+        return storage_from_uri(
+            dest.url, service_file=dest.service_file, timeout_s=retry.read_timeout_s
+        )
+    return storage_from_uri(dest.url, durable=True)
+
+
+@dataclass(frozen=True)
+class Backlog:
+    """What a destination still has to upload, from a scan compared with the journal.
+
+    Attributes:
+        files: files whose remote object is behind (or missing).
+        bytes: bytes not yet acknowledged (append-only: size minus acknowledged
+            offset; replace-on-write: the whole size).
+        oldest_s: age in seconds of the oldest unsynced change (by file mtime).
+    """
+
+    files: int
+    bytes: int
+    oldest_s: float
+
+
+class Service:
+    """Mirror ``settings.root`` to every destination until stopped.
+
+    Args:
+        settings: the validated configuration.
+        notify: called with systemd notification lines (``"READY=1"``,
+            ``"STATUS=..."``, ``"WATCHDOG=1"``, ``"STOPPING=1"``); optional.
+    """
+
+    def __init__(self, settings: Settings, *, notify: Callable[[str], None] | None = None) -> None:
+        self.settings = settings
+        self.root = settings.root
+        self._notify = notify or (lambda line: None)
+        self.destinations: dict[str, Destination] = {}
+        self.journal: Journal | None = None
+        self.rescans = 0
+        self.overflows = 0
+        self._scan_now = asyncio.Event()
+        self._scan_interval_s = settings.rescan_interval_s
+        self._subtrees: set[Path] = set()
+        self._watcher: Watcher | None = None
+        self._exclude: tuple[Path, ...] = (settings.state_dir,)
+        self._stack = AsyncExitStack()
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+
+    # -- setup ----------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Open the journal and every destination's storage client."""
+        self.journal = Journal(self.settings.state_dir / JOURNAL_NAME, self.root)
+        self._stack.callback(self.journal.close)
+        for dest in self.settings.destinations:
+            await self._add_destination(dest)
+
+    async def _add_destination(self, dest: DestinationSettings) -> Destination:
+        assert self.journal is not None
+        storage = open_destination_storage(dest)
+        await self._stack.enter_async_context(storage)
+        if isinstance(storage, LocalStorage) and storage.root.is_relative_to(self.root):
+            self._exclude = (*self._exclude, storage.root)
+        d = Destination(
+            dest,
+            storage,
+            self.journal,
+            self.root,
+            flush_interval_s=self.settings.flush_interval_s,
+            mirror_deletes=self.settings.mirror_deletes,
+            invalid_json_grace_s=self.settings.invalid_json_grace_s,
+        )
+        self.destinations[dest.name] = d
+        log.info("destination_added", destination=dest.name, url=storage.url())
+        return d
+
+    async def close(self) -> None:
+        """Close storage clients and the journal."""
+        await self._stack.aclose()
+
+    # -- intake -------------------------------------------------------------------------------
+
+    def _relative(self, abs_path: str) -> str | None:
+        try:
+            p = Path(abs_path)
+            rel = p.relative_to(self.root)
+        except ValueError:
+            return None
+        if any(p.is_relative_to(x) for x in self._exclude):
+            return None
+        return rel.as_posix() if rel.parts else None
+
+    def on_hint(self, abs_path: str, is_directory: bool, event_type: str) -> None:
+        """A watchdog event (on the loop thread): mark the file, or scan a new directory."""
+        rel = self._relative(abs_path)
+        if rel is None:
+            return
+        if is_directory:
+            if event_type in ("created", "moved"):
+                self._subtrees.add(self.root / rel)
+                self._scan_now.set()
+            return
+        if classify(rel) is FileKind.IGNORED:
+            return
+        urgent = is_run_metadata(rel) and event_type != "deleted"
+        for d in self.destinations.values():
+            d.mark(rel, urgent=urgent)
+
+    def on_overflow(self) -> None:
+        """The kernel dropped events: rescan everything now."""
+        self.overflows += 1
+        log.warning("inotify_overflow", action="full rescan", overflows=self.overflows)
+        self._subtrees.clear()
+        self._scan_now.set()
+
+    def on_watch_failure(self, message: str) -> None:
+        """Watching failed: rely on frequent scans instead, loudly."""
+        self._scan_interval_s = min(
+            self.settings.rescan_interval_s, max(2.0, self.settings.flush_interval_s)
+        )
+        log.error(
+            "watch_failed",
+            error=message,
+            fallback="periodic scans",
+            scan_interval_s=self._scan_interval_s,
+        )
+        self._scan_now.set()
+
+    async def rescan(self, subtree: Path | None = None) -> int:
+        """Compare the files under ``subtree`` (default: the root) with the journal and mark
+        every file a destination is behind on. Returns the number of files seen."""
+        base = subtree or self.root
+        prefix = "" if base == self.root else base.relative_to(self.root).as_posix() + "/"
+        started = time.monotonic()
+        files = await asyncio.to_thread(
+            lambda: [(prefix + rel, st) for rel, st in scan_tree(base, self._exclude)]
+        )
+        seen = {rel for rel, _ in files}
+        assert self.journal is not None
+        for d in self.destinations.values():
+            entries = await asyncio.to_thread(self.journal.entries, d.name)
+            for rel, st in files:
+                e = entries.get(rel)
+                if (
+                    e is None
+                    or e.status == "deleted"
+                    or (e.dev, e.ino, e.seen_size, e.seen_mtime_ns)
+                    != (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+                ):
+                    d.mark(rel)
+            if subtree is None:
+                for rel, e in entries.items():
+                    if rel not in seen and e.status != "deleted":
+                        d.mark(rel)
+        if subtree is None:
+            self.rescans += 1
+        log.debug(
+            "scan_finished",
+            subtree=prefix or "/",
+            files=len(files),
+            duration_s=round(time.monotonic() - started, 3),
+        )
+        return len(files)
+
+    def backlog(self, name: str) -> Backlog:
+        """Scan-free backlog estimate of a destination from its dirty set and the journal."""
+        d = self.destinations[name]
+        assert self.journal is not None
+        total = 0
+        for path in d.pending_paths():
+            try:
+                size = os.stat(self.root / path).st_size
+            except OSError:
+                continue
+            e = self.journal.get(name, path)
+            total += size - (e.acked_offset if e and classify(path) is FileKind.APPEND else 0)
+        return Backlog(files=d.pending_files, bytes=max(0, total), oldest_s=d.oldest_pending_s)
+
+    def status_line(self) -> str:
+        """One line for systemd's STATUS=: state and backlog per destination."""
+        parts = []
+        for name, d in self.destinations.items():
+            b = self.backlog(name)
+            parts.append(
+                f"{name}: {d.state.value}, {b.files} files/{b.bytes} B behind, oldest {b.oldest_s:.0f}s"
+            )
+        return "; ".join(parts)
+
+    # -- running ---------------------------------------------------------------------------------
+
+    async def _scanner(self) -> None:
+        last_full = time.monotonic()
+        while True:
+            timeout = max(0.0, last_full + self._scan_interval_s - time.monotonic())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._scan_now.wait(), min(timeout, 5.0))
+            if self._watcher is not None:
+                self._watcher.check()
+            if self._scan_now.is_set():
+                self._scan_now.clear()
+                subtrees, self._subtrees = self._subtrees, set()
+                if subtrees:
+                    for sub in sorted(subtrees):
+                        if sub.is_dir():
+                            await self.rescan(sub)
+                    continue
+                await self.rescan()
+                last_full = time.monotonic()
+            elif time.monotonic() - last_full >= self._scan_interval_s:
+                await self.rescan()
+                last_full = time.monotonic()
+
+    async def _heartbeat(self) -> None:
+        """Watchdog pings and STATUS lines, from the event loop itself."""
+        while True:
+            self._notify("WATCHDOG=1")
+            self._notify(f"STATUS={self.status_line()}")
+            await asyncio.sleep(2.0)
+
+    def _start_destination(self, d: Destination) -> None:
+        self._tasks[d.name] = asyncio.create_task(d.run(), name=f"destination-{d.name}")
+
+    async def run(
+        self,
+        stop: asyncio.Event,
+        reload: Callable[[], Settings] | None = None,
+        reload_event: asyncio.Event | None = None,
+    ) -> None:
+        """Run until ``stop`` is set; then drain within ``stop_timeout_s`` and close.
+
+        Args:
+            stop: set it to stop the service (SIGTERM).
+            reload: returns fresh settings; called when ``reload_event`` is set (SIGHUP).
+            reload_event: see ``reload``.
+        """
+        loop = asyncio.get_running_loop()
+        await self.open()
+        try:
+            self._watcher = Watcher(
+                self.root,
+                loop,
+                self.on_hint,
+                self.on_overflow,
+                self.on_watch_failure,
+                observer=self.settings.observer,
+                polling_interval_s=self.settings.polling_interval_s,
+            )
+            self._watcher.start()
+            for d in self.destinations.values():
+                self._start_destination(d)
+            scanner = asyncio.create_task(self._scanner(), name="scanner")
+            self._scan_now.set()  # the startup scan
+            heartbeat = asyncio.create_task(self._heartbeat(), name="heartbeat")
+            log.info("daemon_started", root=str(self.root), destinations=list(self.destinations))
+            self._notify("READY=1")
+            while not stop.is_set():
+                waiters = [asyncio.ensure_future(stop.wait())]
+                if reload_event is not None:
+                    waiters.append(asyncio.ensure_future(reload_event.wait()))
+                await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+                for w in waiters:
+                    w.cancel()
+                if reload_event is not None and reload_event.is_set() and not stop.is_set():
+                    reload_event.clear()
+                    if reload is not None:
+                        await self._reload(reload)
+            self._notify("STOPPING=1")
+            log.info("daemon_stopping", timeout_s=self.settings.stop_timeout_s)
+            self._watcher.stop()
+            scanner.cancel()
+            heartbeat.cancel()
+            await self._drain(list(self.destinations))
+        finally:
+            if self._watcher is not None:
+                self._watcher.stop()
+            for t in self._tasks.values():
+                t.cancel()
+            await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+            await self.close()
+            log.info("daemon_stopped")
+
+    async def _drain(self, names: list[str]) -> None:
+        """Stop destinations, letting passes in flight finish within ``stop_timeout_s``."""
+        for name in names:
+            self.destinations[name].stop()
+        tasks = [self._tasks[n] for n in names if n in self._tasks]
+        if not tasks:
+            return
+        _done, pending = await asyncio.wait(tasks, timeout=self.settings.stop_timeout_s)
+        for t in pending:
+            t.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        if pending:
+            log.warning("uploads_abandoned", destinations=[t.get_name() for t in pending])
+        for name in names:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.destinations[name].storage.aflush(), 5.0)
+
+    async def _reload(self, reload: Callable[[], Settings]) -> None:
+        try:
+            fresh = reload()
+        except Exception as exc:
+            log.error("reload_failed", error=str(exc), action="keeping the current configuration")
+            return
+        if fresh.root != self.settings.root or fresh.state_dir != self.settings.state_dir:
+            log.error("reload_refused", reason="root and state_dir cannot change without a restart")
+            return
+        old = {d.name: d for d in self.settings.destinations}
+        new = {d.name: d for d in fresh.destinations}
+        removed = [n for n in old if n not in new or new[n] != old[n]]
+        added = [n for n in new if n not in old or new[n] != old[n]]
+        await self._drain(removed)
+        for name in removed:
+            self.destinations.pop(name, None)
+            self._tasks.pop(name, None)
+            log.info("destination_removed", destination=name)
+        self.settings = fresh
+        for name in added:
+            self._start_destination(await self._add_destination(new[name]))
+        if added:
+            self._scan_now.set()
+        log.info("config_reloaded", added=added, removed=removed)
+
+    async def sync_once(
+        self, timeout_s: float = 600.0, progress: Callable[[int, int], None] | None = None
+    ) -> bool:
+        """One full catch-up pass: scan, upload everything due, return.
+
+        Args:
+            timeout_s: give up (return False) after this many seconds.
+            progress: called as ``progress(done_files, total_files)``.
+
+        Returns:
+            True when every destination is caught up; False when a destination
+            failed or the time ran out.
+        """
+        await self.open()
+        try:
+            await self.rescan()
+            total = sum(d.pending_files for d in self.destinations.values())
+            deadline = time.monotonic() + timeout_s
+            ok = True
+            for d in self.destinations.values():
+                while not d.is_idle() and time.monotonic() < deadline:
+                    passed = await d.run_pass()
+                    if not passed and d.state is DestinationState.PARKED:
+                        ok = False
+                        break
+                    if progress is not None:
+                        progress(
+                            total - sum(x.pending_files for x in self.destinations.values()), total
+                        )
+                    if not d.is_idle():  # waiting files: a quiet period or a retry
+                        await asyncio.sleep(min(0.2, self.settings.flush_interval_s))
+                with contextlib.suppress(Exception):
+                    await d.storage.aflush()
+                if not d.is_idle():
+                    ok = False
+                    log.error(
+                        "sync_incomplete",
+                        destination=d.name,
+                        pending_files=d.pending_files,
+                        last_error=d.last_error,
+                    )
+            return ok
+        finally:
+            await self.close()
