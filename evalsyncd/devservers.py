@@ -153,17 +153,23 @@ class SeaweedS3Server(_Server):
             "AWS_ENDPOINT_URL_S3": self.endpoint_url,
         }
 
-    def start(self, timeout_s: float = 60.0) -> Self:
+    def start(self, timeout_s: float = 60.0, *, restart: bool = False) -> Self:
         """Start on a free block of ports and wait until it answers.
+
+        Args:
+            timeout_s: how long to wait for readiness, seconds.
+            restart: start again on the same port and data directory (after
+                :meth:`stop`), keeping buckets and objects.
 
         Raises:
             ServerError: binary missing, or the server exited or was not ready in time.
         """
         weed = _which("weed")
         for attempt in range(3):
-            self.port = _free_port_block((0, 1, 2, 3, 10000, 10001, 10002, 10003), high=45000)
-            if self.directory.exists():
-                shutil.rmtree(self.directory)
+            if not restart:
+                self.port = _free_port_block((0, 1, 2, 3, 10000, 10001, 10002, 10003), high=45000)
+                if self.directory.exists():
+                    shutil.rmtree(self.directory)
             p = self.port
             self._spawn(
                 [
@@ -190,7 +196,7 @@ class SeaweedS3Server(_Server):
                 return self
             except ServerError:
                 self.stop()
-                if attempt == 2:
+                if attempt == 2 or restart:
                     raise
         raise AssertionError("unreachable")
 
@@ -231,8 +237,12 @@ class FakeGCSServer(_Server):
         """Environment variables that point GCS clients at this server."""
         return {"STORAGE_EMULATOR_HOST": self.endpoint_url}
 
-    def start(self, timeout_s: float = 30.0) -> Self:
+    def start(self, timeout_s: float = 30.0, *, restart: bool = False) -> Self:
         """Start on a free port and wait until it answers.
+
+        Args:
+            timeout_s: how long to wait for readiness, seconds.
+            restart: start again on the same port and data directory (after :meth:`stop`).
 
         Raises:
             ServerError: binary missing, or the server exited or was not ready in time.
@@ -245,7 +255,8 @@ class FakeGCSServer(_Server):
             ) from exc
         binary = str(_get_binary_path())
         for attempt in range(3):
-            self.port = _free_port_block((0,), low=45000, high=55000)
+            if not restart:
+                self.port = _free_port_block((0,), low=45000, high=55000)
             self._spawn(
                 [
                     binary,

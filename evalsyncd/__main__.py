@@ -1,0 +1,5 @@
+"""``python -m evalsyncd``: the command line."""
+
+from evalsyncd.cli import entrypoint
+
+entrypoint()

@@ -1,0 +1,245 @@
+"""Pure parts of the daemon: classification, phases, backoff, journal, configuration."""
+
+from __future__ import annotations
+
+import random
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from evalsyncd.cli import EX_CONFIG, main
+from evalsyncd.config import RetrySettings, load_settings
+from evalsyncd.errors import ConfigError
+from evalsyncd.sync import (
+    Entry,
+    FileKind,
+    Journal,
+    JournalError,
+    backoff_delay,
+    classify,
+    phase_of,
+    scan_tree,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize(
+    ("path", "kind"),
+    [
+        ("runs.jsonl", FileKind.APPEND),
+        ("runs/r1/gsm8k/trajectories.jsonl", FileKind.APPEND),
+        ("runs/r1/metadata.json", FileKind.REPLACE),
+        ("runs/r1/notes.txt", FileKind.REPLACE),
+        ("runs/r1/.metadata.json.1234.tmp", FileKind.IGNORED),
+        ("runs/.hidden/x.json", FileKind.IGNORED),
+        ("runs/r1/x.json.tmp", FileKind.IGNORED),
+        ("runs/r1/x.json~", FileKind.IGNORED),
+        ("runs/r1/.x.swp", FileKind.IGNORED),
+    ],
+)
+def test_classify(path: str, kind: FileKind) -> None:
+    """File kinds follow DESIGN.md section 2: *.jsonl append, temporaries ignored, the rest replace."""
+    assert classify(path) is kind
+
+
+@pytest.mark.parametrize(
+    ("path", "phase"),
+    [
+        ("runs/r1/gsm8k/result.json", 0),
+        ("runs/r1/gsm8k/trajectories.jsonl", 0),
+        ("runs/r1/metadata.json", 1),
+        ("runs/r1/summary.json", 1),
+        ("runs.jsonl", 2),
+        ("other/metadata.json", 0),
+    ],
+)
+def test_phases_order_data_before_metadata_before_index(path: str, phase: int) -> None:
+    """Results and trajectories come before run metadata, and the index comes last."""
+    assert phase_of(path) == phase
+
+
+@pytest.mark.parametrize(
+    ("failures", "low", "high"),
+    [
+        (1, 0.25, 0.5),
+        (2, 0.5, 1.0),
+        (3, 1.0, 2.0),
+        (7, 16.0, 32.0),
+        (8, 30.0, 60.0),
+        (50, 30.0, 60.0),
+        (10_000, 30.0, 60.0),
+    ],
+)
+def test_backoff_delay_is_capped_exponential_with_jitter(
+    failures: int, low: float, high: float
+) -> None:
+    """The n-th failure waits within [cap/2, cap], cap = min(60, 0.5 * 2**(n-1))."""
+    retry = RetrySettings()
+    rng = random.Random(1234)
+    delays = [backoff_delay(failures, retry, rng) for _ in range(200)]
+    assert all(low <= d <= high for d in delays)
+    assert len(set(delays)) > 100  # jittered
+
+
+def test_scan_tree_skips_symlinks_temporaries_and_excluded(tmp_path: Path) -> None:
+    """The scanner yields regular files only, never follows symlinks, skips the state dir."""
+    root = tmp_path / "root"
+    (root / "runs/r1").mkdir(parents=True)
+    (root / "runs/r1/metadata.json").write_text("{}")
+    (root / "runs/r1/.metadata.json.99.tmp").write_text("{")
+    (root / "state").mkdir()
+    (root / "state/journal.sqlite3").write_text("x")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.json").write_text("{}")
+    (root / "link").symlink_to(outside)
+    (root / "runs/r1/linkfile.json").symlink_to(outside / "secret.json")
+    found = sorted(rel for rel, _ in scan_tree(root, (root / "state",)))
+    assert found == ["runs/r1/metadata.json"]
+
+
+def _entry(path: str, offset: int = 10) -> Entry:
+    return Entry("d", path, 1, 2, offset, 123, None, "etag", offset, 5, "ok", 1.0)
+
+
+def test_journal_roundtrip_and_persistence(tmp_path: Path) -> None:
+    """Acknowledged entries survive closing and reopening the journal."""
+    root = tmp_path / "root"
+    with Journal(tmp_path / "j.sqlite3", root) as j:
+        j.ack(_entry("a.jsonl"))
+        j.ack(_entry("a.jsonl", 20))
+        j.ack(_entry("b.json"))
+        j.set_destination_state("d", "backoff", error="TransientStorageError: boom")
+    with Journal(tmp_path / "j.sqlite3", root) as j:
+        assert j.get("d", "a.jsonl") == _entry("a.jsonl", 20)
+        assert set(j.entries("d")) == {"a.jsonl", "b.json"}
+        rec = j.destinations()["d"]
+        assert rec.state == "backoff" and rec.last_error == "TransientStorageError: boom"
+        j.forget("d", "b.json")
+        assert j.get("d", "b.json") is None
+
+
+def test_journal_refuses_another_root(tmp_path: Path) -> None:
+    """A state directory belongs to one root: sharing it by mistake is a clear error."""
+    Journal(tmp_path / "j.sqlite3", tmp_path / "root-a").close()
+    with pytest.raises(JournalError, match="belongs to root"):
+        Journal(tmp_path / "j.sqlite3", tmp_path / "root-b")
+
+
+def test_journal_corrupt_file_is_a_clear_error(tmp_path: Path) -> None:
+    """A corrupt journal raises JournalError naming the file, not a raw sqlite error."""
+    path = tmp_path / "j.sqlite3"
+    path.write_bytes(b"this is not a database" * 100)
+    with pytest.raises(JournalError, match="j.sqlite3"):
+        Journal(path, tmp_path)
+    assert not isinstance(JournalError("x"), sqlite3.Error)
+
+
+def test_example_config_loads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """config.example.toml documents a valid configuration (root and state_dir overridden)."""
+    (tmp_path / "root").mkdir()
+    settings = load_settings(
+        REPO / "config.example.toml", root=tmp_path / "root", state_dir=tmp_path / "state"
+    )
+    assert [d.name for d in settings.destinations] == ["s3", "gcs"]
+    assert settings.flush_interval_s == 1.0
+    assert "{hostname}" not in settings.destinations[0].url
+
+
+def test_env_overrides_file_and_nested_keys(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Environment beats the TOML file; __ reaches nested keys."""
+    (tmp_path / "root").mkdir()
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(
+        f'root = "{tmp_path / "root"}"\nstate_dir = "{tmp_path / "s"}"\nflush_interval_s = 3\n'
+        '[[destinations]]\nname = "m"\nurl = "file:///tmp/x"\n'
+    )
+    monkeypatch.setenv("EVALSYNCD_FLUSH_INTERVAL_S", "7")
+    monkeypatch.setenv("EVALSYNCD_CONFIG", str(cfg))
+    assert load_settings().flush_interval_s == 7.0
+    assert load_settings(flush_interval_s=9).flush_interval_s == 9.0
+
+
+@pytest.mark.parametrize(
+    ("body", "key"),
+    [
+        ("flush_interval_s = 1\n", "destinations"),
+        ("unknown_key = 1\n", "unknown_key: unknown key"),
+        ('flush_interval_s = "soon"\n', "flush_interval_s"),
+        ("flush_interval_s = -1\n", "flush_interval_s"),
+        ('[[destinations]]\nname = "x"\nurl = "ftp://h/p"\n', "destinations.0.url"),
+        (
+            '[[destinations]]\nname = "x"\nurl = "s3://b"\nmax_concurrency = 0\n',
+            "destinations.0.max_concurrency",
+        ),
+        (
+            '[[destinations]]\nname = "x"\nurl = "s3://b"\n[[destinations]]\nname = "x"\nurl = "gs://b"\n',
+            "unique",
+        ),
+        (
+            '[[destinations]]\nname = "x"\nurl = "s3://b"\n[destinations.retry]\nbogus = 1\n',
+            "destinations.0.retry.bogus",
+        ),
+    ],
+)
+def test_bad_config_names_the_key(tmp_path: Path, body: str, key: str) -> None:
+    """Each invalid setting yields a ConfigError naming the file and the key."""
+    (tmp_path / "root").mkdir()
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'root = "{tmp_path / "root"}"\nstate_dir = "{tmp_path / "s"}"\n{body}')
+    with pytest.raises(ConfigError) as info:
+        load_settings(cfg)
+    assert str(cfg) in str(info.value)
+    assert key in str(info.value)
+
+
+def test_missing_root_and_bad_toml_exit_78(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The CLI exits with EX_CONFIG (78) and one clear message for a bad configuration."""
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('root = "/does/not/exist"\n[[destinations]]\nname="x"\nurl="file:///tmp/x"\n')
+    assert (
+        main(["sync", "--once", "--config", str(cfg), "--state-dir", str(tmp_path / "s")])
+        == EX_CONFIG
+    )
+    assert "root" in capsys.readouterr().err
+    cfg.write_text("root = [unclosed\n")
+    assert main(["run", "--config", str(cfg)]) == EX_CONFIG
+    assert "c.toml" in capsys.readouterr().err
+    assert main(["run", "--config", str(tmp_path / "missing.toml")]) == EX_CONFIG
+
+
+def test_unwritable_state_dir_exits_78(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A state_dir that cannot be created is a configuration error naming state_dir."""
+    (tmp_path / "root").mkdir()
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    code = main(
+        [
+            "sync",
+            "--once",
+            "--root",
+            str(tmp_path / "root"),
+            "--to",
+            str(tmp_path / "m"),
+            "--state-dir",
+            str(blocker / "sub"),
+        ]
+    )
+    assert code == EX_CONFIG
+    assert "state_dir" in capsys.readouterr().err
+
+
+def test_python_dash_m_runs_the_cli() -> None:
+    """`python -m evalsyncd --version` works (the systemd unit and tests use it)."""
+    out = subprocess.run(
+        [sys.executable, "-m", "evalsyncd", "--version"], capture_output=True, text=True, check=True
+    )
+    assert out.stdout.startswith("evalsyncd ")
