@@ -134,7 +134,7 @@ def test_journal_corrupt_file_is_a_clear_error(tmp_path: Path) -> None:
     """A corrupt journal raises JournalError naming the file, not a raw sqlite error."""
     path = tmp_path / "j.sqlite3"
     path.write_bytes(b"this is not a database" * 100)
-    with pytest.raises(JournalError, match="j.sqlite3"):
+    with pytest.raises(JournalError, match=r"j\.sqlite3"):
         Journal(path, tmp_path)
     assert not isinstance(JournalError("x"), sqlite3.Error)
 
