@@ -1,0 +1,242 @@
+"""Benchmark: ``EvalStore.list_runs`` against a sequential one-request-per-run reader.
+
+Starts a real S3 server (SeaweedFS, ``evalsyncd.devservers.SeaweedS3Server``;
+or fake-gcs-server with ``--backend gcs``) in a temporary directory, writes
+``--runs`` runs (300 by default) into a bucket, then times, in the same process:
+
+- ``sequential``: ``list_dir("runs")`` then one ``read`` of each
+  ``metadata.json`` after the other (what the reference ``EvalStore`` does);
+- ``list_runs``: ``EvalStore(storage).list_runs()`` (bounded concurrent reads).
+
+Each measurement is repeated (``--repeat``) and the best time is kept. With
+``--rtt-ms`` the client talks to the server through a local TCP proxy that
+delays every chunk by half the round-trip time in each direction, which models
+a cloud endpoint some distance away. Prints one line per RTT and the ratio.
+
+Usage::
+
+    /work/venv/bin/python bench/bench_list_runs.py [--runs 300] [--rtt-ms 0 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from evalsyncd.devservers import FakeGCSServer, SeaweedS3Server
+from evalsyncd.storage import GCSStorage, S3Storage
+from evalsyncd.store import EvalStore
+
+BUCKET = "evalsyncd-bench"
+
+
+class LatencyProxy:
+    """A TCP proxy on 127.0.0.1 that delays each chunk by ``one_way_s`` per direction.
+
+    Runs its own event loop in a daemon thread. Chunks keep their order and are
+    delivered ``one_way_s`` after they arrived (a delay line, not a rate limit).
+    """
+
+    def __init__(self, target_host: str, target_port: int, one_way_s: float) -> None:
+        self.target = (target_host, target_port)
+        self.one_way_s = one_way_s
+        self.port = 0
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="latency-proxy", daemon=True)
+
+    def start(self) -> LatencyProxy:
+        self._thread.start()
+        self._ready.wait(10)
+        return self
+
+    def stop(self) -> None:
+        async def shutdown() -> None:
+            self._server.close()
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+        self._loop.close()
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        self._server = self._loop.run_until_complete(
+            asyncio.start_server(self._handle, "127.0.0.1", 0)
+        )
+        self.port = self._server.sockets[0].getsockname()[1]
+        self._ready.set()
+        self._loop.run_forever()
+
+    async def _handle(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        try:
+            server_r, server_w = await asyncio.open_connection(*self.target)
+        except OSError:
+            client_w.close()
+            return
+        try:
+            await asyncio.gather(
+                self._pipe(client_r, server_w),
+                self._pipe(server_r, client_w),
+                return_exceptions=True,
+            )
+        except asyncio.CancelledError:
+            # Shutting down. Returning (not re-raising) keeps asyncio's
+            # start_server callback from logging the cancellation (Python 3.11).
+            client_w.close()
+            server_w.close()
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
+
+        async def deliver() -> None:
+            loop = asyncio.get_running_loop()
+            while True:
+                due, data = await queue.get()
+                if (wait := due - loop.time()) > 0:
+                    await asyncio.sleep(wait)
+                if not data:
+                    writer.close()
+                    return
+                writer.write(data)
+                await writer.drain()
+
+        task = asyncio.ensure_future(deliver())
+        try:
+            while True:
+                data = await reader.read(65536)
+                queue.put_nowait((asyncio.get_running_loop().time() + self.one_way_s, data))
+                if not data:
+                    break
+            await task
+        except (ConnectionError, OSError):
+            task.cancel()
+        finally:
+            if not task.done():
+                task.cancel()
+            writer.close()
+
+
+def sequential_reader(storage: Any) -> list[dict[str, Any]]:
+    """One request per run, one after the other (the reference's access pattern)."""
+    runs = []
+    for name in sorted(storage.list_dir("runs"), reverse=True):
+        try:
+            runs.append(json.loads(storage.read(f"runs/{name}/metadata.json")))
+        except FileNotFoundError:
+            continue
+    return runs
+
+
+def best_of(repeat: int, fn: Callable[[], Any]) -> tuple[float, Any]:
+    best_s, result = float("inf"), None
+    for _ in range(repeat):
+        start = time.perf_counter()
+        result = fn()
+        best_s = min(best_s, time.perf_counter() - start)
+    return best_s, result
+
+
+def populate(storage: Any, runs: int) -> None:
+    store = EvalStore(storage)
+
+    async def write_all() -> None:
+        sem = asyncio.Semaphore(32)
+
+        async def one(i: int) -> None:
+            async with sem:
+                meta = {
+                    "run_id": f"step{i:04d}_20240101_000000_{i:06x}",
+                    "model_name": "Qwen/Qwen3-8B",
+                    "checkpoint_path": f"tinker://bench/{i}",
+                    "checkpoint_name": f"step{i:04d}",
+                    "benchmarks": ["gsm8k", "math"],
+                    "timestamp": f"2024-01-01T00:{i // 60 % 60:02d}:{i % 60:02d}",
+                    "config": {"temperature": 0.6},
+                    "scores": {"gsm8k": 0.5, "math": 0.25},
+                }
+                await storage.awrite(
+                    f"runs/{meta['run_id']}/metadata.json", json.dumps(meta, indent=2).encode()
+                )
+
+        try:
+            await asyncio.gather(*(one(i) for i in range(runs)))
+        finally:
+            await storage.aclose()
+
+    asyncio.run(write_all())
+    assert len(store.storage.list_dir("runs")) == runs
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="list_runs vs a sequential reader")
+    parser.add_argument("--runs", type=int, default=300)
+    parser.add_argument("--rtt-ms", type=float, nargs="+", default=[0.0, 20.0])
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--concurrency", type=int, default=32, help="EvalStore max_concurrency")
+    parser.add_argument("--backend", choices=["s3", "gcs"], default="s3")
+    args = parser.parse_args(argv)
+
+    with tempfile.TemporaryDirectory(prefix="bench-list-runs-") as tmp:
+        server: SeaweedS3Server | FakeGCSServer
+        if args.backend == "s3":
+            server = SeaweedS3Server(Path(tmp) / "seaweed").start()
+        else:
+            server = FakeGCSServer(Path(tmp) / "fakegcs").start()
+        try:
+            server.create_bucket(BUCKET)
+            os.environ.update(server.client_env())
+
+            def make(endpoint: str) -> Any:
+                if args.backend == "s3":
+                    return S3Storage(BUCKET, "bench", endpoint_url=endpoint)
+                return GCSStorage(BUCKET, "bench", endpoint_url=endpoint)
+
+            with make(server.endpoint_url) as direct:
+                populate(direct, args.runs)
+            print(
+                f"backend={args.backend} runs={args.runs} repeat={args.repeat} "
+                f"max_concurrency={args.concurrency}"
+            )
+            for rtt_ms in args.rtt_ms:
+                proxy = None
+                endpoint = server.endpoint_url
+                if rtt_ms > 0:
+                    proxy = LatencyProxy("127.0.0.1", server.port, rtt_ms / 2000).start()
+                    endpoint = f"http://127.0.0.1:{proxy.port}"
+                try:
+                    with make(endpoint) as storage:
+                        storage.list_dir("runs")  # warm up the connection pool
+                        store = EvalStore(storage, max_concurrency=args.concurrency)
+                        seq_s, seq = best_of(args.repeat, lambda s=storage: sequential_reader(s))
+                        ours_s, ours = best_of(args.repeat, store.list_runs)
+                    assert len(seq) == len(ours) == args.runs
+                    print(
+                        f"rtt={rtt_ms:5.1f} ms  sequential={seq_s:7.3f} s  "
+                        f"list_runs={ours_s:7.3f} s  ratio={seq_s / ours_s:6.1f}x"
+                    )
+                finally:
+                    if proxy is not None:
+                        proxy.stop()
+        finally:
+            server.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
