@@ -11,6 +11,7 @@ import json
 import logging
 import multiprocessing
 import re
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -22,8 +23,8 @@ import pytest
 
 import evalsyncd
 import evalsyncd.store as store_module
-from evalsyncd.errors import TransientStorageError
-from evalsyncd.storage import AnyStorage, LocalStorage, StorageStat
+from evalsyncd.errors import StorageError, TransientStorageError
+from evalsyncd.storage import AnyStorage, GCSStorage, LocalStorage, S3Storage, StorageStat
 from evalsyncd.store import (
     BenchmarkResult,
     EvalStore,
@@ -31,6 +32,8 @@ from evalsyncd.store import (
     StoredTrajectory,
     StoredTurn,
 )
+
+S3_SHORT_TIMEOUTS: dict[str, Any] = {}  # filled in once S3Storage has timeout options
 
 BAD_NAMES = ["", "a/b", "/abs", ".", "..", "a\\b", "nul\x00"]
 
@@ -650,3 +653,67 @@ def test_metadata_read_failure_mid_listing_propagates(local_storage: LocalStorag
     store = EvalStore(OneBad(local_storage, 0.01))  # type: ignore[arg-type]
     with pytest.raises(TransientStorageError):
         store.list_runs()
+
+
+def _closed_port_url() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}"
+
+
+@pytest.mark.parametrize("backend", ["s3", "gcs"])
+def test_unreachable_server_is_a_storage_error_not_no_runs(
+    cloud_env: dict[str, str], backend: str
+) -> None:
+    """With the server unreachable, list_runs/alist_runs raise a StorageError instead of returning []."""
+    url = _closed_port_url()
+    storage: Any
+    if backend == "gcs":
+        storage = GCSStorage(
+            "evalsyncd-test", "p", endpoint_url=url, timeout_s=2.0, connect_timeout_s=1.0
+        )
+    else:
+        storage = S3Storage("evalsyncd-test", "p", endpoint_url=url, **S3_SHORT_TIMEOUTS)
+    store = EvalStore(storage)
+    start = time.monotonic()
+    with storage:
+        with pytest.raises(StorageError):
+            store.list_runs()
+        with pytest.raises(StorageError):
+            store.read_trajectories("r", "gsm8k")
+    with pytest.raises(StorageError):
+        asyncio.run(_alist_and_close(store, storage))
+    assert time.monotonic() - start < 60
+
+
+class AsyncOnlyStorage:
+    """A real storage's async methods only: any sync call fails the test."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("a") or name in ("url", "__aenter__", "__aexit__"):
+            return getattr(self.inner, name)
+        raise AssertionError(f"sync storage method {name} called from an async EvalStore method")
+
+
+def test_async_methods_use_only_async_storage_calls(storage: AnyStorage) -> None:
+    """alist_runs, aread_result, aread_trajectories and aiter_trajectories never call sync storage methods."""
+    store = EvalStore(storage)
+    store.create_run("m", ["gsm8k"], run_id="r")
+    store.write_trajectory("r", "gsm8k", traj(0))
+    store.write_result("r", BenchmarkResult("gsm8k", 1.0, 1, 1))
+    async_store = EvalStore(AsyncOnlyStorage(storage))  # type: ignore[arg-type]
+    want = store.read_result("r", "gsm8k")
+
+    async def main() -> None:
+        try:
+            assert [r.run_id for r in await async_store.alist_runs()] == ["r"]
+            assert (await async_store.aread_result("r", "gsm8k")) == want
+            assert await async_store.aread_trajectories("r", "gsm8k") == [traj(0)]
+        finally:
+            await storage.aclose()
+
+    asyncio.run(main())
