@@ -24,9 +24,10 @@ trailing newline; each JSONL line is ``json.dumps(record) + "\\n"`` (ASCII, sinc
 
 Reading is forgiving of what writers leave behind, and strict about outages:
 
-- JSONL is split on ``b"\\n"`` only; a trailing ``\\r`` (CRLF) and surrounding
-  whitespace are stripped; blank lines are skipped; a last line without its
-  ``\\n`` is a writer mid-append and is ignored until it is complete.
+- JSONL is split on ``b"\\n"`` only; a trailing ``\\r`` (CRLF), surrounding
+  whitespace and a leading UTF-8 BOM are stripped; blank lines are skipped; a
+  last line without its ``\\n`` is a writer mid-append and is ignored until it
+  is complete.
 - Non-UTF-8 bytes: a line is decoded with ``errors="replace"`` (as the reference
   does), so each bad byte becomes U+FFFD, and a warning names the file and line.
   If the line then does not parse as JSON it is skipped like any malformed line.
@@ -405,6 +406,8 @@ class _LineSplitter:
 
     def _parse(self, line: bytes) -> dict[str, Any] | None:
         line = line.strip()  # also drops the \r of CRLF
+        if self.lineno == 1 and line.startswith(b"\xef\xbb\xbf"):
+            line = line[3:].lstrip()  # a UTF-8 byte order mark
         if not line:
             return None
         try:
@@ -805,12 +808,30 @@ class EvalStore:
             ValueError: invalid run id.
             StorageError: the storage failed.
         """
-        names = self._run_names(self.storage.list_dir(self._run_path(run_id)))
-        names = [n for n in names if n not in ("metadata.json", "summary.json")]
+        if self._use_bridge():
+            return run_sync(self._alist_benchmarks(run_id))
+        names = self._benchmark_names(self.storage.list_dir(self._run_path(run_id)))
         present = self._thread_map(
             lambda n: self.storage.exists(self._run_path(run_id, n, "result.json")), names
         )
         return sorted(n for n, ok in zip(names, present, strict=True) if ok)
+
+    async def _alist_benchmarks(self, run_id: str) -> list[str]:
+        names = self._benchmark_names(await self._alist_dir(self._run_path(run_id)))
+
+        async def exists(name: str) -> bool:
+            path = self._run_path(run_id, name, "result.json")
+            astorage = self._astorage
+            if astorage is not None:
+                return await astorage.aexists(path)
+            return await asyncio.to_thread(self.storage.exists, path)
+
+        present = await _bounded_map(exists, names, self.max_concurrency)
+        return sorted(n for n, ok in zip(names, present, strict=True) if ok)
+
+    @classmethod
+    def _benchmark_names(cls, names: Iterable[str]) -> list[str]:
+        return [n for n in cls._run_names(names) if n not in ("metadata.json", "summary.json")]
 
     def read_result(self, run_id: str, benchmark: str) -> BenchmarkResult | None:
         """A benchmark's result, or ``None`` if missing or unparseable (with a warning).

@@ -717,3 +717,9 @@ def test_async_methods_use_only_async_storage_calls(storage: AnyStorage) -> None
             await storage.aclose()
 
     asyncio.run(main())
+
+
+def test_utf8_bom_on_first_line_is_ignored(storage: AnyStorage) -> None:
+    """A UTF-8 byte order mark before the first record does not cost that record."""
+    storage.write(TRAJ, b"\xef\xbb\xbf" + _line(0) + _line(1))
+    assert [t.idx for t in EvalStore(storage).read_trajectories("r", "gsm8k")] == [0, 1]
