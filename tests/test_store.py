@@ -723,3 +723,19 @@ def test_utf8_bom_on_first_line_is_ignored(storage: AnyStorage) -> None:
     """A UTF-8 byte order mark before the first record does not cost that record."""
     storage.write(TRAJ, b"\xef\xbb\xbf" + _line(0) + _line(1))
     assert [t.idx for t in EvalStore(storage).read_trajectories("r", "gsm8k")] == [0, 1]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="storage bug: LocalStorage raises a bare NotADirectoryError for a path under a "
+    "regular file, where S3/GCS report the object missing (EvalStore works around it)",
+)
+def test_storage_bug_local_path_under_a_file_reads_as_missing(local_storage: LocalStorage) -> None:
+    """(Storage layer) a key below a regular file is missing: read raises ObjectNotFoundError, stat is None."""
+    from evalsyncd.errors import ObjectNotFoundError
+
+    local_storage.write("runs/README", b"x")
+    assert local_storage.stat("runs/README/metadata.json") is None
+    local_storage.remove("runs/README/metadata.json")
+    with pytest.raises(ObjectNotFoundError):
+        local_storage.read("runs/README/metadata.json")
