@@ -28,6 +28,8 @@ class Notifier:
         if address:
             self._address = "\0" + address[1:] if address.startswith("@") else address
             self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+            # Never block the event loop: if the receiver's queue is full, drop the line.
+            self._sock.setblocking(False)
 
     @property
     def enabled(self) -> bool:
@@ -35,7 +37,7 @@ class Notifier:
         return self._sock is not None
 
     def __call__(self, line: str) -> None:
-        """Send one notification line; errors are ignored (systemd may be gone)."""
+        """Send one notification line; errors are ignored (systemd may be gone or busy)."""
         if self._sock is None or self._address is None:
             return
         with contextlib.suppress(OSError):

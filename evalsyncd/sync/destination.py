@@ -158,6 +158,8 @@ class Destination:
         self.state = DestinationState.HEALTHY
         self.stats = Stats()
         self.last_error: str | None = None
+        self.on_upload: Callable[[str, str, int, float], None] | None = None
+        """Called after each acknowledged write: ``(destination, op, bytes, duration_s)``."""
         self._clock = clock
         self._rng = rng or random.Random()
         self._dirty: dict[str, _Dirty] = {}
@@ -536,8 +538,11 @@ class Destination:
             version = await self.storage.awrite(path, data)
         else:
             version = await self.storage.aappend(path, data, offset=offset)
+        duration_s = self._clock() - started
         self.stats.bytes_uploaded += len(data)
         self.stats.objects_uploaded += 1
+        if self.on_upload is not None:
+            self.on_upload(self.name, op, len(data), duration_s)
         log.info(
             "upload_succeeded",
             destination=self.name,
@@ -546,7 +551,7 @@ class Destination:
             start=offset,
             end=offset + len(data),
             bytes=len(data),
-            duration_s=round(self._clock() - started, 4),
+            duration_s=round(duration_s, 4),
         )
         return version
 

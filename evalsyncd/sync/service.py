@@ -38,6 +38,8 @@ __all__ = ["Backlog", "Service", "open_destination_storage"]
 log = structlog.get_logger("evalsyncd.sync")
 
 JOURNAL_NAME = "journal.sqlite3"
+STATUS_INTERVAL_S = 2.0
+"""Period of systemd ``STATUS=`` lines, seconds."""
 
 
 def open_destination_storage(dest: DestinationSettings) -> AnyStorage:
@@ -83,12 +85,27 @@ class Service:
         settings: the validated configuration.
         notify: called with systemd notification lines (``"READY=1"``,
             ``"STATUS=..."``, ``"WATCHDOG=1"``, ``"STOPPING=1"``); optional.
+        watchdog_interval_s: period of ``WATCHDOG=1`` pings, seconds (the CLI passes
+            half of systemd's ``WatchdogSec=``); ``STATUS=`` lines follow every
+            ``STATUS_INTERVAL_S`` or faster.
+        on_upload: called on the loop after each acknowledged write as
+            ``on_upload(destination, op, bytes, duration_s)`` (metrics); optional.
     """
 
-    def __init__(self, settings: Settings, *, notify: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        notify: Callable[[str], None] | None = None,
+        watchdog_interval_s: float | None = None,
+        on_upload: Callable[[str, str, int, float], None] | None = None,
+    ) -> None:
         self.settings = settings
         self.root = settings.root
         self._notify = notify or (lambda line: None)
+        self._watchdog_interval_s = watchdog_interval_s or STATUS_INTERVAL_S
+        self._on_upload = on_upload
+        self.first_scan_started = asyncio.Event()
         self.destinations: dict[str, Destination] = {}
         self.journal: Journal | None = None
         self.rescans = 0
@@ -125,6 +142,7 @@ class Service:
             mirror_deletes=self.settings.mirror_deletes,
             invalid_json_grace_s=self.settings.invalid_json_grace_s,
         )
+        d.on_upload = self._on_upload
         self.destinations[dest.name] = d
         log.info("destination_added", destination=dest.name, url=storage.url())
         return d
@@ -184,6 +202,8 @@ class Service:
     async def rescan(self, subtree: Path | None = None) -> int:
         """Compare the files under ``subtree`` (default: the root) with the journal and mark
         every file a destination is behind on. Returns the number of files seen."""
+        if subtree is None:
+            self.first_scan_started.set()
         base = subtree or self.root
         prefix = "" if base == self.root else base.relative_to(self.root).as_posix() + "/"
         started = time.monotonic()
@@ -266,11 +286,15 @@ class Service:
                 last_full = time.monotonic()
 
     async def _heartbeat(self) -> None:
-        """Watchdog pings and STATUS lines, from the event loop itself."""
+        """Watchdog pings and STATUS lines, from the event loop itself (a hung loop
+        stops pinging, and systemd restarts the daemon)."""
+        next_ping = 0.0
         while True:
-            self._notify("WATCHDOG=1")
+            if time.monotonic() >= next_ping:
+                self._notify("WATCHDOG=1")
+                next_ping = time.monotonic() + self._watchdog_interval_s
             self._notify(f"STATUS={self.status_line()}")
-            await asyncio.sleep(2.0)
+            await asyncio.sleep(max(0.01, min(STATUS_INTERVAL_S, next_ping - time.monotonic())))
 
     def _start_destination(self, d: Destination) -> None:
         self._tasks[d.name] = asyncio.create_task(d.run(), name=f"destination-{d.name}")
@@ -306,6 +330,12 @@ class Service:
             scanner = asyncio.create_task(self._scanner(), name="scanner")
             self._scan_now.set()  # the startup scan
             heartbeat = asyncio.create_task(self._heartbeat(), name="heartbeat")
+            # READY=1 once watching and the startup scan has begun (or a stop came first).
+            started = asyncio.ensure_future(self.first_scan_started.wait())
+            stopped = asyncio.ensure_future(stop.wait())
+            await asyncio.wait([started, stopped, scanner], return_when=asyncio.FIRST_COMPLETED)
+            started.cancel()
+            stopped.cancel()
             log.info("daemon_started", root=str(self.root), destinations=list(self.destinations))
             self._notify("READY=1")
             while not stop.is_set():

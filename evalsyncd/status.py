@@ -1,0 +1,246 @@
+"""``evalsyncd status``: each destination's state and backlog, without the daemon's help.
+
+It opens the journal read-only (safe while the daemon runs: SQLite WAL readers
+never block the writer) and scans the watched root, then compares each file
+with the journal row of each destination, the way the daemon's rescan does:
+
+- a file whose identity and stat match the row is in sync (a ``*.jsonl`` may
+  still end in a partial line, which is not pending until its ``\\n`` comes);
+- otherwise an append-only file is behind by its complete lines past the
+  acknowledged offset (from 0 if it was replaced or truncated), and a
+  replace-on-write file by its whole size.
+
+The state, last success and last error come from the journal's
+``destinations`` table, as the daemon last recorded them. The age of the
+oldest unsynced change is an estimate from file times: for a file mirrored
+before, the time since the daemon last saw it in sync (its recorded mtime);
+for a file never mirrored, the time since it was last modified.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from evalsyncd.config import Settings
+from evalsyncd.sync.files import FileKind, classify, scan_tree
+from evalsyncd.sync.journal import Entry, Journal
+from evalsyncd.sync.service import JOURNAL_NAME
+
+__all__ = ["DestinationStatus", "StatusReport", "collect_status", "format_bytes", "format_status"]
+
+_BLOCK = 64 * 1024
+
+
+@dataclass(frozen=True)
+class DestinationStatus:
+    """One destination, as ``evalsyncd status`` reports it.
+
+    Attributes:
+        name: the destination's name.
+        url: its URL.
+        state: ``healthy``, ``backoff`` or ``parked`` as last recorded by the
+            daemon; ``unknown`` if the daemon never ran it.
+        pending_files: files whose remote object is behind.
+        pending_bytes: bytes not yet acknowledged.
+        oldest_unsynced_s: estimated age of the oldest unsynced change,
+            seconds; ``None`` when nothing is pending.
+        invalid_files: ``*.json`` files reported unparseable and not uploaded.
+        last_success: Unix time of the last successful upload pass, or ``None``.
+        last_error: the last error message, or ``None``.
+        last_error_at: Unix time of ``last_error``, or ``None``.
+    """
+
+    name: str
+    url: str
+    state: str
+    pending_files: int
+    pending_bytes: int
+    oldest_unsynced_s: float | None
+    invalid_files: int
+    last_success: float | None
+    last_error: str | None
+    last_error_at: float | None
+
+
+@dataclass(frozen=True)
+class StatusReport:
+    """The whole report: the root, the journal and every configured destination."""
+
+    root: str
+    journal: str
+    journal_exists: bool
+    files: int
+    destinations: list[DestinationStatus]
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (times as Unix seconds)."""
+        return asdict(self)
+
+
+def _complete_end(path: Path, start: int, size: int) -> int:
+    """The offset just past the last ``\\n`` in ``[start, size)`` of the file, or ``start``.
+
+    Reads backwards from the end in 64 KiB blocks, so the cost is the partial
+    last line, not the backlog.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError:
+        return start
+    try:
+        pos = size
+        while pos > start:
+            n = min(_BLOCK, pos - start)
+            block = os.pread(fd, n, pos - n)
+            cut = block.rfind(b"\n")
+            if cut >= 0:
+                return pos - n + cut + 1
+            pos -= n
+        return start
+    finally:
+        os.close(fd)
+
+
+def _pending(
+    root: Path, rel: str, st: os.stat_result, entry: Entry | None
+) -> tuple[int, int, float | None, bool]:
+    """``(files, bytes, changed_since, invalid)`` of one file at one destination."""
+    same_file = (
+        entry is not None
+        and entry.status != "deleted"
+        and (entry.dev, entry.ino)
+        == (
+            st.st_dev,
+            st.st_ino,
+        )
+    )
+    if (
+        same_file
+        and entry is not None
+        and (entry.seen_size, entry.seen_mtime_ns)
+        == (
+            st.st_size,
+            st.st_mtime_ns,
+        )
+    ):
+        return 0, 0, None, entry.status == "invalid"
+    since = entry.seen_mtime_ns / 1e9 if same_file and entry is not None else st.st_mtime
+    if classify(rel) is FileKind.APPEND:
+        start = (
+            entry.acked_offset
+            if same_file and entry is not None and st.st_size >= entry.acked_offset
+            else 0
+        )
+        end = _complete_end(root / rel, start, st.st_size)
+        if end == start and (entry is not None or st.st_size > 0):
+            return 0, 0, None, False  # at most a partial line: nothing to send yet
+        return 1, end - start, since, False
+    return 1, st.st_size, since, False
+
+
+def collect_status(settings: Settings, *, now: float | None = None) -> StatusReport:
+    """Scan the root and read the journal (read-only); see the module docstring.
+
+    Raises:
+        JournalError: the journal exists but cannot be read.
+    """
+    now = time.time() if now is None else now
+    journal_path = settings.state_dir / JOURNAL_NAME
+    files = list(scan_tree(settings.root, (settings.state_dir,)))
+    exists = journal_path.exists()
+    journal = Journal(journal_path, readonly=True) if exists else None
+    try:
+        records = journal.destinations() if journal else {}
+        out = []
+        for dest in settings.destinations:
+            entries = journal.entries(dest.name) if journal else {}
+            n_files = n_bytes = n_invalid = 0
+            oldest: float | None = None
+            for rel, st in files:
+                f, b, since, invalid = _pending(settings.root, rel, st, entries.get(rel))
+                n_files += f
+                n_bytes += b
+                n_invalid += invalid
+                if since is not None:
+                    oldest = since if oldest is None else min(oldest, since)
+            record = records.get(dest.name)
+            out.append(
+                DestinationStatus(
+                    name=dest.name,
+                    url=dest.url,
+                    state=record.state if record else "unknown",
+                    pending_files=n_files,
+                    pending_bytes=n_bytes,
+                    oldest_unsynced_s=max(0.0, now - oldest) if oldest is not None else None,
+                    invalid_files=n_invalid,
+                    last_success=record.last_success if record else None,
+                    last_error=record.last_error if record else None,
+                    last_error_at=record.last_error_at if record else None,
+                )
+            )
+    finally:
+        if journal is not None:
+            journal.close()
+    return StatusReport(
+        root=str(settings.root),
+        journal=str(journal_path),
+        journal_exists=exists,
+        files=len(files),
+        destinations=out,
+    )
+
+
+def format_bytes(n: int) -> str:
+    """``n`` bytes for humans: ``512 B``, ``1.5 MiB``."""
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{n} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def _duration(seconds: float) -> str:
+    s = int(seconds)
+    if s < 120:
+        return f"{s} s"
+    if s < 7200:
+        return f"{s // 60} min"
+    if s < 172800:
+        return f"{s // 3600} h"
+    return f"{s // 86400} d"
+
+
+def _when(ts: float | None, now: float) -> str:
+    if ts is None:
+        return "never"
+    iso = datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+    return f"{iso} ({_duration(max(0.0, now - ts))} ago)"
+
+
+def format_status(report: StatusReport, *, now: float | None = None) -> str:
+    """Human-readable text of a report, one block per destination."""
+    now = time.time() if now is None else now
+    lines = [f"root {report.root}: {report.files} files"]
+    if not report.journal_exists:
+        lines.append(f"journal {report.journal}: none yet (the daemon has not run)")
+    for d in report.destinations:
+        lines.append(f"{d.name} ({d.url}): {d.state}")
+        if d.pending_files:
+            oldest = _duration(d.oldest_unsynced_s or 0.0)
+            lines.append(
+                f"  pending: {d.pending_files} files, {format_bytes(d.pending_bytes)}, oldest {oldest}"
+            )
+        else:
+            lines.append("  pending: nothing, in sync")
+        if d.invalid_files:
+            lines.append(f"  not uploaded: {d.invalid_files} unparseable .json files")
+        lines.append(f"  last success: {_when(d.last_success, now)}")
+        if d.last_error:
+            lines.append(f"  last error: {d.last_error} at {_when(d.last_error_at, now)}")
+    return "\n".join(lines)
