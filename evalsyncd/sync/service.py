@@ -53,7 +53,6 @@ def open_destination_storage(dest: DestinationSettings) -> AnyStorage:
             profile=dest.profile,
             connect_timeout_s=retry.connect_timeout_s,
             read_timeout_s=retry.read_timeout_s,
-            compact_idle_s=dest.compact_idle_s,
         )
     if dest.url.startswith("gs://"):
         return storage_from_uri(
