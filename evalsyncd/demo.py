@@ -25,6 +25,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -245,6 +246,8 @@ def _read_back(settings: Settings, run_id: str) -> bool:
 def run_demo(seconds: float = 6.0, keep: Path | None = None) -> int:
     """Run the demo (see the module docstring); returns the exit status."""
     configure_logging("console", "warning")
+    # watchdog warns when re-adding a watch for a directory created during its walk: noise here.
+    warnings.filterwarnings("ignore", category=RuntimeWarning, module=r"watchdog\.")
     workdir = keep or Path(tempfile.mkdtemp(prefix="evalsyncd-demo-"))
     workdir.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
@@ -253,6 +256,8 @@ def run_demo(seconds: float = 6.0, keep: Path | None = None) -> int:
         with contextlib.ExitStack() as stack:
             _say(f"evalsyncd demo in {workdir}")
             _say("1. starting local object stores")
+            # SeaweedFS writes its logs to $TMPDIR: keep them in the demo's directory.
+            stack.enter_context(_environment({"TMPDIR": str(workdir)}))
             s3 = stack.enter_context(SeaweedS3Server(workdir / "seaweedfs").start())
             s3.create_bucket(BUCKET)
             gcs = stack.enter_context(FakeGCSServer(workdir / "fake-gcs").start())
