@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import os
 import sys
@@ -223,7 +224,9 @@ def main(argv: list[str] | None = None) -> int:
                     with make(endpoint) as storage:
                         storage.list_dir("runs")  # warm up the connection pool
                         store = EvalStore(storage, max_concurrency=args.concurrency)
-                        seq_s, seq = best_of(args.repeat, lambda s=storage: sequential_reader(s))
+                        seq_s, seq = best_of(
+                            args.repeat, functools.partial(sequential_reader, storage)
+                        )
                         ours_s, ours = best_of(args.repeat, store.list_runs)
                     assert len(seq) == len(ours) == args.runs
                     print(
