@@ -740,7 +740,10 @@ class EvalStore:
     def list_runs(self) -> list[RunMetadata]:
         """All runs with a parseable ``metadata.json``, most recent first.
 
-        Ordered by ``timestamp`` (then run id), newest first. Metadata files are
+        Ordered by ``timestamp`` (then run id), newest first; the reference
+        sorts by run id, which is creation order only for runs sharing a
+        checkpoint label. Runs whose ``metadata.json`` is missing or does not
+        parse are left out (with a warning for the latter). Metadata files are
         fetched concurrently, at most ``max_concurrency`` at a time: on a bucket
         this costs one listing plus ``ceil(runs / max_concurrency)`` round trips.
 

@@ -754,3 +754,28 @@ def test_storage_bug_local_path_under_a_file_reads_as_missing(local_storage: Loc
     local_storage.remove("runs/README/metadata.json")
     with pytest.raises(ObjectNotFoundError):
         local_storage.read("runs/README/metadata.json")
+
+
+def test_store_pickles_with_its_storage(storage: AnyStorage) -> None:
+    """An EvalStore pickles (configuration only) and the copy reads the same runs."""
+    import pickle
+
+    store = EvalStore(storage, max_concurrency=4)
+    store.create_run("m", [], run_id="r")
+    copy = pickle.loads(pickle.dumps(store))
+    assert copy.max_concurrency == 4
+    assert [r.run_id for r in copy.list_runs()] == ["r"]
+    copy.storage.close()  # type: ignore[attr-defined]
+
+
+def test_store_never_imports_the_daemon() -> None:
+    """Importing evalsyncd.store (and the package re-exports) loads no daemon module."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, evalsyncd, evalsyncd.store; evalsyncd.EvalStore; "
+        "print([m for m in sys.modules if m.startswith(('evalsyncd.sync', 'evalsyncd.cli'))])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+    assert out.stdout.strip() == "[]"
