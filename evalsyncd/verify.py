@@ -6,8 +6,8 @@ ending in ``\\n``. Each remote object is checked against it:
 
 1. its size (``stat``): missing, shorter ("behind") or longer is a mismatch;
 2. its content, by the checksum the store keeps for that object when there is
-   one (``achecksum``: S3 ``ChecksumCRC32C``/``ChecksumSHA256`` of a full-object
-   checksum, GCS ``crc32c``), computed locally over the expected bytes. ETags
+   one (the backend's optional ``achecksum(path)``, today GCS ``crc32c``),
+   computed locally over the expected bytes. ETags
    are never used: a multipart or composite object's ETag is not an MD5 of its
    content. When the store keeps no usable checksum the object is downloaded
    in ranged chunks and compared with the local bytes.

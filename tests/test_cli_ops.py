@@ -134,8 +134,8 @@ def test_verify_rejects_an_unknown_destination(synced: tuple[Path, Path, Path]) 
 def test_verify_and_runs_on_gcs(
     tmp_path: Path, cloud_env: dict[str, str], unique_prefix: str
 ) -> None:
-    """On GCS: sync, verify OK; `runs ls/show gs://` read the runs back; a tampered object
-    (same size) is a content mismatch, found by checksum or download."""
+    """On GCS: sync, verify OK by the stored CRC32C (composed objects included); `runs ls/show
+    gs://` read the runs back; a tampered object of the same size is a content mismatch."""
     root = tmp_path / "root"
     root.mkdir()
     make_runs(root, runs=2)
@@ -146,6 +146,7 @@ def test_verify_and_runs_on_gcs(
     assert evalsyncd("sync", "--once", "--config", str(config)).returncode == 0
     ok = evalsyncd("verify", "--config", str(config), "--destination", "gcs")
     assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "(7 by crc32c)" in ok.stdout, ok.stdout  # GCS keeps a CRC32C: no download
 
     ls = evalsyncd("runs", "ls", url, "--json")
     assert ls.returncode == 0, ls.stderr

@@ -554,6 +554,17 @@ class GCSStorage(CloudStorage):
         meta = await self._metadata(c, key, self.url(path))
         return None if meta is None else _stat_of(meta)
 
+    async def achecksum(self, path: str) -> tuple[str, str] | None:
+        """The checksum GCS keeps for the whole object: ``("crc32c", base64 of the
+        big-endian CRC32C)`` (GCS computes it for every object, composed ones too),
+        or ``None`` if the object is missing or has none. One metadata request.
+        (``md5Hash`` is absent on composed objects and never used.)"""
+        key = self._key(path)
+        c = await self._gcs()
+        meta = await self._metadata(c, key, self.url(path))
+        value = meta.get("crc32c") if meta is not None else None
+        return ("crc32c", str(value)) if value else None
+
     async def aread_range(self, path: str, offset: int, length: int | None = None) -> bytes:
         """See :meth:`Storage.read_range`: one ranged GET (a 416 at the end gives ``b""``).
 
