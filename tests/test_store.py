@@ -740,12 +740,7 @@ def test_utf8_bom_on_first_line_is_ignored(storage: AnyStorage) -> None:
     assert [t.idx for t in EvalStore(storage).read_trajectories("r", "gsm8k")] == [0, 1]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="storage bug: LocalStorage raises a bare NotADirectoryError for a path under a "
-    "regular file, where S3/GCS report the object missing (EvalStore works around it)",
-)
-def test_storage_bug_local_path_under_a_file_reads_as_missing(local_storage: LocalStorage) -> None:
+def test_local_path_under_a_file_reads_as_missing(local_storage: LocalStorage) -> None:
     """(Storage layer) a key below a regular file is missing: read raises ObjectNotFoundError, stat is None."""
     from evalsyncd.errors import ObjectNotFoundError
 

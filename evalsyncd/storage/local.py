@@ -76,7 +76,7 @@ class LocalStorage:
         full = self._resolve(path)
         try:
             return full.read_bytes()
-        except FileNotFoundError as exc:
+        except (FileNotFoundError, NotADirectoryError) as exc:
             raise ObjectNotFoundError(f"{full}: no such file", url=self.url(path)) from exc
 
     def write(self, path: str, data: bytes) -> str | None:
@@ -135,7 +135,7 @@ class LocalStorage:
         """See :meth:`Storage.stat`."""
         try:
             st = self._resolve(path).stat()
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             return None
         return StorageStat(size=st.st_size, mtime=st.st_mtime, version=_version(st))
 
@@ -148,7 +148,7 @@ class LocalStorage:
             with open(full, "rb") as f:
                 f.seek(offset)
                 return f.read() if length is None else f.read(length)
-        except FileNotFoundError as exc:
+        except (FileNotFoundError, NotADirectoryError) as exc:
             raise ObjectNotFoundError(f"{full}: no such file", url=self.url(path)) from exc
 
     def list_dir(self, prefix: str) -> list[str]:
@@ -161,7 +161,8 @@ class LocalStorage:
 
     def remove(self, path: str) -> None:
         """See :meth:`Storage.remove`."""
-        self._resolve(path).unlink(missing_ok=True)
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+            self._resolve(path).unlink()
 
     def remove_dir(self, path: str) -> None:
         """See :meth:`Storage.remove_dir`."""

@@ -282,6 +282,7 @@ class Destination:
                 results = await asyncio.gather(
                     *(self._sync_guarded(p) for p in phases[phase]), return_exceptions=True
                 )
+                self.journal.commit()
                 error: BaseException | None = None
                 for path, result in zip(phases[phase], results, strict=True):
                     if isinstance(result, _Retry):

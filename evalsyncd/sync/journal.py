@@ -20,11 +20,14 @@ File ``{state_dir}/journal.sqlite3``. Schema (version 1)::
 
 Rules (``shared/DESIGN.md`` section 4): an offset advances only after the
 destination acknowledged the write, in the same transaction as the version it
-returned; each :meth:`Journal.ack` is one committed transaction
-(``synchronous=NORMAL`` in WAL mode: a power loss may forget the last
-acknowledgements, which the next run reconciles against the remote size;
-a process crash loses nothing). Several processes may open the journal at once
-(``evalsyncd status`` reads it while the daemon runs).
+returned. Acknowledgements are grouped: :meth:`Journal.ack` writes into an open
+transaction that :meth:`Journal.commit` ends (the daemon commits after every
+upload phase, and ``ack`` itself commits once 256 rows or 0.5 s are pending).
+Losing uncommitted acknowledgements (``kill -9``, power loss with
+``synchronous=NORMAL``) is safe: the next run re-sends those writes, and
+conditional appends reconcile them against the remote size, so nothing is
+duplicated. Several processes may open the journal at once (``evalsyncd
+status`` reads it while the daemon runs).
 """
 
 from __future__ import annotations
@@ -116,9 +119,14 @@ class Journal:
         JournalError: on corruption, a root mismatch or an unknown schema version.
     """
 
+    MAX_PENDING_ROWS = 256
+    MAX_PENDING_S = 0.5
+
     def __init__(self, path: Path, root: Path | None = None, *, readonly: bool = False) -> None:
         self.path = path
         self._lock = threading.Lock()
+        self._pending_rows = 0
+        self._pending_since = 0.0
         try:
             if readonly:
                 self._db = sqlite3.connect(
@@ -156,9 +164,30 @@ class Journal:
                 )
 
     def close(self) -> None:
-        """Close the connection (everything is already committed)."""
+        """Commit what is pending and close the connection."""
+        self.commit()
         with self._lock:
             self._db.close()
+
+    def _write(self, sql: str, params: tuple[object, ...]) -> None:
+        """Execute a write inside the open transaction (caller holds the lock)."""
+        if not self._db.in_transaction:
+            self._db.execute("BEGIN")
+            self._pending_since = time.monotonic()
+        self._db.execute(sql, params)
+        self._pending_rows += 1
+        if self._pending_rows >= self.MAX_PENDING_ROWS or time.monotonic() - self._pending_since > self.MAX_PENDING_S:
+            self._commit_locked()
+
+    def _commit_locked(self) -> None:
+        if self._db.in_transaction:
+            self._db.execute("COMMIT")
+        self._pending_rows = 0
+
+    def commit(self) -> None:
+        """Commit the acknowledgements written since the last commit."""
+        with self._lock:
+            self._commit_locked()
 
     def __enter__(self) -> Self:
         return self
@@ -185,9 +214,9 @@ class Journal:
         return {row[1]: Entry(*row) for row in rows}
 
     def ack(self, entry: Entry) -> None:
-        """Record an acknowledged write (insert or replace the row), in one transaction."""
+        """Record an acknowledged write (insert or replace the row); see :meth:`commit`."""
         with self._lock:
-            self._db.execute(
+            self._write(
                 "INSERT OR REPLACE INTO entries VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     entry.destination,
@@ -215,8 +244,9 @@ class Journal:
     def forget_destination(self, destination: str) -> None:
         """Delete every row of a destination that was removed from the configuration."""
         with self._lock:
-            self._db.execute("DELETE FROM entries WHERE destination = ?", (destination,))
-            self._db.execute("DELETE FROM destinations WHERE name = ?", (destination,))
+            self._write("DELETE FROM entries WHERE destination = ?", (destination,))
+            self._write("DELETE FROM destinations WHERE name = ?", (destination,))
+            self._commit_locked()
 
     # -- destination state ------------------------------------------------------------
 
@@ -226,7 +256,7 @@ class Journal:
         """Record a destination's state, and its last success or error."""
         now = time.time()
         with self._lock:
-            self._db.execute(
+            self._write(
                 """INSERT INTO destinations (name, state, last_success, last_error, last_error_at, updated_at)
                    VALUES (?, ?, ?, ?, ?, ?)
                    ON CONFLICT(name) DO UPDATE SET
@@ -237,6 +267,7 @@ class Journal:
                      updated_at = excluded.updated_at""",
                 (name, state, now if success else None, error, now if error else None, now),
             )
+            self._commit_locked()
 
     def destinations(self) -> dict[str, DestinationRecord]:
         """Every destination's recorded state, by name."""
