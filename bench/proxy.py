@@ -1,0 +1,269 @@
+"""A TCP proxy on loopback that counts bytes and HTTP requests, and can add latency.
+
+    with Proxy("127.0.0.1", server_port) as proxy:      # or Proxy(..., one_way_s=0.01)
+        tool_talks_to(proxy.url)
+        proxy.reset()
+        ...                                               # the work to measure
+        proxy.bytes_up, proxy.bytes_down, proxy.requests
+
+``bytes_up`` counts client -> server bytes, ``bytes_down`` server -> client,
+headers and bodies as sent (plain HTTP on loopback, no TLS): the tools' own
+counters are never used. ``requests`` counts HTTP/1.1 requests by parsing the
+client -> server stream (request line, headers, then a ``Content-Length`` or
+``chunked`` body), so keep-alive connections and pipelining count correctly.
+
+With ``one_way_s > 0`` every chunk is delivered ``one_way_s`` seconds after it
+arrived, in each direction (a delay line, not a rate limit): a request costs at
+least ``2 * one_way_s`` more, which stands in for a cloud region.
+
+The proxy runs its own event loop in a daemon thread, so clients in any process
+or thread can use it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from typing import Self
+
+__all__ = ["HttpRequestCounter", "Proxy"]
+
+_CHUNK = 256 * 1024
+
+
+class HttpRequestCounter:
+    """Counts HTTP/1.x requests in one connection's client -> server byte stream."""
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self._buf = b""
+        self._body_left = 0  # bytes of a Content-Length body still to skip
+        self._chunked = False  # inside a chunked body
+        self._broken = False  # unparseable stream: stop counting rather than guess
+
+    def feed(self, data: bytes) -> None:
+        """Consume the next bytes of the stream."""
+        if self._broken:
+            return
+        self._buf += data
+        while self._buf:
+            if self._body_left:
+                n = min(self._body_left, len(self._buf))
+                self._buf = self._buf[n:]
+                self._body_left -= n
+                continue
+            if self._chunked:
+                if not self._chunk_step():
+                    return
+                continue
+            end = self._buf.find(b"\r\n\r\n")
+            if end < 0:
+                if len(self._buf) > 1 << 20:
+                    self._broken = True
+                return
+            head, self._buf = self._buf[:end].decode("latin-1"), self._buf[end + 4 :]
+            self.requests += 1
+            for line in head.split("\r\n")[1:]:
+                name, _, value = line.partition(":")
+                name = name.strip().lower()
+                if name == "content-length":
+                    self._body_left = int(value.strip() or 0)
+                elif name == "transfer-encoding" and "chunked" in value.lower():
+                    self._chunked = True
+                    self._body_left = 0
+
+    def _chunk_step(self) -> bool:
+        """Consume one chunk of a chunked body; False when more bytes are needed."""
+        eol = self._buf.find(b"\r\n")
+        if eol < 0:
+            return False
+        size = int(self._buf[:eol].split(b";")[0].strip() or b"0", 16)
+        if size == 0:
+            # Last chunk, then optional trailers, then an empty line.
+            end = self._buf.find(b"\r\n\r\n", eol)
+            if self._buf[eol : eol + 4] == b"\r\n\r\n":
+                end = eol
+            if end < 0:
+                return False
+            self._buf = self._buf[end + 4 :]
+            self._chunked = False
+            return True
+        if len(self._buf) < eol + 2 + size + 2:
+            return False
+        self._buf = self._buf[eol + 2 + size + 2 :]
+        return True
+
+
+class Proxy:
+    """Forward ``127.0.0.1:{port}`` to ``target_host:target_port``, counting traffic.
+
+    Args:
+        target_host: the server's address.
+        target_port: the server's port.
+        one_way_s: added delay per direction, seconds (0 for none).
+    """
+
+    def __init__(self, target_host: str, target_port: int, *, one_way_s: float = 0.0) -> None:
+        self.target_host = target_host
+        self.target_port = target_port
+        self.one_way_s = one_way_s
+        self.port = 0
+        self.bytes_up = 0
+        self.bytes_down = 0
+        self.connections = 0
+        self._counters: list[HttpRequestCounter] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._base_requests = 0
+
+    @property
+    def url(self) -> str:
+        """``http://127.0.0.1:{port}``."""
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def total(self) -> int:
+        """``bytes_up + bytes_down``."""
+        return self.bytes_up + self.bytes_down
+
+    @property
+    def requests(self) -> int:
+        """HTTP requests sent through the proxy since the last :meth:`reset`."""
+        return sum(c.requests for c in self._counters) - self._base_requests
+
+    def reset(self) -> None:
+        """Zero the counters."""
+        self.bytes_up = self.bytes_down = self.connections = 0
+        self._base_requests = sum(c.requests for c in self._counters)
+
+    def start(self, timeout_s: float = 10.0) -> Self:
+        """Start listening; returns once the port is bound."""
+        ready = threading.Event()
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+
+        async def serve() -> None:
+            self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+            self.port = self._server.sockets[0].getsockname()[1]
+            ready.set()
+
+        def run() -> None:
+            asyncio.set_event_loop(loop)
+            loop.run_until_complete(serve())
+            loop.run_forever()
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.close()
+
+        self._thread = threading.Thread(target=run, name="bench-proxy", daemon=True)
+        self._thread.start()
+        if not ready.wait(timeout_s):
+            raise TimeoutError(f"proxy not listening after {timeout_s} s")
+        return self
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Close the listener and every connection, stop the loop, join the thread."""
+        loop, thread = self._loop, self._thread
+        if loop is None or thread is None:
+            return
+
+        async def shutdown() -> None:
+            if self._server is not None:
+                self._server.close()
+            for writer in list(self._writers):
+                writer.close()
+            for task in list(self._tasks):
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+        with contextlib.suppress(Exception):
+            asyncio.run_coroutine_threadsafe(shutdown(), loop).result(timeout_s)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout_s)
+        self._loop = self._thread = None
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    async def _handle(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        self.connections += 1
+        self._writers.add(client_w)
+        counter = HttpRequestCounter()
+        self._counters.append(counter)
+        try:
+            try:
+                server_r, server_w = await asyncio.open_connection(
+                    self.target_host, self.target_port
+                )
+            except OSError:
+                return
+            self._writers.add(server_w)
+            try:
+                await asyncio.gather(
+                    self._pump(client_r, server_w, counter),
+                    self._pump(server_r, client_w, None),
+                )
+            finally:
+                self._writers.discard(server_w)
+                server_w.close()
+        except asyncio.CancelledError:
+            pass  # shutting down; returning keeps start_server from logging it
+        finally:
+            self._writers.discard(client_w)
+            client_w.close()
+            self._tasks.discard(task)
+
+    async def _pump(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        counter: HttpRequestCounter | None,
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
+
+        async def deliver() -> None:
+            while True:
+                due, data = await queue.get()
+                if (wait := due - loop.time()) > 0:
+                    await asyncio.sleep(wait)
+                if not data:
+                    return
+                writer.write(data)
+                await writer.drain()
+
+        delayed = asyncio.ensure_future(deliver()) if self.one_way_s > 0 else None
+        try:
+            while True:
+                chunk = await reader.read(_CHUNK)
+                if counter is not None:
+                    self.bytes_up += len(chunk)
+                    counter.feed(chunk)
+                else:
+                    self.bytes_down += len(chunk)
+                if delayed is not None:
+                    queue.put_nowait((loop.time() + self.one_way_s, chunk))
+                elif chunk:
+                    writer.write(chunk)
+                    await writer.drain()
+                if not chunk:
+                    break
+            if delayed is not None:
+                await delayed
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            if delayed is not None and not delayed.done():
+                delayed.cancel()
+            with contextlib.suppress(Exception):
+                if writer.can_write_eof():
+                    writer.write_eof()
