@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: install demo test lint typecheck unit bench bench-quick clean
+.PHONY: install demo test lint typecheck unit bench-deps bench bench-quick clean
 
 $(BIN)/evalsyncd: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,10 +29,13 @@ unit: install
 
 test: lint typecheck unit  ## everything CI runs
 
-bench: install
+bench-deps: install
+	$(BIN)/pip install --quiet -e '.[test,bench]'
+
+bench: bench-deps  ## the benchmark suite (< 15 min); writes docs/benchmarks.md
 	$(BIN)/python -m bench
 
-bench-quick: install
+bench-quick: bench-deps  ## the short benchmark suite (< 3 min)
 	$(BIN)/python -m bench --quick
 
 clean:
