@@ -9,13 +9,17 @@ or fake-gcs-server with ``--backend gcs``) in a temporary directory, writes
 - ``list_runs``: ``EvalStore(storage).list_runs()`` (bounded concurrent reads).
 
 Each measurement is repeated (``--repeat``) and the best time is kept. With
-``--rtt-ms`` the client talks to the server through a local TCP proxy that
+``--rtt-ms`` the client talks to the server through ``bench.proxy.Proxy``, which
 delays every chunk by half the round-trip time in each direction, which models
 a cloud endpoint some distance away. Prints one line per RTT and the ratio.
 
+The suite (``python -m bench``, measurement 4 in ``bench/readback.py``) reuses
+``sequential_reader`` and ``best_of`` from here; this script remains the quick
+way to vary runs, RTT, concurrency and backend for ``list_runs`` alone.
+
 Usage::
 
-    /work/venv/bin/python bench/bench_list_runs.py [--runs 300] [--rtt-ms 0 20]
+    python -m bench.bench_list_runs [--runs 300] [--rtt-ms 0 20] [--backend s3|gcs]
 """
 
 from __future__ import annotations
@@ -27,7 +31,6 @@ import json
 import os
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -35,102 +38,12 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.proxy import Proxy
 from evalsyncd.devservers import FakeGCSServer, SeaweedS3Server
 from evalsyncd.storage import GCSStorage, S3Storage
 from evalsyncd.store import EvalStore
 
 BUCKET = "evalsyncd-bench"
-
-
-class LatencyProxy:
-    """A TCP proxy on 127.0.0.1 that delays each chunk by ``one_way_s`` per direction.
-
-    Runs its own event loop in a daemon thread. Chunks keep their order and are
-    delivered ``one_way_s`` after they arrived (a delay line, not a rate limit).
-    """
-
-    def __init__(self, target_host: str, target_port: int, one_way_s: float) -> None:
-        self.target = (target_host, target_port)
-        self.one_way_s = one_way_s
-        self.port = 0
-        self._loop = asyncio.new_event_loop()
-        self._ready = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="latency-proxy", daemon=True)
-
-    def start(self) -> LatencyProxy:
-        self._thread.start()
-        self._ready.wait(10)
-        return self
-
-    def stop(self) -> None:
-        async def shutdown() -> None:
-            self._server.close()
-            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-
-        asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result(10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
-        self._loop.close()
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self._loop)
-        self._server = self._loop.run_until_complete(
-            asyncio.start_server(self._handle, "127.0.0.1", 0)
-        )
-        self.port = self._server.sockets[0].getsockname()[1]
-        self._ready.set()
-        self._loop.run_forever()
-
-    async def _handle(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
-        try:
-            server_r, server_w = await asyncio.open_connection(*self.target)
-        except OSError:
-            client_w.close()
-            return
-        try:
-            await asyncio.gather(
-                self._pipe(client_r, server_w),
-                self._pipe(server_r, client_w),
-                return_exceptions=True,
-            )
-        except asyncio.CancelledError:
-            # Shutting down. Returning (not re-raising) keeps asyncio's
-            # start_server callback from logging the cancellation (Python 3.11).
-            client_w.close()
-            server_w.close()
-
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
-
-        async def deliver() -> None:
-            loop = asyncio.get_running_loop()
-            while True:
-                due, data = await queue.get()
-                if (wait := due - loop.time()) > 0:
-                    await asyncio.sleep(wait)
-                if not data:
-                    writer.close()
-                    return
-                writer.write(data)
-                await writer.drain()
-
-        task = asyncio.ensure_future(deliver())
-        try:
-            while True:
-                data = await reader.read(65536)
-                queue.put_nowait((asyncio.get_running_loop().time() + self.one_way_s, data))
-                if not data:
-                    break
-            await task
-        except (ConnectionError, OSError):
-            task.cancel()
-        finally:
-            if not task.done():
-                task.cancel()
-            writer.close()
 
 
 def sequential_reader(storage: Any) -> list[dict[str, Any]]:
@@ -218,8 +131,8 @@ def main(argv: list[str] | None = None) -> int:
                 proxy = None
                 endpoint = server.endpoint_url
                 if rtt_ms > 0:
-                    proxy = LatencyProxy("127.0.0.1", server.port, rtt_ms / 2000).start()
-                    endpoint = f"http://127.0.0.1:{proxy.port}"
+                    proxy = Proxy("127.0.0.1", server.port, one_way_s=rtt_ms / 2000).start()
+                    endpoint = proxy.url
                 try:
                     with make(endpoint) as storage:
                         storage.list_dir("runs")  # warm up the connection pool

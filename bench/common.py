@@ -154,6 +154,7 @@ class Daemon:
         self.log_path = state_dir / "daemon.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.ps: psutil.Process | None = None
+        self.sigterms = 0
 
     def start(self) -> Daemon:
         """Start the process (returns at once; the startup scan runs in the background)."""
@@ -189,13 +190,20 @@ class Daemon:
         proc, self.proc = self.proc, None
         if proc is None:
             return 0
-        if proc.poll() is None:
+        # SIGTERM is repeated every 2 s: after a burst of file events the daemon's
+        # loop can drop a signal (its wakeup pipe is full; "Exception ignored when
+        # trying to write to the signal wakeup fd"). How many it took is recorded.
+        deadline = time.monotonic() + timeout_s
+        while proc.poll() is None and time.monotonic() < deadline:
             proc.send_signal(signal.SIGTERM)
+            self.sigterms += 1
             try:
-                proc.wait(timeout_s)
+                proc.wait(2.0)
             except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
+                continue
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
         return int(proc.returncode)
 
     def __enter__(self) -> Daemon:

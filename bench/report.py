@@ -1,0 +1,433 @@
+"""Write ``docs/benchmarks.md`` and one matplotlib PNG per measurement from a run's results."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import subprocess
+import sys
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+from bench.common import aws_version, rclone_version
+
+__all__ = ["write_report"]
+
+
+def _f(x: Any, digits: int = 2) -> str:
+    if isinstance(x, float):
+        return f"{x:,.{digits}f}"
+    if isinstance(x, int):
+        return f"{x:,}"
+    return str(x)
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    lines += ["| " + " | ".join(_f(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _verdict(ok: bool) -> str:
+    return "met" if ok else "**missed**"
+
+
+def _machine() -> list[str]:
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = "unknown"
+    try:
+        kb = int(Path("/proc/meminfo").read_text().split()[1])
+        mem = f"{kb / 1024 / 1024:.1f} GiB"
+    except (OSError, ValueError, IndexError):
+        pass
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
+    facts = [
+        f"- CPU: {cpu}, {os.cpu_count()} cores; memory {mem}",
+        f"- OS: {platform.platform()}; Python {sys.version.split()[0]}",
+        f"- evalsyncd commit {commit or 'unknown'}; servers: SeaweedFS `weed mini` (S3), "
+        "fake-gcs-server (GCS), both on loopback",
+    ]
+    with contextlib.suppress(OSError, subprocess.CalledProcessError):
+        facts.append(
+            f"- peers: {aws_version()}; {rclone_version()}; tinker-cookbook 0.6.1 "
+            "`FsspecStorage` over s3fs"
+        )
+    return facts
+
+
+def _plot(path: Path, draw: Callable[[Any], None]) -> None:
+    fig, ax = plt.subplots(figsize=(7, 3.6), dpi=100)
+    draw(ax)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _err(res: dict[str, Any]) -> str | None:
+    return f"Failed: `{res['error']}`" if "error" in res else None
+
+
+def _wire(res: dict[str, Any], img: Path) -> list[str]:
+    out = []
+    targets = {
+        ("evalsyncd (GCS)", 8): 1.1,
+        ("evalsyncd (GCS)", 64): 1.1,
+        ("evalsyncd (S3)", 8): 2.0,
+        ("evalsyncd (S3)", 64): 1.15,
+    }
+    for label, rows in res.items():
+        mib = int(label.split()[0])
+        table = []
+        for tool, r in rows.items():
+            if "ratio" not in r:
+                table.append([tool, r.get("error") or r.get("skipped", ""), "", "", "", ""])
+                continue
+            t = targets.get((tool, mib))
+            table.append(
+                [
+                    tool,
+                    f"{r['ratio']:.2f}x",
+                    _f(r.get("bytes_up", "")),
+                    _f(r.get("bytes_down", "")),
+                    _f(r.get("requests_per_step", ""), 1),
+                    f"<= {t}x: {_verdict(r['ratio'] <= t)}" if t else "",
+                ]
+            )
+        out += [
+            f"**{label}**",
+            "",
+            _table(
+                [
+                    "tool",
+                    "wire bytes / appended byte",
+                    "bytes up",
+                    "bytes down",
+                    "requests/step",
+                    "target",
+                ],
+                table,
+            ),
+            "",
+        ]
+
+    def draw(ax: Any) -> None:
+        labels = list(res)
+        tools = [t for t in next(iter(res.values()))]
+        width = 0.8 / len(tools)
+        for i, tool in enumerate(tools):
+            ys = [res[lbl].get(tool, {}).get("ratio", 0) for lbl in labels]
+            ax.bar([x + i * width for x in range(len(labels))], ys, width, label=tool)
+        ax.set_yscale("log")
+        ax.set_xticks([x + 0.4 - width / 2 for x in range(len(labels))], labels)
+        ax.set_ylabel("wire bytes per appended byte (log)")
+        ax.legend(fontsize=7)
+
+    _plot(img, draw)
+    return out
+
+
+def _fresh(res: dict[str, Any], img: Path) -> list[str]:
+    ok = res["p99_s"] <= res["target_p99_s"]
+    out = [
+        _table(
+            ["files", "lines/s", "lines measured", "p50", "p99", "max", "poll round", "target p99"],
+            [
+                [
+                    res["files"],
+                    res["lines_per_s"],
+                    res["measured_lines"],
+                    f"{res['p50_s']:.2f} s",
+                    f"{res['p99_s']:.2f} s",
+                    f"{res['max_s']:.2f} s",
+                    f"{res['poll_round_s_median'] * 1000:.0f} ms",
+                    f"<= {res['target_p99_s']} s: {_verdict(ok)}",
+                ]
+            ],
+        ),
+        "",
+    ]
+    lat = res.get("latencies", [])
+
+    def draw(ax: Any) -> None:
+        ax.hist(lat, bins=60)
+        ax.axvline(res["target_p99_s"], color="r", linestyle="--", label="target p99")
+        ax.set_xlabel("write -> visible in bucket (s)")
+        ax.set_ylabel("lines")
+        ax.legend()
+
+    _plot(img, draw)
+    return out
+
+
+def _backfill(res: dict[str, Any], img: Path) -> list[str]:
+    tools = res["tools"]
+    ours = tools["evalsyncd sync --once"]["files_per_s"]
+    rows = [
+        [
+            n,
+            f"{r['wall_s']:.1f} s",
+            f"{r['files_per_s']:.0f}",
+            r["objects"],
+            f"{ours / r['files_per_s']:.2f}x",
+        ]
+        for n, r in tools.items()
+    ]
+    faster = all(ours > r["files_per_s"] for n, r in tools.items() if not n.startswith("evalsyncd"))
+    out = [
+        f"{res['runs']} runs, {res['files']} files. Target: faster than both peers: "
+        f"{_verdict(faster)}.",
+        "",
+        _table(["tool", "wall", "files/s", "objects", "evalsyncd speed / tool"], rows),
+        "",
+    ]
+
+    def draw(ax: Any) -> None:
+        ax.barh(list(tools), [r["files_per_s"] for r in tools.values()])
+        ax.set_xlabel("files per second (higher is better)")
+
+    _plot(img, draw)
+    return out
+
+
+def _readback(res: dict[str, Any], img: Path) -> list[str]:
+    rows = [
+        [
+            k,
+            v["runs"],
+            v["items"],
+            f"{v['reference_s']:.3f} s",
+            f"{v['evalsyncd_s']:.3f} s",
+            f"{v['speedup']:.2f}x",
+            _f(v["reference_requests"], 0),
+            _f(v["evalsyncd_requests"], 0),
+        ]
+        for k, v in res.items()
+    ]
+    out = [
+        _table(
+            [
+                "case @ added RTT",
+                "runs",
+                "items",
+                "sequential reader",
+                "EvalStore",
+                "speedup",
+                "requests (ref)",
+                "requests (EvalStore)",
+            ],
+            rows,
+        ),
+        "",
+    ]
+
+    def draw(ax: Any) -> None:
+        keys = list(res)
+        ax.bar(
+            [i - 0.2 for i in range(len(keys))],
+            [res[k]["reference_s"] for k in keys],
+            0.4,
+            label="sequential reader",
+        )
+        ax.bar(
+            [i + 0.2 for i in range(len(keys))],
+            [res[k]["evalsyncd_s"] for k in keys],
+            0.4,
+            label="EvalStore",
+        )
+        ax.set_xticks(range(len(keys)), keys, fontsize=7)
+        ax.set_ylabel("seconds (lower is better)")
+        ax.legend()
+
+    _plot(img, draw)
+    return out
+
+
+def _writer(res: dict[str, Any], img: Path) -> list[str]:
+    ok = res["ratio"] >= res["target"]
+    idle, run = res["idle_lines_per_s"], res["running_lines_per_s"]
+    out = [
+        _table(
+            ["phase", *[f"#{i + 1}" for i in range(len(idle))]],
+            [
+                ["daemon stopped (lines/s)", *[f"{x:,.0f}" for x in idle]],
+                ["daemon running (lines/s)", *[f"{x:,.0f}" for x in run]],
+            ],
+        ),
+        "",
+        f"Ratio running / stopped (medians): **{res['ratio']:.3f}** (target >= "
+        f"{res['target']}: {_verdict(ok)}); daemon CPU during the running phases "
+        f"{res['daemon_cpu_s_during_running_phases']:.1f} s.",
+        "",
+    ]
+
+    def draw(ax: Any) -> None:
+        ax.plot(range(1, len(idle) + 1), idle, "o-", label="daemon stopped")
+        ax.plot(range(1, len(run) + 1), run, "s-", label="daemon running")
+        ax.set_xlabel("phase")
+        ax.set_ylabel("write_trajectory lines/s")
+        ax.set_ylim(bottom=0)
+        ax.legend()
+
+    _plot(img, draw)
+    return out
+
+
+def _footprint(res: dict[str, Any], img: Path) -> list[str]:
+    idle = res["idle"]
+    rows = [
+        [
+            f"idle, {res['files']:,} files watched",
+            f"{idle['rss_mib']:.0f} MiB",
+            f"{idle['cpu_percent']:.1f} %",
+            "",
+            "",
+        ]
+    ]
+    for b in res["backlogs"]:
+        rows.append(
+            [
+                f"catching up {b['backlog_mib']} MiB",
+                f"{b['peak_rss_mib']:.0f} MiB (peak)",
+                f"{b['cpu_percent']:.0f} %",
+                f"{b['catch_up_s']:.1f} s",
+                f"{b['mib_per_s']:.0f} MiB/s",
+            ]
+        )
+    rs = res["rescan"]
+    grows = res["rss_growth_ratio"]
+    out = [
+        _table(["state", "RSS", "CPU (of one core)", "catch-up", "throughput"], rows),
+        "",
+        f"Peak RSS at the full backlog / at a quarter of it: **{grows:.2f}** "
+        f"(memory must not grow with the backlog: {_verdict(grows < 1.25)}). "
+        f"Initial sync of the {res['files']:,} small files: {res['initial_sync_s']:.1f} s.",
+        "",
+        f"Rescan of {rs['files']:,} files (empty journal): **{rs['rescan_s']:.2f} s**; a bare "
+        f"`os.scandir` + `stat` walk: {rs['walk_stat_s']:.2f} s (ratio {rs['ratio']:.1f}x).",
+        "",
+    ]
+
+    def draw(ax: Any) -> None:
+        for b in res["backlogs"]:
+            s = b.get("rss_series", [])
+            ax.plot([t for t, _ in s], [r for _, r in s], label=f"{b['backlog_mib']} MiB backlog")
+        ax.axhline(idle["rss_mib"], color="gray", linestyle=":", label="idle")
+        ax.set_xlabel("seconds since the backlog appeared")
+        ax.set_ylabel("daemon RSS (MiB)")
+        ax.set_ylim(bottom=0)
+        ax.legend()
+
+    _plot(img, draw)
+    return out
+
+
+def _requests(res: dict[str, Any], img: Path) -> list[str]:
+    rows = [
+        [
+            k,
+            _f(v.get("requests_per_hour", v.get("error", "")), 0),
+            _f(v.get("requests", ""), 0),
+            _f(v.get("bytes_per_hour", "") and v["bytes_per_hour"] / 2**20, 1),
+        ]
+        for k, v in res.items()
+    ]
+    out = [
+        _table(["who", "requests / hour", "requests counted", "MiB on the wire / hour"], rows),
+        "",
+    ]
+
+    def draw(ax: Any) -> None:
+        keys = [k for k in res if "requests_per_hour" in res[k]]
+        ax.barh(keys, [res[k]["requests_per_hour"] for k in keys])
+        ax.set_xlabel("HTTP requests per hour (lower is cheaper)")
+
+    _plot(img, draw)
+    return out
+
+
+SECTIONS: dict[str, tuple[str, Callable[[dict[str, Any], Path], list[str]]]] = {
+    "wire": ("1. Bytes on the wire per appended byte", _wire),
+    "freshness": ("2. Freshness: write to visible in the bucket", _fresh),
+    "backfill": ("3. Backfill from scratch", _backfill),
+    "readback": ("4. Reading back", _readback),
+    "writer": ("5. Cost to the writer", _writer),
+    "footprint": ("6. Footprint", _footprint),
+    "requests": ("7. Requests per hour, one appending file", _requests),
+}
+
+
+def write_report(
+    results: dict[str, dict[str, Any]],
+    out: Path,
+    *,
+    quick: bool,
+    total_s: float,
+    durations: dict[str, float],
+) -> Path:
+    """Write ``out/benchmarks.md`` and ``out/benchmarks/*.png``; returns the markdown path."""
+    import bench
+
+    img_dir = out / "benchmarks"
+    img_dir.mkdir(parents=True, exist_ok=True)
+    mode = "`python -m bench --quick`" if quick else "`python -m bench`"
+    md = [
+        "# Benchmarks",
+        "",
+        "<!-- Generated by `python -m bench`; do not edit by hand. -->",
+        "",
+        f"Generated {datetime.now(UTC):%Y-%m-%d %H:%M} UTC by {mode} "
+        f"({'quick' if quick else 'full'} mode) in {total_s / 60:.1f} minutes. Rerun with "
+        "`make bench` (full, < 15 min) or `make bench-quick` (< 3 min); raw figures are in "
+        "[`benchmarks/results.json`](benchmarks/results.json). How each figure is measured is "
+        "in the docstring of its module under `bench/`.",
+        "",
+        "## Machine",
+        "",
+        *_machine(),
+        "",
+        (bench.__doc__ or "").strip(),
+        "",
+    ]
+    for key, (title, render) in SECTIONS.items():
+        if key not in results:
+            continue
+        res = results[key]
+        md += [
+            f"## {title}",
+            "",
+            f"Measured in {durations.get(key, 0):.0f} s; see `bench/{_module(key)}.py`.",
+            "",
+        ]
+        if (e := _err(res)) is not None:
+            md += [e, ""]
+            continue
+        img = img_dir / f"{key}.png"
+        try:
+            md += render(res, img)
+            md += [f"![{title}](benchmarks/{img.name})", ""]
+        except Exception as exc:  # a broken plot must not lose the numbers
+            md += [f"Report failed: `{type(exc).__name__}: {exc}`", ""]
+    path = out / "benchmarks.md"
+    path.write_text("\n".join(md).rstrip() + "\n")
+    return path
+
+
+def _module(key: str) -> str:
+    return {"requests": "reqrate"}.get(key, key)
