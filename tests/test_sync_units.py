@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 import sqlite3
 import subprocess
@@ -11,9 +12,11 @@ from pathlib import Path
 import pytest
 
 from evalsyncd.cli import EX_CONFIG, main
-from evalsyncd.config import RetrySettings, load_settings
+from evalsyncd.config import DestinationSettings, RetrySettings, load_settings
 from evalsyncd.errors import ConfigError
+from evalsyncd.storage import LocalStorage
 from evalsyncd.sync import (
+    Destination,
     Entry,
     FileKind,
     Journal,
@@ -243,3 +246,66 @@ def test_python_dash_m_runs_the_cli() -> None:
         [sys.executable, "-m", "evalsyncd", "--version"], capture_output=True, text=True, check=True
     )
     assert out.stdout.startswith("evalsyncd ")
+
+
+class _RecordingStorage(LocalStorage):
+    """A real LocalStorage that also records the order of writes."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.order: list[str] = []
+
+    async def awrite(self, path: str, data: bytes) -> str | None:
+        self.order.append(path)
+        return await super().awrite(path, data)
+
+    async def aappend(self, path: str, data: bytes, *, offset: int | None = None) -> str | None:
+        self.order.append(path)
+        return await super().aappend(path, data, offset=offset)
+
+
+def test_pass_uploads_data_before_metadata_before_index(tmp_path: Path) -> None:
+    """Within a pass, results and trajectories precede metadata/summary, and runs.jsonl is last."""
+    root = tmp_path / "root"
+    files = {
+        "runs.jsonl": b'{"run_id": "r1"}\n',
+        "runs/r1/metadata.json": b"{}",
+        "runs/r1/summary.json": b"{}",
+        "runs/r1/gsm8k/result.json": b"{}",
+        "runs/r1/gsm8k/trajectories.jsonl": b"{}\n",
+        "runs/r2/metadata.json": b"{}",
+        "runs/r2/math/trajectories.jsonl": b"{}\n",
+    }
+    for rel, data in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
+    storage = _RecordingStorage(tmp_path / "mirror")
+
+    async def scenario() -> None:
+        with Journal(tmp_path / "j.sqlite3", root) as journal:
+            dest = Destination(
+                DestinationSettings(name="m", url=storage.url()),
+                storage,
+                journal,
+                root,
+                flush_interval_s=0.01,
+            )
+            for rel in files:
+                dest.mark(rel)
+            assert await dest.run_pass()
+            assert dest.is_idle()
+
+    asyncio.run(scenario())
+    assert sorted(storage.order) == sorted(files)
+    rank = {p: i for i, p in enumerate(storage.order)}
+    for data in (
+        "runs/r1/gsm8k/result.json",
+        "runs/r1/gsm8k/trajectories.jsonl",
+        "runs/r2/math/trajectories.jsonl",
+    ):
+        assert rank[data] < min(
+            rank["runs/r1/metadata.json"],
+            rank["runs/r2/metadata.json"],
+            rank["runs/r1/summary.json"],
+        )
+    assert rank["runs.jsonl"] == len(files) - 1

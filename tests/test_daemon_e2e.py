@@ -1,0 +1,416 @@
+"""The daemon end to end: a real ``evalsyncd run`` subprocess, real S3 and GCS servers."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from evalsyncd.devservers import SeaweedS3Server
+from evalsyncd.storage import AnyStorage, GCSStorage, LocalStorage, S3Storage
+from evalsyncd.store import BenchmarkResult, EvalStore, StoredTrajectory, StoredTurn
+from tests.conftest import GCS_BUCKET, S3_BUCKET
+from tests.daemon import Daemon, expected_mirror, remote_tree, wait_mirrored, write_config
+from tests.helpers import wait_for
+from tests.tcpproxy import CountingProxy
+
+MiB = 1024 * 1024
+
+
+class Env:
+    """One test's root, state directory, destinations and their reader storages."""
+
+    def __init__(self, tmp_path: Path, s3_endpoint: str, prefix: str) -> None:
+        self.tmp = tmp_path
+        self.root = tmp_path / "root"
+        self.root.mkdir()
+        self.state = tmp_path / "state"
+        self.prefix = prefix
+        self.s3_endpoint = s3_endpoint
+        self.readers: dict[str, AnyStorage] = {}
+        self.dests: list[dict[str, Any]] = []
+
+    def add(self, kind: str, **extra: Any) -> AnyStorage:
+        name = extra.pop("name", kind)
+        if kind == "s3":
+            url = f"s3://{S3_BUCKET}/{self.prefix}/{name}"
+            extra.setdefault("endpoint_url", self.s3_endpoint)
+            reader: AnyStorage = S3Storage(
+                S3_BUCKET, f"{self.prefix}/{name}", endpoint_url=self.s3_endpoint
+            )
+        elif kind == "gcs":
+            url = f"gs://{GCS_BUCKET}/{self.prefix}/{name}"
+            reader = GCSStorage(GCS_BUCKET, f"{self.prefix}/{name}")
+        else:
+            url = (self.tmp / f"mirror-{name}").as_uri()
+            reader = LocalStorage(self.tmp / f"mirror-{name}")
+        self.dests.append({"name": name, "url": url, **extra})
+        self.readers[name] = reader
+        return reader
+
+    def daemon(self, **settings: Any) -> Daemon:
+        cfg = write_config(self.tmp / "config.toml", self.root, self.state, self.dests, **settings)
+        return Daemon(cfg, self.tmp / "daemon.log")
+
+    def close(self) -> None:
+        for r in self.readers.values():
+            r.close()
+
+
+@pytest.fixture
+def env(
+    tmp_path: Path, cloud_env: dict[str, str], s3_server: SeaweedS3Server, unique_prefix: str
+) -> Iterator[Env]:
+    e = Env(tmp_path, s3_server.endpoint_url, unique_prefix)
+    yield e
+    e.close()
+
+
+def _trajectory(i: int, benchmark: str, size: int = 200) -> StoredTrajectory:
+    return StoredTrajectory(
+        idx=i,
+        benchmark=benchmark,
+        example_id=f"ex-{i}",
+        turns=[
+            StoredTurn(role="user", content="q" * size),
+            StoredTurn(role="assistant", content="a"),
+        ],
+        reward=float(i % 2),
+        metrics={"correct": float(i % 2)},
+        time_seconds=0.5,
+    )
+
+
+def _write_runs(store: EvalStore, n_runs: int, n_traj: int) -> list[str]:
+    run_ids = []
+    for r in range(n_runs):
+        run_id = store.create_run(
+            "model-x", ["gsm8k", "math"], checkpoint_name=f"ckpt{r}", run_id=f"run-{r:03d}"
+        )
+        for bench in ("gsm8k", "math"):
+            for i in range(n_traj):
+                store.write_trajectory(run_id, bench, _trajectory(i, bench))
+            store.write_result(
+                run_id,
+                BenchmarkResult(
+                    name=bench,
+                    score=0.5,
+                    num_examples=n_traj,
+                    num_correct=n_traj // 2,
+                    pass_at_k={1: 0.5},
+                ),
+            )
+        store.write_summary(run_id, {b: store.read_result(run_id, b) for b in ("gsm8k", "math")})  # type: ignore[misc]
+        store.finalize_run(run_id)
+        run_ids.append(run_id)
+    return run_ids
+
+
+def test_evalstore_runs_reach_every_destination_byte_identical(env: Env) -> None:
+    """Runs written through EvalStore appear in S3, GCS and a local mirror, byte for byte."""
+    readers = [env.add("s3"), env.add("gcs"), env.add("file")]
+    store = EvalStore(env.root)
+    with env.daemon():
+        _write_runs(store, 3, 20)
+        for reader in readers:
+            wait_mirrored(env.root, reader)
+        _write_runs(EvalStore(env.root), 1, 5)  # more after the first catch-up
+        for reader in readers:
+            mirror = wait_mirrored(env.root, reader)
+            assert "runs/run-000/gsm8k/trajectories.jsonl" in mirror
+    for reader in readers:
+        remote = EvalStore(reader)
+        assert [r.run_id for r in remote.list_runs()] == [r.run_id for r in store.list_runs()]
+        assert remote.read_trajectories("run-001", "math") == store.read_trajectories(
+            "run-001", "math"
+        )
+
+
+def test_partial_line_waits_for_its_newline(env: Env) -> None:
+    """A JSONL line written in pieces is never mirrored half-way."""
+    reader = env.add("gcs")
+    path = env.root / "runs/r/b/trajectories.jsonl"
+    path.parent.mkdir(parents=True)
+    with env.daemon():
+        with open(path, "ab") as f:
+            f.write(b'{"line": 1}\n{"line": 2, "par')
+            f.flush()
+            wait_for(lambda: reader.exists("runs/r/b/trajectories.jsonl"), 30)
+            for piece in (b't": "a', b"b", b'c"}'):
+                f.write(piece)
+                f.flush()
+                assert reader.read("runs/r/b/trajectories.jsonl") == b'{"line": 1}\n'
+                time.sleep(0.3)  # let the daemon see the partial line; it must not upload it
+            f.write(b"\n")
+        wait_mirrored(env.root, reader)
+
+
+def test_growing_file_past_5mib_costs_about_the_delta(env: Env, s3_server: SeaweedS3Server) -> None:
+    """A trajectories file growing to 8 MiB costs ~2x its size on the wire to S3 and ~1x to GCS."""
+    host, port = "127.0.0.1", s3_server.port
+    gcs_port = int(os.environ["STORAGE_EMULATOR_HOST"].rsplit(":", 1)[1])
+    with CountingProxy(host, port) as s3_proxy, CountingProxy(host, gcs_port) as gcs_proxy:
+        s3 = env.add("s3", endpoint_url=s3_proxy.url, compact_idle_s=1.0)
+        gcs = env.add("gcs", endpoint_url=gcs_proxy.url)
+        path = env.root / "runs/r/b/trajectories.jsonl"
+        path.parent.mkdir(parents=True)
+        line = json.dumps({"turns": "x" * 4000}).encode() + b"\n"
+        step = line * (MiB // len(line) // 2)  # ~0.5 MiB per step
+        with env.daemon(flush_interval_s=0.1):
+            for _ in range(16):
+                with open(path, "ab") as f:
+                    f.write(step)
+                size = path.stat().st_size
+                wait_for(
+                    lambda s=size: all(
+                        (st := r.stat("runs/r/b/trajectories.jsonl")) and st.size == s
+                        for r in (s3, gcs)
+                    ),
+                    60,
+                )
+            wait_mirrored(env.root, s3)
+            wait_mirrored(env.root, gcs)
+            appended = path.stat().st_size
+    s3_ratio = s3_proxy.total / appended
+    gcs_ratio = gcs_proxy.total / appended
+    print(
+        f"appended {appended} B; S3 {s3_proxy.total} B ({s3_ratio:.2f}x); GCS {gcs_proxy.total} B ({gcs_ratio:.2f}x)"
+    )
+    assert s3_ratio <= 2.0
+    assert gcs_ratio <= 1.1
+
+
+def _writer(root: Path, stop: threading.Event, files: int, counter: list[int]) -> None:
+    rng = random.Random(7)
+    handles = []
+    for i in range(files):
+        p = root / f"runs/run-{i}/bench/trajectories.jsonl"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        handles.append(p)
+    n = 0
+    while not stop.is_set():
+        p = handles[rng.randrange(files)]
+        record = json.dumps({"n": n, "pad": "p" * rng.randrange(10, 3000)}) + "\n"
+        fd = os.open(p, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        try:
+            os.write(fd, record.encode())
+        finally:
+            os.close(fd)
+        n += 1
+        time.sleep(0.001)
+    counter.append(n)
+
+
+def _assert_lines_unique_and_complete(mirror: dict[str, bytes], total: int) -> None:
+    seen: list[int] = []
+    for data in mirror.values():
+        seen.extend(json.loads(line)["n"] for line in data.splitlines())
+    assert sorted(seen) == list(range(total)), "lost or duplicated lines"
+
+
+def test_kill_9_during_uploads_loses_and_duplicates_nothing(env: Env) -> None:
+    """SIGKILL at random moments while writers append, then restart: every line once."""
+    readers = [env.add("s3"), env.add("gcs"), env.add("file")]
+    stop, counter = threading.Event(), []
+    writer = threading.Thread(target=_writer, args=(env.root, stop, 4, counter))
+    writer.start()
+    rng = random.Random(3)
+    try:
+        daemon = env.daemon(flush_interval_s=0.05)
+        for _ in range(6):
+            daemon.start()
+            time.sleep(rng.uniform(0.3, 1.5))  # let it get into uploads, then crash it
+            daemon.kill()
+    finally:
+        stop.set()
+        writer.join()
+    with daemon:
+        for reader in readers:
+            mirror = wait_mirrored(env.root, reader, timeout_s=120)
+            _assert_lines_unique_and_complete(mirror, counter[0])
+
+
+def test_outage_then_catch_up_without_restart(tmp_path: Path, env: Env) -> None:
+    """A server stopped while writers write is caught up after it returns, same daemon."""
+    server = SeaweedS3Server(tmp_path / "outage-s3").start()
+    try:
+        server.create_bucket(S3_BUCKET)
+        env.s3_endpoint = server.endpoint_url
+        s3 = env.add(
+            "s3",
+            retry={
+                "initial_backoff_s": 0.1,
+                "max_backoff_s": 1.0,
+                "connect_timeout_s": 1.0,
+                "read_timeout_s": 3.0,
+            },
+        )
+        local = env.add("file")
+        store = EvalStore(env.root)
+        with env.daemon() as daemon:
+            _write_runs(store, 1, 5)
+            wait_mirrored(env.root, s3)
+            server.stop()
+            _write_runs(store, 2, 5)
+            wait_mirrored(env.root, local)  # a down destination holds back no other
+            wait_for(
+                lambda: any(
+                    e.get("event") == "destination_state" and e.get("new") == "backoff"
+                    for e in daemon.log_events()
+                ),
+                30,
+            )
+            server.start(restart=True)
+            wait_mirrored(env.root, s3, timeout_s=60)
+            assert daemon.alive()
+    finally:
+        server.stop()
+
+
+def test_truncation_and_replacement_are_remirrored(env: Env) -> None:
+    """A truncated-and-rewritten file and a file replaced under its name are uploaded again."""
+    readers = [env.add("s3"), env.add("gcs"), env.add("file")]
+    path = env.root / "runs/r/b/trajectories.jsonl"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"".join(b'{"old": %d}\n' % i for i in range(100)))
+    with env.daemon():
+        for r in readers:
+            wait_mirrored(env.root, r)
+        with open(path, "r+b") as f:  # truncate in place, then shorter new content
+            f.truncate(0)
+            f.write(b'{"new": 1}\n')
+        for r in readers:
+            wait_mirrored(env.root, r)
+        tmp = path.with_name(".trajectories.jsonl.tmp")
+        tmp.write_bytes(b'{"new": 1}\n' + b'{"replaced": 2}\n' * 50)
+        os.replace(tmp, path)  # new inode, same name
+        for r in readers:
+            wait_mirrored(env.root, r)
+        path.unlink()  # deleted, then recreated under the same name
+        path.write_bytes(b'{"recreated": 3}\n')
+        for r in readers:
+            wait_mirrored(env.root, r)
+
+
+def test_burst_of_2000_files_in_new_directories(env: Env) -> None:
+    """2,000 files created at once in 200 brand-new directories are all mirrored."""
+    readers = [env.add("gcs"), env.add("file")]
+    with env.daemon():
+        for d in range(200):
+            run = env.root / f"runs/burst-{d:03d}"
+            for b in range(10):
+                p = run / f"b{b}" / "result.json"
+                p.parent.mkdir(parents=True, exist_ok=True)
+                p.write_text(json.dumps({"d": d, "b": b}))
+        for r in readers:
+            mirror = wait_mirrored(env.root, r, timeout_s=180)
+            assert len(mirror) == 2000
+
+
+def test_invalid_json_is_reported_not_uploaded(env: Env) -> None:
+    """A .json that never parses is logged with its key and never uploaded; fixing it uploads it."""
+    reader = env.add("file")
+    bad = env.root / "runs/r/metadata.json"
+    bad.parent.mkdir(parents=True)
+    bad.write_text('{"run_id": "r", ')
+    (env.root / "runs/r/ok.json").write_text("{}")
+    with env.daemon(invalid_json_grace_s=0.5) as daemon:
+        wait_for(lambda: reader.exists("runs/r/ok.json"), 30)
+        wait_for(
+            lambda: any(
+                e.get("event") == "invalid_json_not_uploaded"
+                and e.get("key") == "runs/r/metadata.json"
+                for e in daemon.log_events()
+            ),
+            30,
+        )
+        assert not reader.exists("runs/r/metadata.json")
+        bad.write_text('{"run_id": "r"}')
+        wait_mirrored(env.root, reader)
+
+
+@pytest.mark.parametrize("mirror_deletes", [False, True])
+def test_local_deletes_keep_or_mirror(env: Env, mirror_deletes: bool) -> None:
+    """Deleted local files keep their objects unless mirror_deletes is on."""
+    reader = env.add("gcs")
+    f = env.root / "runs/r/b/result.json"
+    f.parent.mkdir(parents=True)
+    f.write_text("{}")
+    with env.daemon(mirror_deletes=mirror_deletes):
+        wait_mirrored(env.root, reader)
+        f.unlink()
+        (env.root / "marker.json").write_text("{}")
+        wait_for(lambda: reader.exists("marker.json"), 30)
+        if mirror_deletes:
+            wait_for(lambda: not reader.exists("runs/r/b/result.json"), 30)
+        else:
+            time.sleep(0.5)  # give a wrong delete the chance to happen
+            assert reader.exists("runs/r/b/result.json")
+
+
+def test_broken_destination_does_not_hold_back_others(env: Env) -> None:
+    """A destination with a missing bucket is parked; the healthy ones keep mirroring."""
+    env.dests.append(
+        {
+            "name": "broken",
+            "url": f"s3://no-such-bucket-{uuid.uuid4().hex[:8]}/x",
+            "endpoint_url": env.s3_endpoint,
+        }
+    )
+    good = env.add("file")
+    with env.daemon() as daemon:
+        _write_runs(EvalStore(env.root), 2, 3)
+        wait_mirrored(env.root, good)
+        wait_for(
+            lambda: any(
+                e.get("event") == "destination_state"
+                and e.get("destination") == "broken"
+                and e.get("new") == "parked"
+                for e in daemon.log_events()
+            ),
+            30,
+        )
+
+
+def test_sigterm_exits_zero_and_restart_resumes(env: Env) -> None:
+    """SIGTERM exits 0; a restart resumes from the journal without re-uploading."""
+    reader = env.add("file")
+    store = EvalStore(env.root)
+    daemon = env.daemon()
+    with daemon:
+        _write_runs(store, 1, 10)
+        wait_mirrored(env.root, reader)
+    assert daemon.proc is not None and daemon.proc.returncode == 0
+    before = sum(1 for e in daemon.log_events() if e.get("event") == "upload_succeeded")
+    with daemon:
+        store.write_trajectory("run-000", "gsm8k", _trajectory(99, "gsm8k"))
+        wait_mirrored(env.root, reader)
+    uploads = [e for e in daemon.log_events() if e.get("event") == "upload_succeeded"][before:]
+    assert [(e["key"], e["op"]) for e in uploads] == [
+        ("runs/run-000/gsm8k/trajectories.jsonl", "append")
+    ]
+
+
+def test_sync_once_mirrors_and_exits_zero(env: Env) -> None:
+    """`evalsyncd sync --once` catches up everything and exits 0."""
+    import subprocess
+    import sys
+
+    reader = env.add("gcs")
+    _write_runs(EvalStore(env.root), 2, 5)
+    cfg = write_config(env.tmp / "c.toml", env.root, env.state, env.dests)
+    out = subprocess.run(
+        [sys.executable, "-m", "evalsyncd", "sync", "--once", "--config", str(cfg)],
+        capture_output=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr.decode()[-2000:]
+    assert remote_tree(reader) == expected_mirror(env.root)
