@@ -19,12 +19,12 @@ import structlog
 __all__ = ["configure_logging"]
 
 _SECRET_PATTERNS = (
+    re.compile(r"(Bearer\s+)[A-Za-z0-9._\-~+/]+=*"),
     re.compile(r"(X-Amz-(?:Signature|Credential|Security-Token)=)[^&\s\"']+", re.IGNORECASE),
     re.compile(
         r"((?:aws_secret_access_key|secret|token|password|authorization)[\"']?\s*[:=]\s*[\"']?)[^\s\"',}]+",
         re.IGNORECASE,
     ),
-    re.compile(r"(Bearer\s+)[A-Za-z0-9._\-]+"),
 )
 
 

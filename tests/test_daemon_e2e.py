@@ -414,3 +414,14 @@ def test_sync_once_mirrors_and_exits_zero(env: Env) -> None:
     )
     assert out.returncode == 0, out.stderr.decode()[-2000:]
     assert remote_tree(reader) == expected_mirror(env.root)
+
+
+def test_polling_observer_for_network_filesystems(env: Env) -> None:
+    """With observer = "polling" (no inotify), new runs and appends are still mirrored."""
+    reader = env.add("file")
+    store = EvalStore(env.root)
+    with env.daemon(observer="polling", polling_interval_s=0.2, rescan_interval_s=60.0):
+        _write_runs(store, 2, 3)
+        wait_mirrored(env.root, reader, timeout_s=30)
+        store.write_trajectory("run-001", "math", _trajectory(50, "math"))
+        wait_mirrored(env.root, reader, timeout_s=30)

@@ -309,3 +309,28 @@ def test_pass_uploads_data_before_metadata_before_index(tmp_path: Path) -> None:
             rank["runs/r1/summary.json"],
         )
     assert rank["runs.jsonl"] == len(files) - 1
+
+
+def test_logs_never_show_credentials(capsys: pytest.CaptureFixture[str]) -> None:
+    """Signed-URL queries, secret keys and bearer tokens are masked in every log line."""
+    import structlog
+
+    from evalsyncd.logs import configure_logging
+
+    configure_logging("json", "info")
+    try:
+        log = structlog.get_logger("test")
+        log.error(
+            "upload_failed",
+            url="https://b.s3.amazonaws.com/k?X-Amz-Credential=AKIAXXX%2F2026&X-Amz-Signature=deadbeef",
+            error="aws_secret_access_key=wJalrXUtnFEMI/K7MDENG header Authorization: Bearer ya29.secret-token",
+        )
+        err = capsys.readouterr().err
+    finally:
+        structlog.reset_defaults()
+        import logging
+
+        logging.getLogger().handlers.clear()
+    assert "deadbeef" not in err and "AKIAXXX" not in err
+    assert "wJalrXUtnFEMI" not in err and "ya29.secret-token" not in err
+    assert "upload_failed" in err
