@@ -79,7 +79,9 @@ class DestinationSettings(BaseModel):
         description="s3://bucket/prefix, gs://bucket/prefix or file:///dir; {hostname} is expanded"
     )
     endpoint_url: str | None = Field(
-        None, description="S3 endpoint (default: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL / AWS)"
+        None,
+        description="S3 or GCS endpoint (S3 default: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL / AWS; "
+        "GCS default: STORAGE_EMULATOR_HOST / Google)",
     )
     region: str | None = Field(None, description="S3 region")
     profile: str | None = Field(None, description="AWS shared-config profile")

@@ -56,7 +56,11 @@ def open_destination_storage(dest: DestinationSettings) -> AnyStorage:
         )
     if dest.url.startswith("gs://"):
         return storage_from_uri(
-            dest.url, service_file=dest.service_file, timeout_s=retry.read_timeout_s
+            dest.url,
+            service_file=dest.service_file,
+            endpoint_url=dest.endpoint_url,
+            timeout_s=retry.read_timeout_s,
+            connect_timeout_s=retry.connect_timeout_s,
         )
     return storage_from_uri(dest.url, durable=True)
 
