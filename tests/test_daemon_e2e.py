@@ -425,3 +425,25 @@ def test_polling_observer_for_network_filesystems(env: Env) -> None:
         wait_mirrored(env.root, reader, timeout_s=30)
         store.write_trajectory("run-001", "math", _trajectory(50, "math"))
         wait_mirrored(env.root, reader, timeout_s=30)
+
+
+def test_file_name_not_utf8_is_reported_and_others_continue(env: Env) -> None:
+    """A file whose name is not valid UTF-8 cannot be a key: it is reported, the rest mirrors."""
+    reader = env.add("file")
+    bad = os.path.join(os.fsencode(env.root), b"runs", b"bad-\xff.json")
+    os.makedirs(os.path.dirname(bad))
+    with open(bad, "wb") as f:
+        f.write(b"{}")
+    with env.daemon() as daemon:
+        _write_runs(EvalStore(env.root), 1, 2)
+        wait_for(
+            lambda: reader.exists("runs/run-000/metadata.json") and reader.exists("runs.jsonl"), 30
+        )
+        wait_for(
+            lambda: any(
+                e.get("event") == "file_not_mirrorable" and "UTF-8" in e.get("error", "")
+                for e in daemon.log_events()
+            ),
+            30,
+        )
+        assert daemon.alive()

@@ -83,7 +83,8 @@ def check_key(path: str) -> str:
 
     Raises:
         InvalidKeyError: (a ``ValueError``) if ``path`` is empty, absolute, has an
-            empty segment (``a//b``), a ``.`` or ``..`` segment, or a NUL byte.
+            empty segment (``a//b``), a ``.`` or ``..`` segment, a NUL byte, or is not
+            valid UTF-8 (a file name decoded with ``surrogateescape``).
     """
     if not isinstance(path, str) or not path:
         raise InvalidKeyError(f"invalid storage key {path!r}: empty")
@@ -91,6 +92,10 @@ def check_key(path: str) -> str:
         raise InvalidKeyError(f"invalid storage key {path!r}: absolute path")
     if "\x00" in path:
         raise InvalidKeyError(f"invalid storage key {path!r}: NUL byte")
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidKeyError(f"invalid storage key {path!r}: not valid UTF-8") from None
     for segment in path.rstrip("/").split("/"):
         if segment in ("", ".", ".."):
             raise InvalidKeyError(f"invalid storage key {path!r}: {segment or 'empty'!r} segment")

@@ -48,12 +48,13 @@ import structlog
 from evalsyncd.config import DestinationSettings, RetrySettings
 from evalsyncd.errors import (
     ConflictError,
+    InvalidKeyError,
     ObjectNotFoundError,
     PermanentStorageError,
     StorageError,
     TransientStorageError,
 )
-from evalsyncd.storage import AnyStorage
+from evalsyncd.storage import AnyStorage, check_key
 from evalsyncd.sync.files import FileKind, classify, phase_of
 from evalsyncd.sync.journal import Entry, Journal
 
@@ -289,9 +290,36 @@ class Destination:
                         item = self._dirty.get(path)
                         if item is not None and item.seq == batch[path]:
                             item.not_before = self._clock() + result.after_s
-                    elif isinstance(result, BaseException):
+                    elif isinstance(result, StorageError):
                         if error is None or isinstance(result, PermanentStorageError):
                             error = result
+                    elif isinstance(result, InvalidKeyError):
+                        if path not in self._reported_invalid:
+                            self._reported_invalid.add(path)
+                            log.error(
+                                "file_not_mirrorable",
+                                destination=self.name,
+                                key=path,
+                                error=str(result),
+                            )
+                        item = self._dirty.get(path)
+                        if item is not None and item.seq == batch[path]:
+                            del self._dirty[path]
+                    elif isinstance(result, Exception):
+                        # A bug or a file the daemon cannot handle (e.g. a name that is not
+                        # valid UTF-8): report it and retry at the next rescan, never kill the loop.
+                        log.error(
+                            "file_sync_failed",
+                            destination=self.name,
+                            key=path,
+                            error=f"{type(result).__name__}: {result}",
+                            exc_info=result,
+                        )
+                        item = self._dirty.get(path)
+                        if item is not None and item.seq == batch[path]:
+                            del self._dirty[path]
+                    elif isinstance(result, BaseException):
+                        raise result
                     else:
                         item = self._dirty.get(path)
                         if item is not None and item.seq == batch[path]:
@@ -363,10 +391,12 @@ class Destination:
             StorageError: the destination failed (the journal is unchanged for
                 the failed write).
             _Retry: the file is not ready yet.
+            InvalidKeyError: the path cannot be an object key (not valid UTF-8).
         """
         kind = classify(path)
         if kind is FileKind.IGNORED:
             return
+        check_key(path)  # InvalidKeyError for names that cannot be keys (not UTF-8)
         full = self.root / path
         try:
             st = os.stat(full, follow_symlinks=False)
