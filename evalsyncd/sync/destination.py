@@ -251,8 +251,14 @@ class Destination:
             self._wake.clear()
             self._urgent = False
             self._last_pass = self._clock()
-            await self.run_pass()
-            await self._maybe_compact()
+            try:
+                await self.run_pass()
+                await self._maybe_compact()
+            except Exception as exc:  # the loop must outlive any bug or local I/O error
+                log.exception(
+                    "pass_crashed", destination=self.name, error=f"{type(exc).__name__}: {exc}"
+                )
+                await self._on_failure(exc, permanent=False)
 
     def _next_deferred_in(self) -> float | None:
         now = self._clock()
