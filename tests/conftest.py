@@ -90,7 +90,12 @@ def cloud_env(s3_server: SeaweedS3Server, gcs_server: FakeGCSServer) -> dict[str
 def unique_prefix(request: pytest.FixtureRequest) -> str:
     """A key prefix no other test uses: ``t/{test name}-{random}``."""
     # No backslashes: SeaweedFS stores "\\" as "/" (test ids escape non-ASCII as "\\xfc").
-    name = request.node.name.replace("[", "-").replace("]", "").replace("/", "-").replace("\\", "-")[:60]
+    name = (
+        request.node.name.replace("[", "-")
+        .replace("]", "")
+        .replace("/", "-")
+        .replace("\\", "-")[:60]
+    )
     return f"t/{name}-{uuid.uuid4().hex[:8]}"
 
 

@@ -176,7 +176,10 @@ class Journal:
             self._pending_since = time.monotonic()
         self._db.execute(sql, params)
         self._pending_rows += 1
-        if self._pending_rows >= self.MAX_PENDING_ROWS or time.monotonic() - self._pending_since > self.MAX_PENDING_S:
+        if (
+            self._pending_rows >= self.MAX_PENDING_ROWS
+            or time.monotonic() - self._pending_since > self.MAX_PENDING_S
+        ):
             self._commit_locked()
 
     def _commit_locked(self) -> None:
