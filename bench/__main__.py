@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import signal
+import sys
 import tempfile
 import time
 import traceback
@@ -46,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--keep", action="store_true", help="keep the scratch directory")
     args = parser.parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C, so the servers and daemons are stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     names = args.only or list(MEASUREMENTS)
     if "readback" in names and "backfill" not in names:
         names.insert(names.index("readback"), "backfill")  # readback reads the backfilled tree

@@ -394,7 +394,8 @@ def write_report(
         "",
         f"Generated {datetime.now(UTC):%Y-%m-%d %H:%M} UTC by {mode} "
         f"({'quick' if quick else 'full'} mode) in {total_s / 60:.1f} minutes. Rerun with "
-        "`make bench` (full, < 15 min) or `make bench-quick` (< 3 min); raw figures are in "
+        "`make bench` (full; the target is < 15 min on an idle 2-core machine) or `make bench-quick` "
+        "(< 3 min); raw figures are in "
         "[`benchmarks/results.json`](benchmarks/results.json). How each figure is measured is "
         "in the docstring of its module under `bench/`.",
         "",
