@@ -785,16 +785,21 @@ class S3Storage(CloudStorage):
         """See :meth:`Storage.write`: one ``PutObject``; returns its ETag.
 
         The new main object has no epoch, so pending segments of the old content
-        are invisible at once; they are deleted afterwards (a crash in between
-        leaves only invisible garbage).
+        are invisible at once. Those this instance appended are deleted
+        afterwards; any others (left by another process, or by a crash) are
+        invisible garbage that the next compaction of the file deletes. Skipping
+        that listing keeps a write at one request.
         """
         key, url = self._key(path), self.url(path)
         client = await self._client()
         data = bytes(data)
+        with self._state_lock:
+            had_segments = path in self._pending
         etag = await self._put(client, key, url, data)
         self._cache_put(path, None, None)
         self._track(path, pending=False)
-        await self._cleanup(client, path)
+        if had_segments:
+            await self._cleanup(client, path)
         return etag
 
     async def aremove(self, path: str) -> None:

@@ -1,8 +1,8 @@
 """Filesystem hints from watchdog, handed to the event loop and nothing more.
 
-Events are hints; scans are the truth. The watchdog threads only call
-``loop.call_soon_threadsafe`` with the event's path (style: watchdog's own
-emitter/dispatcher split). Two situations are reported to the service so it can
+Events are hints; scans are the truth. The watchdog threads only record the
+event's path in a batch and wake the loop with ``loop.call_soon_threadsafe``
+when the batch was empty (style: watchdog's own emitter/dispatcher split). Two situations are reported to the service so it can
 rescan or fall back:
 
 - the kernel's inotify queue overflowed (events were lost): watchdog logs it on
@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -38,16 +39,9 @@ class _Handler(FileSystemEventHandler):
     def on_any_event(self, event: FileSystemEvent) -> None:
         if event.event_type in ("opened", "closed_no_write"):
             return
-        w = self._watcher
-        try:
-            for raw in (event.src_path, getattr(event, "dest_path", "")):
-                if raw:
-                    path = os.fsdecode(raw)
-                    w.loop.call_soon_threadsafe(
-                        w.on_hint, path, event.is_directory, event.event_type
-                    )
-        except RuntimeError:  # the loop is closed: the daemon is stopping
-            pass
+        for raw in (event.src_path, getattr(event, "dest_path", "")):
+            if raw:
+                self._watcher.enqueue(os.fsdecode(raw), event.is_directory, event.event_type)
 
 
 class _OverflowLogHandler(logging.Handler):
@@ -96,6 +90,34 @@ class Watcher:
         self.polling_interval_s = polling_interval_s
         self._observer: BaseObserver | None = None
         self._log_handler = _OverflowLogHandler(self)
+        self._hints: dict[tuple[str, bool], str] = {}
+        self._hints_lock = threading.Lock()
+
+    def enqueue(self, path: str, is_directory: bool, event_type: str) -> None:
+        """Record a hint (watchdog thread); wake the loop once per batch.
+
+        Hints for one path coalesce, so a burst of events costs the loop one
+        wake-up instead of one per event: a flooded self-pipe would otherwise
+        drop signals (SIGTERM) and slow writers. A directory keeps "created" if
+        any of its events was a creation or a move; a file keeps "deleted" only
+        if every event was a deletion.
+        """
+        key = (path, is_directory)
+        with self._hints_lock:
+            wake = not self._hints
+            previous = self._hints.get(key)
+            if previous is None or previous == "deleted" or event_type in ("created", "moved"):
+                self._hints[key] = event_type
+        if wake:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: the daemon is stopping
+                self.loop.call_soon_threadsafe(self._drain)
+
+    def _drain(self) -> None:
+        """Hand the batched hints to ``on_hint`` (on the loop)."""
+        with self._hints_lock:
+            hints, self._hints = self._hints, {}
+        for (path, is_directory), event_type in hints.items():
+            self.on_hint(path, is_directory, event_type)
 
     def start(self) -> bool:
         """Start watching. Returns False (after calling ``on_failure``) if it cannot."""
