@@ -41,6 +41,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import crc32c
 import structlog
@@ -61,6 +62,7 @@ from evalsyncd.sync.journal import Entry, Journal
 __all__ = ["Destination", "DestinationState", "backoff_delay"]
 
 log = structlog.get_logger("evalsyncd.sync")
+T = TypeVar("T")
 
 FINGERPRINT_BYTES = 4096
 CHUNK_BYTES = 16 * 1024 * 1024
@@ -452,7 +454,7 @@ class Destination:
             offset = 0
             rewrite = entry is None or entry.status == "deleted"
             if entry is not None and not rewrite:
-                reason = await asyncio.to_thread(_divergence, fd, st, entry)
+                reason = _divergence(fd, st, entry)  # at most one 4 KiB read
                 if reason is None:
                     offset = entry.acked_offset
                 else:
@@ -467,8 +469,8 @@ class Destination:
                     )
             version = entry.remote_version if entry is not None and not rewrite else None
             while True:
-                data = await asyncio.to_thread(
-                    _read_lines, fd, offset, st.st_size, self.chunk_bytes
+                data = await _blocking(
+                    st.st_size - offset, _read_lines, fd, offset, st.st_size, self.chunk_bytes
                 )
                 if not data:
                     break
@@ -488,7 +490,7 @@ class Destination:
                     end, version = adv.remote_size, adv.version
                 self._appended_since_flush = True
                 self._last_append = self._clock()
-                fingerprint = await asyncio.to_thread(_fingerprint, fd, end)
+                fingerprint = _fingerprint(fd, end)  # one read of at most 4 KiB
                 self.journal.ack(
                     Entry(
                         destination=self.name,
@@ -598,7 +600,7 @@ class Destination:
         self, path: str, full: Path, st: os.stat_result, entry: Entry | None
     ) -> None:
         try:
-            data = await asyncio.to_thread(_read_stable, full, st)
+            data = await _blocking(st.st_size, _read_stable, full, st)
         except FileNotFoundError:
             await self._handle_deleted(path)
             return
@@ -633,9 +635,15 @@ class Destination:
                     )
                 )
                 return
-        elif age_s < self.flush_interval_s:
-            # Not JSON (or empty): upload once it has been quiet for a flush interval.
-            raise _Retry(self.flush_interval_s - age_s + 0.05)
+        else:
+            # Not JSON: upload once it has been quiet for a flush interval. An empty
+            # .json is what a non-atomic writer leaves between truncating and writing
+            # (open(path, "w")): upload it only once it stayed empty for the grace period.
+            quiet_s = self.flush_interval_s
+            if path.endswith(".json"):
+                quiet_s = max(quiet_s, self.invalid_json_grace_s)
+            if age_s < quiet_s:
+                raise _Retry(quiet_s - age_s + 0.05)
         self._reported_invalid.discard(path)
         crc = crc32c.crc32c(data)
         version = entry.remote_version if entry else None
@@ -664,6 +672,18 @@ class _Advance(Exception):
         super().__init__(remote_size)
         self.remote_size = remote_size
         self.version = version
+
+
+INLINE_READ_BYTES = 256 * 1024
+"""Reads up to this size run on the event loop; larger ones in a worker thread."""
+
+
+async def _blocking(size: int, fn: Callable[..., T], *args: object) -> T:
+    """Run a file read of about ``size`` bytes: inline when small (a thread hop costs
+    more than the read), in a worker thread when large (the loop stays responsive)."""
+    if size <= INLINE_READ_BYTES:
+        return fn(*args)
+    return await asyncio.to_thread(fn, *args)
 
 
 def _replace(entry: Entry, **changes: object) -> Entry:
@@ -709,7 +729,8 @@ def _fingerprint(fd: int, end: int) -> int:
 def _read_lines(fd: int, offset: int, size: int, chunk_bytes: int) -> bytes:
     """Bytes from ``offset`` up to the last newline within ``chunk_bytes`` (or up to the
     first newline after it, when one line is longer); ``b""`` when no complete line
-    lies in ``[offset, size)``. Memory: at most ``max(chunk_bytes, longest line)``."""
+    lies in ``[offset, size)``. Memory: about ``2 * chunk_bytes``, or the longest line
+    plus one block when a line is longer (its end is found first, then it is read once)."""
     want = min(chunk_bytes, size - offset)
     if want <= 0:
         return b""
@@ -717,17 +738,17 @@ def _read_lines(fd: int, offset: int, size: int, chunk_bytes: int) -> bytes:
     cut = data.rfind(b"\n")
     if cut >= 0:
         return data[: cut + 1]
-    parts = [data]
     pos = offset + len(data)
+    del data
     while pos < size:
         block = os.pread(fd, min(_READ_BLOCK, size - pos), pos)
         if not block:
             break
         nl = block.find(b"\n")
         if nl >= 0:
-            parts.append(block[: nl + 1])
-            return b"".join(parts)
-        parts.append(block)
+            line = os.pread(fd, pos + nl + 1 - offset, offset)
+            # The file may have been truncated meanwhile: only a whole line counts.
+            return line if line.endswith(b"\n") and len(line) == pos + nl + 1 - offset else b""
         pos += len(block)
     return b""
 

@@ -32,6 +32,7 @@ from evalsyncd.sync.destination import Destination, DestinationState
 from evalsyncd.sync.files import FileKind, classify, is_run_metadata, scan_tree
 from evalsyncd.sync.journal import Journal
 from evalsyncd.sync.watcher import Watcher
+from evalsyncd.sync.watchlimit import WatchProbe
 
 __all__ = ["Backlog", "Service", "open_destination_storage"]
 
@@ -117,6 +118,8 @@ class Service:
         self._scan_interval_s = settings.rescan_interval_s
         self._subtrees: set[Path] = set()
         self._watcher: Watcher | None = None
+        self._probe: WatchProbe | None = None
+        self._watch_degraded = False
         self._exclude: tuple[Path, ...] = (settings.state_dir,)
         self._stack = AsyncExitStack()
         self._tasks: dict[str, asyncio.Task[None]] = {}
@@ -175,12 +178,21 @@ class Service:
             if event_type in ("created", "moved"):
                 self._subtrees.add(self.root / rel)
                 self._scan_now.set()
+                self._probe_watch_limit(self.root / rel)
             return
         if classify(rel) is FileKind.IGNORED:
             return
         urgent = is_run_metadata(rel) and event_type != "deleted"
         for d in self.destinations.values():
             d.mark(rel, urgent=urgent)
+
+    def _probe_watch_limit(self, directory: Path) -> None:
+        """Report an exhausted watch limit (watchdog ignores it for subdirectories)."""
+        if self._probe is None or self._watch_degraded:
+            return
+        message = self._probe.exhausted(directory)
+        if message is not None:
+            self.on_watch_failure(message)
 
     def on_overflow(self) -> None:
         """The kernel dropped events: rescan everything now."""
@@ -191,6 +203,7 @@ class Service:
 
     def on_watch_failure(self, message: str) -> None:
         """Watching failed: rely on frequent scans instead, loudly."""
+        self._watch_degraded = True
         self._scan_interval_s = min(
             self.settings.rescan_interval_s, max(2.0, self.settings.flush_interval_s)
         )
@@ -327,7 +340,9 @@ class Service:
                 observer=self.settings.observer,
                 polling_interval_s=self.settings.polling_interval_s,
             )
-            self._watcher.start()
+            if self._watcher.start() and self.settings.observer != "polling":
+                self._probe = WatchProbe()
+                self._probe_watch_limit(self.root)
             for d in self.destinations.values():
                 self._start_destination(d)
             scanner = asyncio.create_task(self._scanner(), name="scanner")
@@ -361,6 +376,8 @@ class Service:
         finally:
             if self._watcher is not None:
                 self._watcher.stop()
+            if self._probe is not None:
+                self._probe.close()
             for t in self._tasks.values():
                 t.cancel()
             await asyncio.gather(*self._tasks.values(), return_exceptions=True)
