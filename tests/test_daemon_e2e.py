@@ -7,7 +7,6 @@ import os
 import random
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -357,12 +356,21 @@ def test_local_deletes_keep_or_mirror(env: Env, mirror_deletes: bool) -> None:
 
 
 def test_broken_destination_does_not_hold_back_others(env: Env) -> None:
-    """A destination with a missing bucket is parked; the healthy ones keep mirroring."""
+    """A destination whose credentials are refused is parked; the healthy ones keep mirroring."""
+    # SeaweedFS creates missing buckets on the fly, so the permanent error here is
+    # access denied: a profile whose keys the server does not know.
+    creds = Path(os.environ["AWS_SHARED_CREDENTIALS_FILE"])
+    if "[evalsyncd-wrong]" not in (creds.read_text() if creds.exists() else ""):
+        with open(creds, "a") as f:
+            f.write(
+                "\n[evalsyncd-wrong]\naws_access_key_id = nobody\naws_secret_access_key = wrong\n"
+            )
     env.dests.append(
         {
             "name": "broken",
-            "url": f"s3://no-such-bucket-{uuid.uuid4().hex[:8]}/x",
+            "url": f"s3://{S3_BUCKET}/{env.prefix}/broken",
             "endpoint_url": env.s3_endpoint,
+            "profile": "evalsyncd-wrong",
         }
     )
     good = env.add("file")
@@ -374,6 +382,7 @@ def test_broken_destination_does_not_hold_back_others(env: Env) -> None:
                 e.get("event") == "destination_state"
                 and e.get("destination") == "broken"
                 and e.get("new") == "parked"
+                and "AccessDenied" in (e.get("reason") or "")
                 for e in daemon.log_events()
             ),
             30,
