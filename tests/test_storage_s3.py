@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import pickle
 import socket
 import string
 import time
@@ -557,3 +558,22 @@ def test_wire_cost_64_mib_in_256_appends(
     """Growing a file to 64 MiB in 256 appends costs at most 1.15x its size on the wire (up + down)."""
     _up, _down, ratio = _measure_growth(s3_server, 64 * MiB, 256)
     assert ratio <= 1.15
+
+
+def test_view_hint_of_another_writers_append_is_never_trusted(s3_storage: S3Storage) -> None:
+    """A remembered view made stale by another writer yields a conflict, never a lost or doubled byte."""
+    other = pickle.loads(pickle.dumps(s3_storage))
+    try:
+        s3_storage.append("h.jsonl", b"base\n", offset=0)
+        s3_storage.append("h.jsonl", b"mine-1\n", offset=5)  # leaves a view hint at size 12
+        other.append("h.jsonl", b"other\n", offset=12)  # the hint is now stale
+        with pytest.raises(ConflictError) as info:
+            s3_storage.append("h.jsonl", b"mine-2\n", offset=12)
+        assert info.value.actual_size == 18
+        s3_storage.append("h.jsonl", b"mine-2\n", offset=18)
+        other.flush()
+        s3_storage.flush()
+        assert s3_storage.read("h.jsonl") == b"base\nmine-1\nother\nmine-2\n"
+        assert other.read("h.jsonl") == b"base\nmine-1\nother\nmine-2\n"
+    finally:
+        other.close()

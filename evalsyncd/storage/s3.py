@@ -113,6 +113,7 @@ _EPOCH_META: Final = "evalsyncd-epoch"
 _SEGMENT_RE: Final = re.compile(r"@([0-9a-f]{16})/([0-9]{20})")
 _ATTEMPTS: Final = 4  # re-reads when a file changes under a read or a blind append
 _DELETE_BATCH: Final = 1000
+_MAX_VIEW_HINTS: Final = 4096  # paths whose last view is remembered (a few hundred bytes each)
 
 # -- error translation -----------------------------------------------------------------
 
@@ -411,7 +412,14 @@ class S3Storage(CloudStorage):
 
     # -- runtime state (never pickled) -------------------------------------------------
 
-    _S3_RUNTIME: Final = ("_state_lock", "_cache", "_cache_bytes", "_pending", "_bucket_ok")
+    _S3_RUNTIME: Final = (
+        "_state_lock",
+        "_cache",
+        "_cache_bytes",
+        "_pending",
+        "_bucket_ok",
+        "_views",
+    )
 
     def _init_runtime(self) -> None:
         super()._init_runtime()
@@ -422,6 +430,10 @@ class S3Storage(CloudStorage):
         # path -> time.monotonic() of the oldest segment this instance wrote and did not compact
         self._pending: dict[str, float] = {}
         self._bucket_ok = False
+        # path -> the view left by this instance's last segment append (a hint: it saves
+        # the LIST + HEAD of the next conditional append; every append still confirms
+        # the main object with a HEAD, so a stale hint only costs a conflict and a retry)
+        self._views: OrderedDict[str, _View] = OrderedDict()
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
@@ -795,6 +807,7 @@ class S3Storage(CloudStorage):
         data = bytes(data)
         with self._state_lock:
             had_segments = path in self._pending
+            self._views.pop(path, None)
         etag = await self._put(client, key, url, data)
         self._cache_put(path, None, None)
         self._track(path, pending=False)
@@ -806,6 +819,8 @@ class S3Storage(CloudStorage):
         """See :meth:`Storage.remove`: deletes the main object, then its segments."""
         key, url = self._key(path), self.url(path)
         client = await self._client()
+        with self._state_lock:
+            self._views.pop(path, None)
         await self._delete(client, [key], url)
         self._cache_put(path, None, None)
         self._track(path, pending=False)
@@ -838,8 +853,13 @@ class S3Storage(CloudStorage):
         key, url = self._key(path), self.url(path)
         client = await self._client()
         data = bytes(data)
-        for _attempt in range(_ATTEMPTS):
-            view = await self._view(client, path)
+        for attempt in range(_ATTEMPTS):
+            with self._state_lock:
+                hint = self._views.pop(path, None)
+            if attempt == 0 and hint is not None and offset is not None and hint.size == offset:
+                view = hint
+            else:
+                view = await self._view(client, path)
             size = view.size
             if offset is not None and size != offset:
                 if size == offset + len(data) and await self._holds(
@@ -940,6 +960,10 @@ class S3Storage(CloudStorage):
         self._cache_put(path, view.epoch, known or None)
         self._track(path, pending=True)
         if not self._should_compact(path, view, len(data)):
+            with self._state_lock:
+                self._views[path] = view
+                while len(self._views) > _MAX_VIEW_HINTS:
+                    self._views.popitem(last=False)
             return view.etag
         try:
             return await self._compact(client, path, view, known)
@@ -1077,6 +1101,8 @@ class S3Storage(CloudStorage):
         """
         with self._state_lock:
             paths = list(self._pending)
+            for path in paths:  # compaction changes the main object's ETag
+                self._views.pop(path, None)
         if not paths:
             return
         client = await self._client()
