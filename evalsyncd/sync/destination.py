@@ -302,20 +302,11 @@ class Destination:
                         if error is None or isinstance(result, PermanentStorageError):
                             error = result
                     elif isinstance(result, InvalidKeyError):
-                        if path not in self._reported_invalid:
-                            self._reported_invalid.add(path)
-                            log.error(
-                                "file_not_mirrorable",
-                                destination=self.name,
-                                key=path,
-                                error=str(result),
-                            )
-                        item = self._dirty.get(path)
-                        if item is not None and item.seq == batch[path]:
-                            del self._dirty[path]
+                        self._report_once(path, "file_not_mirrorable", error=str(result))
+                        self._done(path, batch[path])
                     elif isinstance(result, Exception):
-                        # A bug or a file the daemon cannot handle (e.g. a name that is not
-                        # valid UTF-8): report it and retry at the next rescan, never kill the loop.
+                        # A bug or a local I/O error: report it and retry at the next rescan,
+                        # never kill the loop.
                         log.error(
                             "file_sync_failed",
                             destination=self.name,
@@ -323,15 +314,11 @@ class Destination:
                             error=f"{type(result).__name__}: {result}",
                             exc_info=result,
                         )
-                        item = self._dirty.get(path)
-                        if item is not None and item.seq == batch[path]:
-                            del self._dirty[path]
+                        self._done(path, batch[path])
                     elif isinstance(result, BaseException):
                         raise result
                     else:
-                        item = self._dirty.get(path)
-                        if item is not None and item.seq == batch[path]:
-                            del self._dirty[path]
+                        self._done(path, batch[path])
                 if error is not None:
                     raise error
         except TransientStorageError as exc:
@@ -385,6 +372,18 @@ class Destination:
         except StorageError as exc:
             self._appended_since_flush = True
             log.warning("flush_failed", destination=self.name, error=f"{type(exc).__name__}: {exc}")
+
+    def _done(self, path: str, seq: int) -> None:
+        """Drop ``path`` from the dirty set, unless it was marked again since ``seq``."""
+        item = self._dirty.get(path)
+        if item is not None and item.seq == seq:
+            del self._dirty[path]
+
+    def _report_once(self, path: str, event: str, **fields: object) -> None:
+        """Log an error about a file once, until it syncs again."""
+        if path not in self._reported_invalid:
+            self._reported_invalid.add(path)
+            log.error(event, destination=self.name, key=path, **fields)
 
     async def _sync_guarded(self, path: str) -> None:
         async with self._sem:
@@ -492,19 +491,13 @@ class Destination:
                 self._last_append = self._clock()
                 fingerprint = _fingerprint(fd, end)  # one read of at most 4 KiB
                 self.journal.ack(
-                    Entry(
-                        destination=self.name,
-                        path=path,
-                        dev=st.st_dev,
-                        ino=st.st_ino,
+                    _new_entry(
+                        self.name,
+                        path,
+                        st,
                         acked_offset=end,
                         fingerprint=fingerprint,
-                        content_crc=None,
                         remote_version=version,
-                        seen_size=st.st_size,
-                        seen_mtime_ns=st.st_mtime_ns,
-                        status="ok",
-                        acked_at=time.time(),
                     )
                 )
                 offset = end
@@ -518,20 +511,7 @@ class Destination:
                 # so scans do not mark it again until it changes.
                 if current is None and st.st_size == 0:
                     version = await self._timed_write(path, b"", 0, "write")
-                    current = Entry(
-                        destination=self.name,
-                        path=path,
-                        dev=st.st_dev,
-                        ino=st.st_ino,
-                        acked_offset=0,
-                        fingerprint=None,
-                        content_crc=None,
-                        remote_version=version,
-                        seen_size=0,
-                        seen_mtime_ns=st.st_mtime_ns,
-                        status="ok",
-                        acked_at=time.time(),
-                    )
+                    current = _new_entry(self.name, path, st, remote_version=version)
                 if current is not None:
                     self.journal.ack(
                         _replace(current, seen_size=st.st_size, seen_mtime_ns=st.st_mtime_ns)
@@ -613,16 +593,13 @@ class Destination:
             except ValueError as exc:
                 if age_s < self.invalid_json_grace_s:
                     raise _Retry(self.flush_interval_s) from None
-                if path not in self._reported_invalid:
-                    self._reported_invalid.add(path)
-                    log.error(
-                        "invalid_json_not_uploaded",
-                        destination=self.name,
-                        key=path,
-                        file=str(full),
-                        error=str(exc),
-                        size=st.st_size,
-                    )
+                self._report_once(
+                    path,
+                    "invalid_json_not_uploaded",
+                    file=str(full),
+                    error=str(exc),
+                    size=st.st_size,
+                )
                 base = entry or _new_entry(self.name, path, st)
                 self.journal.ack(
                     _replace(
@@ -650,19 +627,8 @@ class Destination:
         if entry is None or entry.status != "ok" or entry.content_crc != crc:
             version = await self._timed_write(path, data, 0, "write")
         self.journal.ack(
-            Entry(
-                destination=self.name,
-                path=path,
-                dev=st.st_dev,
-                ino=st.st_ino,
-                acked_offset=len(data),
-                fingerprint=None,
-                content_crc=crc,
-                remote_version=version,
-                seen_size=st.st_size,
-                seen_mtime_ns=st.st_mtime_ns,
-                status="ok",
-                acked_at=time.time(),
+            _new_entry(
+                self.name, path, st, acked_offset=len(data), content_crc=crc, remote_version=version
             )
         )
 
@@ -692,19 +658,30 @@ def _replace(entry: Entry, **changes: object) -> Entry:
     return replace(entry, **changes)  # type: ignore[arg-type]
 
 
-def _new_entry(destination: str, path: str, st: os.stat_result) -> Entry:
+def _new_entry(
+    destination: str,
+    path: str,
+    st: os.stat_result,
+    *,
+    acked_offset: int = 0,
+    fingerprint: int | None = None,
+    content_crc: int | None = None,
+    remote_version: str | None = None,
+    status: str = "ok",
+) -> Entry:
+    """A journal row for ``path`` as seen in ``st``, acknowledged now."""
     return Entry(
         destination=destination,
         path=path,
         dev=st.st_dev,
         ino=st.st_ino,
-        acked_offset=0,
-        fingerprint=None,
-        content_crc=None,
-        remote_version=None,
+        acked_offset=acked_offset,
+        fingerprint=fingerprint,
+        content_crc=content_crc,
+        remote_version=remote_version,
         seen_size=st.st_size,
         seen_mtime_ns=st.st_mtime_ns,
-        status="ok",
+        status=status,
         acked_at=time.time(),
     )
 
