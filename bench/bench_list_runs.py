@@ -9,7 +9,7 @@ or fake-gcs-server with ``--backend gcs``) in a temporary directory, writes
 - ``list_runs``: ``EvalStore(storage).list_runs()`` (bounded concurrent reads).
 
 Each measurement is repeated (``--repeat``) and the best time is kept. With
-``--rtt-ms`` the client talks to the server through ``bench.proxy.Proxy``, which
+``--rtt-ms`` the client talks to the server through ``evalsyncd.devproxy.CountingProxy``, which
 delays every chunk by half the round-trip time in each direction, which models
 a cloud endpoint some distance away. Prints one line per RTT and the ratio.
 
@@ -38,7 +38,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.proxy import Proxy
+from evalsyncd.devproxy import CountingProxy
 from evalsyncd.devservers import FakeGCSServer, SeaweedS3Server
 from evalsyncd.storage import GCSStorage, S3Storage
 from evalsyncd.store import EvalStore
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
                 proxy = None
                 endpoint = server.endpoint_url
                 if rtt_ms > 0:
-                    proxy = Proxy("127.0.0.1", server.port, one_way_s=rtt_ms / 2000).start()
+                    proxy = CountingProxy("127.0.0.1", server.port, one_way_s=rtt_ms / 2000).start()
                     endpoint = proxy.url
                 try:
                     with make(endpoint) as storage:

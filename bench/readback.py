@@ -11,7 +11,7 @@ Over the bucket copy evalsyncd made of the backfill tree (300 runs; 60 quick):
   ``json.loads`` per line (the reference's pattern).
 
 Both sides use the same ``S3Storage`` client, warmed up, once on plain loopback
-(best of 3) and once through ``bench.proxy.Proxy`` adding 10 ms each way, i.e.
+(best of 3) and once through ``evalsyncd.devproxy.CountingProxy`` adding 10 ms each way, i.e.
 20 ms per request round trip (best of 1).
 """
 
@@ -25,7 +25,7 @@ from typing import Any
 from bench.backfill import BENCHMARKS
 from bench.bench_list_runs import best_of, sequential_reader
 from bench.common import Bench
-from bench.proxy import Proxy
+from evalsyncd.devproxy import CountingProxy
 from evalsyncd.store import EvalStore
 
 __all__ = ["run"]
@@ -52,7 +52,7 @@ def run(bench: Bench) -> dict[str, Any]:
     prefix = "backfill-evalsyncd"
     rows: dict[str, Any] = {}
     for rtt_ms in (0, 20):
-        proxy = Proxy("127.0.0.1", bench.s3.port, one_way_s=rtt_ms / 2000).start()
+        proxy = CountingProxy("127.0.0.1", bench.s3.port, one_way_s=rtt_ms / 2000).start()
         repeat = 3 if rtt_ms == 0 else 1
         try:
             with bench.s3_storage(prefix, proxy.url) as storage:

@@ -19,7 +19,7 @@ import time
 from typing import Any
 
 from bench.common import BUCKET, Bench, Daemon
-from bench.proxy import Proxy
+from evalsyncd.devproxy import CountingProxy
 
 __all__ = ["run"]
 
@@ -31,7 +31,7 @@ def _one(bench: Bench, scheme: str, duration_s: float, out: dict[str, Any]) -> N
     path = root / "runs/r0/gsm8k/trajectories.jsonl"
     path.parent.mkdir(parents=True)
     line = b'{"idx": 0, "pad": "' + b"z" * 1000 + b'"}\n'
-    with Proxy("127.0.0.1", server.port) as proxy:
+    with CountingProxy("127.0.0.1", server.port) as proxy:
         daemon = Daemon(root, state, f"{scheme}://{BUCKET}/requests", proxy.url).start()
         try:
             time.sleep(2.0)

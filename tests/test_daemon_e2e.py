@@ -13,13 +13,13 @@ from typing import Any
 
 import pytest
 
+from evalsyncd.devproxy import CountingProxy
 from evalsyncd.devservers import SeaweedS3Server
 from evalsyncd.storage import AnyStorage, GCSStorage, LocalStorage, S3Storage
 from evalsyncd.store import BenchmarkResult, EvalStore, StoredTrajectory, StoredTurn
 from tests.conftest import GCS_BUCKET, S3_BUCKET
 from tests.daemon import Daemon, expected_mirror, remote_tree, wait_mirrored, write_config
 from tests.helpers import wait_for
-from tests.tcpproxy import CountingProxy
 
 MiB = 1024 * 1024
 

@@ -20,6 +20,7 @@ import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
+from evalsyncd.devproxy import CountingProxy
 from evalsyncd.devservers import FakeGCSServer
 from evalsyncd.errors import (
     AccessDeniedError,
@@ -32,7 +33,6 @@ from evalsyncd.errors import (
 )
 from evalsyncd.storage import GCSStorage
 from evalsyncd.storage.gcs import translate_error
-from tests.tcpproxy import CountingProxy
 
 KiB = 1024
 MiB = 1024 * KiB

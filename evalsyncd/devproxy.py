@@ -1,9 +1,10 @@
-"""A TCP proxy on loopback that counts bytes and HTTP requests, and can add latency.
+"""Loopback TCP proxies for tests and benchmarks: count bytes and HTTP requests,
+add latency, or (subclassed) inject faults, between a client and a local server.
 
-    with Proxy("127.0.0.1", server_port) as proxy:      # or Proxy(..., one_way_s=0.01)
-        tool_talks_to(proxy.url)
+    with CountingProxy("127.0.0.1", server_port) as proxy:   # or one_way_s=0.01
+        client_talks_to(proxy.url)
         proxy.reset()
-        ...                                               # the work to measure
+        ...                                                  # the work to measure
         proxy.bytes_up, proxy.bytes_down, proxy.requests
 
 ``bytes_up`` counts client -> server bytes, ``bytes_down`` server -> client,
@@ -11,13 +12,12 @@ headers and bodies as sent (plain HTTP on loopback, no TLS): the tools' own
 counters are never used. ``requests`` counts HTTP/1.1 requests by parsing the
 client -> server stream (request line, headers, then a ``Content-Length`` or
 ``chunked`` body), so keep-alive connections and pipelining count correctly.
-
 With ``one_way_s > 0`` every chunk is delivered ``one_way_s`` seconds after it
 arrived, in each direction (a delay line, not a rate limit): a request costs at
 least ``2 * one_way_s`` more, which stands in for a cloud region.
 
-The proxy runs its own event loop in a daemon thread, so clients in any process
-or thread can use it.
+Each proxy runs its own event loop in a daemon thread, so clients on any event
+loop, thread or process can use it.
 """
 
 from __future__ import annotations
@@ -27,9 +27,134 @@ import contextlib
 import threading
 from typing import Self
 
-__all__ = ["HttpRequestCounter", "Proxy"]
+__all__ = ["CountingProxy", "HttpRequestCounter", "LoopbackProxy"]
 
 _CHUNK = 256 * 1024
+
+
+class LoopbackProxy:
+    """Base of the loopback TCP proxies of the tests and benchmarks.
+
+    Listens on ``127.0.0.1`` (a port the kernel chooses) in front of
+    ``target_host:target_port``, on its own event loop in a daemon thread, so
+    clients on any event loop, thread or process can use it. A subclass
+    implements :meth:`serve_connection` for one client connection; the base
+    tracks each connection's task and streams, so :meth:`stop` closes them all.
+
+    Args:
+        target_host: the server's address.
+        target_port: the server's port.
+    """
+
+    thread_name = "loopback-proxy"
+
+    def __init__(self, target_host: str, target_port: int) -> None:
+        self.target_host = target_host
+        self.target_port = target_port
+        self.port = 0
+        self.connections = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    @property
+    def url(self) -> str:
+        """``http://127.0.0.1:{port}``."""
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout_s: float = 10.0) -> Self:
+        """Start listening; returns once the port is bound.
+
+        Raises:
+            TimeoutError: the proxy's loop did not come up within ``timeout_s`` seconds.
+        """
+        ready = threading.Event()
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+
+        async def serve() -> None:
+            self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+            self.port = self._server.sockets[0].getsockname()[1]
+            ready.set()
+
+        def run() -> None:
+            asyncio.set_event_loop(loop)
+            loop.run_until_complete(serve())
+            loop.run_forever()
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.close()
+
+        self._thread = threading.Thread(target=run, name=self.thread_name, daemon=True)
+        self._thread.start()
+        if not ready.wait(timeout_s):
+            raise TimeoutError(f"proxy not listening after {timeout_s} s")
+        return self
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Close the listener and every connection, stop the loop, join the thread."""
+        loop, thread = self._loop, self._thread
+        if loop is None or thread is None:
+            return
+
+        async def shutdown() -> None:
+            if self._server is not None:
+                self._server.close()
+            for writer in list(self._writers):
+                writer.close()
+            for task in list(self._tasks):
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+        with contextlib.suppress(Exception):
+            asyncio.run_coroutine_threadsafe(shutdown(), loop).result(timeout_s)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout_s)
+        self._loop = self._thread = None
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        self._writers.add(writer)
+        self.connections += 1
+        try:
+            await self.serve_connection(reader, writer)
+        except (asyncio.CancelledError, ConnectionError, OSError):
+            pass  # shutting down, or the peer went away
+        finally:
+            self._writers.discard(writer)
+            with contextlib.suppress(Exception):
+                writer.close()
+            self._tasks.discard(task)
+
+    async def open_upstream(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """A connection to the target, closed by :meth:`stop` if still open.
+
+        Raises:
+            OSError: the target refused the connection.
+        """
+        reader, writer = await asyncio.open_connection(self.target_host, self.target_port)
+        self._writers.add(writer)
+        return reader, writer
+
+    def close_upstream(self, writer: asyncio.StreamWriter) -> None:
+        """Close a connection opened by :meth:`open_upstream`."""
+        self._writers.discard(writer)
+        writer.close()
+
+    async def serve_connection(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        """Serve one client connection (the base closes ``writer`` afterwards)."""
+        raise NotImplementedError
 
 
 class HttpRequestCounter:
@@ -95,7 +220,7 @@ class HttpRequestCounter:
         return True
 
 
-class Proxy:
+class CountingProxy(LoopbackProxy):
     """Forward ``127.0.0.1:{port}`` to ``target_host:target_port``, counting traffic.
 
     Args:
@@ -105,25 +230,12 @@ class Proxy:
     """
 
     def __init__(self, target_host: str, target_port: int, *, one_way_s: float = 0.0) -> None:
-        self.target_host = target_host
-        self.target_port = target_port
+        super().__init__(target_host, target_port)
         self.one_way_s = one_way_s
-        self.port = 0
         self.bytes_up = 0
         self.bytes_down = 0
-        self.connections = 0
         self._counters: list[HttpRequestCounter] = []
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._writers: set[asyncio.StreamWriter] = set()
         self._base_requests = 0
-
-    @property
-    def url(self) -> str:
-        """``http://127.0.0.1:{port}``."""
-        return f"http://127.0.0.1:{self.port}"
 
     @property
     def total(self) -> int:
@@ -140,87 +252,20 @@ class Proxy:
         self.bytes_up = self.bytes_down = self.connections = 0
         self._base_requests = sum(c.requests for c in self._counters)
 
-    def start(self, timeout_s: float = 10.0) -> Self:
-        """Start listening; returns once the port is bound."""
-        ready = threading.Event()
-        loop = asyncio.new_event_loop()
-        self._loop = loop
-
-        async def serve() -> None:
-            self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-            self.port = self._server.sockets[0].getsockname()[1]
-            ready.set()
-
-        def run() -> None:
-            asyncio.set_event_loop(loop)
-            loop.run_until_complete(serve())
-            loop.run_forever()
-            loop.run_until_complete(loop.shutdown_asyncgens())
-            loop.close()
-
-        self._thread = threading.Thread(target=run, name="bench-proxy", daemon=True)
-        self._thread.start()
-        if not ready.wait(timeout_s):
-            raise TimeoutError(f"proxy not listening after {timeout_s} s")
-        return self
-
-    def stop(self, timeout_s: float = 10.0) -> None:
-        """Close the listener and every connection, stop the loop, join the thread."""
-        loop, thread = self._loop, self._thread
-        if loop is None or thread is None:
-            return
-
-        async def shutdown() -> None:
-            if self._server is not None:
-                self._server.close()
-            for writer in list(self._writers):
-                writer.close()
-            for task in list(self._tasks):
-                task.cancel()
-            await asyncio.gather(*self._tasks, return_exceptions=True)
-
-        with contextlib.suppress(Exception):
-            asyncio.run_coroutine_threadsafe(shutdown(), loop).result(timeout_s)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(timeout_s)
-        self._loop = self._thread = None
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    async def _handle(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
-        self.connections += 1
-        self._writers.add(client_w)
+    async def serve_connection(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        """Pump both directions through the counters (and the delay line)."""
         counter = HttpRequestCounter()
         self._counters.append(counter)
+        upstream_r, upstream_w = await self.open_upstream()
         try:
-            try:
-                server_r, server_w = await asyncio.open_connection(
-                    self.target_host, self.target_port
-                )
-            except OSError:
-                return
-            self._writers.add(server_w)
-            try:
-                await asyncio.gather(
-                    self._pump(client_r, server_w, counter),
-                    self._pump(server_r, client_w, None),
-                )
-            finally:
-                self._writers.discard(server_w)
-                server_w.close()
-        except asyncio.CancelledError:
-            pass  # shutting down; returning keeps start_server from logging it
+            await asyncio.gather(
+                self._pump(reader, upstream_w, counter),
+                self._pump(upstream_r, writer, None),
+            )
         finally:
-            self._writers.discard(client_w)
-            client_w.close()
-            self._tasks.discard(task)
+            self.close_upstream(upstream_w)
 
     async def _pump(
         self,
