@@ -12,9 +12,10 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 
 from evalsyncd.store import BenchmarkResult, EvalStore, StoredTrajectory
+from tests.daemon import Daemon
 
 
 def write_config(
@@ -130,26 +131,8 @@ class NotifySocket:
         self.sock.close()
 
 
-class DaemonProcess:
-    """``python -m evalsyncd run --config PATH`` with its log in a file."""
-
-    def __init__(self, config: Path, log_path: Path, env: dict[str, str] | None = None) -> None:
-        self.config = config
-        self.log_path = log_path
-        self.env = {**os.environ, **(env or {})}
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> Self:
-        """Start it (returns at once)."""
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "evalsyncd", "run", "--config", str(self.config)],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                env=self.env,
-            )
-        return self
+class DaemonProcess(Daemon):
+    """The shared daemon harness, plus signals and log events by name."""
 
     def signal(self, sig: signal.Signals) -> None:
         """Send a signal."""
@@ -163,27 +146,7 @@ class DaemonProcess:
 
     def events(self, name: str | None = None) -> list[dict[str, Any]]:
         """The daemon's JSON log events (only those called ``name``, if given)."""
-        out = []
-        for line in self.log_path.read_text(errors="replace").splitlines():
-            try:
-                event = json.loads(line)
-            except ValueError:
-                continue
-            if name is None or event.get("event") == name:
-                out.append(event)
-        return out
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        return [e for e in self.log_events() if name is None or e.get("event") == name]
 
 
 def mirror_equals(root: Path, mirror: Path) -> bool:
