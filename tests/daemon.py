@@ -20,7 +20,11 @@ def write_config(
     path: Path, root: Path, state_dir: Path, destinations: list[dict[str, Any]], **extra: Any
 ) -> Path:
     """Write a TOML config file for the daemon; returns ``path``."""
-    lines = [f'root = "{root}"', f'state_dir = "{state_dir}"', 'log_format = "json"']
+    lines = [
+        f"root = {json.dumps(str(root))}",
+        f"state_dir = {json.dumps(str(state_dir))}",
+        'log_format = "json"',
+    ]
     for key, value in {"flush_interval_s": 0.2, "rescan_interval_s": 5.0, **extra}.items():
         lines.append(f"{key} = {json.dumps(value)}")
     for dest in destinations:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -16,6 +15,7 @@ from typing import Any
 
 from evalsyncd.store import BenchmarkResult, EvalStore, StoredTrajectory
 from tests.daemon import Daemon
+from tests.daemon import write_config as daemon_config
 
 
 def write_config(
@@ -25,19 +25,10 @@ def write_config(
     destinations: list[dict[str, Any]],
     **extra: Any,
 ) -> Path:
-    """A TOML config for the daemon (fast flush, JSON logs); returns ``path``."""
-    lines = [
-        f"root = {json.dumps(str(root))}",
-        f"state_dir = {json.dumps(str(state_dir))}",
-        'log_format = "json"',
-    ]
-    for key, value in {"flush_interval_s": 0.2, "rescan_interval_s": 30.0, **extra}.items():
-        lines.append(f"{key} = {json.dumps(value)}")
-    for dest in destinations:
-        lines.append("[[destinations]]")
-        lines.extend(f"{k} = {json.dumps(v)}" for k, v in dest.items())
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    """The shared config writer, with rare rescans (30 s) unless told otherwise."""
+    return daemon_config(
+        path, root, state_dir, destinations, **{"rescan_interval_s": 30.0, **extra}
+    )
 
 
 def make_runs(root: Path, runs: int = 2, trajectories: int = 5) -> EvalStore:
