@@ -334,3 +334,27 @@ def test_logs_never_show_credentials(capsys: pytest.CaptureFixture[str]) -> None
     assert "deadbeef" not in err and "AKIAXXX" not in err
     assert "wJalrXUtnFEMI" not in err and "ya29.secret-token" not in err
     assert "upload_failed" in err
+
+
+def test_byte_budget_bounds_bytes_in_flight() -> None:
+    """Uploads never hold more than the budget at once; an oversized one runs alone."""
+    from evalsyncd.sync.destination import _ByteBudget
+
+    budget = _ByteBudget(100)
+    held = 0
+    peak = 0
+
+    async def use(n: int) -> None:
+        nonlocal held, peak
+        async with budget.hold(n):
+            held += min(n, 100)
+            peak = max(peak, held)
+            await asyncio.sleep(0.001)
+            held -= min(n, 100)
+
+    async def main() -> None:
+        await asyncio.gather(*(use(n) for n in [30, 40, 50, 250, 10, 60, 0, 100]))
+
+    asyncio.run(main())
+    assert peak <= 100
+    assert budget.free == 100

@@ -38,7 +38,7 @@ import os
 import random
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -65,8 +65,12 @@ log = structlog.get_logger("evalsyncd.sync")
 T = TypeVar("T")
 
 FINGERPRINT_BYTES = 4096
-CHUNK_BYTES = 16 * 1024 * 1024
+CHUNK_BYTES = 8 * 1024 * 1024
 """Largest delta sent in one append, bytes (unless a single line is longer)."""
+INFLIGHT_BYTES = 64 * 1024 * 1024
+"""File bytes one destination holds in memory for uploads at once (a single line or
+replace-on-write file larger than this is sent alone): memory does not grow with
+the backlog."""
 _READ_BLOCK = 1024 * 1024
 
 
@@ -146,6 +150,7 @@ class Destination:
         mirror_deletes: bool = False,
         invalid_json_grace_s: float = 30.0,
         chunk_bytes: int = CHUNK_BYTES,
+        inflight_bytes: int = INFLIGHT_BYTES,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
     ) -> None:
@@ -174,6 +179,7 @@ class Destination:
         self._appended_since_flush = False
         self._last_append = 0.0
         self._sem = asyncio.Semaphore(settings.max_concurrency)
+        self._budget = _ByteBudget(inflight_bytes)
         self._reported_invalid: set[str] = set()
         self._last_success_recorded = 0.0
         self._stopping = asyncio.Event()
@@ -426,7 +432,8 @@ class Destination:
         if kind is FileKind.APPEND:
             await self._sync_append(path, full, entry)
         else:
-            await self._sync_replace(path, full, st, entry)
+            async with self._budget.hold(st.st_size):
+                await self._sync_replace(path, full, st, entry)
 
     async def _handle_deleted(self, path: str) -> None:
         entry = self.journal.get(self.name, path)
@@ -468,25 +475,31 @@ class Destination:
                     )
             version = entry.remote_version if entry is not None and not rewrite else None
             while True:
-                data = await _blocking(
-                    st.st_size - offset, _read_lines, fd, offset, st.st_size, self.chunk_bytes
-                )
-                if not data:
-                    break
-                end = offset + len(data)
-                try:
-                    if rewrite and offset == 0:
-                        version = await self._timed_write(path, data, offset, "write")
-                    else:
-                        version = await self._append(path, data, offset)
-                except _Reset:
-                    log.warning(
-                        "remote_diverged_rewriting", destination=self.name, key=path, offset=offset
+                async with self._budget.hold(min(st.st_size - offset, self.chunk_bytes)):
+                    data = await _blocking(
+                        st.st_size - offset, _read_lines, fd, offset, st.st_size, self.chunk_bytes
                     )
-                    rewrite, offset = True, 0
-                    continue
-                except _Advance as adv:
-                    end, version = adv.remote_size, adv.version
+                    if not data:
+                        break
+                    end = offset + len(data)
+                    try:
+                        if rewrite and offset == 0:
+                            version = await self._timed_write(path, data, offset, "write")
+                        else:
+                            version = await self._append(path, data, offset)
+                    except _Reset:
+                        log.warning(
+                            "remote_diverged_rewriting",
+                            destination=self.name,
+                            key=path,
+                            offset=offset,
+                        )
+                        rewrite, offset = True, 0
+                        continue
+                    except _Advance as adv:
+                        end, version = adv.remote_size, adv.version
+                    finally:
+                        data = b""  # the budget covers the bytes only while held
                 self._appended_since_flush = True
                 self._last_append = self._clock()
                 fingerprint = _fingerprint(fd, end)  # one read of at most 4 KiB
@@ -631,6 +644,29 @@ class Destination:
                 self.name, path, st, acked_offset=len(data), content_crc=crc, remote_version=version
             )
         )
+
+
+class _ByteBudget:
+    """At most ``limit`` bytes held at once; a request above the limit takes all of it."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.free = limit
+        self._cond = asyncio.Condition()
+
+    @contextlib.asynccontextmanager
+    async def hold(self, n: int) -> AsyncIterator[None]:
+        """Hold ``n`` bytes of the budget (at least 1, at most ``limit``) while inside."""
+        n = min(max(n, 1), self.limit)
+        async with self._cond:
+            await self._cond.wait_for(lambda: self.free >= n)
+            self.free -= n
+        try:
+            yield
+        finally:
+            async with self._cond:
+                self.free += n
+                self._cond.notify_all()
 
 
 class _Advance(Exception):
