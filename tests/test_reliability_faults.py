@@ -63,20 +63,40 @@ class Writer(threading.Thread):
         self.stop_event = threading.Event()
         self.lines = 0
         self.write_s: list[float] = []
+        self._running = threading.Event()
+        self._running.set()
+        self._writing = threading.Lock()
+
+    def pause(self) -> None:
+        """Stop writing (returns once no write is in progress)."""
+        self._running.clear()
+        with self._writing:
+            pass
+
+    def resume(self) -> None:
+        """Write again."""
+        self._running.set()
 
     def run(self) -> None:
         while not self.stop_event.is_set():
-            p = self.paths[self.rng.randrange(len(self.paths))]
-            started = time.perf_counter()
-            append_line(p, {"n": self.lines, "pad": "x" * self.rng.randrange(10, 2000)})
-            self.write_s.append(time.perf_counter() - started)
-            self.lines += 1
-            if self.lines % 50 == 0:  # a replace-on-write file changing too
-                meta = p.parent.parent / "metadata.json"
-                tmp = meta.with_name(".metadata.json.tmp")
-                tmp.write_text(json.dumps({"lines": self.lines}))
-                os.replace(tmp, meta)
+            if not self._running.wait(0.1):
+                continue
+            with self._writing:
+                if self._running.is_set():  # pause() may have come in between
+                    self._write_one()
             time.sleep(self.pause_s)
+
+    def _write_one(self) -> None:
+        p = self.paths[self.rng.randrange(len(self.paths))]
+        started = time.perf_counter()
+        append_line(p, {"n": self.lines, "pad": "x" * self.rng.randrange(10, 2000)})
+        self.write_s.append(time.perf_counter() - started)
+        self.lines += 1
+        if self.lines % 50 == 0:  # a replace-on-write file changing too
+            meta = p.parent.parent / "metadata.json"
+            tmp = meta.with_name(".metadata.json.tmp")
+            tmp.write_text(json.dumps({"lines": self.lines}))
+            os.replace(tmp, meta)
 
     def finish(self) -> int:
         self.stop_event.set()
@@ -257,7 +277,10 @@ def _outage(rel: RelEnv, tmp_path: Path, outage_s: float, warmup_s: float = 0.0)
         writer = Writer(rel.root, runs=3, pause_s=0.005)
         with rel.daemon() as daemon:
             writer.start()
+            _throughput(writer, 1.0)
+            writer.pause()  # a mirror equals a file that is not being written
             wait_settled(rel, timeout_s=60, readers=["file"])
+            writer.resume()
             pid = daemon_pid(daemon)
             before = _throughput(writer, 1.5)
             rss_before = proc_status_kib(pid, "VmRSS")
