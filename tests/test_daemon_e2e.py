@@ -343,16 +343,13 @@ def test_local_deletes_keep_or_mirror(env: Env, mirror_deletes: bool) -> None:
     f = env.root / "runs/r/b/result.json"
     f.parent.mkdir(parents=True)
     f.write_text("{}")
-    with env.daemon(mirror_deletes=mirror_deletes):
+    with env.daemon(mirror_deletes=mirror_deletes) as daemon:
         wait_mirrored(env.root, reader)
         f.unlink()
-        (env.root / "marker.json").write_text("{}")
-        wait_for(lambda: reader.exists("marker.json"), 30)
-        if mirror_deletes:
-            wait_for(lambda: not reader.exists("runs/r/b/result.json"), 30)
-        else:
-            time.sleep(0.5)  # give a wrong delete the chance to happen
-            assert reader.exists("runs/r/b/result.json")
+        # The daemon's decision about the deleted file is logged either way.
+        event = "delete_mirrored" if mirror_deletes else "local_file_deleted"
+        wait_for(lambda: any(e.get("event") == event for e in daemon.log_events()), 30)
+        assert reader.exists("runs/r/b/result.json") is not mirror_deletes
 
 
 def test_broken_destination_does_not_hold_back_others(env: Env) -> None:

@@ -40,7 +40,7 @@ import stat
 import time
 import traceback
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TypeVar
 
@@ -450,7 +450,7 @@ class Destination:
             self.journal.forget(self.name, path)
             log.info("delete_mirrored", destination=self.name, key=path)
         else:
-            self.journal.ack(_replace(entry, status="deleted"))
+            self.journal.ack(replace(entry, status="deleted"))
             log.info("local_file_deleted", destination=self.name, key=path, remote="kept")
 
     # -- append-only -------------------------------------------------------------------------
@@ -533,7 +533,7 @@ class Destination:
                     current = _new_entry(self.name, path, st, remote_version=version)
                 if current is not None:
                     self.journal.ack(
-                        _replace(current, seen_size=st.st_size, seen_mtime_ns=st.st_mtime_ns)
+                        replace(current, seen_size=st.st_size, seen_mtime_ns=st.st_mtime_ns)
                     )
         finally:
             os.close(fd)
@@ -621,7 +621,7 @@ class Destination:
                 )
                 base = entry or _new_entry(self.name, path, st)
                 self.journal.ack(
-                    _replace(
+                    replace(
                         base,
                         status="invalid",
                         seen_size=st.st_size,
@@ -713,12 +713,6 @@ async def _blocking(size: int, fn: Callable[..., T], *args: object) -> T:
     if size <= INLINE_READ_BYTES:
         return fn(*args)
     return await asyncio.to_thread(fn, *args)
-
-
-def _replace(entry: Entry, **changes: object) -> Entry:
-    from dataclasses import replace
-
-    return replace(entry, **changes)  # type: ignore[arg-type]
 
 
 def _new_entry(

@@ -107,6 +107,7 @@ class Service:
         self.settings = settings
         self.root = settings.root
         self._notify = notify or (lambda line: None)
+        self._status_wanted = notify is not None  # STATUS= costs a journal read per dirty file
         self._watchdog_interval_s = watchdog_interval_s or STATUS_INTERVAL_S
         self._on_upload = on_upload
         self.first_scan_started = asyncio.Event()
@@ -309,7 +310,8 @@ class Service:
             if time.monotonic() >= next_ping:
                 self._notify("WATCHDOG=1")
                 next_ping = time.monotonic() + self._watchdog_interval_s
-            self._notify(f"STATUS={self.status_line()}")
+            if self._status_wanted:
+                self._notify(f"STATUS={self.status_line()}")
             await asyncio.sleep(max(0.01, min(STATUS_INTERVAL_S, next_ping - time.monotonic())))
 
     def _start_destination(self, d: Destination) -> None:
