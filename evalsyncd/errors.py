@@ -15,7 +15,8 @@ decide on retries by type and never by matching message strings::
         └── PermanentStorageError         retrying the same request will not help
             ├── AccessDeniedError         also PermissionError: 401/403, bad credentials
             ├── BucketNotFoundError       the bucket itself does not exist
-            └── InvalidRequestError       the server refused the request as malformed
+            ├── InvalidRequestError       the server refused the request as malformed
+            └── CorruptObjectError        an object evalsyncd wrote (a tail object) is damaged
 
 Keys that are empty, absolute or contain ``..`` are refused before any request
 with a plain :class:`ValueError` (:class:`InvalidKeyError` subclasses both).
@@ -32,6 +33,7 @@ __all__ = [
     "BucketNotFoundError",
     "ConfigError",
     "ConflictError",
+    "CorruptObjectError",
     "EvalsyncdError",
     "InvalidKeyError",
     "InvalidRequestError",
@@ -108,3 +110,10 @@ class InvalidRequestError(PermanentStorageError):
 
 class InvalidKeyError(EvalsyncdError, ValueError):
     """A storage path is empty, absolute, or contains ``.``/``..`` segments."""
+
+
+class CorruptObjectError(PermanentStorageError):
+    """An object in evalsyncd's own format (a tail object) cannot be parsed.
+
+    The message names the object's URL; retrying the same read will not help.
+    """

@@ -10,6 +10,10 @@ natively plus :meth:`CloudStorage._open_client`. This base class provides:
   ``aclose()`` / ``__aexit__`` (async use) or ``close()`` / ``__exit__`` (sync
   use; clients on the bridge loop are also closed at interpreter exit);
 - the sync methods, each one line through :func:`~evalsyncd.storage._bridge.run_sync`;
+- the readers' view of the tail log (:mod:`evalsyncd.storage.tail`): each public
+  read stitches the backend's main object (``_main_*`` methods) with the file's
+  pending tail pieces, so readers see what the daemon flushed before the main
+  objects catch up;
 - key building: ``{prefix}/{path}``, validated by :func:`check_key`.
 """
 
@@ -17,20 +21,31 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from abc import ABC, abstractmethod
 from contextlib import AsyncExitStack
 from typing import Any, ClassVar, Self
 
+from evalsyncd.errors import ObjectNotFoundError, TransientStorageError
 from evalsyncd.storage._base import StorageStat, check_key
 from evalsyncd.storage._bridge import bridge_loop, on_bridge_close, run_sync
+from evalsyncd.storage.tail import (
+    TAIL_DIR,
+    FileTail,
+    TailIndex,
+    TailWriter,
+    read_index,
+    read_pieces,
+)
 
 __all__ = ["INTERNAL_DIR", "CloudStorage"]
 
 INTERNAL_DIR = ".evalsyncd"
 """Name of the area under the prefix where the daemon keeps short-lived objects
-(S3 append segments, GCS compose deltas). Readers and ``list_dir`` ignore it."""
+(the tail log, S3 append segments, GCS compose deltas). Readers and
+``list_dir`` hide it."""
 
-_RUNTIME_ATTRS = ("_clients", "_clients_lock", "_bridge_hooked")
+_RUNTIME_ATTRS = ("_clients", "_clients_lock", "_bridge_hooked", "_tail_cache")
 
 
 class CloudStorage(ABC):
@@ -42,6 +57,16 @@ class CloudStorage(ABC):
     """
 
     scheme: ClassVar[str]
+    append_in_place_min_bytes: ClassVar[int] = 0
+    """Capability: the smallest object size, in bytes, from which ``append`` adds
+    bytes without re-sending the object (S3: 5 MiB, multipart copy; GCS: 0, compose)."""
+    supports_tail: ClassVar[bool] = True
+    """Capability: this backend keeps a tail log (see :mod:`evalsyncd.storage.tail`)."""
+    read_tail: bool = True
+    """Readers stitch pending tail pieces (the daemon's own instances turn this off:
+    it reconciles against main objects)."""
+    tail_refresh_s: float = 1.0
+    """How long a read reuses the tail log's index before reading it again, seconds."""
 
     def __init__(self, bucket: str, prefix: str = "") -> None:
         if not bucket or "/" in bucket:
@@ -56,6 +81,9 @@ class CloudStorage(ABC):
         ] = {}
         self._clients_lock = threading.Lock()
         self._bridge_hooked = False
+        self._tail_cache: dict[
+            asyncio.AbstractEventLoop, tuple[float, asyncio.Task[TailIndex]]
+        ] = {}
 
     # -- configuration, keys -------------------------------------------------------
 
@@ -153,10 +181,26 @@ class CloudStorage(ABC):
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # -- the async contract (implemented by each backend) ---------------------------
+    # -- the main objects (implemented by each backend) ------------------------------
 
     @abstractmethod
-    async def aread(self, path: str) -> bytes: ...
+    async def _main_read(self, path: str) -> bytes:
+        """The main object's bytes (no tail). Missing: ``ObjectNotFoundError``."""
+
+    @abstractmethod
+    async def _main_read_range(self, path: str, offset: int, length: int | None = None) -> bytes:
+        """Bytes of the main object (no tail); see :meth:`Storage.read_range`."""
+
+    @abstractmethod
+    async def _main_stat(self, path: str) -> StorageStat | None:
+        """The main object's size, mtime and version (no tail), or ``None``."""
+
+    @abstractmethod
+    async def _main_list_dir(self, prefix: str) -> list[str]:
+        """Children of ``prefix`` among the main objects (``.evalsyncd`` hidden)."""
+
+    async def _main_exists(self, path: str) -> bool:
+        return await self._main_stat(path) is not None
 
     @abstractmethod
     async def awrite(self, path: str, data: bytes) -> str | None: ...
@@ -165,20 +209,153 @@ class CloudStorage(ABC):
     async def aappend(self, path: str, data: bytes, *, offset: int | None = None) -> str | None: ...
 
     @abstractmethod
-    async def astat(self, path: str) -> StorageStat | None: ...
-
-    @abstractmethod
-    async def aread_range(self, path: str, offset: int, length: int | None = None) -> bytes: ...
-
-    @abstractmethod
-    async def alist_dir(self, prefix: str) -> list[str]: ...
-
-    @abstractmethod
     async def aremove(self, path: str) -> None: ...
+
+    # -- the tail log (see evalsyncd.storage.tail) -------------------------------------
+
+    @abstractmethod
+    async def _tail_list(self, limit: int | None = None) -> list[str]: ...
+
+    @abstractmethod
+    async def _tail_get(self, name: str, start: int, end: int | None) -> bytes: ...
+
+    @abstractmethod
+    async def _tail_create(self, name: str, data: bytes) -> None: ...
+
+    @abstractmethod
+    async def _tail_delete(self, names: list[str]) -> None: ...
+
+    def _tail_url(self, name: str = "") -> str:
+        key = self._internal_key(TAIL_DIR, name) if name else self._internal_key(TAIL_DIR)
+        return f"{self.scheme}://{self.bucket}/{key}"
+
+    def tail_writer(self, writer: str) -> TailWriter:
+        """A writer of this prefix's tail log (see :class:`~evalsyncd.storage.tail.TailWriter`)."""
+        return TailWriter(self, writer)
+
+    async def _tail_index(self, *, refresh: bool = False) -> TailIndex:
+        """The tail log's newest index, cached for :attr:`tail_refresh_s` seconds.
+
+        Concurrent callers on one loop share one fetch (one LIST and one GET).
+        """
+        loop = asyncio.get_running_loop()
+        now = time.monotonic()
+        with self._clients_lock:
+            cached = self._tail_cache.get(loop)
+            if cached is not None and not refresh:
+                fetched_at, task = cached
+                if not task.done() or (
+                    now - fetched_at < self.tail_refresh_s and task.exception() is None
+                ):
+                    return await asyncio.shield(task)
+            task = loop.create_task(read_index(self))
+            self._tail_cache[loop] = (now, task)
+        return await asyncio.shield(task)
+
+    async def _tail_entry(self, path: str) -> FileTail | None:
+        if not self.read_tail:
+            return None
+        check_key(path)
+        return (await self._tail_index()).files.get(path)
+
+    async def _stitched(self, path: str, start: int, end: int | None) -> bytes | None:
+        """Bytes ``[start, end)`` of main object + tail pieces, or ``None`` when the tail
+        holds nothing of ``path`` (read the main object alone).
+
+        Raises:
+            ObjectNotFoundError: neither the main object nor the tail has the file.
+            TransientStorageError: the tail kept changing under four attempts.
+        """
+        for attempt in range(4):
+            index = await self._tail_index(refresh=attempt > 0)
+            ft = index.files.get(path)
+            if ft is None:
+                return None
+            try:
+                if ft.kind == "r" or ft.base == 0:
+                    stop = ft.size if end is None else min(end, ft.size)
+                    return await read_pieces(self, index, ft, start, stop) if start < stop else b""
+                main = await self._main_stat(path)
+                if main is None or main.size < ft.base:
+                    continue  # the index is older than a delete or a rewrite: read it again
+                if main.version != ft.main_version and attempt == 0:
+                    continue  # the main object moved on: is there a newer index?
+                size = max(main.size, ft.size)
+                stop = size if end is None else min(end, size)
+                if start >= stop:
+                    return b""
+                jobs = []
+                if start < min(stop, main.size):
+                    jobs.append(self._main_read_range(path, start, min(stop, main.size) - start))
+                if stop > main.size:
+                    jobs.append(read_pieces(self, index, ft, max(start, main.size), stop))
+                data = b"".join(await asyncio.gather(*jobs))
+                if len(data) == stop - start:
+                    return data
+            except ObjectNotFoundError:
+                continue  # a tail object was deleted (promoted) meanwhile
+        raise TransientStorageError(
+            f"{self.url(path)}: the tail log kept changing during 4 reads", url=self.url(path)
+        )
+
+    # -- the async contract: main objects and tail, stitched --------------------------
+
+    async def aread(self, path: str) -> bytes:
+        """See :meth:`Storage.read`: the main object plus pending tail pieces.
+
+        Cost: the main object's GET; when the tail log is read (:attr:`read_tail`),
+        one LIST and one GET of its newest index per :attr:`tail_refresh_s`, and for
+        a file with pending pieces a HEAD and one ranged GET per tail object holding them.
+        """
+        if await self._tail_entry(path) is not None:
+            data = await self._stitched(path, 0, None)
+            if data is not None:
+                return data
+        return await self._main_read(path)
+
+    async def aread_range(self, path: str, offset: int, length: int | None = None) -> bytes:
+        """See :meth:`Storage.read_range` and :meth:`aread`."""
+        if offset < 0 or (length is not None and length < 0):
+            raise ValueError(f"negative offset or length: {offset}, {length}")
+        if await self._tail_entry(path) is not None:
+            data = await self._stitched(path, offset, None if length is None else offset + length)
+            if data is not None:
+                return data
+        return await self._main_read_range(path, offset, length)
+
+    async def astat(self, path: str) -> StorageStat | None:
+        """See :meth:`Storage.stat`: with pending tail pieces, the size the tail describes.
+
+        The version is the main object's (``None`` while the file exists only in the tail).
+        """
+        ft = await self._tail_entry(path)
+        main = await self._main_stat(path)
+        if ft is None:
+            return main
+        if ft.kind == "r" or ft.base == 0 or main is None:
+            return StorageStat(size=ft.size, mtime=ft.mtime, version=None)
+        return StorageStat(
+            size=max(ft.size, main.size), mtime=max(ft.mtime, main.mtime), version=main.version
+        )
 
     async def aexists(self, path: str) -> bool:
         """See :meth:`Storage.exists`."""
-        return await self.astat(path) is not None
+        if await self._tail_entry(path) is not None:
+            return True
+        return await self._main_exists(path)
+
+    async def alist_dir(self, prefix: str) -> list[str]:
+        """See :meth:`Storage.list_dir`: main objects plus files pending in the tail."""
+        names = set(await self._main_list_dir(prefix))
+        if self.read_tail:
+            top = prefix.strip("/")
+            if top:
+                check_key(top)
+            lead = f"{top}/" if top else ""
+            for path in (await self._tail_index()).files:
+                if path.startswith(lead):
+                    names.add(path[len(lead) :].split("/", 1)[0])
+        return sorted(names)
 
     async def aremove_dir(self, path: str) -> None:
         """See :meth:`Storage.remove_dir`: a no-op, object stores have no directories."""

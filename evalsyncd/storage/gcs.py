@@ -91,6 +91,7 @@ from evalsyncd.errors import (
 )
 from evalsyncd.storage._base import StorageStat
 from evalsyncd.storage._cloud import INTERNAL_DIR, CloudStorage
+from evalsyncd.storage.tail import TAIL_DIR
 
 __all__ = ["GCSStorage", "translate_error"]
 
@@ -370,7 +371,7 @@ class GCSStorage(CloudStorage):
 
     # -- the async contract ----------------------------------------------------------
 
-    async def aread(self, path: str) -> bytes:
+    async def _main_read(self, path: str) -> bytes:
         """See :meth:`Storage.read`.
 
         Raises:
@@ -538,6 +539,66 @@ class GCSStorage(CloudStorage):
         finally:
             await self._delete_quietly(c, delta, delta_url)
 
+    # -- the tail log's objects (see evalsyncd.storage.tail) --------------------------------
+
+    def _tail_key(self, name: str) -> str:
+        return self._internal_key(TAIL_DIR, name)
+
+    async def _tail_list(self, limit: int | None = None) -> list[str]:
+        """Names under ``.evalsyncd/tail/``, newest first (name order): one list per page."""
+        base = self._tail_key("")
+        c = await self._gcs()
+        names: list[str] = []
+        params = {
+            "prefix": base,
+            "maxResults": str(min(limit or self.page_size, self.page_size)),
+            "fields": "items(name),nextPageToken",
+        }
+        while True:
+            page: dict[str, Any] = await self._guarded(
+                c,
+                c.api.list_objects(self.bucket, params=dict(params), timeout=self._request_timeout),
+                url=self._tail_url(),
+                target="bucket",
+            )
+            names += [item["name"][len(base) :] for item in page.get("items", ())]
+            token = page.get("nextPageToken")
+            if not token or (limit is not None and len(names) >= limit):
+                break
+            params["pageToken"] = token
+        return names[:limit] if limit is not None else names
+
+    async def _tail_get(self, name: str, start: int, end: int | None) -> bytes:
+        """Bytes ``[start, end)`` of a tail object: one ranged download."""
+        c = await self._gcs()
+        return await self._download(
+            c, self._tail_key(name), self._tail_url(name), start=start, end=end
+        )
+
+    async def _tail_create(self, name: str, data: bytes) -> None:
+        """A multipart upload with ``ifGenerationMatch=0``: ``ConflictError`` if it exists."""
+        c = await self._gcs()
+        url = self._tail_url(name)
+        try:
+            await self._conditional_upload(c, self._tail_key(name), url, data, generation="0")
+        except _PreconditionFailed as exc:
+            raise ConflictError(f"{url}: the tail object exists", url=url) from exc
+
+    async def _tail_delete(self, names: list[str]) -> None:
+        """One delete per object, concurrently (missing ones are fine)."""
+        c = await self._gcs()
+
+        async def one(name: str) -> None:
+            with suppress(ObjectNotFoundError):
+                await self._guarded(
+                    c,
+                    c.api.delete(self.bucket, self._tail_key(name), timeout=self._request_timeout),
+                    url=self._tail_url(name),
+                    target="object",
+                )
+
+        await asyncio.gather(*(one(n) for n in names))
+
     async def _delete_quietly(self, c: _Client, key: str, url: str) -> None:
         """Delete a temporary object; a failure is logged, never raised (the append stands)."""
         try:
@@ -547,7 +608,7 @@ class GCSStorage(CloudStorage):
                 return
             log.warning("gcs_temporary_object_left", url=url, error=repr(exc))
 
-    async def astat(self, path: str) -> StorageStat | None:
+    async def _main_stat(self, path: str) -> StorageStat | None:
         """See :meth:`Storage.stat`: size, ``updated`` as mtime, generation as version."""
         key = self._key(path)
         c = await self._gcs()
@@ -565,7 +626,7 @@ class GCSStorage(CloudStorage):
         value = meta.get("crc32c") if meta is not None else None
         return ("crc32c", str(value)) if value else None
 
-    async def aread_range(self, path: str, offset: int, length: int | None = None) -> bytes:
+    async def _main_read_range(self, path: str, offset: int, length: int | None = None) -> bytes:
         """See :meth:`Storage.read_range`: one ranged GET (a 416 at the end gives ``b""``).
 
         Raises:
@@ -585,7 +646,7 @@ class GCSStorage(CloudStorage):
             c, key, url, start=offset, end=None if length is None else offset + length
         )
 
-    async def alist_dir(self, prefix: str) -> list[str]:
+    async def _main_list_dir(self, prefix: str) -> list[str]:
         """See :meth:`Storage.list_dir`: ``/``-delimited listing, every page.
 
         The daemon's ``.evalsyncd`` area at the top of the prefix is left out.

@@ -98,6 +98,7 @@ from evalsyncd.errors import (
 )
 from evalsyncd.storage._base import StorageStat, check_key
 from evalsyncd.storage._cloud import INTERNAL_DIR, CloudStorage
+from evalsyncd.storage.tail import TAIL_DIR
 
 __all__ = ["MULTIPART_MIN_BYTES", "S3Storage"]
 
@@ -369,6 +370,7 @@ class S3Storage(CloudStorage):
     """
 
     scheme = "s3"
+    append_in_place_min_bytes = MULTIPART_MIN_BYTES
 
     def __init__(
         self,
@@ -704,7 +706,7 @@ class S3Storage(CloudStorage):
 
     # -- reading ---------------------------------------------------------------------------
 
-    async def aread(self, path: str) -> bytes:
+    async def _main_read(self, path: str) -> bytes:
         """See :meth:`Storage.read`: the main object plus its chain of segments."""
         key, url = self._key(path), self.url(path)
         client = await self._client()
@@ -722,14 +724,14 @@ class S3Storage(CloudStorage):
                 continue
         raise TransientStorageError(f"{url}: the file kept changing while it was read", url=url)
 
-    async def aread_range(self, path: str, offset: int, length: int | None = None) -> bytes:
+    async def _main_read_range(self, path: str, offset: int, length: int | None = None) -> bytes:
         """See :meth:`Storage.read_range`: one ranged GET while the bytes are in the main object."""
         if offset < 0 or (length is not None and length < 0):
             raise ValueError(f"invalid range offset={offset} length={length}")
         key, url = self._key(path), self.url(path)
         client = await self._client()
         if length == 0:
-            if not await self.aexists(path):
+            if not await self._main_exists(path):
                 raise ObjectNotFoundError(f"{url}: no such object", url=url)
             return b""
         end = None if length is None else offset + length
@@ -756,7 +758,7 @@ class S3Storage(CloudStorage):
                 continue
         raise TransientStorageError(f"{url}: the file kept changing while it was read", url=url)
 
-    async def astat(self, path: str) -> StorageStat | None:
+    async def _main_stat(self, path: str) -> StorageStat | None:
         """See :meth:`Storage.stat`: size of main object + chain; version = main ETag."""
         check_key(path)
         view = await self._view(await self._client(), path)
@@ -764,12 +766,12 @@ class S3Storage(CloudStorage):
             return None
         return StorageStat(size=view.size, mtime=view.mtime, version=view.etag)
 
-    async def aexists(self, path: str) -> bool:
+    async def _main_exists(self, path: str) -> bool:
         """See :meth:`Storage.exists`: one ``HEAD`` of the main object."""
         key = self._key(path)
         return await self._head(await self._client(), key, self.url(path)) is not None
 
-    async def alist_dir(self, prefix: str) -> list[str]:
+    async def _main_list_dir(self, prefix: str) -> list[str]:
         """See :meth:`Storage.list_dir`: ``ListObjectsV2`` with ``/`` as delimiter, all pages.
 
         The daemon's ``.evalsyncd`` area is hidden.
@@ -790,6 +792,47 @@ class S3Storage(CloudStorage):
         if not prefix.strip("/"):
             names.discard(INTERNAL_DIR)
         return sorted(names)
+
+    # -- the tail log's objects (see evalsyncd.storage.tail) --------------------------------
+
+    def _tail_key(self, name: str) -> str:
+        return self._internal_key(TAIL_DIR, name)
+
+    async def _tail_list(self, limit: int | None = None) -> list[str]:
+        """Names under ``.evalsyncd/tail/``, newest first (key order): ``ListObjectsV2``."""
+        base = self._tail_key("")
+        client = await self._client()
+        names: list[str] = []
+        with _boundary(self._tail_url()):
+            paginator = client.get_paginator("list_objects_v2")
+            config = {"PageSize": min(limit, 1000)} if limit else {}
+            async for page in paginator.paginate(
+                Bucket=self.bucket, Prefix=base, PaginationConfig=config
+            ):
+                names += [obj["Key"][len(base) :] for obj in page.get("Contents", ())]
+                if limit is not None and len(names) >= limit:
+                    break
+        self._bucket_ok = True
+        return names[:limit] if limit is not None else names
+
+    async def _tail_get(self, name: str, start: int, end: int | None) -> bytes:
+        """Bytes ``[start, end)`` of a tail object: one ranged ``GetObject``."""
+        data, _resp = await self._get(
+            await self._client(), self._tail_key(name), self._tail_url(name), start=start, end=end
+        )
+        return data
+
+    async def _tail_create(self, name: str, data: bytes) -> None:
+        """``PutObject`` with ``If-None-Match: *``: ``ConflictError`` if the name exists."""
+        await self._put(
+            await self._client(), self._tail_key(name), self._tail_url(name), data, IfNoneMatch="*"
+        )
+
+    async def _tail_delete(self, names: list[str]) -> None:
+        """``DeleteObjects``, 1,000 keys per request."""
+        await self._delete(
+            await self._client(), [self._tail_key(n) for n in names], self._tail_url()
+        )
 
     # -- writing ----------------------------------------------------------------------------
 

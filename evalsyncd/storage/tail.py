@@ -1,0 +1,611 @@
+"""The tail log: many files' small appends in one immutable object per flush.
+
+Object stores bill per request and cannot append. A writer that keeps many
+growing files (a host's eval runs) would pay at least one request per file per
+flush. The tail log turns one flush of *all* files into one ``PUT``: the new
+complete lines of every dirty file (and the new content of small
+replace-on-write files) go into one immutable *tail object*, and the *main
+objects* (``{prefix}/{path}``, what every other tool reads) catch up later, on
+the writer's schedule. Readers of this package stitch "main object + pending
+tail pieces", so they see every byte as soon as its tail object exists.
+
+Layout, under the storage's prefix::
+
+    .evalsyncd/tail/{inv}      one tail object; inv = 16 hex digits of
+                               2**64 - 1 - seq, so the newest sorts first and a
+                               LIST with MaxKeys=1 finds it
+
+Format of one tail object (``seq`` N)::
+
+    b"evalsyncd-tail 1 {H}\\n"   preamble: format version, header length H in bytes
+    header                       H bytes: zlib-compressed JSON, see below
+    body                         this flush's pieces, back to back
+
+    header = {
+      "writer": "...",           id of the writer (one per daemon state directory)
+      "token": "...",            random id of this write attempt
+      "seq": N, "created": unix seconds,
+      "files": {                 THE INDEX: every file with bytes not yet in its main object
+        path: {
+          "k": "a" | "r",        append-only, or replace-on-write
+          "size": S,             the file's size as the tail describes it, bytes
+          "base": B,             "a": bytes [0, B) are in the main object, pieces cover [B, S)
+                                 ("r": always 0: the one piece is the whole content)
+          "mv": V | null,        the main object's version (ETag, generation) at B
+          "mtime": unix seconds,
+          "p": [[seq, pos, len], ...]   pieces in offset order; pos is within that
+        }                               object's body
+      },
+      "bodies": {seq: offset}    where the body of each other referenced object starts
+    }
+
+The index is *cumulative*: the newest tail object alone tells where every
+pending byte of every file is, so a reader needs one LIST (the newest key),
+one ranged GET (its header) and then the pieces of the one file it reads,
+whatever the number of tail objects. The writer bounds the pieces per file
+(it brings the main object up to date when a file has too many), which bounds
+both the index and a cold read.
+
+File epochs: an append entry builds on main bytes ``[0, base)`` at version
+``mv``. A truncated or replaced local file starts a new entry with ``base`` 0,
+whose pieces hold the whole content, so stale main bytes are never stitched
+with new pieces. A reader that finds the main object at another version than
+``mv`` reads the index again; if the index still says ``base`` > 0, the main
+object was brought further up to date (within the same file, bytes never
+change below its size) and stitching resumes from the main object's size.
+
+Deletion: a tail object is deleted once no entry of the newest index refers
+to it (its bytes are all in main objects); the newest one is never deleted.
+A reader that races a deletion gets a 404 on a piece, reads the index again
+and retries; it is never wrong.
+
+Writers: each tail object is created conditionally (S3 ``If-None-Match: *``,
+GCS ``ifGenerationMatch=0``). Two daemons on one prefix collide on a ``seq``;
+the loser finds another writer's id in the newest header and stops with
+:class:`TailConflictError` instead of interleaving.
+
+Ideas taken from SlateDB's WAL (one immutable object per flush of many
+writes, fenced by a conditional create), turbopuffer's WAL (readers stitch
+the indexed state with the unindexed WAL tail) and WarpStream's agents (batch
+many streams into one object per flush, with an index that says where each
+stream's bytes are); see ``docs/design.md``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import time
+import zlib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any, Final, Protocol
+
+from evalsyncd.errors import (
+    ConflictError,
+    CorruptObjectError,
+    ObjectNotFoundError,
+    PermanentStorageError,
+)
+
+__all__ = [
+    "HEADER_PROBE_BYTES",
+    "TAIL_DIR",
+    "FileTail",
+    "Piece",
+    "TailBackend",
+    "TailConflictError",
+    "TailIndex",
+    "TailWriter",
+    "decode_header",
+    "encode_tail_object",
+    "new_writer_id",
+    "object_name",
+    "read_header",
+    "read_index",
+    "read_pieces",
+    "seq_of",
+]
+
+TAIL_DIR: Final = "tail"
+"""Directory of the tail objects under the storage's ``.evalsyncd/`` area."""
+_MAGIC: Final = b"evalsyncd-tail 1 "
+HEADER_PROBE_BYTES: Final = 64 * 1024
+"""Bytes a reader fetches first: the preamble and, almost always, the whole header."""
+_MAX_SEQ: Final = 2**64 - 1
+
+
+class TailConflictError(PermanentStorageError):
+    """Another writer (a second daemon on the same prefix) writes this tail log."""
+
+
+@dataclass(frozen=True, slots=True)
+class Piece:
+    """Bytes of one file held in one tail object's body.
+
+    Attributes:
+        seq: the tail object's sequence number.
+        pos: offset of the bytes within that object's body, bytes.
+        length: number of bytes.
+    """
+
+    seq: int
+    pos: int
+    length: int
+
+
+@dataclass(frozen=True, slots=True)
+class FileTail:
+    """What the tail holds of one file; see the module docstring (``files`` entries).
+
+    Attributes:
+        kind: ``"a"`` (append-only: pieces continue the main object) or ``"r"``
+            (replace-on-write: one piece, the whole content).
+        size: the file's size as the tail describes it, bytes.
+        base: bytes ``[0, base)`` are in the main object (``"r"``: 0).
+        main_version: the main object's version token at ``base`` (``None`` when
+            ``base`` is 0 or the backend has none).
+        mtime: the local file's modification time, Unix seconds.
+        pieces: in offset order, covering ``[base, size)``.
+    """
+
+    kind: str
+    size: int
+    base: int
+    main_version: str | None
+    mtime: float
+    pieces: tuple[Piece, ...] = ()
+
+    def spans(self) -> Iterable[tuple[int, int, Piece]]:
+        """``(start, end, piece)`` for each piece: file offsets it covers, bytes."""
+        pos = self.base
+        for piece in self.pieces:
+            yield pos, pos + piece.length, piece
+            pos += piece.length
+
+    @property
+    def seqs(self) -> set[int]:
+        """Sequence numbers of the tail objects this file's pieces live in."""
+        return {p.seq for p in self.pieces}
+
+
+@dataclass(frozen=True)
+class TailIndex:
+    """The newest tail object's header: the whole tail log's state.
+
+    Attributes:
+        writer: id of the writer that wrote it.
+        seq: its sequence number (-1 for an empty log).
+        created: Unix seconds.
+        files: path -> :class:`FileTail`, for every file with pending bytes.
+        token: the write attempt's random id.
+        bodies: seq -> byte offset where that tail object's body starts (this
+            object's own included once it is written or read).
+    """
+
+    writer: str
+    seq: int
+    created: float
+    files: Mapping[str, FileTail] = field(default_factory=dict)
+    token: str = ""
+    bodies: Mapping[int, int] = field(default_factory=dict)
+
+    def live_seqs(self) -> set[int]:
+        """Sequence numbers still referenced (plus this one: the newest is kept)."""
+        out = {self.seq}
+        for ft in self.files.values():
+            out |= ft.seqs
+        return out
+
+
+EMPTY: Final = TailIndex(writer="", seq=-1, created=0.0)
+
+
+def object_name(seq: int) -> str:
+    """The tail object's name under ``.evalsyncd/tail/``: newest sorts first."""
+    return f"{_MAX_SEQ - seq:016x}"
+
+
+def seq_of(name: str) -> int | None:
+    """The sequence number a tail object name encodes, or ``None`` for a stray name."""
+    if len(name) != 16:
+        return None
+    try:
+        return _MAX_SEQ - int(name, 16)
+    except ValueError:
+        return None
+
+
+def _file_json(ft: FileTail) -> dict[str, Any]:
+    return {
+        "k": ft.kind,
+        "size": ft.size,
+        "base": ft.base,
+        "mv": ft.main_version,
+        "mtime": ft.mtime,
+        "p": [[p.seq, p.pos, p.length] for p in ft.pieces],
+    }
+
+
+def encode_tail_object(index: TailIndex, body: bytes) -> tuple[bytes, int]:
+    """The bytes of one tail object: preamble, compressed header, body.
+
+    Args:
+        index: the cumulative index as of this object (``index.seq`` is its seq;
+            ``index.bodies`` must hold every other referenced seq).
+        body: the pieces of this flush, back to back (positions are in ``index``).
+
+    Returns:
+        ``(object bytes, offset of the body in them)``.
+    """
+    live = index.live_seqs() - {index.seq}
+    header = {
+        "writer": index.writer,
+        "token": index.token,
+        "seq": index.seq,
+        "created": index.created,
+        "files": {path: _file_json(ft) for path, ft in index.files.items()},
+        "bodies": {str(s): index.bodies[s] for s in sorted(live)},
+    }
+    packed = zlib.compress(json.dumps(header, separators=(",", ":")).encode(), 6)
+    head = b"".join((_MAGIC, str(len(packed)).encode(), b"\n", packed))
+    return head + body, len(head)
+
+
+def decode_header(data: bytes, url: str) -> tuple[TailIndex, int] | int:
+    """Parse the header at the start of a tail object.
+
+    Args:
+        data: the object's first bytes (at least :data:`HEADER_PROBE_BYTES`, or all).
+        url: the object's URL, for error messages.
+
+    Returns:
+        ``(index, body_offset)``, or, when ``data`` is too short to hold the whole
+        header, the number of bytes needed.
+
+    Raises:
+        CorruptObjectError: not a tail object, or a damaged header.
+    """
+    if not data.startswith(_MAGIC):
+        raise CorruptObjectError(f"{url}: not an evalsyncd tail object (bad preamble)", url=url)
+    nl = data.find(b"\n", len(_MAGIC))
+    if nl < 0 or not data[len(_MAGIC) : nl].isdigit():
+        if len(data) < len(_MAGIC) + 21:
+            return len(_MAGIC) + 21
+        raise CorruptObjectError(f"{url}: damaged tail preamble", url=url)
+    length = int(data[len(_MAGIC) : nl])
+    end = nl + 1 + length
+    if len(data) < end:
+        return end
+    try:
+        raw = json.loads(zlib.decompress(data[nl + 1 : end]))
+        files = {
+            str(path): FileTail(
+                kind=str(f["k"]),
+                size=int(f["size"]),
+                base=int(f["base"]),
+                main_version=None if f["mv"] is None else str(f["mv"]),
+                mtime=float(f["mtime"]),
+                pieces=tuple(Piece(int(s), int(pos), int(n)) for s, pos, n in f["p"]),
+            )
+            for path, f in raw["files"].items()
+        }
+        seq = int(raw["seq"])
+        bodies = {int(k): int(v) for k, v in raw.get("bodies", {}).items()}
+        bodies[seq] = end
+        index = TailIndex(
+            writer=str(raw["writer"]),
+            seq=seq,
+            created=float(raw["created"]),
+            files=files,
+            token=str(raw.get("token", "")),
+            bodies=bodies,
+        )
+    except (ValueError, KeyError, TypeError, zlib.error) as exc:
+        raise CorruptObjectError(f"{url}: damaged tail header: {exc}", url=url) from exc
+    for path, ft in files.items():
+        if (
+            ft.kind not in ("a", "r")
+            or sum(p.length for p in ft.pieces) != ft.size - ft.base
+            or any(p.seq not in bodies for p in ft.pieces)
+        ):
+            raise CorruptObjectError(f"{url}: inconsistent tail entry for {path!r}", url=url)
+    return index, end
+
+
+class TailBackend(Protocol):
+    """What a backend provides for the tail log (object names are under ``.evalsyncd/tail/``)."""
+
+    def _tail_url(self, name: str = "") -> str:
+        """The URL of a tail object (or of the tail directory)."""
+        ...
+
+    async def _tail_list(self, limit: int | None = None) -> list[str]:
+        """Names of the tail objects, newest first; at most ``limit`` of them."""
+        ...
+
+    async def _tail_get(self, name: str, start: int, end: int | None) -> bytes:
+        """Bytes ``[start, end)`` of a tail object. Missing: ``ObjectNotFoundError``."""
+        ...
+
+    async def _tail_create(self, name: str, data: bytes) -> None:
+        """Create a tail object only if absent; ``ConflictError`` if it exists."""
+        ...
+
+    async def _tail_delete(self, names: list[str]) -> None:
+        """Delete tail objects (missing ones are fine)."""
+        ...
+
+
+async def read_index(backend: TailBackend) -> TailIndex:
+    """The newest tail object's index, or an empty one: one LIST and one or two GETs.
+
+    Raises:
+        CorruptObjectError: the newest tail object is damaged.
+        StorageError: the backend failed.
+    """
+    for _attempt in range(3):
+        names = await backend._tail_list(limit=1)
+        if not names:
+            return EMPTY
+        index = await read_header(backend, names[0])
+        if index is not None:
+            return index[0]
+    return EMPTY
+
+
+async def read_header(backend: TailBackend, name: str) -> tuple[TailIndex, int] | None:
+    """The header of one tail object, or ``None`` if it was deleted meanwhile."""
+    url = backend._tail_url(name)
+    try:
+        data = await backend._tail_get(name, 0, HEADER_PROBE_BYTES)
+        parsed = decode_header(data, url)
+        if isinstance(parsed, int):
+            data = await backend._tail_get(name, 0, parsed)
+            parsed = decode_header(data, url)
+            if isinstance(parsed, int):
+                raise CorruptObjectError(f"{url}: truncated tail header", url=url)
+    except ObjectNotFoundError:
+        return None
+    return parsed
+
+
+async def read_pieces(
+    backend: TailBackend, index: TailIndex, ft: FileTail, start: int, end: int
+) -> bytes:
+    """Bytes ``[start, end)`` of a file from its tail pieces (``base <= start``).
+
+    One ranged GET per tail object involved, concurrently.
+
+    Raises:
+        ObjectNotFoundError: a tail object was deleted meanwhile (read the index again).
+    """
+    jobs = []
+    for lo_file, hi_file, piece in ft.spans():
+        lo, hi = max(start, lo_file), min(end, hi_file)
+        if lo < hi:
+            at = index.bodies[piece.seq] + piece.pos + (lo - lo_file)
+            jobs.append(backend._tail_get(object_name(piece.seq), at, at + (hi - lo)))
+    parts = await asyncio.gather(*jobs)
+    data = b"".join(parts)
+    if len(data) != max(0, min(end, ft.size) - start):
+        raise ObjectNotFoundError(
+            f"{backend._tail_url()}: a tail object is shorter than its index says"
+        )
+    return data
+
+
+class TailWriter:
+    """The writing side of a tail log: stage pieces, commit one object per flush.
+
+    Not thread-safe; one per destination, used from one event loop. Changes are
+    staged (:meth:`stage_append`, :meth:`stage_replace`, :meth:`promoted`,
+    :meth:`forget`) and become visible to readers together, in one object, on
+    :meth:`commit`. A failed commit discards what was staged (the caller
+    stages it again from its journal).
+
+    Args:
+        backend: the storage backend (see :class:`TailBackend`).
+        writer: a stable id of this writer (kept in the daemon's journal).
+        clock: wall clock, Unix seconds (injected for tests).
+    """
+
+    def __init__(self, backend: TailBackend, writer: str, *, clock: Any = time.time) -> None:
+        self.backend = backend
+        self.writer = writer
+        self._clock = clock
+        self.index: TailIndex = EMPTY
+        self._staged: dict[str, FileTail | None] = {}
+        self._body: list[bytes] = []
+        self._body_len = 0
+        self.opened = False
+
+    async def open(self) -> TailIndex:
+        """Read the newest index (the log's state after a restart). One LIST, one GET.
+
+        Returns:
+            The recovered index (possibly another writer's: a host's state moved;
+            a *live* second writer is detected on the next commit).
+        """
+        self.index = await read_index(self.backend)
+        self.opened = True
+        return self.index
+
+    @property
+    def staged_bytes(self) -> int:
+        """Body bytes staged for the next commit."""
+        return self._body_len
+
+    @property
+    def dirty(self) -> bool:
+        """Whether a commit would write anything."""
+        return bool(self._staged)
+
+    def current(self, path: str) -> FileTail | None:
+        """The entry of ``path`` including staged changes, or ``None``."""
+        if path in self._staged:
+            return self._staged[path]
+        return self.index.files.get(path)
+
+    def _add_body(self, data: bytes) -> Piece:
+        piece = Piece(self.index.seq + 1, self._body_len, len(data))
+        self._body.append(data)
+        self._body_len += len(data)
+        return piece
+
+    def stage_append(
+        self,
+        path: str,
+        start: int,
+        data: bytes,
+        *,
+        base: int,
+        main_version: str | None,
+        mtime: float,
+    ) -> None:
+        """Stage bytes ``[start, start+len(data))`` of an append-only file.
+
+        Args:
+            path: the file's path.
+            start: file offset of ``data``, bytes; must equal the entry's size, or
+                ``base`` for a new entry (``base`` 0: a new or rewritten file).
+            data: complete lines.
+            base: bytes ``[0, base)`` already in the main object.
+            main_version: the main object's version at ``base``.
+            mtime: the local file's mtime, Unix seconds.
+
+        Raises:
+            ValueError: ``start`` does not continue the entry.
+        """
+        old = self.current(path)
+        if old is None or old.kind != "a" or old.base != base or start == base:
+            if start != base:
+                raise ValueError(f"{path}: tail append at {start} does not start at base {base}")
+            old = FileTail("a", base, base, main_version, mtime)
+        elif start != old.size:
+            raise ValueError(f"{path}: tail append at {start}, the tail holds {old.size} bytes")
+        piece = self._add_body(data)
+        self._staged[path] = replace(
+            old, size=start + len(data), mtime=mtime, pieces=(*old.pieces, piece)
+        )
+
+    def stage_replace(self, path: str, data: bytes, *, mtime: float) -> None:
+        """Stage the whole new content of a replace-on-write file."""
+        self._staged[path] = FileTail("r", len(data), 0, None, mtime, (self._add_body(data),))
+
+    def promoted(self, path: str, main_size: int, main_version: str | None) -> None:
+        """The main object of ``path`` now holds ``main_size`` bytes at ``main_version``.
+
+        Pieces below ``main_size`` are dropped from the index at the next commit
+        (the whole entry when nothing is left, or for a replace-on-write file).
+        """
+        old = self.current(path)
+        if old is None:
+            return
+        if old.kind == "r" or main_size >= old.size:
+            self._staged[path] = None
+            return
+        kept = [(s, e, p) for s, e, p in old.spans() if e > main_size]
+        if kept and kept[0][0] != main_size:
+            # the main object ends inside a piece: keep the entry as it is
+            return
+        self._staged[path] = replace(
+            old, base=main_size, main_version=main_version, pieces=tuple(p for _s, _e, p in kept)
+        )
+
+    def forget(self, path: str) -> None:
+        """Drop ``path`` from the index (deleted, or handed to the main object whole)."""
+        if self.current(path) is not None:
+            self._staged[path] = None
+
+    def discard(self) -> None:
+        """Forget everything staged."""
+        self._staged.clear()
+        self._body.clear()
+        self._body_len = 0
+
+    async def commit(self) -> TailIndex:
+        """Write the staged changes as one tail object (nothing to do: no request).
+
+        Returns:
+            The new index (also :attr:`index`).
+
+        Raises:
+            TailConflictError: another writer holds this tail log.
+            StorageError: the write failed; the staged changes are discarded and
+                the index is unchanged (the object may exist: the next commit
+                takes the following seq, and the orphan is deleted later).
+        """
+        if not self._staged:
+            return self.index
+        files = dict(self.index.files)
+        for path, ft in self._staged.items():
+            if ft is None:
+                files.pop(path, None)
+            else:
+                files[path] = ft
+        body = b"".join(self._body)
+        try:
+            for _attempt in range(2):
+                seq = self.index.seq + 1
+                new = TailIndex(
+                    writer=self.writer,
+                    seq=seq,
+                    created=self._clock(),
+                    files=files,
+                    token=secrets.token_hex(8),
+                    bodies=self.index.bodies,
+                )
+                data, body_at = encode_tail_object(new, body)
+                try:
+                    await self.backend._tail_create(object_name(seq), data)
+                except ConflictError:
+                    found = await read_header(self.backend, object_name(seq))
+                    if found is not None and found[0].writer != self.writer:
+                        raise TailConflictError(
+                            f"{self.backend._tail_url(object_name(seq))}: another evalsyncd "
+                            f"(writer {found[0].writer}) writes this prefix; give each host "
+                            "its own prefix",
+                            url=self.backend._tail_url(),
+                        ) from None
+                    # our own earlier write whose answer was lost: skip its seq
+                    self.index = replace(self.index, seq=seq)
+                    if body:  # pieces point at seq: rebuild them for the next seq
+                        raise ConflictError("tail seq taken by an earlier attempt") from None
+                    continue
+                live = new.live_seqs()
+                bodies = {s: o for s, o in self.index.bodies.items() if s in live}
+                bodies[seq] = body_at
+                self.index = replace(new, bodies=bodies)
+                return self.index
+            raise ConflictError("tail commit kept colliding with earlier attempts")
+        finally:
+            self.discard()
+
+    async def collect(self) -> int:
+        """Delete tail objects that no entry of the index refers to (never the newest).
+
+        Returns:
+            How many objects were deleted. One LIST plus the deletes.
+        """
+        live = self.index.live_seqs()
+        names = await self.backend._tail_list()
+        dead = [
+            n
+            for n in names
+            if (s := seq_of(n)) is not None and s not in live and s < self.index.seq
+        ]
+        if dead:
+            await self.backend._tail_delete(dead)
+        return len(dead)
+
+    def pieces_of(self, path: str) -> int:
+        """How many pieces ``path`` has in the tail (0 when none)."""
+        ft = self.current(path)
+        return len(ft.pieces) if ft is not None else 0
+
+
+def new_writer_id() -> str:
+    """A fresh writer id (16 hex digits)."""
+    return secrets.token_hex(8)
