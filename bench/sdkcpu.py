@@ -31,6 +31,8 @@ rounds of the ratio to that variant's figure in the same round. Variants:
   with the reason.
 - ``c-default``: aiobotocore 3.x (the same venv), default config: how much of
   ``c``'s gain is the newer botocore alone.
+- ``c-validated``: as ``c`` but with ``parameter_validation`` left on: the cost
+  of keeping botocore's client-side parameter checks.
 - ``d``: as ``b`` with ``BOTO_DISABLE_CRT=true`` (botocore's switch that turns off
   its awscrt code paths: the SigV4 signer becomes the pure-Python one). Found by
   profiling ``b`` (pyinstrument / cProfile): per call, endpoint rule evaluation
@@ -121,6 +123,14 @@ VARIANTS: tuple[Variant, ...] = (
         "aiobotocore 3.x direct, default config (SDK CRC32)",
         "aiobotocore",
         "sdk",
+        venv3=True,
+    ),
+    Variant(
+        "c-validated",
+        "aiobotocore 3.x direct, as c with parameter_validation on",
+        "aiobotocore",
+        "own-crc32c",
+        {**TUNED_CONFIG, "parameter_validation": True},
         venv3=True,
     ),
     Variant(
