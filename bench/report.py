@@ -409,7 +409,7 @@ def _sdkcpu(res: dict[str, Any], img: Path) -> list[str]:
         ),
         "",
     ]
-    for key in ("b", "c"):
+    for key in ("b", "c", "e"):
         check = variants.get(key, {}).get("verify")
         if check:
             out += [

@@ -26,13 +26,18 @@ rounds of the ratio to that variant's figure in the same round. Variants:
 - ``c``: as ``b`` with the newest aiobotocore 3.x used directly, in a separate
   venv created once under ``$EVALSYNCD_BENCH_CACHE`` (default
   ``~/.cache/evalsyncd-bench``) as ``sdkcpu-aiobotocore3/`` with ``python -m
-  venv`` + ``pip install 'aiobotocore>=3,<4' crc32c`` (delete it to pick up a
-  newer release). If it cannot be created, the variant is reported as not run,
-  with the reason.
-- ``c-default``: aiobotocore 3.x (the same venv), default config: how much of
+  venv`` + ``pip install 'aiobotocore>=3,<4' 'botocore[crt]' crc32c`` (awscrt
+  too, as in the project's venv, so ``b`` and ``c`` differ only by the SDK's
+  version; delete the directory to pick up a newer release). If it cannot be
+  created, the ``c*`` and ``e`` variants are reported as not run, with the reason.
+- ``c-nocrt``: as ``c`` with ``BOTO_DISABLE_CRT=true``: aiobotocore 3.x as a venv
+  of only ``aiobotocore`` and ``crc32c`` would run it.
+- ``c-default``: aiobotocore 3.x, default config (SDK CRC32): how much of
   ``c``'s gain is the newer botocore alone.
-- ``c-validated``: as ``c`` but with ``parameter_validation`` left on: the cost
-  of keeping botocore's client-side parameter checks.
+- ``e``: aiobotocore 3.x, default config (parameter validation on, checksum
+  settings ``when_supported``) and our own ``ChecksumCRC32C``: the SDK computes no
+  checksum of its own when the request already carries one, so this isolates
+  the three settings.
 - ``d``: as ``b`` with ``BOTO_DISABLE_CRT=true`` (botocore's switch that turns off
   its awscrt code paths: the SigV4 signer becomes the pure-Python one). Found by
   profiling ``b`` (pyinstrument / cProfile): per call, endpoint rule evaluation
@@ -41,7 +46,7 @@ rounds of the ratio to that variant's figure in the same round. Variants:
   awscrt (~14%) and rebuilding the User-Agent header (~10%) dominate; only the
   signer has a supported switch.
 
-Before ``b`` and ``c`` measure, the worker sends a PutObject with a wrong
+Before ``b``, ``c`` and ``e`` measure, the worker sends a PutObject with a wrong
 ``ChecksumCRC32C`` (it must be rejected and leave no object) and one with the
 right value (it must be stored with that checksum): the "checksum check" line.
 Every run also counts botocore retries (``RetryAttempts``) and lists the objects
@@ -71,7 +76,7 @@ SIZE = 900
 WARMUP = 100
 WORKER = Path(__file__).with_name("sdkcpu_worker.py")
 VENV3 = CACHE_DIR / "sdkcpu-aiobotocore3"
-VENV3_REQUIREMENTS = ("aiobotocore>=3,<4", "crc32c")
+VENV3_REQUIREMENTS = ("aiobotocore>=3,<4", "botocore[crt]", "crc32c")
 
 TUNED_CONFIG: dict[str, Any] = {
     "parameter_validation": False,
@@ -119,6 +124,15 @@ VARIANTS: tuple[Variant, ...] = (
         verify=True,
     ),
     Variant(
+        "c-nocrt",
+        "as c + BOTO_DISABLE_CRT=true",
+        "aiobotocore",
+        "own-crc32c",
+        TUNED_CONFIG,
+        env={"BOTO_DISABLE_CRT": "true"},
+        venv3=True,
+    ),
+    Variant(
         "c-default",
         "aiobotocore 3.x direct, default config (SDK CRC32)",
         "aiobotocore",
@@ -126,12 +140,12 @@ VARIANTS: tuple[Variant, ...] = (
         venv3=True,
     ),
     Variant(
-        "c-validated",
-        "aiobotocore 3.x direct, as c with parameter_validation on",
+        "e",
+        "aiobotocore 3.x direct, default config, own ChecksumCRC32C",
         "aiobotocore",
         "own-crc32c",
-        {**TUNED_CONFIG, "parameter_validation": True},
         venv3=True,
+        verify=True,
     ),
     Variant(
         "d",
@@ -148,7 +162,7 @@ def venv3_python() -> tuple[Path | None, str | None]:
     """The aiobotocore 3.x venv's interpreter, created once; ``(None, reason)`` on failure."""
     python = VENV3 / "bin" / "python"
     ready = VENV3 / ".evalsyncd-ready"
-    if ready.exists() and python.exists():
+    if ready.exists() and python.exists() and ready.read_text().split() == [*VENV3_REQUIREMENTS]:
         return python, None
     shutil.rmtree(VENV3, ignore_errors=True)
     VENV3.parent.mkdir(parents=True, exist_ok=True)
