@@ -8,7 +8,7 @@ calls, then measures the process's CPU time (user + system,
 ``time.process_time``; ``getrusage`` for the split) and wall time over the
 2,000 calls. Full mode runs 7 rounds, quick mode 1; the variants are
 interleaved within a round and the table shows the median over rounds (and
-the range). CPU time on this shared 2-core machine drifts by up to ~20% from
+the range). CPU time on a shared 2-core machine drifts by tens of percent from
 round to round, so comparisons are paired: "vs a" and "vs b" are medians over
 rounds of the ratio to that variant's figure in the same round. Variants:
 
