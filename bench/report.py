@@ -362,6 +362,80 @@ def _requests(res: dict[str, Any], img: Path) -> list[str]:
     return out
 
 
+def _sdkcpu(res: dict[str, Any], img: Path) -> list[str]:
+    variants = res["variants"]
+    rows = []
+
+    def vs(v: dict[str, Any], ref: str) -> str:
+        return f"{(v[f'vs_{ref}'] - 1) * 100:+.0f} %" if f"vs_{ref}" in v else ""
+
+    for key, v in variants.items():
+        if "cpu_ms_per_put" not in v:
+            rows.append([key, v["label"], "", v.get("error", ""), "", "", "", "", ""])
+            continue
+        ver = v["versions"]
+        rows.append(
+            [
+                key,
+                v["label"],
+                f"{ver['botocore']} / {ver['aiobotocore']} / {ver['aioboto3'] or '-'}",
+                f"{v['cpu_ms_per_put']:.3f} ({v['cpu_ms_min']:.3f}-{v['cpu_ms_max']:.3f})",
+                f"{v['user_ms_per_put']:.3f} / {v['sys_ms_per_put']:.3f}",
+                f"{v['wall_ms_per_put']:.3f}",
+                vs(v, "a"),
+                vs(v, "b"),
+                f"{v['retries']} / {', '.join(map(str, v['objects_per_run']))}",
+            ]
+        )
+    out = [
+        f"{res['puts']:,} PutObject calls of {res['size']} bytes, {res['inflight']} in flight, "
+        f"after {res['warmup']} unmeasured; each run in a fresh process; median of "
+        f'{res["rounds"]} round(s) (range in brackets); "vs" columns: median of the '
+        "per-round CPU ratios.",
+        "",
+        _table(
+            [
+                "variant",
+                "client",
+                "botocore / aiobotocore / aioboto3",
+                "CPU ms / put",
+                "user / sys ms",
+                "wall ms / put",
+                "CPU vs a",
+                "CPU vs b",
+                "retries / objects per run",
+            ],
+            rows,
+        ),
+        "",
+    ]
+    for key in ("b", "c", "e"):
+        check = variants.get(key, {}).get("verify")
+        if check:
+            out += [
+                f"Checksum check ({key}): a wrong `ChecksumCRC32C` was "
+                + (
+                    f"rejected ({check.get('wrong_error')}, HTTP {check.get('wrong_status')})"
+                    if check["wrong_rejected"]
+                    else "**accepted**"
+                )
+                + (", object left behind" if check["wrong_left_object"] else ", no object left")
+                + "; the right one was stored with it: "
+                + ("yes" if check["right_checksum_matches"] else "**no**")
+                + ".",
+                "",
+            ]
+
+    def draw(ax: Any) -> None:
+        keys = [k for k in variants if "cpu_ms_per_put" in variants[k]]
+        ax.barh(keys, [variants[k]["cpu_ms_per_put"] for k in keys])
+        ax.invert_yaxis()
+        ax.set_xlabel("process CPU ms per PutObject (lower is better)")
+
+    _plot(img, draw)
+    return out
+
+
 SECTIONS: dict[str, tuple[str, Callable[[dict[str, Any], Path], list[str]]]] = {
     "wire": ("1. Bytes on the wire per appended byte", _wire),
     "freshness": ("2. Freshness: write to visible in the bucket", _fresh),
@@ -370,6 +444,7 @@ SECTIONS: dict[str, tuple[str, Callable[[dict[str, Any], Path], list[str]]]] = {
     "writer": ("5. Cost to the writer", _writer),
     "footprint": ("6. Footprint", _footprint),
     "requests": ("7. Requests per hour, one appending file", _requests),
+    "sdkcpu": ("8. CPU per S3 request, by client", _sdkcpu),
 }
 
 
