@@ -47,9 +47,9 @@ def default_state_dir() -> Path:
 
 
 class RetrySettings(BaseModel):
-    """How a destination retries. Transient errors back off exponentially with full
-    jitter: the n-th consecutive failure waits a random time in
-    ``[0, min(max_backoff_s, initial_backoff_s * 2**n)]``. Permanent errors
+    """How a destination retries. Transient errors back off exponentially with equal
+    jitter: with ``cap = min(max_backoff_s, initial_backoff_s * 2**(n-1))``, the n-th
+    consecutive failure waits a random time in ``[cap/2, cap]``. Permanent errors
     (access denied, no such bucket) park the destination for ``parked_retry_s``."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -90,7 +90,31 @@ class DestinationSettings(BaseModel):
     )
     max_concurrency: int = Field(8, ge=1, le=256, description="requests in flight at once")
     compact_idle_s: float = Field(
-        30.0, gt=0, description="S3 small objects: compact segments after this idle time, seconds"
+        10.0,
+        gt=0,
+        description="a file quiet this long gets its main object brought up to date, seconds",
+    )
+    max_main_lag_s: float = Field(
+        60.0,
+        ge=0,
+        description="tail log: main objects are at most this far behind the tail, seconds; "
+        "0 turns the tail log off (every main object exact after each flush)",
+    )
+    tail_max_pieces: int = Field(
+        32,
+        ge=1,
+        le=1000,
+        description="tail log: a file with this many pending pieces gets its main object "
+        "brought up to date (bounds the index and a cold read)",
+    )
+    direct_append_bytes: int = Field(
+        64 * 1024,
+        ge=0,
+        description="new bytes of one file in one flush from which they go straight to the "
+        "main object when the backend appends in place (GCS compose; S3 >= 5 MiB), bytes",
+    )
+    max_upload_bytes_per_s: int | None = Field(
+        None, gt=0, description="bandwidth limit of this destination's uploads, bytes per second"
     )
     retry: RetrySettings = Field(default_factory=RetrySettings)  # type: ignore[arg-type]
 

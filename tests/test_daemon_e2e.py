@@ -157,7 +157,7 @@ def test_growing_file_past_5mib_costs_about_the_delta(env: Env, s3_server: Seawe
     host, port = "127.0.0.1", s3_server.port
     gcs_port = int(os.environ["STORAGE_EMULATOR_HOST"].rsplit(":", 1)[1])
     with CountingProxy(host, port) as s3_proxy, CountingProxy(host, gcs_port) as gcs_proxy:
-        s3 = env.add("s3", endpoint_url=s3_proxy.url, compact_idle_s=1.0)
+        s3 = env.add("s3", endpoint_url=s3_proxy.url)
         gcs = env.add("gcs", endpoint_url=gcs_proxy.url)
         path = env.root / "runs/r/b/trajectories.jsonl"
         path.parent.mkdir(parents=True)

@@ -45,7 +45,7 @@ REPO = Path(__file__).resolve().parents[1]
     ],
 )
 def test_classify(path: str, kind: FileKind) -> None:
-    """File kinds follow DESIGN.md section 2: *.jsonl append, temporaries ignored, the rest replace."""
+    """File kinds follow docs/design.md ("The object model"): *.jsonl append, temporaries ignored, the rest replace."""
     assert classify(path) is kind
 
 

@@ -242,14 +242,20 @@ class CloudStorage(ABC):
         now = time.monotonic()
         with self._clients_lock:
             cached = self._tail_cache.get(loop)
-            if cached is not None and not refresh:
-                fetched_at, task = cached
-                if not task.done() or (
-                    now - fetched_at < self.tail_refresh_s and task.exception() is None
-                ):
-                    return await asyncio.shield(task)
-            task = loop.create_task(read_index(self))
-            self._tail_cache[loop] = (now, task)
+            fresh = cached is not None and (
+                not cached[1].done()
+                or (
+                    not refresh
+                    and now - cached[0] < self.tail_refresh_s
+                    and not cached[1].cancelled()
+                    and cached[1].exception() is None
+                )
+            )
+            if cached is not None and fresh:
+                task = cached[1]
+            else:
+                task = loop.create_task(read_index(self))
+                self._tail_cache[loop] = (now, task)
         return await asyncio.shield(task)
 
     async def _tail_entry(self, path: str) -> FileTail | None:

@@ -7,10 +7,11 @@ import contextlib
 import fcntl
 import os
 from pathlib import Path
-from typing import Self
+from typing import ClassVar, Self
 
 from evalsyncd.errors import ConflictError, InvalidKeyError, ObjectNotFoundError
 from evalsyncd.storage._base import StorageStat, check_key
+from evalsyncd.storage.tail import TailWriter
 
 __all__ = ["LocalStorage"]
 
@@ -41,6 +42,20 @@ class LocalStorage:
         durable: ``fsync`` files after writes and appends, and the directory after
             a rename (for mirrors whose acknowledgements must survive power loss).
     """
+
+    append_in_place_min_bytes: ClassVar[int] = 0
+    """Capability (see ``CloudStorage``): ``append`` writes at the offset, any size."""
+    supports_tail: ClassVar[bool] = False
+    """Capability: no tail log; appends are positional writes, one per file."""
+    read_tail: bool = False
+
+    def tail_writer(self, writer: str) -> TailWriter:
+        """Not supported: a local directory needs no tail log.
+
+        Raises:
+            NotImplementedError: always.
+        """
+        raise NotImplementedError("LocalStorage keeps no tail log")
 
     def __init__(self, root: str | Path, *, mkdir: bool = True, durable: bool = False) -> None:
         self._root = Path(root).expanduser().resolve()

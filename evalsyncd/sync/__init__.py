@@ -1,7 +1,7 @@
 """The sync daemon's engine: scanning, watching, journaling and uploading.
 
 Depends on :mod:`evalsyncd.storage` and :mod:`evalsyncd.config`; never on the
-eval store. See ``shared/DESIGN.md`` for the contract it keeps.
+eval store. ``docs/design.md`` describes the contract it keeps.
 """
 
 from __future__ import annotations

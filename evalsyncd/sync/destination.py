@@ -46,6 +46,7 @@ from typing import TypeVar
 
 import crc32c
 import structlog
+from aiolimiter import AsyncLimiter
 
 from evalsyncd.config import DestinationSettings, RetrySettings
 from evalsyncd.errors import (
@@ -59,20 +60,29 @@ from evalsyncd.errors import (
 from evalsyncd.storage import AnyStorage, check_key
 from evalsyncd.sync.files import FileKind, classify, phase_of
 from evalsyncd.sync.journal import Entry, Journal
+from evalsyncd.sync.lines import (
+    RemoteAhead,
+    RemoteDiverged,
+    blocking,
+    divergence,
+    fingerprint_at,
+    new_entry,
+    read_lines,
+    read_stable,
+)
+from evalsyncd.sync.tailmode import TailMode
 
 __all__ = ["Destination", "DestinationState", "backoff_delay"]
 
 log = structlog.get_logger("evalsyncd.sync")
 T = TypeVar("T")
 
-FINGERPRINT_BYTES = 4096
 CHUNK_BYTES = 8 * 1024 * 1024
 """Largest delta sent in one append, bytes (unless a single line is longer)."""
 INFLIGHT_BYTES = 64 * 1024 * 1024
 """File bytes one destination holds in memory for uploads at once (a single line or
 replace-on-write file larger than this is sent alone): memory does not grow with
 the backlog."""
-_READ_BLOCK = 1024 * 1024
 
 
 class DestinationState(enum.Enum):
@@ -96,16 +106,12 @@ def backoff_delay(failures: int, retry: RetrySettings, rng: random.Random) -> fl
     return cap / 2 + rng.uniform(0, cap / 2)
 
 
-class _Retry(Exception):
+class NotReady(Exception):
     """Internal: the file is not ready (partial JSON, still changing); try again later."""
 
     def __init__(self, after_s: float) -> None:
         super().__init__(after_s)
         self.after_s = after_s
-
-
-class _Reset(Exception):
-    """Internal: the remote object cannot be reconciled; rewrite it from offset 0."""
 
 
 @dataclass
@@ -184,6 +190,16 @@ class Destination:
         self._reported_invalid: set[str] = set()
         self._last_success_recorded = 0.0
         self._stopping = asyncio.Event()
+        self._limiter = (
+            AsyncLimiter(settings.max_upload_bytes_per_s, 1.0)
+            if settings.max_upload_bytes_per_s
+            else None
+        )
+        self.tail: TailMode | None = None
+        """The tail-log half of this destination (``None``: every file on its own)."""
+        if storage.supports_tail and settings.max_main_lag_s > 0:
+            storage.read_tail = False  # the daemon reconciles against main objects
+            self.tail = TailMode(self, storage.tail_writer(journal.writer_id()))
         self.journal.set_destination_state(self.name, self.state.value)
 
     def stop(self) -> None:
@@ -231,6 +247,11 @@ class Destination:
         """Nothing dirty (a file waiting for a newline does not count as dirty)."""
         return not self._dirty
 
+    @property
+    def caught_up(self) -> bool:
+        """Nothing dirty and no main object behind the tail log."""
+        return not self._dirty and (self.tail is None or not self.tail.behind)
+
     # -- the loop ------------------------------------------------------------------------
 
     def _transition(self, new: DestinationState, reason: str | None = None) -> None:
@@ -268,6 +289,11 @@ class Destination:
                     "pass_crashed", destination=self.name, error=f"{type(exc).__name__}: {exc}"
                 )
                 await self._on_failure(exc, permanent=False)
+        if self.tail is not None and self.tail.behind:
+            # a clean stop leaves every main object exact (within the stop timeout)
+            self.tail.drain_all()
+            with contextlib.suppress(Exception):
+                await self.run_pass()
 
     def _next_deferred_in(self) -> float | None:
         now = self._clock()
@@ -278,10 +304,13 @@ class Destination:
         waits = [t - now for t in deferred]
         if self._appended_since_flush:
             waits.append(self._last_append + self.settings.compact_idle_s - now)
+        if self.tail is not None and self.tail.behind:
+            waits.append(self.tail.next_due_in())
         return max(0.0, min(waits)) if waits else None
 
     async def run_pass(self) -> bool:
-        """Sync every dirty file that is due, phase by phase.
+        """Sync every dirty file that is due: through the tail log when it is in use
+        (see :mod:`evalsyncd.sync.tailmode`), else file by file, phase by phase.
 
         Returns:
             True when the pass met no storage error (files may still wait: a
@@ -290,48 +319,11 @@ class Destination:
         """
         now = self._clock()
         batch = {p: d.seq for p, d in self._dirty.items() if d.not_before <= now}
-        phases: dict[int, list[str]] = {}
-        for path in batch:
-            phases.setdefault(phase_of(path), []).append(path)
         try:
-            for phase in sorted(phases):
-                results = await asyncio.gather(
-                    *(self._sync_guarded(p) for p in phases[phase]), return_exceptions=True
-                )
-                self.journal.commit()
-                error: BaseException | None = None
-                for path, result in zip(phases[phase], results, strict=True):
-                    if isinstance(result, _Retry):
-                        item = self._dirty.get(path)
-                        if item is not None and item.seq == batch[path]:
-                            item.not_before = self._clock() + result.after_s
-                    elif isinstance(result, StorageError):
-                        if error is None or isinstance(result, PermanentStorageError):
-                            error = result
-                    elif isinstance(result, InvalidKeyError):
-                        self._report_once(path, "file_not_mirrorable", error=str(result))
-                        self._done(path, batch[path])
-                    elif isinstance(result, Exception):
-                        # A bug or a local I/O error: report it and retry at the next rescan,
-                        # never kill the loop.
-                        log.error(
-                            "file_sync_failed",
-                            destination=self.name,
-                            key=path,
-                            error=f"{type(result).__name__}: {result}",
-                            exc_info=result,
-                        )
-                        self._done(path, batch[path])
-                    elif isinstance(result, BaseException):
-                        raise result
-                    else:
-                        self._done(path, batch[path])
-                for result in results:
-                    if isinstance(result, BaseException) and result is not error:
-                        _release_frames(result)
-                del results
-                if error is not None:
-                    raise error
+            if self.tail is not None:
+                await self.tail.run_pass(batch)
+            else:
+                await self.sync_paths(list(batch), batch)
         except TransientStorageError as exc:
             await self._on_failure(exc, permanent=False)
             return False
@@ -347,6 +339,73 @@ class Destination:
             self._last_success_recorded = self._clock()
             self.journal.set_destination_state(self.name, self.state.value, success=True)
         return True
+
+    async def sync_paths(self, paths: list[str], batch: dict[str, int]) -> None:
+        """Sync ``paths`` one request (or a few) per file, phase by phase.
+
+        Raises:
+            StorageError: the first failure of a phase (permanent ones first);
+                later phases are not started.
+        """
+        phases: dict[int, list[str]] = {}
+        for path in paths:
+            phases.setdefault(phase_of(path), []).append(path)
+        for phase in sorted(phases):
+            results = await asyncio.gather(
+                *(self._sync_guarded(p) for p in phases[phase]), return_exceptions=True
+            )
+            self.journal.commit()
+            error: BaseException | None = None
+            for path, result in zip(phases[phase], results, strict=True):
+                if isinstance(result, StorageError):
+                    if error is None or isinstance(result, PermanentStorageError):
+                        error = result
+                elif result is None:
+                    self._done(path, batch[path])
+                else:
+                    self.settle(path, batch[path], result)
+            for result in results:
+                if isinstance(result, BaseException) and result is not error:
+                    _release_frames(result)
+            del results
+            if error is not None:
+                raise error
+
+    def settle(self, path: str, seq: int, exc: BaseException) -> None:
+        """Deal with a file whose sync raised ``exc`` (anything but a storage error).
+
+        Not ready (a partial JSON, a file still changing): retried later. Not a
+        valid key: reported once. Anything else (a bug, a local I/O error): logged
+        and retried at the next rescan; never kills the loop.
+        """
+        if isinstance(exc, NotReady):
+            item = self._dirty.get(path)
+            if item is not None and item.seq == seq:
+                item.not_before = self._clock() + exc.after_s
+        elif isinstance(exc, InvalidKeyError):
+            self._report_once(path, "file_not_mirrorable", error=str(exc))
+            self._done(path, seq)
+        elif isinstance(exc, Exception):
+            log.error(
+                "file_sync_failed",
+                destination=self.name,
+                key=path,
+                error=f"{type(exc).__name__}: {exc}",
+                exc_info=exc,
+            )
+            self._done(path, seq)
+        else:
+            raise exc
+
+    async def throttle(self, nbytes: int) -> None:
+        """Wait until ``nbytes`` may be sent under ``max_upload_bytes_per_s`` (no limit: at once)."""
+        if self._limiter is None:
+            return
+        rate = int(self._limiter.max_rate)
+        while nbytes > 0:
+            step = min(nbytes, rate)
+            await self._limiter.acquire(step)
+            nbytes -= step
 
     async def _on_failure(self, exc: BaseException, *, permanent: bool) -> None:
         _release_frames(exc)
@@ -409,7 +468,7 @@ class Destination:
         Raises:
             StorageError: the destination failed (the journal is unchanged for
                 the failed write).
-            _Retry: the file is not ready yet.
+            NotReady: the file is not ready yet.
             InvalidKeyError: the path cannot be an object key (not valid UTF-8).
         """
         kind = classify(path)
@@ -420,7 +479,7 @@ class Destination:
         try:
             st = os.stat(full, follow_symlinks=False)
         except FileNotFoundError:
-            await self._handle_deleted(path)
+            await self.handle_deleted(path)
             return
         except OSError as exc:
             log.warning("file_unreadable", destination=self.name, key=path, error=str(exc))
@@ -441,7 +500,7 @@ class Destination:
             async with self._budget.hold(st.st_size):
                 await self._sync_replace(path, full, st, entry)
 
-    async def _handle_deleted(self, path: str) -> None:
+    async def handle_deleted(self, path: str) -> None:
         entry = self.journal.get(self.name, path)
         if entry is None or entry.status == "deleted":
             return
@@ -459,16 +518,16 @@ class Destination:
         try:
             fd = os.open(full, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
         except FileNotFoundError:
-            await self._handle_deleted(path)
+            await self.handle_deleted(path)
             return
         try:
             st = os.fstat(fd)
             offset = 0
             rewrite = entry is None or entry.status == "deleted"
             if entry is not None and not rewrite:
-                reason = _divergence(fd, st, entry)  # at most one 4 KiB read
+                reason = divergence(fd, st, entry)  # at most one 4 KiB read
                 if reason is None:
-                    offset = entry.acked_offset
+                    offset = entry.tail_offset
                 else:
                     rewrite = True
                     log.warning(
@@ -476,14 +535,14 @@ class Destination:
                         destination=self.name,
                         key=path,
                         reason=reason,
-                        acked_offset=entry.acked_offset,
+                        acked_offset=entry.tail_offset,
                         size=st.st_size,
                     )
             version = entry.remote_version if entry is not None and not rewrite else None
             while True:
                 async with self._budget.hold(min(st.st_size - offset, self.chunk_bytes)):
-                    data = await _blocking(
-                        st.st_size - offset, _read_lines, fd, offset, st.st_size, self.chunk_bytes
+                    data = await blocking(
+                        st.st_size - offset, read_lines, fd, offset, st.st_size, self.chunk_bytes
                     )
                     if not data:
                         break
@@ -493,7 +552,7 @@ class Destination:
                             version = await self._timed_write(path, data, offset, "write")
                         else:
                             version = await self._append(path, data, offset)
-                    except _Reset:
+                    except RemoteDiverged:
                         log.warning(
                             "remote_diverged_rewriting",
                             destination=self.name,
@@ -502,15 +561,15 @@ class Destination:
                         )
                         rewrite, offset = True, 0
                         continue
-                    except _Advance as adv:
+                    except RemoteAhead as adv:
                         end, version = adv.remote_size, adv.version
                     finally:
                         data = b""  # the budget covers the bytes only while held
                 self._appended_since_flush = True
                 self._last_append = self._clock()
-                fingerprint = _fingerprint(fd, end)  # one read of at most 4 KiB
+                fingerprint = fingerprint_at(fd, end)  # one read of at most 4 KiB
                 self.journal.ack(
-                    _new_entry(
+                    new_entry(
                         self.name,
                         path,
                         st,
@@ -530,7 +589,7 @@ class Destination:
                 # so scans do not mark it again until it changes.
                 if current is None and st.st_size == 0:
                     version = await self._timed_write(path, b"", 0, "write")
-                    current = _new_entry(self.name, path, st, remote_version=version)
+                    current = new_entry(self.name, path, st, remote_version=version)
                 if current is not None:
                     self.journal.ack(
                         replace(current, seen_size=st.st_size, seen_mtime_ns=st.st_mtime_ns)
@@ -542,9 +601,9 @@ class Destination:
         """Conditional append with reconciliation on conflict.
 
         Raises:
-            _Advance: the remote already holds more of this file (a write applied
+            RemoteAhead: the remote already holds more of this file (a write applied
                 before a crash): the journal jumps to the remote size.
-            _Reset: the remote holds bytes that are not a prefix of the file.
+            RemoteDiverged: the remote holds bytes that are not a prefix of the file.
         """
         try:
             return await self._timed_write(path, data, offset, "append")
@@ -555,22 +614,23 @@ class Destination:
         remote = await self.storage.astat(path)
         remote_size = remote.size if remote is not None else 0
         if remote_size <= offset:
-            raise _Reset
+            raise RemoteDiverged
         local_end = offset + len(data)
         if remote_size > local_end:
             # The remote is ahead of this delta; only a byte comparison against the
             # local file could confirm it, and this chunk does not cover it.
-            raise _Reset
+            raise RemoteDiverged
         remote_bytes = await self.storage.aread_range(path, offset, remote_size - offset)
         if remote_bytes != data[: remote_size - offset]:
-            raise _Reset
+            raise RemoteDiverged
         log.info("append_reconciled", destination=self.name, key=path, remote_size=remote_size)
         if remote_size == local_end:
-            raise _Advance(remote_size, remote.version if remote else None)
+            raise RemoteAhead(remote_size, remote.version if remote else None)
         rest = data[remote_size - offset :]
         return await self._timed_write(path, rest, remote_size, "append")
 
     async def _timed_write(self, path: str, data: bytes, offset: int, op: str) -> str | None:
+        await self.throttle(len(data))
         started = self._clock()
         if op == "write":
             version = await self.storage.awrite(path, data)
@@ -581,7 +641,7 @@ class Destination:
         self.stats.objects_uploaded += 1
         if self.on_upload is not None:
             self.on_upload(self.name, op, len(data), duration_s)
-        log.info(
+        log.debug(
             "upload_succeeded",
             destination=self.name,
             key=path,
@@ -598,20 +658,46 @@ class Destination:
     async def _sync_replace(
         self, path: str, full: Path, st: os.stat_result, entry: Entry | None
     ) -> None:
-        try:
-            data = await _blocking(st.st_size, _read_stable, full, st)
-        except FileNotFoundError:
-            await self._handle_deleted(path)
+        data = await self.replace_content(path, full, st, entry)
+        if data is None:
             return
+        crc = crc32c.crc32c(data)
+        version = entry.remote_version if entry else None
+        if entry is None or entry.status != "ok" or entry.content_crc != crc:
+            version = await self._timed_write(path, data, 0, "write")
+        self.journal.ack(
+            new_entry(
+                self.name, path, st, acked_offset=len(data), content_crc=crc, remote_version=version
+            )
+        )
+
+    async def replace_content(
+        self, path: str, full: Path, st: os.stat_result, entry: Entry | None
+    ) -> bytes | None:
+        """The content of a replace-on-write file once it is ready to upload.
+
+        Returns:
+            The bytes, or ``None`` when there is nothing to upload (deleted: handled;
+            unparseable JSON past its grace period: reported and journaled).
+
+        Raises:
+            NotReady: not ready yet (changing, unparseable within the grace period, or
+                not quiet for a flush interval).
+        """
+        try:
+            data = await blocking(st.st_size, read_stable, full, st)
+        except FileNotFoundError:
+            await self.handle_deleted(path)
+            return None
         if data is None:  # changed while reading
-            raise _Retry(self.flush_interval_s)
+            raise NotReady(self.flush_interval_s)
         age_s = time.time() - st.st_mtime
         if path.endswith(".json") and data.strip():
             try:
                 json.loads(data)
             except ValueError as exc:
                 if age_s < self.invalid_json_grace_s:
-                    raise _Retry(self.flush_interval_s) from None
+                    raise NotReady(self.flush_interval_s) from None
                 self._report_once(
                     path,
                     "invalid_json_not_uploaded",
@@ -619,7 +705,7 @@ class Destination:
                     error=str(exc),
                     size=st.st_size,
                 )
-                base = entry or _new_entry(self.name, path, st)
+                base = entry or new_entry(self.name, path, st)
                 self.journal.ack(
                     replace(
                         base,
@@ -630,7 +716,7 @@ class Destination:
                         ino=st.st_ino,
                     )
                 )
-                return
+                return None
         else:
             # Not JSON: upload once it has been quiet for a flush interval. An empty
             # .json is what a non-atomic writer leaves between truncating and writing
@@ -639,17 +725,9 @@ class Destination:
             if path.endswith(".json"):
                 quiet_s = max(quiet_s, self.invalid_json_grace_s)
             if age_s < quiet_s:
-                raise _Retry(quiet_s - age_s + 0.05)
+                raise NotReady(quiet_s - age_s + 0.05)
         self._reported_invalid.discard(path)
-        crc = crc32c.crc32c(data)
-        version = entry.remote_version if entry else None
-        if entry is None or entry.status != "ok" or entry.content_crc != crc:
-            version = await self._timed_write(path, data, 0, "write")
-        self.journal.ack(
-            _new_entry(
-                self.name, path, st, acked_offset=len(data), content_crc=crc, remote_version=version
-            )
-        )
+        return data
 
 
 def _release_frames(exc: BaseException) -> None:
@@ -694,106 +772,3 @@ class _ByteBudget:
             async with self._cond:
                 self.free += n
                 self._cond.notify_all()
-
-
-class _Advance(Exception):
-    def __init__(self, remote_size: int, version: str | None) -> None:
-        super().__init__(remote_size)
-        self.remote_size = remote_size
-        self.version = version
-
-
-INLINE_READ_BYTES = 256 * 1024
-"""Reads up to this size run on the event loop; larger ones in a worker thread."""
-
-
-async def _blocking(size: int, fn: Callable[..., T], *args: object) -> T:
-    """Run a file read of about ``size`` bytes: inline when small (a thread hop costs
-    more than the read), in a worker thread when large (the loop stays responsive)."""
-    if size <= INLINE_READ_BYTES:
-        return fn(*args)
-    return await asyncio.to_thread(fn, *args)
-
-
-def _new_entry(
-    destination: str,
-    path: str,
-    st: os.stat_result,
-    *,
-    acked_offset: int = 0,
-    fingerprint: int | None = None,
-    content_crc: int | None = None,
-    remote_version: str | None = None,
-    status: str = "ok",
-) -> Entry:
-    """A journal row for ``path`` as seen in ``st``, acknowledged now."""
-    return Entry(
-        destination=destination,
-        path=path,
-        dev=st.st_dev,
-        ino=st.st_ino,
-        acked_offset=acked_offset,
-        fingerprint=fingerprint,
-        content_crc=content_crc,
-        remote_version=remote_version,
-        seen_size=st.st_size,
-        seen_mtime_ns=st.st_mtime_ns,
-        status=status,
-        acked_at=time.time(),
-    )
-
-
-def _divergence(fd: int, st: os.stat_result, entry: Entry) -> str | None:
-    """Why the file can no longer be appended to from ``entry.acked_offset``, or None."""
-    if (st.st_dev, st.st_ino) != (entry.dev, entry.ino):
-        return "replaced (new inode)"
-    if st.st_size < entry.acked_offset:
-        return "truncated"
-    if entry.acked_offset > 0 and _fingerprint(fd, entry.acked_offset) != entry.fingerprint:
-        return "rewritten (fingerprint mismatch)"
-    return None
-
-
-def _fingerprint(fd: int, end: int) -> int:
-    """CRC32C of the (at most) 4 KiB of the file before ``end``."""
-    start = max(0, end - FINGERPRINT_BYTES)
-    return int(crc32c.crc32c(os.pread(fd, end - start, start)))
-
-
-def _read_lines(fd: int, offset: int, size: int, chunk_bytes: int) -> bytes:
-    """Bytes from ``offset`` up to the last newline within ``chunk_bytes`` (or up to the
-    first newline after it, when one line is longer); ``b""`` when no complete line
-    lies in ``[offset, size)``. Memory: about ``2 * chunk_bytes``, or the longest line
-    plus one block when a line is longer (its end is found first, then it is read once)."""
-    want = min(chunk_bytes, size - offset)
-    if want <= 0:
-        return b""
-    data = os.pread(fd, want, offset)
-    cut = data.rfind(b"\n")
-    if cut >= 0:
-        return data[: cut + 1]
-    pos = offset + len(data)
-    del data
-    while pos < size:
-        block = os.pread(fd, min(_READ_BLOCK, size - pos), pos)
-        if not block:
-            break
-        nl = block.find(b"\n")
-        if nl >= 0:
-            line = os.pread(fd, pos + nl + 1 - offset, offset)
-            # The file may have been truncated meanwhile: only a whole line counts.
-            return line if line.endswith(b"\n") and len(line) == pos + nl + 1 - offset else b""
-        pos += len(block)
-    return b""
-
-
-def _read_stable(full: Path, st: os.stat_result) -> bytes | None:
-    """The whole file, or None if it changed (size, mtime or inode) while being read."""
-    with open(full, "rb") as f:
-        data = f.read()
-        after = os.fstat(f.fileno())
-    if (after.st_size, after.st_mtime_ns, after.st_ino) != (st.st_size, st.st_mtime_ns, st.st_ino):
-        return None
-    if len(data) != st.st_size:
-        return None
-    return data

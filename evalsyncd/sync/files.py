@@ -1,6 +1,6 @@
 """What the daemon mirrors, how, and in which order: classification and scanning.
 
-Rules (``shared/DESIGN.md`` section 2):
+Rules (``docs/design.md``, "The object model"):
 
 - ``*.jsonl`` files are **append-only**: only complete lines are mirrored.
 - every other regular file is **replace-on-write**: uploaded whole once stable;

@@ -1,26 +1,33 @@
 """The journal: what each destination has acknowledged, in SQLite (WAL).
 
-File ``{state_dir}/journal.sqlite3``. Schema (version 1)::
+File ``{state_dir}/journal.sqlite3``. Schema (version 2)::
 
     meta(key TEXT PRIMARY KEY, value TEXT)
-        schema_version = "1", root = the watched root it belongs to
+        schema_version = "2", root = the watched root it belongs to,
+        tail_writer = this state directory's writer id in tail logs
     entries(                      one row per (destination, file)
         destination TEXT, path TEXT,            -- relative POSIX path under the root
         dev INTEGER, ino INTEGER,               -- identity of the local file mirrored
-        acked_offset INTEGER,                   -- bytes the destination confirmed
-        fingerprint INTEGER,                    -- CRC32C of the <= 4 KiB before acked_offset
-        content_crc INTEGER,                    -- replace-on-write: CRC32C of the uploaded content
-        remote_version TEXT,                    -- ETag or generation returned by the write
+        acked_offset INTEGER,                   -- bytes the destination confirmed in the main object
+        fingerprint INTEGER,                    -- CRC32C of the <= 4 KiB before tail_offset
+        content_crc INTEGER,                    -- replace-on-write: CRC32C of the newest content sent
+        remote_version TEXT,                    -- main object's ETag or generation at acked_offset
         seen_size INTEGER, seen_mtime_ns INTEGER,  -- local stat when last synced (change detection)
         status TEXT,                            -- 'ok', 'invalid' (unparseable JSON), 'deleted'
         acked_at REAL,                          -- Unix time of the last acknowledgement, seconds
+        tail_offset INTEGER,                    -- bytes confirmed in the tail log or the main
+                                                --   object (>= acked_offset): what readers see
+        tail_since REAL,                        -- Unix time the main object fell behind the tail;
+                                                --   NULL when the main object is up to date
         PRIMARY KEY (destination, path))
     destinations(name TEXT PRIMARY KEY, state TEXT, last_success REAL,
                  last_error TEXT, last_error_at REAL, updated_at REAL)
 
-Rules (``shared/DESIGN.md`` section 4): an offset advances only after the
+Rules (``docs/design.md``, "The journal"): an offset advances only after the
 destination acknowledged the write, in the same transaction as the version it
-returned. Acknowledgements are grouped: :meth:`Journal.ack` writes into an open
+returned: ``tail_offset`` when a tail object holding the bytes was created,
+``acked_offset`` when the main object holds them. Version 1 journals are
+upgraded in place (``tail_offset = acked_offset``). Acknowledgements are grouped: :meth:`Journal.ack` writes into an open
 transaction that :meth:`Journal.commit` ends (the daemon commits after every
 upload phase, and ``ack`` itself commits once 256 rows or 0.5 s are pending).
 Losing uncommitted acknowledgements (``kill -9``, power loss with
@@ -32,6 +39,7 @@ status`` reads it while the daemon runs).
 
 from __future__ import annotations
 
+import secrets
 import sqlite3
 import threading
 import time
@@ -41,7 +49,11 @@ from typing import Self
 
 __all__ = ["DestinationRecord", "Entry", "Journal", "JournalError"]
 
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"
+_COLUMNS = (
+    "destination, path, dev, ino, acked_offset, fingerprint, content_crc, remote_version, "
+    "seen_size, seen_mtime_ns, status, acked_at, tail_offset, tail_since"
+)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -58,6 +70,8 @@ CREATE TABLE IF NOT EXISTS entries (
     seen_mtime_ns INTEGER NOT NULL,
     status TEXT NOT NULL DEFAULT 'ok',
     acked_at REAL NOT NULL,
+    tail_offset INTEGER NOT NULL DEFAULT 0,
+    tail_since REAL,
     PRIMARY KEY (destination, path)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS destinations (
@@ -91,6 +105,19 @@ class Entry:
     seen_mtime_ns: int
     status: str
     acked_at: float
+    tail_offset: int = -1
+    """Bytes readers see (tail log or main object); ``-1`` in a new row means
+    ``acked_offset`` (no tail log in use)."""
+    tail_since: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.tail_offset < 0:
+            object.__setattr__(self, "tail_offset", self.acked_offset)
+
+    @property
+    def main_behind(self) -> bool:
+        """Whether the main object lags the tail log for this file."""
+        return self.tail_since is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,6 +176,19 @@ class Journal:
         version = meta.get("schema_version")
         if version is None:
             self._db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (SCHEMA_VERSION,))
+        elif version == "1":
+            columns = {row[1] for row in self._db.execute("PRAGMA table_info(entries)")}
+            self._db.execute("BEGIN")
+            if "tail_offset" not in columns:
+                self._db.execute(
+                    "ALTER TABLE entries ADD COLUMN tail_offset INTEGER NOT NULL DEFAULT 0"
+                )
+                self._db.execute("ALTER TABLE entries ADD COLUMN tail_since REAL")
+            self._db.execute("UPDATE entries SET tail_offset = acked_offset")
+            self._db.execute(
+                "UPDATE meta SET value = ? WHERE key = 'schema_version'", (SCHEMA_VERSION,)
+            )
+            self._db.execute("COMMIT")
         elif version != SCHEMA_VERSION:
             raise JournalError(
                 f"{self.path}: journal schema {version}, this evalsyncd knows {SCHEMA_VERSION}"
@@ -162,6 +202,16 @@ class Journal:
                     f"{self.path}: this state directory belongs to root {known}, not {root}; "
                     "give each watched root its own state_dir"
                 )
+
+    def writer_id(self) -> str:
+        """This state directory's id in tail logs (created on first use, then kept)."""
+        with self._lock:
+            row = self._db.execute("SELECT value FROM meta WHERE key = 'tail_writer'").fetchone()
+            if row is not None:
+                return str(row[0])
+            writer = secrets.token_hex(8)
+            self._db.execute("INSERT INTO meta VALUES ('tail_writer', ?)", (writer,))
+            return writer
 
     def close(self) -> None:
         """Commit what is pending and close the connection."""
@@ -204,7 +254,8 @@ class Journal:
         """The row of one file at one destination, or ``None``."""
         with self._lock:
             row = self._db.execute(
-                "SELECT * FROM entries WHERE destination = ? AND path = ?", (destination, path)
+                f"SELECT {_COLUMNS} FROM entries WHERE destination = ? AND path = ?",
+                (destination, path),
             ).fetchone()
         return Entry(*row) if row else None
 
@@ -212,7 +263,7 @@ class Journal:
         """Every row of a destination, by path."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT * FROM entries WHERE destination = ?", (destination,)
+                f"SELECT {_COLUMNS} FROM entries WHERE destination = ?", (destination,)
             ).fetchall()
         return {row[1]: Entry(*row) for row in rows}
 
@@ -220,7 +271,7 @@ class Journal:
         """Record an acknowledged write (insert or replace the row); see :meth:`commit`."""
         with self._lock:
             self._write(
-                "INSERT OR REPLACE INTO entries VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                f"INSERT OR REPLACE INTO entries ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     entry.destination,
                     entry.path,
@@ -234,6 +285,8 @@ class Journal:
                     entry.seen_mtime_ns,
                     entry.status,
                     entry.acked_at,
+                    entry.tail_offset,
+                    entry.tail_since,
                 ),
             )
 

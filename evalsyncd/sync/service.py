@@ -265,7 +265,7 @@ class Service:
             except OSError:
                 continue
             e = self.journal.get(name, path)
-            total += size - (e.acked_offset if e and classify(path) is FileKind.APPEND else 0)
+            total += size - (e.tail_offset if e and classify(path) is FileKind.APPEND else 0)
         return Backlog(files=d.pending_files, bytes=max(0, total), oldest_s=d.oldest_pending_s)
 
     def status_line(self) -> str:
@@ -448,7 +448,9 @@ class Service:
             deadline = time.monotonic() + timeout_s
             ok = True
             for d in self.destinations.values():
-                while not d.is_idle() and time.monotonic() < deadline:
+                while not d.caught_up and time.monotonic() < deadline:
+                    if d.tail is not None:
+                        d.tail.drain_all()  # sync --once ends with exact main objects
                     passed = await d.run_pass()
                     if not passed and d.state is DestinationState.PARKED:
                         ok = False
@@ -457,11 +459,11 @@ class Service:
                         progress(
                             total - sum(x.pending_files for x in self.destinations.values()), total
                         )
-                    if not d.is_idle():  # waiting files: a quiet period or a retry
+                    if not d.caught_up:  # waiting files: a quiet period or a retry
                         await asyncio.sleep(min(0.2, self.settings.flush_interval_s))
                 with contextlib.suppress(Exception):
                     await d.storage.aflush()
-                if not d.is_idle():
+                if not d.caught_up:
                     ok = False
                     log.error(
                         "sync_incomplete",
