@@ -883,6 +883,20 @@ class EvalStore:
             raise FileNotFoundError(f"run {run_id} not found at {self.storage.url(path)}")
         return run
 
+    async def aread_run(self, run_id: str) -> RunMetadata:
+        """Async :meth:`read_run`: natively async on cloud storage.
+
+        Raises:
+            FileNotFoundError: no (parseable) ``metadata.json``.
+            ValueError: invalid run id.
+            StorageError: the storage failed.
+        """
+        path = self._run_path(run_id, "metadata.json")
+        run = _parse_run(await self._aread_json(path), self.storage.url(path))
+        if run is None:
+            raise FileNotFoundError(f"run {run_id} not found at {self.storage.url(path)}")
+        return run
+
     def list_benchmarks(self, run_id: str) -> list[str]:
         """Sorted names of the run's benchmarks that have a ``result.json``.
 
