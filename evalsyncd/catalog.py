@@ -51,6 +51,15 @@ Consistency rules (what makes a reader's answer never wrong):
 5. Between the upload of a changed ``metadata.json`` and that of the catalog
    (one flush), a reader may see the previous metadata of that run; it never
    sees metadata that was never mirrored.
+
+Reading it through a storage: :func:`read_catalog_bytes` /
+:func:`aread_catalog_bytes`. A cloud backend may reserve ``.evalsyncd/`` at
+the top of its own prefix for the daemon (S3Storage refuses such keys); a
+storage that offers ``read_internal(name)`` / ``aread_internal(name)`` is asked
+through that method, and one that refuses the key and offers neither reads as
+"no catalog" (so its readers fall back to per-run reads, still correct). A
+store opened one level up (a fleet's storage with the host as store prefix)
+reads ``{host}/.evalsyncd/catalog.json`` as a plain key.
 """
 
 from __future__ import annotations
@@ -64,7 +73,8 @@ from typing import Any
 
 import crc32c as _crc32c
 
-from evalsyncd.errors import EvalsyncdError
+from evalsyncd.errors import EvalsyncdError, InvalidKeyError
+from evalsyncd.storage._base import AsyncStorage, Storage, storage_join
 
 __all__ = [
     "CATALOG_FORMAT",
@@ -73,10 +83,12 @@ __all__ = [
     "Catalog",
     "CatalogEntry",
     "CatalogError",
+    "aread_catalog_bytes",
     "build_catalog",
     "catalog_from_root",
     "metadata_crc32c",
     "parse_catalog",
+    "read_catalog_bytes",
 ]
 
 CATALOG_PATH = ".evalsyncd/catalog.json"
@@ -239,6 +251,40 @@ def _parse_entry(run_id: str, raw: Any, url: str) -> CatalogEntry:
     else:
         raise bad("no metadata")
     return CatalogEntry(run_id=run_id, data=data, size=size, crc32c=crc.lower())
+
+
+def read_catalog_bytes(storage: Storage, prefix: str = "") -> bytes | None:
+    """The catalog object of the store at ``prefix`` in ``storage``, or ``None`` if there is none.
+
+    Raises:
+        StorageError: the storage failed (anything but "not found").
+    """
+    internal = getattr(storage, "read_internal", None) if not prefix else None
+    try:
+        if callable(internal):
+            return bytes(internal(CATALOG_PATH.split("/", 1)[1]))
+        return storage.read(storage_join(prefix, CATALOG_PATH))
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except InvalidKeyError:
+        return None  # the backend reserves .evalsyncd/ and offers no read_internal
+
+
+async def aread_catalog_bytes(storage: AsyncStorage, prefix: str = "") -> bytes | None:
+    """Async :func:`read_catalog_bytes`.
+
+    Raises:
+        StorageError: the storage failed (anything but "not found").
+    """
+    internal = getattr(storage, "aread_internal", None) if not prefix else None
+    try:
+        if callable(internal):
+            return bytes(await internal(CATALOG_PATH.split("/", 1)[1]))
+        return await storage.aread(storage_join(prefix, CATALOG_PATH))
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except InvalidKeyError:
+        return None
 
 
 def catalog_from_root(root: Path) -> bytes:

@@ -59,7 +59,15 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from evalsyncd.catalog import CATALOG_PATH, Catalog, CatalogError, parse_catalog
+from evalsyncd.catalog import (
+    CATALOG_PATH,
+    Catalog,
+    CatalogError,
+    aread_catalog_bytes,
+    build_catalog,
+    parse_catalog,
+    read_catalog_bytes,
+)
 from evalsyncd.storage import AsyncStorage, LocalStorage, Storage, storage_join
 from evalsyncd.storage._bridge import run_sync
 
@@ -729,14 +737,18 @@ class EvalStore:
     def delete_run(self, run_id: str) -> None:
         """Delete a run's files; idempotent (no error if already gone).
 
-        ``metadata.json`` goes first, so an interrupted delete leaves no
-        half-run in ``list_runs``; calling again finishes the job. The
-        ``runs.jsonl`` index is append-only and keeps the run's line.
+        The run's entry leaves the run catalog (``.evalsyncd/catalog.json``,
+        when there is one) first, then ``metadata.json`` goes, so an
+        interrupted delete leaves no half-run in ``list_runs`` (even where the
+        storage keeps empty directories in its listings); calling again
+        finishes the job. The ``runs.jsonl`` index is append-only and keeps
+        the run's line.
 
         Raises:
             ValueError: invalid run id.
             StorageError: the storage failed.
         """
+        self._drop_from_catalog(run_id)
         self.storage.remove(self._run_path(run_id, "metadata.json"))
         self.storage.remove(self._run_path(run_id, "summary.json"))
         for name in self.storage.list_dir(self._run_path(run_id)):
@@ -828,18 +840,33 @@ class EvalStore:
             return None
 
     def _read_catalog(self) -> Catalog | None:
-        try:
-            data = self.storage.read(self._path(CATALOG_PATH))
-        except _MISSING:
-            return None
-        return self._catalog_or_none(data)
+        return self._catalog_or_none(read_catalog_bytes(self.storage, self.prefix))
 
     async def _aread_catalog(self) -> Catalog | None:
-        try:
-            data = await self._aread(self._path(CATALOG_PATH))
-        except _MISSING:
-            return None
+        astorage = self._astorage
+        if astorage is None:
+            data = await asyncio.to_thread(read_catalog_bytes, self.storage, self.prefix)
+        else:
+            data = await aread_catalog_bytes(astorage, self.prefix)
         return self._catalog_or_none(data)
+
+    def _drop_from_catalog(self, run_id: str) -> None:
+        """Rewrite the catalog without ``run_id`` (no-op without a catalog or that entry)."""
+        _check_name("run_id", run_id)
+        data = read_catalog_bytes(self.storage, self.prefix)
+        if data is None:
+            return
+        url = self.storage.url(self._path(CATALOG_PATH))
+        try:
+            catalog = parse_catalog(data, url)
+        except CatalogError as exc:
+            logger.warning("removing an unreadable run catalog: %s", exc)
+            self.storage.remove(self._path(CATALOG_PATH))
+            return
+        if run_id not in catalog.entries:
+            return
+        kept = {k: e.data for k, e in catalog.entries.items() if k != run_id and e.intact}
+        self.storage.write(self._path(CATALOG_PATH), build_catalog(kept))
 
     def _from_catalog(self, catalog: Catalog | None, run_id: str) -> bytes | None:
         """The catalog's bytes of the run's metadata.json, or ``None`` to read it instead."""
