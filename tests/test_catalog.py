@@ -237,17 +237,19 @@ def test_catalog_makes_list_runs_two_requests_on_s3(
     with S3Storage(S3_BUCKET, unique_prefix, endpoint_url=s3_server.endpoint_url) as direct:
         make_runs(EvalStore(direct, H), 12)
         write_catalog(direct, H)
-    with CountingProxy("127.0.0.1", s3_server.port) as proxy:
-        with S3Storage(S3_BUCKET, unique_prefix, endpoint_url=proxy.url) as storage:
-            store = EvalStore(storage, H)
-            proxy.reset()
-            with_catalog = _dicts(store)
-            cost = proxy.requests
-            proxy.reset()
-            without = _dicts(EvalStore(storage, H, use_catalog=False))
-            assert with_catalog == without and len(without) == 12
-            assert cost == 2, cost
-            assert proxy.requests == 13
+    with (
+        CountingProxy("127.0.0.1", s3_server.port) as proxy,
+        S3Storage(S3_BUCKET, unique_prefix, endpoint_url=proxy.url) as storage,
+    ):
+        store = EvalStore(storage, H)
+        proxy.reset()
+        with_catalog = _dicts(store)
+        cost = proxy.requests
+        proxy.reset()
+        without = _dicts(EvalStore(storage, H, use_catalog=False))
+        assert with_catalog == without and len(without) == 12
+        assert cost == 2, cost
+        assert proxy.requests == 13
 
 
 def test_outage_with_catalog_raises_never_no_runs(
@@ -287,11 +289,11 @@ def test_s3_store_at_its_root_reads_each_run_when_the_catalog_key_is_reserved(
 def test_storage_offering_read_internal_is_asked_for_the_catalog(tmp_path: Path) -> None:
     """A storage with read_internal/aread_internal serves the catalog through it at its root."""
 
-    class Internal(LocalStorage):
-        asked: list[str] = []
+    asked: list[str] = []
 
+    class Internal(LocalStorage):
         def read_internal(self, name: str) -> bytes:
-            self.asked.append(name)
+            asked.append(name)
             return self.read(f".evalsyncd/{name}")
 
         async def aread_internal(self, name: str) -> bytes:
@@ -300,7 +302,5 @@ def test_storage_offering_read_internal_is_asked_for_the_catalog(tmp_path: Path)
     storage = Internal(tmp_path / "s")
     make_runs(EvalStore(storage), 2)
     write_catalog(storage)
-    doc = json.loads(storage.read(CATALOG_PATH))
-    doc["runs"]["run000"]["metadata"] = doc["runs"]["run000"]["metadata"]  # unchanged
     assert [m.run_id for m in EvalStore(storage).list_runs()] == ["run001", "run000"]
-    assert Internal.asked == ["catalog.json"]
+    assert asked == ["catalog.json"]
