@@ -115,7 +115,7 @@ def _nice_range(lo: float, hi: float) -> tuple[float, float]:
 
 def _plot(benchmark: str, rows: Sequence[Mapping[str, Any]], colors: Mapping[str, str]) -> str:
     checkpoints, means = _series(rows, benchmark)
-    width, height = 460, 280
+    width, height = 420, 270
     left, right, top, bottom = 48, 12, 14, 64
     legend_h = 18 * len(means)
     pw, ph = width - left - right, height - top - bottom
@@ -176,7 +176,7 @@ def _plot(benchmark: str, rows: Sequence[Mapping[str, Any]], colors: Mapping[str
             )
         out.append("</g>")
     out.append('<g class="legend">')
-    for k, model in enumerate(means):
+    for k, model in enumerate(sorted(means)):
         ly = height + 18 * k
         out.append(
             f'<rect x="{left}" y="{ly - 9}" width="14" height="4" fill="{colors[model]}"/>'
