@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench import backfill, footprint, freshness, readback, reqrate, wire, writer
+from bench import backfill, fleet, footprint, freshness, readback, reqrate, wire, writer
 from bench.common import Bench
 from bench.report import write_report
 
@@ -34,6 +34,7 @@ MEASUREMENTS: dict[str, Callable[[Bench], dict[str, Any]]] = {
     "writer": writer.run,
     "footprint": footprint.run,
     "requests": reqrate.run,
+    "fleet": fleet.run,
 }
 
 
