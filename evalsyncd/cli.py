@@ -325,8 +325,12 @@ def _reader_logging() -> None:
     logging.addLevelName(logging.WARNING, "warning")
 
 
-def _open_reader(uri: str, config: str | None) -> Storage:
-    """The storage a ``runs``/``restore`` URI names (no I/O; local paths are not created).
+def _open_reader(uri: str, config: str | None) -> tuple[Storage, str]:
+    """The storage a ``runs``/``restore`` URI names, and the prefix to read in it (no I/O).
+
+    A cloud URI with a key prefix opens its parent and reads the last segment as
+    the prefix: S3Storage reserves ``.evalsyncd/`` at its own root, and one level
+    up the run catalog of a host prefix is a plain key. Local paths are not created.
 
     Raises:
         ConfigError: the configuration file is invalid.
@@ -339,15 +343,19 @@ def _open_reader(uri: str, config: str | None) -> Storage:
 
         for dest in load_settings(config).destinations:
             if uri == dest.name:
-                return open_destination_storage(dest)
+                return open_destination_storage(dest), ""
     from evalsyncd.storage import LocalStorage, storage_from_uri
 
     if "://" not in uri or uri.lower().startswith("file://"):
         storage = storage_from_uri(uri, mkdir=False)
         if isinstance(storage, LocalStorage) and not storage.root.is_dir():
             raise FileNotFoundError(f"{uri}: no such directory")
-        return storage
-    return storage_from_uri(uri)
+        return storage, ""
+    scheme, rest = uri.split("://", 1)
+    bucket_and_parent, _, leaf = rest.rstrip("/").rpartition("/")
+    if bucket_and_parent and leaf:
+        return storage_from_uri(f"{scheme}://{bucket_and_parent}"), leaf
+    return storage_from_uri(uri), ""
 
 
 def _fail(exc: BaseException, where: str = "") -> None:
@@ -366,9 +374,9 @@ def _list_fleets(
     ok = True
     for uri in uris:
         try:
-            storage = _open_reader(uri, config)
+            storage, prefix = _open_reader(uri, config)
             with storage:
-                listing = Fleet(storage).list_runs()
+                listing = Fleet(storage, prefix).list_runs()
         except (StorageError, OSError, ValueError) as exc:
             _fail(exc, uri)
             problems.append(f"{uri}: {type(exc).__name__}: {exc}")
@@ -400,9 +408,9 @@ def _runs(args: argparse.Namespace) -> int:
             args.output.write_text(page, encoding="utf-8")
             print(f"wrote {args.output} ({len(rows)} runs)", file=sys.stderr)
             return EX_OK if ok else EX_FAILURE
-        storage = _open_reader(args.uri, args.config)
+        storage, prefix = _open_reader(args.uri, args.config)
         with storage:
-            found = _find_one(storage, args.run_id, args.uri)
+            found = _find_one(storage, prefix, args.run_id, args.uri)
             if found is None:
                 return EX_FAILURE
             fleet, host = found
@@ -418,11 +426,11 @@ def _runs(args: argparse.Namespace) -> int:
     return EX_OK
 
 
-def _find_one(storage: Storage, run_id: str, uri: str) -> tuple[Any, str] | None:
+def _find_one(storage: Storage, prefix: str, run_id: str, uri: str) -> tuple[Any, str] | None:
     """The fleet and the one host holding ``run_id``; ``None`` (after a message) otherwise."""
     from evalsyncd.fleet import Fleet
 
-    fleet = Fleet(storage)
+    fleet = Fleet(storage, prefix)
     found, problems = fleet.find_run(run_id)
     for p in problems:
         print(f"evalsyncd: error: {p.message}", file=sys.stderr)
@@ -452,9 +460,9 @@ def _restore(args: argparse.Namespace) -> int:
 
     _reader_logging()
     try:
-        storage = _open_reader(args.uri, args.config)
+        storage, prefix = _open_reader(args.uri, args.config)
         with storage:
-            found = _find_one(storage, args.run_id, args.uri)
+            found = _find_one(storage, prefix, args.run_id, args.uri)
             if found is None:
                 return EX_FAILURE
             fleet, host = found

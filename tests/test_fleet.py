@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 import evalsyncd
+from evalsyncd.devproxy import CountingProxy
 from evalsyncd.devservers import SeaweedS3Server
 from evalsyncd.errors import AccessDeniedError
 from evalsyncd.fleet import AmbiguousRunError, Fleet
@@ -314,3 +315,23 @@ def test_cli_import_time_is_small() -> None:
         if line.endswith("evalsyncd.cli")
     )
     assert total_us < 350_000, total_us
+
+
+def test_runs_ls_of_a_host_and_a_fleet_reads_the_catalogs_on_s3(
+    cloud_env: dict[str, str], s3_server: SeaweedS3Server, unique_prefix: str
+) -> None:
+    """On S3, `runs ls` of a host prefix costs 3 requests and of a fleet 1 + 2 per host, via the catalogs."""
+    with S3Storage(S3_BUCKET, unique_prefix, endpoint_url=s3_server.endpoint_url) as s:
+        make_fleet(s, {"alpha": 6, "beta": 5, "gamma": 4})
+    url = f"s3://{S3_BUCKET}/{unique_prefix}"
+    with CountingProxy("127.0.0.1", s3_server.port) as proxy:
+        env = {"AWS_ENDPOINT_URL_S3": proxy.url}
+        host = run_cli("runs", "ls", "--json", f"{url}/alpha", env=env)
+        host_requests = proxy.requests
+        proxy.reset()
+        fleet = run_cli("runs", "ls", "--json", url, env=env)
+        fleet_requests = proxy.requests
+    assert host.returncode == 0 and fleet.returncode == 0, host.stderr + fleet.stderr
+    assert len(json.loads(host.stdout)) == 6 and len(json.loads(fleet.stdout)) == 15
+    assert host_requests == 3, host_requests
+    assert fleet_requests == 1 + 2 * 3, fleet_requests
