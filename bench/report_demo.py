@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         html.write_text(text)
         png = args.out / "fleet-report.png"
         out = chromium(
-            f"--screenshot={png.absolute()}", "--window-size=1460,1180", html.absolute().as_uri()
+            f"--screenshot={png.absolute()}", "--window-size=1460,960", html.absolute().as_uri()
         )
         if out.returncode != 0:
             print(out.stderr, file=sys.stderr)
