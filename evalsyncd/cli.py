@@ -316,13 +316,16 @@ def _reader_logging() -> None:
     """stderr lines ``evalsyncd: warning: ...`` for the store's warnings (runs, restore)."""
     import logging
 
+    class _Lower(logging.Formatter):
+        def format(self, record: logging.LogRecord) -> str:
+            return f"evalsyncd: {record.levelname.lower()}: {record.getMessage()}"
+
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("evalsyncd: %(levelname)s: %(message)s"))
+    handler.setFormatter(_Lower())
     log = logging.getLogger("evalsyncd")
     log.handlers[:] = [handler]
     log.setLevel(logging.WARNING)
     log.propagate = False
-    logging.addLevelName(logging.WARNING, "warning")
 
 
 def _open_reader(uri: str, config: str | None) -> tuple[Storage, str]:
