@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench import backfill, footprint, freshness, readback, reqrate, sdkcpu, wire, writer
+from bench import backfill, fleet, footprint, freshness, readback, reqrate, sdkcpu, wire, writer
 from bench.common import Bench
 from bench.report import write_report
 
@@ -35,6 +35,7 @@ MEASUREMENTS: dict[str, Callable[[Bench], dict[str, Any]]] = {
     "footprint": footprint.run,
     "requests": reqrate.run,
     "sdkcpu": sdkcpu.run,
+    "fleet": fleet.run,
 }
 
 

@@ -436,6 +436,48 @@ def _sdkcpu(res: dict[str, Any], img: Path) -> list[str]:
     return out
 
 
+def _fleet(res: dict[str, Any], img: Path) -> list[str]:
+    rows = [
+        [
+            k,
+            f"{v['reference_s']:.3f} s",
+            f"{v['evalsyncd_s']:.3f} s",
+            f"{v['speedup']:.1f}x",
+            f">= {v['target_speedup']:.0f}x {_verdict(v['ok'])}" if v["target_speedup"] else "-",
+            _f(v["reference_requests"], 0),
+            _f(v["evalsyncd_requests"], 0),
+            _f(v["evalsyncd_requests_per_host"], 1),
+        ]
+        for k, v in res.items()
+    ]
+    out = [
+        _table(
+            [
+                "case @ added RTT",
+                "reference EvalStore",
+                "evalsyncd",
+                "speedup",
+                "target",
+                "requests (ref)",
+                "requests (evalsyncd)",
+                "per host",
+            ],
+            rows,
+        ),
+        "",
+    ]
+
+    def draw(ax: Any) -> None:
+        keys = list(res)
+        ax.barh(keys, [res[k]["speedup"] for k in keys])
+        ax.set_xscale("log")
+        ax.set_xlabel("speedup over the reference EvalStore (higher is better)")
+        ax.tick_params(axis="y", labelsize=6)
+
+    _plot(img, draw)
+    return out
+
+
 SECTIONS: dict[str, tuple[str, Callable[[dict[str, Any], Path], list[str]]]] = {
     "wire": ("1. Bytes on the wire per appended byte", _wire),
     "freshness": ("2. Freshness: write to visible in the bucket", _fresh),
@@ -445,6 +487,7 @@ SECTIONS: dict[str, tuple[str, Callable[[dict[str, Any], Path], list[str]]]] = {
     "footprint": ("6. Footprint", _footprint),
     "requests": ("7. Requests per hour, one appending file", _requests),
     "sdkcpu": ("8. CPU per S3 request, by client", _sdkcpu),
+    "fleet": ("9. Reading the fleet: 8 hosts x 40 runs, and one host of 300", _fleet),
 }
 
 

@@ -14,6 +14,9 @@ __version__ = "0.1.0"
 __all__ = [
     "BenchmarkResult",
     "EvalStore",
+    "Fleet",
+    "FleetListing",
+    "FleetRun",
     "RunMetadata",
     "StoredTrajectory",
     "StoredTurn",
@@ -25,6 +28,7 @@ _STORE_NAMES = frozenset(
 )
 
 if TYPE_CHECKING:
+    from evalsyncd.fleet import Fleet, FleetListing, FleetRun
     from evalsyncd.store import (
         BenchmarkResult,
         EvalStore,
@@ -34,7 +38,14 @@ if TYPE_CHECKING:
     )
 
 
+_FLEET_NAMES = frozenset({"Fleet", "FleetListing", "FleetRun"})
+
+
 def __getattr__(name: str) -> Any:
+    if name in _FLEET_NAMES:
+        from evalsyncd import fleet
+
+        return getattr(fleet, name)
     if name in _STORE_NAMES:
         from evalsyncd import store
 

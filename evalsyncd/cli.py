@@ -1,5 +1,9 @@
-"""Command line: ``evalsyncd run | sync --once | status | verify | runs ls|show | demo``. The only module that reads
-config files, configures logging, installs signal handlers and starts event loops.
+"""Command line: ``evalsyncd run | sync --once | status | verify | runs ls|show|report | restore | demo``.
+
+The only module that reads config files, configures logging, installs signal
+handlers and starts event loops. Imports are per command: ``runs`` and
+``restore`` load neither the daemon (``evalsyncd.sync``, watchdog, pydantic,
+prometheus) nor a cloud SDK they do not use.
 
 Exit status: 0 success; 1 failure (not everything mirrored, mismatches);
 2 usage error (argparse); 78 configuration error (EX_CONFIG, so systemd's
@@ -11,21 +15,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
-
-import structlog
+from typing import TYPE_CHECKING, Any
 
 from evalsyncd import __version__
-from evalsyncd.config import Settings, load_settings
 from evalsyncd.errors import ConfigError, StorageError
-from evalsyncd.logs import configure_logging
-from evalsyncd.sync.journal import JournalError
-from evalsyncd.sync.service import Service, open_destination_storage
-from evalsyncd.systemd import Notifier, watchdog_interval_s
+
+if TYPE_CHECKING:
+    from evalsyncd.config import Settings
+    from evalsyncd.storage import Storage
 
 __all__ = ["EX_CONFIG", "entrypoint", "main"]
 
@@ -33,8 +33,6 @@ EX_OK = 0
 EX_FAILURE = 1
 EX_USAGE = 2
 EX_CONFIG = 78
-
-log = structlog.get_logger("evalsyncd.cli")
 
 
 def _destinations_from_flags(urls: list[str]) -> list[dict[str, Any]]:
@@ -51,6 +49,8 @@ def _destinations_from_flags(urls: list[str]) -> list[dict[str, Any]]:
 
 
 def _settings(args: argparse.Namespace) -> Settings:
+    from evalsyncd.config import load_settings
+
     overrides: dict[str, Any] = {"root": args.root, "state_dir": args.state_dir}
     if args.to:
         overrides["destinations"] = _destinations_from_flags(args.to)
@@ -117,27 +117,51 @@ def build_parser() -> argparse.ArgumentParser:
     )
     verify.add_argument("--json", action="store_true", help="print one JSON object per mismatch")
 
-    runs = sub.add_parser("runs", help="read evaluation runs from a directory, s3:// or gs://")
+    runs = sub.add_parser(
+        "runs", help="read evaluation runs from a directory, s3:// or gs:// (a host or a fleet)"
+    )
     runs_sub = runs.add_subparsers(dest="runs_command", required=True, metavar="COMMAND")
-    runs_ls = runs_sub.add_parser("ls", help="list runs, newest first")
-    runs_show = runs_sub.add_parser("show", help="one run: metadata, results, trajectory counts")
-    for p in (runs_ls, runs_show):
+    uri_help = (
+        "a host prefix (an EvalStore: a directory, s3://bucket/prefix, gs://bucket/prefix) "
+        "or a fleet prefix whose children are host prefixes"
+    )
+    runs_ls = runs_sub.add_parser("ls", help="list runs of every host, newest first")
+    runs_show = runs_sub.add_parser(
+        "show", help="one run (on whichever host holds it): metadata, results, trajectory counts"
+    )
+    runs_report = runs_sub.add_parser(
+        "report", help="one self-contained HTML page: runs table and score-by-checkpoint plots"
+    )
+    restore = sub.add_parser(
+        "restore", help="copy one run from a bucket into a local root, byte for byte"
+    )
+    for p in (runs_ls, runs_show, runs_report, restore):
         p.add_argument(
             "--config",
             metavar="PATH",
             help="TOML configuration; URI may then be a destination name (its client settings apply)",
         )
-        p.add_argument(
-            "uri", metavar="URI", help="a directory, s3://bucket/prefix or gs://bucket/prefix"
-        )
-        p.add_argument("--json", action="store_true", help="print JSON")
+    runs_ls.add_argument("uris", metavar="URI", nargs="+", help=uri_help)
+    runs_ls.add_argument("--json", action="store_true", help="print one JSON array")
+    runs_show.add_argument("uri", metavar="URI", help=uri_help)
     runs_show.add_argument("run_id", metavar="RUN_ID")
+    runs_show.add_argument("--json", action="store_true", help="print JSON")
     runs_show.add_argument(
         "--trajectories",
         type=int,
         default=0,
         metavar="N",
         help="also print the first N of each benchmark",
+    )
+    runs_report.add_argument("uris", metavar="URI", nargs="+", help=uri_help)
+    runs_report.add_argument(
+        "-o", "--output", metavar="FILE", required=True, type=Path, help="the HTML file to write"
+    )
+    runs_report.add_argument("--title", default="Evaluation runs", help="the page title")
+    restore.add_argument("uri", metavar="URI", help=uri_help)
+    restore.add_argument("run_id", metavar="RUN_ID")
+    restore.add_argument(
+        "--root", metavar="DIR", required=True, type=Path, help="the local EvalStore root"
     )
 
     demo = sub.add_parser(
@@ -157,6 +181,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 async def _run_daemon(settings: Settings, config_args: argparse.Namespace) -> int:
+    import signal
+
+    from evalsyncd.sync.service import Service
+    from evalsyncd.systemd import Notifier, watchdog_interval_s
+
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     reload_event = asyncio.Event()
@@ -189,6 +218,11 @@ async def _run_daemon(settings: Settings, config_args: argparse.Namespace) -> in
 
 
 async def _sync_once(settings: Settings, timeout_s: float) -> int:
+    import structlog
+
+    from evalsyncd.sync.service import Service
+
+    log = structlog.get_logger("evalsyncd.cli")
     service = Service(settings)
     bar: Any = None
     if sys.stderr.isatty():
@@ -223,6 +257,7 @@ def _status(settings: Settings, as_json: bool) -> int:
 
 
 async def _verify(settings: Settings, names: list[str] | None, as_json: bool) -> int:
+    from evalsyncd.sync.service import open_destination_storage
     from evalsyncd.verify import FileCheck, verify_storage
 
     known = {d.name: d for d in settings.destinations}
@@ -277,36 +312,179 @@ async def _verify(settings: Settings, names: list[str] | None, as_json: bool) ->
     return EX_FAILURE if failed else EX_OK
 
 
-def _runs(args: argparse.Namespace) -> int:
-    from evalsyncd.runs import format_run, format_runs, run_details, runs_table
-    from evalsyncd.storage import storage_from_uri
-    from evalsyncd.store import EvalStore
+def _reader_logging() -> None:
+    """stderr lines ``evalsyncd: warning: ...`` for the store's warnings (runs, restore)."""
+    import logging
 
-    configure_logging("auto", "warning")
-    storage = None
-    if args.config or "://" not in args.uri:
+    class _Lower(logging.Formatter):
+        def format(self, record: logging.LogRecord) -> str:
+            return f"evalsyncd: {record.levelname.lower()}: {record.getMessage()}"
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Lower())
+    log = logging.getLogger("evalsyncd")
+    log.handlers[:] = [handler]
+    log.setLevel(logging.WARNING)
+    log.propagate = False
+
+
+def _open_reader(uri: str, config: str | None) -> tuple[Storage, str]:
+    """The storage a ``runs``/``restore`` URI names, and the prefix to read in it (no I/O).
+
+    A cloud URI with a key prefix opens its parent and reads the last segment as
+    the prefix: S3Storage reserves ``.evalsyncd/`` at its own root, and one level
+    up the run catalog of a host prefix is a plain key. Local paths are not created.
+
+    Raises:
+        ConfigError: the configuration file is invalid.
+        FileNotFoundError: a local path that is not a directory.
+        ValueError: an unsupported URI.
+    """
+    if config:
+        from evalsyncd.config import load_settings
+        from evalsyncd.sync.service import open_destination_storage
+
+        for dest in load_settings(config).destinations:
+            if uri == dest.name:
+                return open_destination_storage(dest), ""
+    from evalsyncd.storage import LocalStorage, storage_from_uri
+
+    if "://" not in uri or uri.lower().startswith("file://"):
+        storage = storage_from_uri(uri, mkdir=False)
+        if isinstance(storage, LocalStorage) and not storage.root.is_dir():
+            raise FileNotFoundError(f"{uri}: no such directory")
+        return storage, ""
+    scheme, rest = uri.split("://", 1)
+    bucket_and_parent, _, leaf = rest.rstrip("/").rpartition("/")
+    if bucket_and_parent and leaf:
+        return storage_from_uri(f"{scheme}://{bucket_and_parent}"), leaf
+    return storage_from_uri(uri), ""
+
+
+def _fail(exc: BaseException, where: str = "") -> None:
+    prefix = f"{where}: " if where and where not in str(exc) else ""
+    print(f"evalsyncd: error: {prefix}{type(exc).__name__}: {exc}", file=sys.stderr)
+
+
+def _list_fleets(
+    uris: list[str], config: str | None
+) -> tuple[list[dict[str, Any]], list[str], bool]:
+    """Rows of every URI (a host or a fleet), problem lines, and whether all were read."""
+    from evalsyncd.fleet import Fleet
+
+    rows: list[dict[str, Any]] = []
+    problems: list[str] = []
+    ok = True
+    for uri in uris:
         try:
-            settings = load_settings(args.config) if args.config else None
-        except ConfigError as exc:
-            print(f"evalsyncd: configuration error:\n{exc}", file=sys.stderr)
-            return EX_CONFIG
-        for dest in settings.destinations if settings else []:
-            if args.uri == dest.name:
-                storage = open_destination_storage(dest)
-    if storage is None:
-        storage = storage_from_uri(args.uri)
+            storage, prefix = _open_reader(uri, config)
+            with storage:
+                listing = Fleet(storage, prefix).list_runs()
+        except (StorageError, OSError, ValueError) as exc:
+            _fail(exc, uri)
+            problems.append(f"{uri}: {type(exc).__name__}: {exc}")
+            ok = False
+            continue
+        for p in listing.problems:
+            level = "error" if p.error is not None else "warning"
+            print(f"evalsyncd: {level}: {p.message}", file=sys.stderr)
+            problems.append(p.message)
+        ok = ok and listing.ok
+        rows.extend(r.to_dict() for r in listing.runs)
+    return rows, problems, ok
+
+
+def _runs(args: argparse.Namespace) -> int:
+    from evalsyncd.runs import format_run, format_runs, run_details
+
+    _reader_logging()
     try:
+        if args.runs_command == "ls":
+            rows, _, ok = _list_fleets(args.uris, args.config)
+            print(json.dumps(rows, indent=2) if args.json else format_runs(rows))
+            return EX_OK if ok else EX_FAILURE
+        if args.runs_command == "report":
+            from evalsyncd.report import render_report
+
+            rows, problems, ok = _list_fleets(args.uris, args.config)
+            page = render_report(rows, title=args.title, sources=args.uris, problems=problems)
+            args.output.write_text(page, encoding="utf-8")
+            print(f"wrote {args.output} ({len(rows)} runs)", file=sys.stderr)
+            return EX_OK if ok else EX_FAILURE
+        storage, prefix = _open_reader(args.uri, args.config)
         with storage:
-            store = EvalStore(storage)
-            if args.runs_command == "ls":
-                runs = runs_table(store)
-                print(json.dumps(runs, indent=2) if args.json else format_runs(runs))
-            else:
-                details = run_details(store, args.run_id, trajectories=args.trajectories)
-                print(json.dumps(details, indent=2) if args.json else format_run(details))
-    except (StorageError, FileNotFoundError, ValueError) as exc:
-        print(f"evalsyncd: {type(exc).__name__}: {exc}", file=sys.stderr)
+            found = _find_one(storage, prefix, args.run_id, args.uri)
+            if found is None:
+                return EX_FAILURE
+            fleet, host = found
+            details = run_details(fleet.store(host), args.run_id, trajectories=args.trajectories)
+            details = {"host": host, **details}
+            print(json.dumps(details, indent=2) if args.json else format_run(details))
+    except ConfigError as exc:
+        print(f"evalsyncd: configuration error:\n{exc}", file=sys.stderr)
+        return EX_CONFIG
+    except (StorageError, OSError, ValueError) as exc:
+        _fail(exc)
         return EX_FAILURE
+    return EX_OK
+
+
+def _find_one(storage: Storage, prefix: str, run_id: str, uri: str) -> tuple[Any, str] | None:
+    """The fleet and the one host holding ``run_id``; ``None`` (after a message) otherwise."""
+    from evalsyncd.fleet import Fleet
+
+    fleet = Fleet(storage, prefix)
+    found, problems = fleet.find_run(run_id)
+    for p in problems:
+        print(f"evalsyncd: error: {p.message}", file=sys.stderr)
+    if len(found) > 1:
+        print(
+            f"evalsyncd: error: run {run_id} is on {len(found)} hosts of {uri}: "
+            f"{', '.join(r.host for r in found)}; give one host prefix "
+            f"(e.g. {fleet.store(found[0].host).url()})",
+            file=sys.stderr,
+        )
+        return None
+    if not found:
+        where = "the hosts that could be read" if problems else f"any host of {uri}"
+        print(f"evalsyncd: error: run {run_id} not found on {where}", file=sys.stderr)
+        return None
+    if problems:
+        print(
+            f"evalsyncd: warning: run {run_id} found on host {found[0].host!r}, "
+            "but other hosts could not be checked for the same id",
+            file=sys.stderr,
+        )
+    return fleet, found[0].host
+
+
+def _restore(args: argparse.Namespace) -> int:
+    from evalsyncd.restore import RestoreConflictError, restore_run
+
+    _reader_logging()
+    try:
+        storage, prefix = _open_reader(args.uri, args.config)
+        with storage:
+            found = _find_one(storage, prefix, args.run_id, args.uri)
+            if found is None:
+                return EX_FAILURE
+            fleet, host = found
+            result = restore_run(fleet.store(host), args.run_id, args.root)
+    except ConfigError as exc:
+        print(f"evalsyncd: configuration error:\n{exc}", file=sys.stderr)
+        return EX_CONFIG
+    except RestoreConflictError as exc:
+        print(f"evalsyncd: error: {exc}", file=sys.stderr)
+        return EX_FAILURE
+    except (StorageError, OSError, ValueError) as exc:
+        _fail(exc)
+        return EX_FAILURE
+    if result.already_present:
+        verb = "already present and identical"
+    else:
+        verb = f"restored {len(result.files)} files ({result.bytes} bytes)"
+    index = "; runs.jsonl line appended" if result.index_appended else ""
+    print(f"{args.run_id}: {verb} in {result.run_dir}{index}")
     return EX_OK
 
 
@@ -319,6 +497,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         from evalsyncd.demo import run_demo
 
         return run_demo(seconds=args.seconds, keep=Path(args.keep) if args.keep else None)
+    if args.command == "restore":
+        return _restore(args)
+    from evalsyncd.logs import configure_logging
+    from evalsyncd.sync.journal import JournalError
+
     try:
         settings = _settings(args)
     except ConfigError as exc:

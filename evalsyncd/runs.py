@@ -1,5 +1,8 @@
 """``evalsyncd runs ls | show``: read evaluation runs from any side of the mirror.
 
+Rows are the dicts of ``evalsyncd runs ls --json``: a run's ``metadata.json``
+fields plus ``host`` (the host prefix's name, ``""`` for a single store).
+
 The same :class:`~evalsyncd.store.EvalStore` reads a local directory, an
 ``s3://`` or a ``gs://`` location; these helpers turn what it returns into
 JSON-ready dicts and short text.
@@ -24,15 +27,17 @@ def runs_table(store: EvalStore) -> list[dict[str, Any]]:
 
 
 def format_runs(runs: list[dict[str, Any]]) -> str:
-    """One line per run: id, model, time, benchmarks and scores."""
+    """One line per run: host (for a fleet), id, model, time, benchmarks and scores."""
     if not runs:
         return "no runs"
+    width = max(len(r.get("host", "")) for r in runs)
     lines = []
     for r in runs:
+        host = f"{r.get('host', ''):<{width}}  " if width else ""
         scores = ", ".join(f"{b}={s:.3f}" for b, s in sorted(r.get("scores", {}).items()))
         benchmarks = ",".join(r.get("benchmarks", []))
         lines.append(
-            f"{r['run_id']}  {r.get('model_name', '')}  {r.get('timestamp', '')}  "
+            f"{host}{r['run_id']}  {r.get('model_name', '')}  {r.get('timestamp', '')}  "
             f"[{benchmarks}]  {scores or 'not finalized'}"
         )
     return "\n".join(lines)
@@ -79,8 +84,9 @@ def run_details(store: EvalStore, run_id: str, *, trajectories: int = 0) -> dict
 def format_run(details: dict[str, Any]) -> str:
     """Human-readable text of :func:`run_details`."""
     m = details["metadata"]
+    host = f" on host {details['host']}" if details.get("host") else ""
     lines = [
-        f"run {m['run_id']} ({details['url']})",
+        f"run {m['run_id']}{host} ({details['url']})",
         f"  model: {m.get('model_name')}  checkpoint: {m.get('checkpoint_name') or '-'}",
         f"  created: {m.get('timestamp')}",
     ]

@@ -59,6 +59,15 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
+from evalsyncd.catalog import (
+    CATALOG_PATH,
+    Catalog,
+    CatalogError,
+    aread_catalog_bytes,
+    build_catalog,
+    parse_catalog,
+    read_catalog_bytes,
+)
 from evalsyncd.storage import AsyncStorage, LocalStorage, Storage, storage_join
 from evalsyncd.storage._bridge import run_sync
 
@@ -472,6 +481,18 @@ async def _bounded_map(fn: Callable[[T], Awaitable[R]], items: Sequence[T], limi
     return results  # type: ignore[return-value]
 
 
+async def _both(a: Awaitable[T], b: Awaitable[R]) -> tuple[T, R]:
+    """Await two awaitables concurrently; on an error, cancel the other and raise it as is."""
+    ta, tb = asyncio.ensure_future(a), asyncio.ensure_future(b)
+    try:
+        return await ta, await tb
+    except BaseException:
+        for task in (ta, tb):
+            task.cancel()
+        await asyncio.gather(ta, tb, return_exceptions=True)
+        raise
+
+
 def _in_running_loop() -> bool:
     try:
         asyncio.get_running_loop()
@@ -498,6 +519,9 @@ class EvalStore:
         max_concurrency: bound on concurrent requests of ``list_runs`` and
             ``list_benchmarks`` (and their async twins).
         chunk_size: bytes per ranged read when streaming ``trajectories.jsonl``.
+        use_catalog: let ``list_runs`` read the run catalog the daemon keeps at
+            ``.evalsyncd/catalog.json`` (see :mod:`evalsyncd.catalog`); the
+            answer is the same either way, only the number of reads differs.
 
     Instances hold configuration only and pickle when the storage does.
     Sync methods may be called from any thread without a running event loop;
@@ -511,6 +535,7 @@ class EvalStore:
         *,
         max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
+        use_catalog: bool = True,
     ) -> None:
         if max_concurrency < 1:
             raise ValueError(f"max_concurrency must be >= 1, not {max_concurrency}")
@@ -523,6 +548,7 @@ class EvalStore:
         self.prefix = prefix
         self.max_concurrency = max_concurrency
         self.chunk_size = chunk_size
+        self.use_catalog = use_catalog
 
     def __repr__(self) -> str:
         return f"EvalStore({self.url()!r})"
@@ -711,14 +737,18 @@ class EvalStore:
     def delete_run(self, run_id: str) -> None:
         """Delete a run's files; idempotent (no error if already gone).
 
-        ``metadata.json`` goes first, so an interrupted delete leaves no
-        half-run in ``list_runs``; calling again finishes the job. The
-        ``runs.jsonl`` index is append-only and keeps the run's line.
+        The run's entry leaves the run catalog (``.evalsyncd/catalog.json``,
+        when there is one) first, then ``metadata.json`` goes, so an
+        interrupted delete leaves no half-run in ``list_runs`` (even where the
+        storage keeps empty directories in its listings); calling again
+        finishes the job. The ``runs.jsonl`` index is append-only and keeps
+        the run's line.
 
         Raises:
             ValueError: invalid run id.
             StorageError: the storage failed.
         """
+        self._drop_from_catalog(run_id)
         self.storage.remove(self._run_path(run_id, "metadata.json"))
         self.storage.remove(self._run_path(run_id, "summary.json"))
         for name in self.storage.list_dir(self._run_path(run_id)):
@@ -743,9 +773,16 @@ class EvalStore:
         Ordered by ``timestamp`` (then run id), newest first; the reference
         sorts by run id, which is creation order only for runs sharing a
         checkpoint label. Runs whose ``metadata.json`` is missing or does not
-        parse are left out (with a warning for the latter). Metadata files are
-        fetched concurrently, at most ``max_concurrency`` at a time: on a bucket
-        this costs one listing plus ``ceil(runs / max_concurrency)`` round trips.
+        parse are left out (with a warning for the latter).
+
+        Cost: one listing of ``runs/`` plus one read of the run catalog
+        (``.evalsyncd/catalog.json``, kept by the daemon; see
+        :mod:`evalsyncd.catalog`), then one read per listed run the catalog
+        does not cover, at most ``max_concurrency`` at a time. The listing is
+        the truth: a run the catalog holds but the listing lacks (deleted) is
+        never returned. A missing or corrupt catalog is ignored (with a
+        warning naming its key) and every run is read individually: the
+        answer is the same with or without a catalog.
 
         Raises:
             StorageError: the storage failed (never reported as "no runs").
@@ -753,28 +790,97 @@ class EvalStore:
         if self._use_bridge():
             return run_sync(self.alist_runs())
         names = self._run_names(self.storage.list_dir(self._path("runs")))
-        runs = self._thread_map(
-            lambda name: _parse_run(
-                self._read_json(self._run_path(name, "metadata.json")),
-                self.storage.url(self._run_path(name, "metadata.json")),
-            ),
-            names,
-        )
-        return self._sorted_runs(runs)
+        cat = self._read_catalog() if self.use_catalog and names else None
+
+        def one(name: str) -> RunMetadata | None:
+            path = self._run_path(name, "metadata.json")
+            where = self.storage.url(path)
+            data = self._from_catalog(cat, name)
+            if data is None:
+                return _parse_run(self._read_json(path), where)
+            return _parse_run(_parse_json_object(data, where), where)
+
+        return self._sorted_runs(self._thread_map(one, names))
 
     async def alist_runs(self) -> list[RunMetadata]:
-        """Async :meth:`list_runs`: natively async on cloud storage.
+        """Async :meth:`list_runs`: natively async on cloud storage (same rules and cost).
 
         Raises:
             StorageError: the storage failed.
         """
-        names = self._run_names(await self._alist_dir(self._path("runs")))
+        catalog: Catalog | None = None
+        if self.use_catalog:
+            listed, catalog = await _both(
+                self._alist_dir(self._path("runs")), self._aread_catalog()
+            )
+        else:
+            listed = await self._alist_dir(self._path("runs"))
+        names = self._run_names(listed)
 
         async def one(name: str) -> RunMetadata | None:
             path = self._run_path(name, "metadata.json")
-            return _parse_run(await self._aread_json(path), self.storage.url(path))
+            where = self.storage.url(path)
+            data = self._from_catalog(catalog, name)
+            if data is None:
+                return _parse_run(await self._aread_json(path), where)
+            return _parse_run(_parse_json_object(data, where), where)
 
         return self._sorted_runs(await _bounded_map(one, names, self.max_concurrency))
+
+    # -- the run catalog --------------------------------------------------------------
+
+    def _catalog_or_none(self, data: bytes | None) -> Catalog | None:
+        if data is None:
+            return None
+        url = self.storage.url(self._path(CATALOG_PATH))
+        try:
+            return parse_catalog(data, url)
+        except CatalogError as exc:
+            logger.warning("ignoring the run catalog, reading each run instead: %s", exc)
+            return None
+
+    def _read_catalog(self) -> Catalog | None:
+        return self._catalog_or_none(read_catalog_bytes(self.storage, self.prefix))
+
+    async def _aread_catalog(self) -> Catalog | None:
+        astorage = self._astorage
+        if astorage is None:
+            data = await asyncio.to_thread(read_catalog_bytes, self.storage, self.prefix)
+        else:
+            data = await aread_catalog_bytes(astorage, self.prefix)
+        return self._catalog_or_none(data)
+
+    def _drop_from_catalog(self, run_id: str) -> None:
+        """Rewrite the catalog without ``run_id`` (no-op without a catalog or that entry)."""
+        _check_name("run_id", run_id)
+        data = read_catalog_bytes(self.storage, self.prefix)
+        if data is None:
+            return
+        url = self.storage.url(self._path(CATALOG_PATH))
+        try:
+            catalog = parse_catalog(data, url)
+        except CatalogError as exc:
+            logger.warning("removing an unreadable run catalog: %s", exc)
+            self.storage.remove(self._path(CATALOG_PATH))
+            return
+        if run_id not in catalog.entries:
+            return
+        kept = {k: e.data for k, e in catalog.entries.items() if k != run_id and e.intact}
+        self.storage.write(self._path(CATALOG_PATH), build_catalog(kept))
+
+    def _from_catalog(self, catalog: Catalog | None, run_id: str) -> bytes | None:
+        """The catalog's bytes of the run's metadata.json, or ``None`` to read it instead."""
+        entry = catalog.get(run_id) if catalog is not None else None
+        if entry is None:
+            return None
+        if not entry.intact:
+            logger.warning(
+                "%s: catalog entry %r does not match its size/CRC32C; reading the run",
+                self.storage.url(self._path(CATALOG_PATH)),
+                run_id,
+            )
+            return None
+        return entry.data
 
     @staticmethod
     def _run_names(names: Iterable[str]) -> list[str]:
@@ -800,6 +906,20 @@ class EvalStore:
         """
         path = self._run_path(run_id, "metadata.json")
         run = _parse_run(self._read_json(path), self.storage.url(path))
+        if run is None:
+            raise FileNotFoundError(f"run {run_id} not found at {self.storage.url(path)}")
+        return run
+
+    async def aread_run(self, run_id: str) -> RunMetadata:
+        """Async :meth:`read_run`: natively async on cloud storage.
+
+        Raises:
+            FileNotFoundError: no (parseable) ``metadata.json``.
+            ValueError: invalid run id.
+            StorageError: the storage failed.
+        """
+        path = self._run_path(run_id, "metadata.json")
+        run = _parse_run(await self._aread_json(path), self.storage.url(path))
         if run is None:
             raise FileNotFoundError(f"run {run_id} not found at {self.storage.url(path)}")
         return run

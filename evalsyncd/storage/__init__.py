@@ -2,19 +2,25 @@
 
 See :mod:`evalsyncd.storage._base` for the contract every backend keeps.
 This package knows nothing of evaluations or of the daemon.
+
+The cloud backends (``S3Storage``, ``GCSStorage``, and ``AnyStorage`` which
+names them) are imported on first use (PEP 562), so a reader of a local
+directory never loads aioboto3 or gcloud-aio.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 from urllib.parse import unquote, urlsplit
 
 from evalsyncd.storage._base import AsyncStorage, Storage, StorageStat, check_key, storage_join
-from evalsyncd.storage.gcs import GCSStorage
 from evalsyncd.storage.local import LocalStorage
-from evalsyncd.storage.s3 import S3Storage
+
+if TYPE_CHECKING:
+    from evalsyncd.storage.gcs import GCSStorage
+    from evalsyncd.storage.s3 import S3Storage
 
 __all__ = [
     "AnyStorage",
@@ -29,8 +35,30 @@ __all__ = [
     "storage_join",
 ]
 
-AnyStorage = LocalStorage | S3Storage | GCSStorage
-"""The concrete backends: each implements both ``Storage`` and ``AsyncStorage``."""
+if TYPE_CHECKING:
+    AnyStorage: TypeAlias = LocalStorage | S3Storage | GCSStorage
+    """The concrete backends: each implements both ``Storage`` and ``AsyncStorage``."""
+
+
+def __getattr__(name: str) -> Any:
+    if name == "S3Storage":
+        from evalsyncd.storage.s3 import S3Storage
+
+        return S3Storage
+    if name == "GCSStorage":
+        from evalsyncd.storage.gcs import GCSStorage
+
+        return GCSStorage
+    if name == "AnyStorage":
+        from evalsyncd.storage.gcs import GCSStorage
+        from evalsyncd.storage.s3 import S3Storage
+
+        return LocalStorage | S3Storage | GCSStorage
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
 
 
 def storage_from_uri(uri: str | Path, **kwargs: Any) -> AnyStorage:
@@ -69,7 +97,11 @@ def storage_from_uri(uri: str | Path, **kwargs: Any) -> AnyStorage:
                 kwargs["endpoint_url"] = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get(
                     "AWS_ENDPOINT_URL"
                 )
+            from evalsyncd.storage.s3 import S3Storage
+
             return S3Storage(bucket, prefix, **kwargs)
+        from evalsyncd.storage.gcs import GCSStorage
+
         return GCSStorage(bucket, prefix, **kwargs)
     raise ValueError(
         f"{uri!r}: unsupported scheme {scheme!r} (use a path, file://, s3:// or gs://)"

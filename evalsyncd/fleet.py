@@ -1,0 +1,328 @@
+"""``Fleet``: the runs of every host of a fleet prefix, read as one store.
+
+Every host's daemon mirrors into its own prefix, so a bucket holds a *fleet*::
+
+    {fleet prefix}/                 # e.g. s3://bucket/evals
+      {host}/                       # a host prefix: an EvalStore layout
+        runs.jsonl
+        runs/{run_id}/metadata.json ...
+        .evalsyncd/catalog.json     # the run catalog (evalsyncd.catalog)
+      {host}/ ...
+
+A prefix that itself holds ``runs/`` or ``runs.jsonl`` is a single store, read
+as one host named ``""``. Other children whose names start with ``.`` are
+ignored. Listing a fleet costs one listing of the fleet prefix, then per host
+what :meth:`EvalStore.alist_runs <evalsyncd.store.EvalStore.alist_runs>` costs
+(one listing of ``runs/`` and one catalog read when the daemon keeps a
+catalog), hosts read concurrently.
+
+Failures are per host: a host whose reads fail (unreachable, access denied)
+or that holds no runs is reported in :attr:`FleetListing.problems`, naming its
+URL, and the other hosts are still listed. Only a failure to list the fleet
+prefix itself raises. An outage is never reported as "no runs".
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from evalsyncd.errors import StorageError
+from evalsyncd.storage import AsyncStorage, LocalStorage, Storage, storage_join
+from evalsyncd.storage._bridge import run_sync
+from evalsyncd.store import DEFAULT_MAX_CONCURRENCY, EvalStore, RunMetadata, _recency_key
+
+__all__ = [
+    "DEFAULT_MAX_HOSTS",
+    "AmbiguousRunError",
+    "Fleet",
+    "FleetListing",
+    "FleetRun",
+    "HostProblem",
+]
+
+DEFAULT_MAX_HOSTS = 16
+"""Default bound on hosts read at the same time."""
+
+_STORE_MARKERS = frozenset({"runs", "runs.jsonl"})
+
+
+class AmbiguousRunError(LookupError):
+    """Several hosts hold a run with the same id.
+
+    Attributes:
+        run_id: the id asked for.
+        hosts: the hosts holding it, sorted.
+    """
+
+    def __init__(self, run_id: str, hosts: list[str], url: str) -> None:
+        super().__init__(
+            f"run {run_id} is on {len(hosts)} hosts of {url}: {', '.join(hosts)} "
+            "(give the host prefix to choose one)"
+        )
+        self.run_id = run_id
+        self.hosts = hosts
+
+
+@dataclass(frozen=True)
+class FleetRun:
+    """One run and the host that holds it.
+
+    Attributes:
+        host: the host prefix's name (``""`` for a single store).
+        metadata: the run's ``metadata.json``.
+        url: the run directory's URL.
+    """
+
+    host: str
+    metadata: RunMetadata
+    url: str
+
+    @property
+    def run_id(self) -> str:
+        """The run's id."""
+        return self.metadata.run_id
+
+    def to_dict(self) -> dict[str, Any]:
+        """``{"host": ..., **metadata}``: the JSON shape of ``evalsyncd runs ls --json``."""
+        return {"host": self.host, **self.metadata.to_dict()}
+
+
+@dataclass(frozen=True)
+class HostProblem:
+    """Why a host's runs are missing from a listing.
+
+    Attributes:
+        host: the host prefix's name.
+        url: the host prefix's URL (or the key that failed).
+        message: one line naming the URL and what went wrong.
+        error: the exception, or ``None`` when the host simply holds no runs.
+    """
+
+    host: str
+    url: str
+    message: str
+    error: BaseException | None = None
+
+
+@dataclass
+class FleetListing:
+    """The result of :meth:`Fleet.list_runs`.
+
+    Attributes:
+        url: the fleet prefix's URL.
+        hosts: every host found, sorted.
+        runs: runs of every readable host, newest first (then by host).
+        problems: hosts that failed or hold no runs, sorted by host.
+    """
+
+    url: str
+    hosts: list[str]
+    runs: list[FleetRun] = field(default_factory=list)
+    problems: list[HostProblem] = field(default_factory=list)
+
+    @property
+    def failed(self) -> list[HostProblem]:
+        """The problems that are errors (not merely an empty host)."""
+        return [p for p in self.problems if p.error is not None]
+
+    @property
+    def ok(self) -> bool:
+        """Whether every host was read (empty hosts do not count as failures)."""
+        return not self.failed
+
+
+class Fleet:
+    """Runs across every host prefix under one fleet prefix.
+
+    Args:
+        storage_or_path: the storage (one client serves every host), or a local
+            directory (not created if missing).
+        prefix: the fleet prefix inside the storage (``""`` for its root).
+        max_hosts: bound on hosts read concurrently.
+        max_concurrency: each host store's bound on concurrent reads (so at most
+            ``max_hosts * max_concurrency`` requests are in flight).
+        use_catalog: let each host's listing read its run catalog.
+
+    Sync methods may be called from any thread without a running event loop
+    (they run the async implementation on the storage bridge); inside a
+    coroutine, use the ``a*`` methods. The storage must be open (entered).
+    """
+
+    def __init__(
+        self,
+        storage_or_path: Storage | str | Path,
+        prefix: str = "",
+        *,
+        max_hosts: int = DEFAULT_MAX_HOSTS,
+        max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
+        use_catalog: bool = True,
+    ) -> None:
+        if max_hosts < 1:
+            raise ValueError(f"max_hosts must be >= 1, not {max_hosts}")
+        if isinstance(storage_or_path, str | Path):
+            self.storage: Storage = LocalStorage(Path(storage_or_path), mkdir=False)
+        else:
+            self.storage = storage_or_path
+        self.prefix = prefix
+        self.max_hosts = max_hosts
+        self.max_concurrency = max_concurrency
+        self.use_catalog = use_catalog
+
+    def __repr__(self) -> str:
+        return f"Fleet({self.url()!r})"
+
+    def url(self, path: str = "") -> str:
+        """The URL of ``path`` under the fleet prefix."""
+        return self.storage.url(storage_join(self.prefix, path))
+
+    def store(self, host: str) -> EvalStore:
+        """The :class:`EvalStore` of one host (``""``: the fleet prefix itself)."""
+        return EvalStore(
+            self.storage,
+            storage_join(self.prefix, host),
+            max_concurrency=self.max_concurrency,
+            use_catalog=self.use_catalog,
+        )
+
+    # -- hosts ---------------------------------------------------------------------
+
+    def hosts(self) -> list[str]:
+        """Sorted host names; ``[""]`` when the prefix is itself a store; ``[]`` when empty.
+
+        Raises:
+            StorageError: the fleet prefix could not be listed.
+        """
+        return run_sync(self.ahosts())
+
+    async def ahosts(self) -> list[str]:
+        """Async :meth:`hosts` (one listing of the fleet prefix)."""
+        names = await self._alist_dir(self.prefix)
+        if _STORE_MARKERS & set(names):
+            return [""]
+        return sorted(n for n in names if not n.startswith("."))
+
+    async def _alist_dir(self, path: str) -> list[str]:
+        s = self.storage
+        if isinstance(s, AsyncStorage) and not isinstance(s, LocalStorage):
+            return await s.alist_dir(path)
+        return await asyncio.to_thread(s.list_dir, path)
+
+    async def _per_host(self, hosts: list[str], fn: Any) -> list[Any]:
+        sem = asyncio.Semaphore(self.max_hosts)
+
+        async def one(host: str) -> Any:
+            async with sem:
+                return await fn(host)
+
+        return list(await asyncio.gather(*(one(h) for h in hosts)))
+
+    # -- listing -------------------------------------------------------------------
+
+    def list_runs(self) -> FleetListing:
+        """Every run of every host, tagged by host; see :meth:`alist_runs`."""
+        return run_sync(self.alist_runs())
+
+    async def alist_runs(self) -> FleetListing:
+        """Every run of every host, tagged by host, newest first.
+
+        Returns:
+            The listing; hosts that failed or hold no runs are in its
+            ``problems`` (each naming the URL), the others' runs in ``runs``.
+
+        Raises:
+            StorageError: the fleet prefix itself could not be listed.
+        """
+        hosts = await self.ahosts()
+        listing = FleetListing(url=self.url(), hosts=hosts)
+        if not hosts:
+            listing.problems.append(
+                HostProblem("", self.url(), f"{self.url()}: no EvalStore and no host prefixes here")
+            )
+            return listing
+
+        async def one(host: str) -> list[FleetRun] | HostProblem:
+            store = self.store(host)
+            try:
+                runs = await store.alist_runs()
+            except (StorageError, OSError) as exc:
+                return HostProblem(
+                    host, store.url(), f"{store.url()}: {type(exc).__name__}: {exc}", exc
+                )
+            if not runs:
+                return HostProblem(host, store.url(), f"{store.url('runs')}/: no runs")
+            return [FleetRun(host, m, store.url(f"runs/{m.run_id}")) for m in runs]
+
+        for result in await self._per_host(hosts, one):
+            if isinstance(result, HostProblem):
+                listing.problems.append(result)
+            else:
+                listing.runs.extend(result)
+        listing.runs.sort(key=lambda r: (_recency_key(r.metadata), r.host), reverse=True)
+        return listing
+
+    # -- one run -------------------------------------------------------------------
+
+    def find_run(self, run_id: str) -> tuple[list[FleetRun], list[HostProblem]]:
+        """Every host's copy of ``run_id``; see :meth:`afind_run`."""
+        return run_sync(self.afind_run(run_id))
+
+    async def afind_run(self, run_id: str) -> tuple[list[FleetRun], list[HostProblem]]:
+        """Every host's copy of ``run_id`` (one read per host, concurrently).
+
+        Returns:
+            ``(found, problems)``: the hosts holding the run, sorted by host, and
+            the hosts that could not be read.
+
+        Raises:
+            ValueError: invalid run id.
+            StorageError: the fleet prefix could not be listed.
+        """
+        hosts = await self.ahosts()
+
+        async def one(host: str) -> FleetRun | HostProblem | None:
+            store = self.store(host)
+            try:
+                m = await store.aread_run(run_id)
+            except FileNotFoundError:
+                return None
+            except (StorageError, OSError) as exc:
+                return HostProblem(
+                    host, store.url(), f"{store.url()}: {type(exc).__name__}: {exc}", exc
+                )
+            return FleetRun(host, m, store.url(f"runs/{run_id}"))
+
+        found: list[FleetRun] = []
+        problems: list[HostProblem] = []
+        for result in await self._per_host(hosts, one):
+            if isinstance(result, FleetRun):
+                found.append(result)
+            elif isinstance(result, HostProblem):
+                problems.append(result)
+        return found, problems
+
+    def read_run(self, run_id: str) -> FleetRun:
+        """The one copy of ``run_id`` in the fleet; see :meth:`aread_run`."""
+        return run_sync(self.aread_run(run_id))
+
+    async def aread_run(self, run_id: str) -> FleetRun:
+        """The one copy of ``run_id`` in the fleet.
+
+        Raises:
+            AmbiguousRunError: several hosts hold it (names them).
+            FileNotFoundError: no host holds it and every host was read.
+            StorageError: no host holds it among those read, and some could
+                not be read (the first such error, re-raised: not "missing").
+            ValueError: invalid run id.
+        """
+        found, problems = await self.afind_run(run_id)
+        if len(found) > 1:
+            raise AmbiguousRunError(run_id, [r.host for r in found], self.url())
+        if found:
+            return found[0]
+        for p in problems:
+            if p.error is not None:
+                raise p.error
+        raise FileNotFoundError(f"run {run_id} not found on any host of {self.url()}")
