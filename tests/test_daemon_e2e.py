@@ -390,7 +390,7 @@ def test_sigterm_exits_zero_and_restart_resumes(env: Env) -> None:
     """SIGTERM exits 0; a restart resumes from the journal without re-uploading."""
     reader = env.add("file")
     store = EvalStore(env.root)
-    daemon = env.daemon()
+    daemon = env.daemon(log_level="debug")  # per-upload events are debug
     with daemon:
         _write_runs(store, 1, 10)
         wait_mirrored(env.root, reader)

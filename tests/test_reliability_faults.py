@@ -275,7 +275,7 @@ def _outage(rel: RelEnv, tmp_path: Path, outage_s: float, warmup_s: float = 0.0)
         rel.add("gcs")
         rel.add("file")
         writer = Writer(rel.root, runs=3, pause_s=0.005)
-        with rel.daemon() as daemon:
+        with rel.daemon(log_level="debug") as daemon:  # per-upload events are debug
             writer.start()
             _throughput(writer, 1.0)
             writer.pause()  # a mirror equals a file that is not being written

@@ -242,7 +242,7 @@ def test_sighup_adds_and_removes_destinations_without_losing_progress(
     dest_a = {"name": "a", "url": a.as_uri()}
     dest_b = {"name": "b", "url": b.as_uri()}
     config = tmp_path / "config.toml"
-    write_config(config, root, state, [dest_a])
+    write_config(config, root, state, [dest_a], log_level="debug")
     with DaemonProcess(
         config, tmp_path / "daemon.log", {"NOTIFY_SOCKET": notify_socket.name}
     ) as daemon:
@@ -250,12 +250,12 @@ def test_sighup_adds_and_removes_destinations_without_losing_progress(
         wait_for(lambda: mirror_equals(root, a), timeout_s=30, what="a mirrored")
         a_mtime = (a / "runs/run0/metadata.json").stat().st_mtime_ns
 
-        write_config(config, root, state, [dest_a, dest_b])  # add b
+        write_config(config, root, state, [dest_a, dest_b], log_level="debug")  # add b
         daemon.signal(signal.SIGHUP)
         wait_for(lambda: mirror_equals(root, b), timeout_s=30, what="b caught up after reload")
         assert (a / "runs/run0/metadata.json").stat().st_mtime_ns == a_mtime, "a re-uploaded"
 
-        write_config(config, root, state, [dest_b])  # remove a
+        write_config(config, root, state, [dest_b], log_level="debug")  # remove a
         daemon.signal(signal.SIGHUP)
         wait_for(lambda: daemon.events("destination_removed"), timeout_s=20, what="a removed")
         store.write_trajectory("run0", "gsm8k", StoredTrajectory(idx=99, benchmark="gsm8k"))
@@ -263,7 +263,7 @@ def test_sighup_adds_and_removes_destinations_without_losing_progress(
         assert not mirror_equals(root, a)
 
         offset_before = len((a / key).read_bytes())
-        write_config(config, root, state, [dest_a, dest_b])  # a comes back
+        write_config(config, root, state, [dest_a, dest_b], log_level="debug")  # a comes back
         daemon.signal(signal.SIGHUP)
         wait_for(lambda: mirror_equals(root, a), timeout_s=30, what="a resumed")
         uploads = [

@@ -319,6 +319,7 @@ class Destination:
         """
         now = self._clock()
         batch = {p: d.seq for p, d in self._dirty.items() if d.not_before <= now}
+        uploads, sent = self.stats.objects_uploaded, self.stats.bytes_uploaded
         try:
             if self.tail is not None:
                 await self.tail.run_pass(batch)
@@ -335,6 +336,17 @@ class Destination:
             return False
         self._failures = 0
         self._transition(DestinationState.HEALTHY)
+        if self.stats.objects_uploaded > uploads:
+            # the canonical line of a pass (per-upload events are debug)
+            log.info(
+                "pass_finished",
+                destination=self.name,
+                files=len(batch),
+                uploads=self.stats.objects_uploaded - uploads,
+                bytes=self.stats.bytes_uploaded - sent,
+                main_behind=self.tail.behind if self.tail is not None else 0,
+                duration_s=round(self._clock() - now, 4),
+            )
         if batch and self._clock() - self._last_success_recorded > 1.0:
             self._last_success_recorded = self._clock()
             self.journal.set_destination_state(self.name, self.state.value, success=True)
