@@ -217,13 +217,51 @@ class CloudStorage(ABC):
     async def _tail_list(self, limit: int | None = None) -> list[str]: ...
 
     @abstractmethod
-    async def _tail_get(self, name: str, start: int, end: int | None) -> bytes: ...
-
-    @abstractmethod
-    async def _tail_create(self, name: str, data: bytes) -> None: ...
-
-    @abstractmethod
     async def _tail_delete(self, names: list[str]) -> None: ...
+
+    @abstractmethod
+    async def _internal_get(self, key: str, url: str, start: int, end: int | None) -> bytes: ...
+
+    @abstractmethod
+    async def _internal_put(self, key: str, url: str, data: bytes, *, create: bool) -> None: ...
+
+    async def aread_internal(self, name: str) -> bytes:
+        """Read ``{prefix}/.evalsyncd/{name}`` (the daemon's own objects, such as the catalog).
+
+        Raises:
+            ObjectNotFoundError: the object is missing.
+        """
+        check_key(name)
+        key = self._internal_key(name)
+        return await self._internal_get(key, f"{self.scheme}://{self.bucket}/{key}", 0, None)
+
+    async def awrite_internal(self, name: str, data: bytes) -> None:
+        """Replace ``{prefix}/.evalsyncd/{name}`` with ``data`` (one PUT)."""
+        check_key(name)
+        key = self._internal_key(name)
+        await self._internal_put(key, f"{self.scheme}://{self.bucket}/{key}", data, create=False)
+
+    def read_internal(self, name: str) -> bytes:
+        """See :meth:`aread_internal`."""
+        return run_sync(self.aread_internal(name))
+
+    def write_internal(self, name: str, data: bytes) -> None:
+        """See :meth:`awrite_internal`."""
+        run_sync(self.awrite_internal(name, data))
+
+    async def _tail_get(self, name: str, start: int, end: int | None) -> bytes:
+        """Bytes ``[start, end)`` of a tail object. Missing: ``ObjectNotFoundError``."""
+        key = self._internal_key(TAIL_DIR, name)
+        return await self._internal_get(key, self._tail_url(name), start, end)
+
+    async def _tail_create(self, name: str, data: bytes) -> None:
+        """Create a tail object if absent (``If-None-Match: *`` / ``ifGenerationMatch=0``).
+
+        Raises:
+            ConflictError: the name exists.
+        """
+        key = self._internal_key(TAIL_DIR, name)
+        await self._internal_put(key, self._tail_url(name), data, create=True)
 
     def _tail_url(self, name: str = "") -> str:
         key = self._internal_key(TAIL_DIR, name) if name else self._internal_key(TAIL_DIR)

@@ -568,21 +568,23 @@ class GCSStorage(CloudStorage):
             params["pageToken"] = token
         return names[:limit] if limit is not None else names
 
-    async def _tail_get(self, name: str, start: int, end: int | None) -> bytes:
-        """Bytes ``[start, end)`` of a tail object: one ranged download."""
+    async def _internal_get(self, key: str, url: str, start: int, end: int | None) -> bytes:
+        """Bytes ``[start, end)`` of an object of the internal area: one ranged download."""
         c = await self._gcs()
-        return await self._download(
-            c, self._tail_key(name), self._tail_url(name), start=start, end=end
-        )
+        if start == 0 and end is None:
+            return await self._download(c, key, url)
+        return await self._download(c, key, url, start=start, end=end)
 
-    async def _tail_create(self, name: str, data: bytes) -> None:
-        """A multipart upload with ``ifGenerationMatch=0``: ``ConflictError`` if it exists."""
+    async def _internal_put(self, key: str, url: str, data: bytes, *, create: bool) -> None:
+        """One upload; with ``create``, ``ifGenerationMatch=0`` (``ConflictError`` if it exists)."""
         c = await self._gcs()
-        url = self._tail_url(name)
+        if not create:
+            await self._guarded(c, self._upload(c, key, data), url=url, target="bucket")
+            return
         try:
-            await self._conditional_upload(c, self._tail_key(name), url, data, generation="0")
+            await self._conditional_upload(c, key, url, data, generation="0")
         except _PreconditionFailed as exc:
-            raise ConflictError(f"{url}: the tail object exists", url=url) from exc
+            raise ConflictError(f"{url}: the object exists", url=url) from exc
 
     async def _tail_delete(self, names: list[str]) -> None:
         """One delete per object, concurrently (missing ones are fine)."""

@@ -13,6 +13,8 @@ from evalsyncd.errors import ConflictError, InvalidKeyError, ObjectNotFoundError
 from evalsyncd.storage._base import StorageStat, check_key
 from evalsyncd.storage.tail import TailWriter
 
+INTERNAL_DIR = ".evalsyncd"
+
 __all__ = ["LocalStorage"]
 
 
@@ -208,6 +210,22 @@ class LocalStorage:
             os.close(fd)
 
     # -- async: the sync methods in a worker thread ----------------------------------
+
+    async def aread_internal(self, name: str) -> bytes:
+        """Read ``.evalsyncd/{name}`` under the root (the daemon's own files, such as the catalog)."""
+        return await self.aread(f"{INTERNAL_DIR}/{name}")
+
+    async def awrite_internal(self, name: str, data: bytes) -> None:
+        """Replace ``.evalsyncd/{name}`` under the root, atomically."""
+        await self.awrite(f"{INTERNAL_DIR}/{name}", data)
+
+    def read_internal(self, name: str) -> bytes:
+        """See :meth:`aread_internal`."""
+        return self.read(f"{INTERNAL_DIR}/{name}")
+
+    def write_internal(self, name: str, data: bytes) -> None:
+        """See :meth:`awrite_internal`."""
+        self.write(f"{INTERNAL_DIR}/{name}", data)
 
     async def aread(self, path: str) -> bytes:
         """See :meth:`Storage.read`."""

@@ -815,18 +815,15 @@ class S3Storage(CloudStorage):
         self._bucket_ok = True
         return names[:limit] if limit is not None else names
 
-    async def _tail_get(self, name: str, start: int, end: int | None) -> bytes:
-        """Bytes ``[start, end)`` of a tail object: one ranged ``GetObject``."""
-        data, _resp = await self._get(
-            await self._client(), self._tail_key(name), self._tail_url(name), start=start, end=end
-        )
+    async def _internal_get(self, key: str, url: str, start: int, end: int | None) -> bytes:
+        """Bytes ``[start, end)`` of an object of the internal area: one ranged ``GetObject``."""
+        data, _resp = await self._get(await self._client(), key, url, start=start, end=end)
         return data
 
-    async def _tail_create(self, name: str, data: bytes) -> None:
-        """``PutObject`` with ``If-None-Match: *``: ``ConflictError`` if the name exists."""
-        await self._put(
-            await self._client(), self._tail_key(name), self._tail_url(name), data, IfNoneMatch="*"
-        )
+    async def _internal_put(self, key: str, url: str, data: bytes, *, create: bool) -> None:
+        """``PutObject``; with ``create``, ``If-None-Match: *`` (``ConflictError`` if it exists)."""
+        extra = {"IfNoneMatch": "*"} if create else {}
+        await self._put(await self._client(), key, url, data, **extra)
 
     async def _tail_delete(self, names: list[str]) -> None:
         """``DeleteObjects``, 1,000 keys per request."""

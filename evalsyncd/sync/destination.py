@@ -48,6 +48,7 @@ import crc32c
 import structlog
 from aiolimiter import AsyncLimiter
 
+from evalsyncd.catalog import CATALOG_PATH, build_catalog
 from evalsyncd.config import DestinationSettings, RetrySettings
 from evalsyncd.errors import (
     ConflictError,
@@ -58,7 +59,7 @@ from evalsyncd.errors import (
     TransientStorageError,
 )
 from evalsyncd.storage import AnyStorage, check_key
-from evalsyncd.sync.files import FileKind, classify, phase_of
+from evalsyncd.sync.files import FileKind, classify, is_run_metadata, phase_of
 from evalsyncd.sync.journal import Entry, Journal
 from evalsyncd.sync.lines import (
     RemoteAhead,
@@ -75,6 +76,7 @@ from evalsyncd.sync.tailmode import TailMode
 __all__ = ["Destination", "DestinationState", "backoff_delay"]
 
 log = structlog.get_logger("evalsyncd.sync")
+CATALOG_NAME = CATALOG_PATH.split("/", 1)[1]
 T = TypeVar("T")
 
 CHUNK_BYTES = 8 * 1024 * 1024
@@ -195,6 +197,7 @@ class Destination:
             if settings.max_upload_bytes_per_s
             else None
         )
+        self._catalog_sent: bytes | None = None
         self.tail: TailMode | None = None
         """The tail-log half of this destination (``None``: every file on its own)."""
         if storage.supports_tail and settings.max_main_lag_s > 0:
@@ -334,6 +337,8 @@ class Destination:
         except StorageError as exc:  # conflicts that survived reconciliation, and the like
             await self._on_failure(exc, permanent=False)
             return False
+        if any(is_run_metadata(p) for p in batch):
+            await self._update_catalog()
         self._failures = 0
         self._transition(DestinationState.HEALTHY)
         if self.stats.objects_uploaded > uploads:
@@ -408,6 +413,36 @@ class Destination:
             self._done(path, seq)
         else:
             raise exc
+
+    async def _update_catalog(self) -> None:
+        """Upload the run catalog (``.evalsyncd/catalog.json``) if it changed: one PUT.
+
+        It holds every ``runs/*/metadata.json`` whose journal row says this
+        destination has its current content (see :mod:`evalsyncd.catalog`).
+
+        Raises:
+            StorageError: the upload failed (retried with the next pass).
+        """
+        entries: dict[str, bytes] = {}
+        rows = self.journal.entries(self.name)
+        for path, row in rows.items():
+            if not is_run_metadata(path) or row.status != "ok":
+                continue
+            try:
+                data = (self.root / path).read_bytes()
+            except OSError:
+                continue
+            if crc32c.crc32c(data) == row.content_crc:
+                entries[path.split("/")[1]] = data
+        catalog = build_catalog(entries)
+        if catalog == self._catalog_sent:
+            return
+        await self.throttle(len(catalog))
+        await self.storage.awrite_internal(CATALOG_NAME, catalog)
+        self._catalog_sent = catalog
+        self.stats.objects_uploaded += 1
+        self.stats.bytes_uploaded += len(catalog)
+        log.debug("catalog_written", destination=self.name, runs=len(entries), bytes=len(catalog))
 
     async def throttle(self, nbytes: int) -> None:
         """Wait until ``nbytes`` may be sent under ``max_upload_bytes_per_s`` (no limit: at once)."""
