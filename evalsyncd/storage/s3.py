@@ -1,4 +1,8 @@
-"""``S3Storage``: the storage contract on Amazon S3 (and S3-compatible servers), via aioboto3.
+"""``S3Storage``: the storage contract on Amazon S3 (and S3-compatible servers), via aiobotocore.
+
+aiobotocore 3 is used directly rather than through aioboto3, whose newest
+release pins aiobotocore 2 (botocore 1.40): botocore 1.43 costs about 20 %
+less CPU per request (``docs/decisions/s3-client.md``, ``bench/sdkcpu.py``).
 
 Layout under ``s3://{bucket}/{prefix}/``::
 
@@ -80,10 +84,10 @@ from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from typing import Any, Final
 
-import aioboto3
 import aiohttp
 import botocore.exceptions as bexc
 from aiobotocore.config import AioConfig
+from aiobotocore.session import AioSession
 
 from evalsyncd.errors import (
     AccessDeniedError,
@@ -476,8 +480,8 @@ class S3Storage(CloudStorage):
 
     async def _open_client(self, stack: AsyncExitStack) -> Any:
         with _boundary(self.url()):
-            session = aioboto3.Session(profile_name=self.profile)
-            region = self.region or session.region_name or "us-east-1"
+            session = AioSession(profile=self.profile)
+            region = self.region or session.get_config_variable("region") or "us-east-1"
             style = self.addressing_style or ("path" if self.endpoint_url else "auto")
             config = AioConfig(
                 region_name=region,
@@ -488,7 +492,7 @@ class S3Storage(CloudStorage):
                 max_pool_connections=self.max_pool_connections,
             )
             return await stack.enter_async_context(
-                session.client(
+                session.create_client(
                     "s3", endpoint_url=self.endpoint_url, region_name=region, config=config
                 )
             )
