@@ -1,0 +1,264 @@
+"""The daemon through the tail log: one request per flush, readers stitched, main objects later.
+
+Subprocess daemons against SeaweedFS and fake-gcs-server; requests are counted by a
+proxy between the daemon and the server (``evalsyncd.devproxy.CountingProxy``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from evalsyncd.devproxy import CountingProxy
+from evalsyncd.devservers import FakeGCSServer, SeaweedS3Server
+from evalsyncd.storage import GCSStorage, S3Storage
+from evalsyncd.storage.tail import read_index
+from evalsyncd.sync.journal import Journal
+from tests.daemon import write_config
+from tests.helpers import wait_for
+from tests.reliability import RelEnv, events, list_keys, s3_main_object, wait_settled
+
+
+@pytest.fixture
+def rel(
+    tmp_path: Path,
+    cloud_env: dict[str, str],
+    s3_server: SeaweedS3Server,
+    gcs_server: FakeGCSServer,
+    unique_prefix: str,
+) -> Iterator[RelEnv]:
+    e = RelEnv(tmp_path, s3_server.endpoint_url, gcs_server.endpoint_url, unique_prefix)
+    yield e
+    e.close()
+
+
+def _append(path: Path, i: int) -> None:
+    with open(path, "ab") as f:
+        f.write(json.dumps({"n": i, "pad": "x" * 200}).encode() + b"\n")
+
+
+def _server_port(kind: str, s3: SeaweedS3Server, gcs: FakeGCSServer) -> int:
+    return s3.port if kind == "s3" else gcs.port
+
+
+@pytest.mark.parametrize("kind", ["s3", "gcs"])
+def test_a_flush_of_many_files_is_one_request(
+    rel: RelEnv, kind: str, s3_server: SeaweedS3Server, gcs_server: FakeGCSServer
+) -> None:
+    """40 growing files cost about one request per flush, not one per file."""
+    files = [rel.root / f"runs/r{i}/b/trajectories.jsonl" for i in range(40)]
+    for f in files:
+        f.parent.mkdir(parents=True)
+    with CountingProxy("127.0.0.1", _server_port(kind, s3_server, gcs_server)) as proxy:
+        reader = rel.add(kind, endpoint_url=proxy.url, compact_idle_s=600.0)
+        assert isinstance(reader, S3Storage | GCSStorage)
+        reader.tail_refresh_s = 0.0
+        with rel.daemon(flush_interval_s=0.5, log_level="debug") as daemon:
+            for f in files:
+                _append(f, 0)
+            wait_for(lambda: all(reader.exists(str(f.relative_to(rel.root))) for f in files), 30)
+            proxy.reset()
+            flushes_before = len(events(daemon, "tail_written"))
+            started = time.monotonic()
+            for step in range(1, 9):
+                for f in files:
+                    _append(f, step)
+                time.sleep(0.25)  # paces the simulated writers: 8 rounds in 2 s
+            last = str(files[-1].relative_to(rel.root))
+            wait_for(lambda: reader.read(last).count(b"\n") == 9, 30)
+            elapsed = time.monotonic() - started
+            requests = proxy.requests
+            flushes = len(events(daemon, "tail_written")) - flushes_before
+    # one tail object per flush; nothing per file (no main object is due: quiet 600 s)
+    assert flushes <= elapsed / 0.5 + 2
+    assert requests <= flushes + 2, f"{requests} requests for {flushes} flushes of 40 files"
+
+
+@pytest.mark.parametrize("kind", ["s3", "gcs"])
+def test_readers_see_the_tail_and_main_objects_catch_up(rel: RelEnv, kind: str) -> None:
+    """evalsyncd readers see new lines at once; main objects catch up on idle; tail objects go."""
+    reader = rel.add(kind, compact_idle_s=1.0)
+    assert isinstance(reader, S3Storage | GCSStorage)
+    reader.tail_refresh_s = 0.0
+    path = rel.root / "runs/r/b/trajectories.jsonl"
+    path.parent.mkdir(parents=True)
+    key = "runs/r/b/trajectories.jsonl"
+    (rel.root / "runs/r/metadata.json").write_text('{"run_id": "r"}')
+    with rel.daemon(flush_interval_s=0.2, log_level="debug") as daemon:
+        for i in range(20):
+            _append(path, i)
+        wait_for(lambda: reader.exists(key) and reader.read(key) == path.read_bytes(), 30)
+        # the main objects follow once the files are quiet
+        wait_settled(rel, timeout_s=60)
+        wait_for(lambda: not asyncio.run(_pending(reader)), 30, what="tail index empty")
+        assert events(daemon, "main_due")
+        # only the newest tail object is left
+        wait_for(lambda: len(list_keys(reader, internal=True)) <= 3, 30)
+    if kind == "s3":
+        assert s3_main_object(reader, key) == path.read_bytes()
+    tail = [k for k in list_keys(reader, internal=True) if k.startswith(".evalsyncd/tail/")]
+    assert len(tail) == 1
+
+
+async def _pending(reader: S3Storage | GCSStorage) -> dict[str, object]:
+    try:
+        return dict((await read_index(reader)).files)
+    finally:
+        await reader.aclose()
+
+
+def test_main_objects_are_exact_after_a_clean_stop(rel: RelEnv) -> None:
+    """SIGTERM brings every main object up to date before the daemon exits 0."""
+    reader = rel.add("s3", compact_idle_s=600.0)
+    assert isinstance(reader, S3Storage)
+    path = rel.root / "runs/r/b/trajectories.jsonl"
+    path.parent.mkdir(parents=True)
+    daemon = rel.daemon(flush_interval_s=0.2)
+    with daemon:
+        for i in range(5):
+            _append(path, i)
+        key = "runs/r/b/trajectories.jsonl"
+        wait_for(lambda: reader.exists(key) and reader.read(key) == path.read_bytes(), 30)
+    assert daemon.proc is not None and daemon.proc.returncode == 0
+    assert s3_main_object(reader, "runs/r/b/trajectories.jsonl") == path.read_bytes()
+
+
+def test_max_main_lag_zero_keeps_every_main_object_exact(rel: RelEnv) -> None:
+    """With max_main_lag_s = 0 no tail object is written: the per-file path of the first design."""
+    reader = rel.add("s3", max_main_lag_s=0.0)
+    assert isinstance(reader, S3Storage)
+    path = rel.root / "runs/r/b/trajectories.jsonl"
+    path.parent.mkdir(parents=True)
+    with rel.daemon(flush_interval_s=0.1):
+        for i in range(10):
+            _append(path, i)
+        key = "runs/r/b/trajectories.jsonl"
+        wait_for(
+            lambda: key in list_keys(reader) and s3_main_object(reader, key) == path.read_bytes(),
+            30,
+        )
+    assert not [k for k in list_keys(reader, internal=True) if k.startswith(".evalsyncd/tail/")]
+
+
+def test_a_second_daemon_on_the_same_prefix_is_detected(rel: RelEnv, tmp_path: Path) -> None:
+    """Two daemons with their own journals on one prefix: one parks with a clear error."""
+    reader = rel.add("s3")
+    other_root = tmp_path / "other-root"
+    (other_root / "runs/x").mkdir(parents=True)
+    (rel.root / "runs/y").mkdir(parents=True)
+    other_cfg = write_config(
+        tmp_path / "other.toml",
+        other_root,
+        tmp_path / "other-state",
+        rel.dests,
+        flush_interval_s=0.1,
+    )
+    from tests.daemon import Daemon
+
+    with rel.daemon() as a, Daemon(other_cfg, tmp_path / "other.log") as b:
+        deadline = time.monotonic() + 30
+        i = 0
+        while time.monotonic() < deadline:
+            _append(rel.root / "runs/y/t.jsonl", i)
+            _append(other_root / "runs/x/t.jsonl", i)
+            i += 1
+            parked = [
+                e
+                for d in (a, b)
+                for e in events(d, "destination_state")
+                if e.get("new") == "parked" and "another evalsyncd" in (e.get("reason") or "")
+            ]
+            if parked:
+                break
+            time.sleep(0.1)  # paces the two writers
+        assert parked, "neither daemon noticed the other"
+    assert isinstance(reader, S3Storage)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("max_main_lag_s", -1, "max_main_lag_s"),
+        ("tail_max_pieces", 0, "tail_max_pieces"),
+        ("max_upload_bytes_per_s", 0, "max_upload_bytes_per_s"),
+        ("direct_append_bytes", "lots", "direct_append_bytes"),
+    ],
+)
+def test_bad_tail_settings_exit_78_naming_the_key(
+    tmp_path: Path, key: str, value: object, message: str
+) -> None:
+    """A bad value of a new destination setting is a configuration error (exit 78) naming it."""
+    root = tmp_path / "root"
+    root.mkdir()
+    dest = {"name": "d", "url": (tmp_path / "m").as_uri(), key: value}
+    cfg = write_config(tmp_path / "c.toml", root, tmp_path / "state", [dest])
+    proc = subprocess.run(
+        [sys.executable, "-m", "evalsyncd", "sync", "--once", "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "EVALSYNCD_LOG_FORMAT": "console"},
+    )
+    assert proc.returncode == 78, proc.stderr
+    assert f"destinations.0.{message}" in proc.stderr
+
+
+def test_journal_of_schema_1_is_upgraded(tmp_path: Path) -> None:
+    """A version 1 journal opens as version 2 with tail_offset = acked_offset."""
+    import sqlite3
+
+    db = tmp_path / "journal.sqlite3"
+    con = sqlite3.connect(db)
+    con.executescript(
+        """
+        CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+        INSERT INTO meta VALUES ('schema_version', '1'), ('root', '/r');
+        CREATE TABLE entries (destination TEXT NOT NULL, path TEXT NOT NULL, dev INTEGER NOT NULL,
+            ino INTEGER NOT NULL, acked_offset INTEGER NOT NULL, fingerprint INTEGER,
+            content_crc INTEGER, remote_version TEXT, seen_size INTEGER NOT NULL,
+            seen_mtime_ns INTEGER NOT NULL, status TEXT NOT NULL DEFAULT 'ok',
+            acked_at REAL NOT NULL, PRIMARY KEY (destination, path)) WITHOUT ROWID;
+        CREATE TABLE destinations (name TEXT PRIMARY KEY, state TEXT NOT NULL, last_success REAL,
+            last_error TEXT, last_error_at REAL, updated_at REAL NOT NULL);
+        INSERT INTO entries VALUES ('d', 'a.jsonl', 1, 2, 300, 7, NULL, 'e', 300, 5, 'ok', 1.0);
+        """
+    )
+    con.commit()
+    con.close()
+    with Journal(db, Path("/r")) as j:
+        entry = j.get("d", "a.jsonl")
+        assert entry is not None
+        assert (entry.acked_offset, entry.tail_offset, entry.tail_since) == (300, 300, None)
+        writer = j.writer_id()
+    with Journal(db, Path("/r")) as j:
+        assert j.writer_id() == writer
+
+
+def test_bandwidth_limit_paces_uploads() -> None:
+    """max_upload_bytes_per_s: sending 3x the per-second budget takes about 2 s or more."""
+    from evalsyncd.config import DestinationSettings
+    from evalsyncd.storage import LocalStorage
+    from evalsyncd.sync.destination import Destination
+
+    async def scenario(tmp: Path) -> float:
+        settings = DestinationSettings(name="d", url=tmp.as_uri(), max_upload_bytes_per_s=100_000)
+        with Journal(tmp / "j.sqlite3", tmp) as journal:
+            d = Destination(settings, LocalStorage(tmp / "m"), journal, tmp, flush_interval_s=1.0)
+            started = time.monotonic()
+            for _ in range(3):
+                await d.throttle(100_000)
+            await d.throttle(100_000)
+            return time.monotonic() - started
+
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        assert asyncio.run(scenario(Path(tmp))) >= 2.5
