@@ -89,6 +89,7 @@ __all__ = [
     "metadata_crc32c",
     "parse_catalog",
     "read_catalog_bytes",
+    "write_catalog_bytes",
 ]
 
 CATALOG_PATH = ".evalsyncd/catalog.json"
@@ -285,6 +286,22 @@ async def aread_catalog_bytes(storage: AsyncStorage, prefix: str = "") -> bytes 
         return None
     except InvalidKeyError:
         return None
+
+
+def write_catalog_bytes(storage: Storage, data: bytes, prefix: str = "") -> None:
+    """Replace the catalog object of the store at ``prefix`` in ``storage`` with ``data``.
+
+    Uses the storage's ``write_internal`` (the backends that reserve
+    ``.evalsyncd/`` at their root offer it) when ``prefix`` is empty.
+
+    Raises:
+        StorageError: the storage failed.
+    """
+    internal = getattr(storage, "write_internal", None) if not prefix else None
+    if callable(internal):
+        internal(CATALOG_PATH.split("/", 1)[1], data)
+    else:
+        storage.write(storage_join(prefix, CATALOG_PATH), data)
 
 
 def catalog_from_root(root: Path) -> bytes:

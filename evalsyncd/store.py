@@ -67,8 +67,9 @@ from evalsyncd.catalog import (
     build_catalog,
     parse_catalog,
     read_catalog_bytes,
+    write_catalog_bytes,
 )
-from evalsyncd.storage import AsyncStorage, LocalStorage, Storage, storage_join
+from evalsyncd.storage import AsyncStorage, LocalStorage, Storage, SupportsChild, storage_join
 from evalsyncd.storage._bridge import run_sync
 
 __all__ = [
@@ -545,6 +546,9 @@ class EvalStore:
             self.storage: Storage = LocalStorage(Path(storage_or_path).expanduser())
         else:
             self.storage = storage_or_path
+        if prefix.strip("/") and isinstance(self.storage, SupportsChild):
+            # a bucket's store reads its own tail log, under its own prefix
+            self.storage, prefix = self.storage.child(prefix), ""
         self.prefix = prefix
         self.max_concurrency = max_concurrency
         self.chunk_size = chunk_size
@@ -860,13 +864,13 @@ class EvalStore:
         try:
             catalog = parse_catalog(data, url)
         except CatalogError as exc:
-            logger.warning("removing an unreadable run catalog: %s", exc)
-            self.storage.remove(self._path(CATALOG_PATH))
+            logger.warning("replacing an unreadable run catalog with an empty one: %s", exc)
+            write_catalog_bytes(self.storage, build_catalog({}), self.prefix)
             return
         if run_id not in catalog.entries:
             return
         kept = {k: e.data for k, e in catalog.entries.items() if k != run_id and e.intact}
-        self.storage.write(self._path(CATALOG_PATH), build_catalog(kept))
+        write_catalog_bytes(self.storage, build_catalog(kept), self.prefix)
 
     def _from_catalog(self, catalog: Catalog | None, run_id: str) -> bytes | None:
         """The catalog's bytes of the run's metadata.json, or ``None`` to read it instead."""

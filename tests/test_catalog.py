@@ -233,7 +233,8 @@ def test_unparseable_metadata_in_catalog_is_skipped_like_the_file(
 def test_catalog_makes_list_runs_two_requests_on_s3(
     cloud_env: dict[str, str], s3_server: SeaweedS3Server, unique_prefix: str
 ) -> None:
-    """On S3 with a catalog, list_runs costs one listing and one catalog read, whatever the runs."""
+    """On S3 with a catalog, list_runs costs one listing, one look at the tail log and one
+    catalog read, whatever the runs."""
     with S3Storage(S3_BUCKET, unique_prefix, endpoint_url=s3_server.endpoint_url) as direct:
         make_runs(EvalStore(direct, H), 12)
         write_catalog(direct, H)
@@ -241,6 +242,7 @@ def test_catalog_makes_list_runs_two_requests_on_s3(
         CountingProxy("127.0.0.1", s3_server.port) as proxy,
         S3Storage(S3_BUCKET, unique_prefix, endpoint_url=proxy.url) as storage,
     ):
+        storage.tail_refresh_s = 60.0  # the second listing reuses the tail log's index
         store = EvalStore(storage, H)
         proxy.reset()
         with_catalog = _dicts(store)
@@ -248,8 +250,8 @@ def test_catalog_makes_list_runs_two_requests_on_s3(
         proxy.reset()
         without = _dicts(EvalStore(storage, H, use_catalog=False))
         assert with_catalog == without and len(without) == 12
-        assert cost == 2, cost
-        assert proxy.requests == 13
+        assert cost == 3, cost  # LIST runs/, LIST .evalsyncd/tail/, GET the catalog
+        assert proxy.requests == 14  # a new store: LIST runs/, LIST .evalsyncd/tail/, 12 GETs
 
 
 def test_outage_with_catalog_raises_never_no_runs(

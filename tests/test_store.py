@@ -589,7 +589,8 @@ def test_list_runs_fetches_metadata_concurrently(storage: AnyStorage, wrapper: s
     runs = store.list_runs()
     elapsed_s = time.monotonic() - start
     assert len(runs) == n
-    assert counting.full_reads == n + 1  # and one attempt at the (absent) run catalog
+    # plus the (absent) run catalog, unless it is looked up through read_internal
+    assert counting.full_reads in (n, n + 1)
     assert 4 <= counting.max_in_flight <= limit
     # Sequential reads would take at least n * delay_s = 2 s.
     assert elapsed_s < n * delay_s / 2, f"{elapsed_s:.2f} s: reads look sequential"

@@ -296,8 +296,11 @@ def test_pass_uploads_data_before_metadata_before_index(tmp_path: Path) -> None:
             assert dest.is_idle()
 
     asyncio.run(scenario())
-    assert sorted(storage.order) == sorted(files)
-    rank = {p: i for i, p in enumerate(storage.order)}
+    # the run catalog follows the metadata it lists
+    assert storage.order[-1] == ".evalsyncd/catalog.json"
+    order = storage.order[:-1]
+    assert sorted(order) == sorted(files)
+    rank = {p: i for i, p in enumerate(order)}
     for data in (
         "runs/r1/gsm8k/result.json",
         "runs/r1/gsm8k/trajectories.jsonl",

@@ -15,7 +15,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeAlias
 from urllib.parse import unquote, urlsplit
 
-from evalsyncd.storage._base import AsyncStorage, Storage, StorageStat, check_key, storage_join
+from evalsyncd.storage._base import (
+    AsyncStorage,
+    Storage,
+    StorageStat,
+    SupportsChild,
+    check_key,
+    storage_join,
+)
 from evalsyncd.storage.local import LocalStorage
 
 if TYPE_CHECKING:
@@ -30,6 +37,7 @@ __all__ = [
     "S3Storage",
     "Storage",
     "StorageStat",
+    "SupportsChild",
     "check_key",
     "storage_from_uri",
     "storage_join",

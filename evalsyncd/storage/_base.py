@@ -50,6 +50,7 @@ __all__ = [
     "AsyncStorage",
     "Storage",
     "StorageStat",
+    "SupportsChild",
     "check_key",
     "storage_join",
 ]
@@ -231,3 +232,16 @@ class AsyncStorage(Protocol):
     async def __aenter__(self) -> Self: ...
 
     async def __aexit__(self, *exc: object) -> None: ...
+
+
+@runtime_checkable
+class SupportsChild(Protocol):
+    """Capability: a storage that opens a sub-prefix as its own storage, sharing clients.
+
+    Backends with a tail log have it (the log of a store lives under the store's
+    own prefix), so an ``EvalStore`` at a sub-prefix reads through a child.
+    """
+
+    def child(self, path: str) -> Self:
+        """The storage rooted at ``path`` under this one; see ``CloudStorage.child``."""
+        ...

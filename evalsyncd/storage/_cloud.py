@@ -20,6 +20,7 @@ natively plus :meth:`CloudStorage._open_client`. This base class provides:
 from __future__ import annotations
 
 import asyncio
+import copy
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -45,7 +46,14 @@ INTERNAL_DIR = ".evalsyncd"
 (the tail log, S3 append segments, GCS compose deltas). Readers and
 ``list_dir`` hide it."""
 
-_RUNTIME_ATTRS = ("_clients", "_clients_lock", "_bridge_hooked", "_tail_cache")
+_RUNTIME_ATTRS = (
+    "_clients",
+    "_clients_lock",
+    "_bridge_hooked",
+    "_tail_cache",
+    "_owns_clients",
+    "_owner",
+)
 
 
 class CloudStorage(ABC):
@@ -81,6 +89,8 @@ class CloudStorage(ABC):
         ] = {}
         self._clients_lock = threading.Lock()
         self._bridge_hooked = False
+        self._owns_clients = True
+        self._owner: CloudStorage = self
         self._tail_cache: dict[
             asyncio.AbstractEventLoop, tuple[float, asyncio.Task[TailIndex]]
         ] = {}
@@ -121,6 +131,25 @@ class CloudStorage(ABC):
         """A key in the daemon's internal area, ``{prefix}/.evalsyncd/{parts...}``."""
         return self._join("/".join((INTERNAL_DIR, *parts)))
 
+    def child(self, path: str) -> Self:
+        """The same bucket at ``{prefix}/{path}``, sharing this instance's SDK clients.
+
+        A store under a sub-prefix (a host of a fleet) must be read through a
+        storage rooted at it: its tail log lives at ``{its prefix}/.evalsyncd/``.
+        The child opens no client of its own and closing it closes nothing; the
+        parent's ``aclose``/``close`` closes the shared clients.
+        """
+        sub = path.strip("/")
+        if not sub:
+            return self
+        check_key(sub)
+        new = copy.copy(self)  # configuration only (see __getstate__): fresh runtime state
+        new.prefix = self._join(sub)
+        new._clients, new._clients_lock = self._clients, self._clients_lock
+        new._owns_clients = False
+        new._owner = self._owner
+        return new
+
     # -- clients -------------------------------------------------------------------
 
     @abstractmethod
@@ -145,13 +174,16 @@ class CloudStorage(ABC):
         except BaseException:
             await stack.aclose()
             raise
-        if loop is bridge_loop() and not self._bridge_hooked:
-            self._bridge_hooked = True
-            on_bridge_close(self.aclose)
+        owner = self._owner
+        if loop is bridge_loop() and not owner._bridge_hooked:
+            owner._bridge_hooked = True
+            on_bridge_close(owner.aclose)
         return stack, client
 
     async def aclose(self) -> None:
         """Close the client of the running event loop, if one is open."""
+        if not self._owns_clients:
+            return
         loop = asyncio.get_running_loop()
         with self._clients_lock:
             task = self._clients.pop(loop, None)
@@ -165,7 +197,7 @@ class CloudStorage(ABC):
 
     def close(self) -> None:
         """Close the client opened for the sync methods (on the bridge loop)."""
-        if self._bridge_hooked:
+        if self._bridge_hooked and self._owns_clients:
             run_sync(self.aclose())
 
     async def __aenter__(self) -> Self:
