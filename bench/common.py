@@ -118,6 +118,7 @@ class Daemon:
         endpoint: the server (or proxy) URL the daemon talks to.
         flush_interval_s: the daemon's ``flush_interval_s`` (``None``: its default).
         extra_env: more ``EVALSYNCD_*`` settings.
+        destination: more settings of the destination (``max_main_lag_s``, ...).
     """
 
     def __init__(
@@ -129,8 +130,9 @@ class Daemon:
         *,
         flush_interval_s: float | None = None,
         extra_env: dict[str, str] | None = None,
+        destination: dict[str, Any] | None = None,
     ) -> None:
-        dest: dict[str, Any] = {"name": "bench", "url": url}
+        dest: dict[str, Any] = {"name": "bench", "url": url, **(destination or {})}
         env = {
             **os.environ,
             "AWS_ACCESS_KEY_ID": S3_ACCESS_KEY,

@@ -29,11 +29,11 @@ from typing import Any
 from evalsyncd.config import Settings
 from evalsyncd.sync.files import FileKind, classify, scan_tree
 from evalsyncd.sync.journal import Entry, Journal
+from evalsyncd.sync.lines import complete_end
 from evalsyncd.sync.service import JOURNAL_NAME
 
 __all__ = ["DestinationStatus", "StatusReport", "collect_status", "format_bytes", "format_status"]
 
-_BLOCK = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -83,25 +83,13 @@ class StatusReport:
 
 
 def _complete_end(path: Path, start: int, size: int) -> int:
-    """The offset just past the last ``\\n`` in ``[start, size)`` of the file, or ``start``.
-
-    Reads backwards from the end in 64 KiB blocks, so the cost is the partial
-    last line, not the backlog.
-    """
+    """The offset just past the last ``\\n`` in ``[start, size)`` of the file, or ``start``."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
     except OSError:
         return start
     try:
-        pos = size
-        while pos > start:
-            n = min(_BLOCK, pos - start)
-            block = os.pread(fd, n, pos - n)
-            cut = block.rfind(b"\n")
-            if cut >= 0:
-                return pos - n + cut + 1
-            pos -= n
-        return start
+        return complete_end(fd, size, start)
     finally:
         os.close(fd)
 
@@ -132,8 +120,8 @@ def _pending(
     since = entry.seen_mtime_ns / 1e9 if same_file and entry is not None else st.st_mtime
     if classify(rel) is FileKind.APPEND:
         start = (
-            entry.acked_offset
-            if same_file and entry is not None and st.st_size >= entry.acked_offset
+            entry.tail_offset
+            if same_file and entry is not None and st.st_size >= entry.tail_offset
             else 0
         )
         end = _complete_end(root / rel, start, st.st_size)

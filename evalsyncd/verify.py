@@ -36,6 +36,7 @@ import crc32c
 from evalsyncd.errors import ObjectNotFoundError, StorageError
 from evalsyncd.storage import AnyStorage
 from evalsyncd.sync.files import FileKind, classify, scan_tree
+from evalsyncd.sync.lines import complete_end
 
 __all__ = ["FileCheck", "VerifyReport", "expected_length", "verify_storage"]
 
@@ -89,16 +90,11 @@ def expected_length(path: Path, rel: str, size: int) -> int:
     """How many leading bytes of the local file the remote object must hold."""
     if classify(rel) is not FileKind.APPEND or size == 0:
         return size
-    with open(path, "rb") as f:
-        pos = size
-        while pos > 0:
-            n = min(_CHUNK, pos)
-            f.seek(pos - n)
-            cut = f.read(n).rfind(b"\n")
-            if cut >= 0:
-                return pos - n + cut + 1
-            pos -= n
-    return 0
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    try:
+        return complete_end(fd, size)
+    finally:
+        os.close(fd)
 
 
 def _local_digest(path: Path, length: int, algorithm: str) -> str:

@@ -621,7 +621,10 @@ class GCSStorage(CloudStorage):
         """The checksum GCS keeps for the whole object: ``("crc32c", base64 of the
         big-endian CRC32C)`` (GCS computes it for every object, composed ones too),
         or ``None`` if the object is missing or has none. One metadata request.
-        (``md5Hash`` is absent on composed objects and never used.)"""
+        (``md5Hash`` is absent on composed objects and never used.) ``None`` too
+        while the tail log holds bytes of the file that its object lacks."""
+        if await self._tail_entry(path) is not None:
+            return None
         key = self._key(path)
         c = await self._gcs()
         meta = await self._metadata(c, key, self.url(path))
