@@ -15,6 +15,7 @@ The tree is kept for measurement 4, which reads back what evalsyncd mirrored.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import BUCKET, Bench, Daemon, aws_sync, rclone_copy
+from evalsyncd.errors import StorageError
 from evalsyncd.store import BenchmarkResult, EvalStore, StoredTrajectory, StoredTurn
 
 __all__ = ["make_tree", "run"]
@@ -122,4 +124,35 @@ def run(bench: Bench) -> dict[str, Any]:
     base = rows["evalsyncd sync --once"]["files_per_s"]
     for row in rows.values():
         row["evalsyncd_speedup"] = base / row["files_per_s"]
-    return {"runs": runs, "files": files, "tools": rows, "note": json.dumps(BENCHMARKS)}
+    return {
+        "runs": runs,
+        "files": files,
+        "tools": rows,
+        "daemon": _daemon_milestones(bench, root, runs, files),
+        "note": json.dumps(BENCHMARKS),
+    }
+
+
+def _daemon_milestones(bench: Bench, root: Path, runs: int, files: int) -> dict[str, float]:
+    """``evalsyncd run`` from scratch: seconds until ``EvalStore`` on the bucket lists
+    every run (through the tail log and the catalog), and until every main object exists."""
+    prefix = "backfill-daemon"
+    state = bench.dir("backfill/daemon-state")
+    storage = bench.s3_storage(prefix)
+    storage.tail_refresh_s = 0.0
+    out: dict[str, float] = {}
+    try:
+        with Daemon(root, state, f"s3://{BUCKET}/{prefix}", bench.s3.endpoint_url):
+            t0 = time.monotonic()
+            deadline = t0 + 300.0
+            while time.monotonic() < deadline and "all_main_objects_s" not in out:
+                if "all_runs_listed_s" not in out:
+                    with contextlib.suppress(StorageError):  # not there yet
+                        if len(EvalStore(storage).list_runs()) == runs:
+                            out["all_runs_listed_s"] = time.monotonic() - t0
+                if _count_objects(bench, prefix) >= files:
+                    out["all_main_objects_s"] = time.monotonic() - t0
+                time.sleep(0.2)
+    finally:
+        storage.close()
+    return out

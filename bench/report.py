@@ -227,6 +227,16 @@ def _backfill(res: dict[str, Any], img: Path) -> list[str]:
         _table(["tool", "wall", "files/s", "objects", "evalsyncd speed / tool"], rows),
         "",
     ]
+    daemon = res.get("daemon", {})
+    if daemon:
+        out += [
+            "`evalsyncd run` from scratch (tail log and catalog): `EvalStore` on the bucket "
+            f"lists every run after **{daemon.get('all_runs_listed_s', float('nan')):.1f} s**; "
+            "every main object exists after "
+            f"**{daemon.get('all_main_objects_s', float('nan')):.1f} s** "
+            "(the main objects of a finalized run are due at once).",
+            "",
+        ]
 
     def draw(ax: Any) -> None:
         ax.barh(list(tools), [r["files_per_s"] for r in tools.values()])
