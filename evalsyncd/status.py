@@ -35,7 +35,6 @@ from evalsyncd.sync.service import JOURNAL_NAME
 __all__ = ["DestinationStatus", "StatusReport", "collect_status", "format_bytes", "format_status"]
 
 
-
 @dataclass(frozen=True)
 class DestinationStatus:
     """One destination, as ``evalsyncd status`` reports it.

@@ -87,6 +87,8 @@ class Staged:
     seq: int
     entry: Entry
     appended: int
+    remove: bool = False
+    """A mirrored delete: the main object is removed once the index forgets the file."""
 
 
 class TailMode:
@@ -104,7 +106,6 @@ class TailMode:
         self._last_change: dict[str, float] = {}  # path -> monotonic time of its last tail piece
         self._finalized: set[str] = set()  # run directories whose summary.json was flushed
         self._since: dict[str, float] = {}  # path -> Unix time its main object fell behind
-        self._removals: list[str] = []  # mirrored deletes, done after the next commit
         self._drain_all = False
 
     # -- recovery ------------------------------------------------------------------------
@@ -211,14 +212,14 @@ class TailMode:
         if staged or self.writer.dirty:
             await self.commit(staged)
             for s in staged:
+                if s.remove:
+                    # the index no longer names it: now its main object may go
+                    await d.storage.aremove(s.path)
+                    d.journal.forget(d.name, s.path)
+                    log.info("delete_mirrored", destination=d.name, key=s.path)
                 d._done(s.path, s.seq)
                 if s.entry.seen_size < 0:
                     d.mark(s.path, urgent=True)  # more complete lines than one chunk
-            for path in self._removals:
-                await d.storage.aremove(path)
-                d.journal.forget(d.name, path)
-                log.info("delete_mirrored", destination=d.name, key=path)
-            self._removals.clear()
         if direct:
             await d.sync_paths(direct, batch)
         await self.promote_due()
@@ -242,7 +243,7 @@ class TailMode:
         try:
             st = os.stat(full, follow_symlinks=False)
         except FileNotFoundError:
-            return self._plan_deleted(path)
+            return self._plan_deleted(path, seq)
         except OSError as exc:
             log.warning("file_unreadable", destination=d.name, key=path, error=str(exc))
             return None
@@ -260,7 +261,7 @@ class TailMode:
             return await self._plan_append(path, full, entry, seq)
         return await self._plan_replace(path, full, st, entry, seq)
 
-    def _plan_deleted(self, path: str) -> object | None:
+    def _plan_deleted(self, path: str, seq: int) -> Staged | object | None:
         d = self.d
         entry = d.journal.get(d.name, path)
         if entry is None or entry.status == "deleted":
@@ -269,11 +270,10 @@ class TailMode:
             return DIRECT  # nothing in the tail: the per-file path handles it
         if d.mirror_deletes:
             self.writer.forget(path)  # the index forgets it first, then the main object goes
-            self._removals.append(path)
-        else:
-            d.journal.ack(replace(entry, status="deleted"))
-            log.info("local_file_deleted", destination=d.name, key=path, remote="kept")
-        return None
+            return Staged(path, seq, entry, 0, remove=True)
+        log.info("local_file_deleted", destination=d.name, key=path, remote="kept")
+        # its pending bytes still reach the main object, from the tail
+        return Staged(path, seq, replace(entry, status="deleted"), 0)
 
     async def _plan_append(
         self, path: str, full: Path, entry: Entry | None, seq: int
@@ -282,7 +282,7 @@ class TailMode:
         try:
             fd = os.open(full, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
         except FileNotFoundError:
-            return self._plan_deleted(path)
+            return self._plan_deleted(path, seq)
         try:
             st = os.fstat(fd)
             rewrite = entry is None or entry.status == "deleted"
@@ -402,6 +402,8 @@ class TailMode:
         duration_s = d._clock() - started
         now = time.monotonic()
         for s in staged:
+            if s.remove:
+                continue
             d.journal.ack(s.entry)
             self._last_change[s.path] = now
             if s.entry.tail_since is not None:
