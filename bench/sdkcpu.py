@@ -12,8 +12,16 @@ the range). CPU time on a shared 2-core machine drifts by tens of percent from
 round to round, so comparisons are paired: "vs a" and "vs b" are medians over
 rounds of the ratio to that variant's figure in the same round. Variants:
 
-- ``a``: aioboto3 (the project's venv), default client config: botocore
-  computes its default request checksum (CRC32) on every upload.
+Each worker runs in a venv created once under ``$EVALSYNCD_BENCH_CACHE``
+(default ``~/.cache/evalsyncd-bench``) with ``python -m venv`` + ``pip install``:
+``sdkcpu-aioboto3/`` (``aioboto3==15.5.0``, the client evalsyncd used before,
+which pins aiobotocore 2.25.1 / botocore 1.40) and ``sdkcpu-aiobotocore3/``
+(``aiobotocore>=3,<4``, what evalsyncd uses now); both with ``botocore[crt]`` and
+``crc32c``. Delete a directory to pick up a newer release; a venv that cannot be
+created makes its variants "not run", with the reason.
+
+- ``a``: aioboto3, default client config: botocore computes its default
+  request checksum (CRC32) on every upload.
 - ``a2``: as ``a`` with ``ChecksumAlgorithm="CRC32C"`` on every call: what
   ``S3Storage`` does today (botocore computes CRC32C through awscrt).
 - ``b``: aioboto3 with ``AioConfig(parameter_validation=False,
@@ -23,13 +31,7 @@ rounds of the ratio to that variant's figure in the same round. Variants:
   call by us, so every upload is still checked by the server.
 - ``b-direct``: as ``b`` through ``aiobotocore`` directly, same venv (same
   botocore): separates "without aioboto3" from "newer botocore".
-- ``c``: as ``b`` with the newest aiobotocore 3.x used directly, in a separate
-  venv created once under ``$EVALSYNCD_BENCH_CACHE`` (default
-  ``~/.cache/evalsyncd-bench``) as ``sdkcpu-aiobotocore3/`` with ``python -m
-  venv`` + ``pip install 'aiobotocore>=3,<4' 'botocore[crt]' crc32c`` (awscrt
-  too, as in the project's venv, so ``b`` and ``c`` differ only by the SDK's
-  version; delete the directory to pick up a newer release). If it cannot be
-  created, the ``c*`` and ``e`` variants are reported as not run, with the reason.
+- ``c``: as ``b`` with the newest aiobotocore 3.x used directly.
 - ``c-nocrt``: as ``c`` with ``BOTO_DISABLE_CRT=true``: aiobotocore 3.x as a venv
   of only ``aiobotocore`` and ``crc32c`` would run it.
 - ``c-default``: aiobotocore 3.x, default config (SDK CRC32): how much of
@@ -75,8 +77,15 @@ INFLIGHT = 8
 SIZE = 900
 WARMUP = 100
 WORKER = Path(__file__).with_name("sdkcpu_worker.py")
-VENV3 = CACHE_DIR / "sdkcpu-aiobotocore3"
-VENV3_REQUIREMENTS = ("aiobotocore>=3,<4", "botocore[crt]", "crc32c")
+VENVS: dict[str, tuple[Path, tuple[str, ...]]] = {
+    # aioboto3's newest release pins aiobotocore 2 (botocore 1.40): the client evalsyncd
+    # used before; the project's venv no longer has it
+    "aioboto3": (CACHE_DIR / "sdkcpu-aioboto3", ("aioboto3==15.5.0", "botocore[crt]", "crc32c")),
+    "aiobotocore3": (
+        CACHE_DIR / "sdkcpu-aiobotocore3",
+        ("aiobotocore>=3,<4", "botocore[crt]", "crc32c"),
+    ),
+}
 
 TUNED_CONFIG: dict[str, Any] = {
     "parameter_validation": False,
@@ -96,7 +105,8 @@ class Variant:
     checksum: str
     config: dict[str, Any] = field(default_factory=dict)
     env: dict[str, str] = field(default_factory=dict)
-    venv3: bool = False
+    venv: str = "aioboto3"
+    """Key of :data:`VENVS`: the cached venv the worker runs in."""
     verify: bool = False
 
 
@@ -120,7 +130,7 @@ VARIANTS: tuple[Variant, ...] = (
         "aiobotocore",
         "own-crc32c",
         TUNED_CONFIG,
-        venv3=True,
+        venv="aiobotocore3",
         verify=True,
     ),
     Variant(
@@ -130,21 +140,21 @@ VARIANTS: tuple[Variant, ...] = (
         "own-crc32c",
         TUNED_CONFIG,
         env={"BOTO_DISABLE_CRT": "true"},
-        venv3=True,
+        venv="aiobotocore3",
     ),
     Variant(
         "c-default",
         "aiobotocore 3.x direct, default config (SDK CRC32)",
         "aiobotocore",
         "sdk",
-        venv3=True,
+        venv="aiobotocore3",
     ),
     Variant(
         "e",
         "aiobotocore 3.x direct, default config, own ChecksumCRC32C",
         "aiobotocore",
         "own-crc32c",
-        venv3=True,
+        venv="aiobotocore3",
         verify=True,
     ),
     Variant(
@@ -158,29 +168,30 @@ VARIANTS: tuple[Variant, ...] = (
 )
 
 
-def venv3_python() -> tuple[Path | None, str | None]:
-    """The aiobotocore 3.x venv's interpreter, created once; ``(None, reason)`` on failure."""
-    python = VENV3 / "bin" / "python"
-    ready = VENV3 / ".evalsyncd-ready"
-    if ready.exists() and python.exists() and ready.read_text().split() == [*VENV3_REQUIREMENTS]:
+def venv_python(name: str) -> tuple[Path | None, str | None]:
+    """The interpreter of the cached venv ``name``, created once; ``(None, reason)`` on failure."""
+    where, requirements = VENVS[name]
+    python = where / "bin" / "python"
+    ready = where / ".evalsyncd-ready"
+    if ready.exists() and python.exists() and ready.read_text().split() == [*requirements]:
         return python, None
-    shutil.rmtree(VENV3, ignore_errors=True)
-    VENV3.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(where, ignore_errors=True)
+    where.parent.mkdir(parents=True, exist_ok=True)
     steps = [
-        [sys.executable, "-m", "venv", str(VENV3)],
-        [str(python), "-m", "pip", "install", "--quiet", *VENV3_REQUIREMENTS],
+        [sys.executable, "-m", "venv", str(where)],
+        [str(python), "-m", "pip", "install", "--quiet", *requirements],
     ]
     for argv in steps:
         try:
             proc = subprocess.run(argv, capture_output=True, text=True, timeout=600)
         except (OSError, subprocess.TimeoutExpired) as exc:
-            shutil.rmtree(VENV3, ignore_errors=True)
+            shutil.rmtree(where, ignore_errors=True)
             return None, f"{' '.join(argv[:4])}: {type(exc).__name__}: {exc}"
         if proc.returncode != 0:
-            shutil.rmtree(VENV3, ignore_errors=True)
+            shutil.rmtree(where, ignore_errors=True)
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
             return None, f"{' '.join(argv[:4])} exited {proc.returncode}: {' / '.join(tail)}"
-    ready.write_text(" ".join(VENV3_REQUIREMENTS) + "\n")
+    ready.write_text(" ".join(requirements) + "\n")
     return python, None
 
 
@@ -227,18 +238,18 @@ def _worker(
 def run(bench: Bench) -> dict[str, Any]:
     """Run measurement 8."""
     rounds = 1 if bench.quick else 7
-    python3, venv3_error = venv3_python()
+    pythons = {name: venv_python(name) for name in VENVS}
     runs: dict[str, list[dict[str, Any]]] = {v.key: [] for v in VARIANTS}
     errors: dict[str, str] = {}
-    if python3 is None:
-        for v in VARIANTS:
-            if v.venv3:
-                errors[v.key] = f"not run: no aiobotocore 3.x venv ({venv3_error})"
+    for v in VARIANTS:
+        python, why = pythons[v.venv]
+        if python is None:
+            errors[v.key] = f"not run: no {v.venv} venv ({why})"
     for r in range(rounds):
         for v in VARIANTS:
             if v.key in errors:
                 continue
-            python = python3 if v.venv3 else Path(sys.executable)
+            python = pythons[v.venv][0]
             assert python is not None
             try:
                 runs[v.key].append(

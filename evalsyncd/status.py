@@ -106,15 +106,7 @@ def _pending(
             st.st_ino,
         )
     )
-    if (
-        same_file
-        and entry is not None
-        and (entry.seen_size, entry.seen_mtime_ns)
-        == (
-            st.st_size,
-            st.st_mtime_ns,
-        )
-    ):
+    if entry is not None and entry.unchanged(st):
         return 0, 0, None, entry.status == "invalid"
     since = entry.seen_mtime_ns / 1e9 if same_file and entry is not None else st.st_mtime
     if classify(rel) is FileKind.APPEND:

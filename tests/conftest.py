@@ -13,6 +13,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -34,6 +35,9 @@ _ISOLATED_ENV = (
     "GOOGLE_APPLICATION_CREDENTIALS",
     "STORAGE_EMULATOR_HOST",
 )
+
+if TYPE_CHECKING:
+    from tests.reliability import RelEnv
 
 
 @pytest.fixture(scope="session")
@@ -144,3 +148,19 @@ def _no_thread_leaks() -> Iterator[None]:
             break
         time.sleep(0.05)
     assert not leaked, f"threads leaked: {leaked}"
+
+
+@pytest.fixture
+def rel(
+    tmp_path: Path,
+    cloud_env: dict[str, str],
+    s3_server: SeaweedS3Server,
+    gcs_server: FakeGCSServer,
+    unique_prefix: str,
+) -> Iterator[RelEnv]:
+    """A reliability test's root, state directory and destinations (``tests.reliability``)."""
+    from tests.reliability import RelEnv
+
+    e = RelEnv(tmp_path, s3_server.endpoint_url, gcs_server.endpoint_url, unique_prefix)
+    yield e
+    e.close()

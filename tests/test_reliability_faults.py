@@ -11,7 +11,6 @@ import os
 import random
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -35,19 +34,6 @@ from tests.reliability import (
     wait_settled,
     wait_started,
 )
-
-
-@pytest.fixture
-def rel(
-    tmp_path: Path,
-    cloud_env: dict[str, str],
-    s3_server: SeaweedS3Server,
-    gcs_server: FakeGCSServer,
-    unique_prefix: str,
-) -> Iterator[RelEnv]:
-    e = RelEnv(tmp_path, s3_server.endpoint_url, gcs_server.endpoint_url, unique_prefix)
-    yield e
-    e.close()
 
 
 class Writer(threading.Thread):

@@ -9,12 +9,10 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from evalsyncd.devservers import FakeGCSServer, SeaweedS3Server
 from evalsyncd.storage import AnyStorage
 from tests.helpers import wait_for
 from tests.reliability import (
@@ -28,19 +26,6 @@ from tests.reliability import (
     wait_settled,
     wait_started,
 )
-
-
-@pytest.fixture
-def rel(
-    tmp_path: Path,
-    cloud_env: dict[str, str],
-    s3_server: SeaweedS3Server,
-    gcs_server: FakeGCSServer,
-    unique_prefix: str,
-) -> Iterator[RelEnv]:
-    e = RelEnv(tmp_path, s3_server.endpoint_url, gcs_server.endpoint_url, unique_prefix)
-    yield e
-    e.close()
 
 
 def _all(rel: RelEnv) -> list[AnyStorage]:

@@ -12,7 +12,6 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,19 +24,6 @@ from evalsyncd.sync.journal import Journal
 from tests.daemon import write_config
 from tests.helpers import wait_for
 from tests.reliability import RelEnv, events, list_keys, s3_main_object, wait_settled
-
-
-@pytest.fixture
-def rel(
-    tmp_path: Path,
-    cloud_env: dict[str, str],
-    s3_server: SeaweedS3Server,
-    gcs_server: FakeGCSServer,
-    unique_prefix: str,
-) -> Iterator[RelEnv]:
-    e = RelEnv(tmp_path, s3_server.endpoint_url, gcs_server.endpoint_url, unique_prefix)
-    yield e
-    e.close()
 
 
 def _append(path: Path, i: int) -> None:

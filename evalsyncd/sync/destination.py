@@ -534,12 +534,7 @@ class Destination:
         if not stat.S_ISREG(st.st_mode):  # symlinks (never followed), sockets, FIFOs
             return
         entry = self.journal.get(self.name, path)
-        if (
-            entry is not None
-            and entry.status != "deleted"
-            and (entry.dev, entry.ino, entry.seen_size, entry.seen_mtime_ns)
-            == (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-        ):
+        if entry is not None and entry.unchanged(st):
             return
         if kind is FileKind.APPEND:
             await self._sync_append(path, full, entry)
@@ -569,22 +564,8 @@ class Destination:
             return
         try:
             st = os.fstat(fd)
-            offset = 0
-            rewrite = entry is None or entry.status == "deleted"
-            if entry is not None and not rewrite:
-                reason = divergence(fd, st, entry)  # at most one 4 KiB read
-                if reason is None:
-                    offset = entry.tail_offset
-                else:
-                    rewrite = True
-                    log.warning(
-                        "file_changed_rewriting",
-                        destination=self.name,
-                        key=path,
-                        reason=reason,
-                        acked_offset=entry.tail_offset,
-                        size=st.st_size,
-                    )
+            rewrite = self.must_rewrite(path, fd, st, entry)
+            offset = 0 if rewrite or entry is None else entry.tail_offset
             version = entry.remote_version if entry is not None and not rewrite else None
             while True:
                 async with self._budget.hold(min(st.st_size - offset, self.chunk_bytes)):
@@ -643,6 +624,24 @@ class Destination:
                     )
         finally:
             os.close(fd)
+
+    def must_rewrite(self, path: str, fd: int, st: os.stat_result, entry: Entry | None) -> bool:
+        """Whether an append-only file must be sent again from offset 0: new, deleted
+        before, truncated, replaced or rewritten (logged ``file_changed_rewriting``)."""
+        if entry is None or entry.status == "deleted":
+            return True
+        reason = divergence(fd, st, entry)  # at most one 4 KiB read
+        if reason is None:
+            return False
+        log.warning(
+            "file_changed_rewriting",
+            destination=self.name,
+            key=path,
+            reason=reason,
+            acked_offset=entry.tail_offset,
+            size=st.st_size,
+        )
+        return True
 
     async def _append(self, path: str, data: bytes, offset: int) -> str | None:
         """Conditional append with reconciliation on conflict.

@@ -39,6 +39,7 @@ status`` reads it while the daemon runs).
 
 from __future__ import annotations
 
+import os
 import secrets
 import sqlite3
 import threading
@@ -113,6 +114,15 @@ class Entry:
     def __post_init__(self) -> None:
         if self.tail_offset < 0:
             object.__setattr__(self, "tail_offset", self.acked_offset)
+
+    def unchanged(self, st: os.stat_result) -> bool:
+        """Whether the local file is as it was when last synced (same inode, size, mtime)."""
+        return self.status != "deleted" and (
+            self.dev,
+            self.ino,
+            self.seen_size,
+            self.seen_mtime_ns,
+        ) == (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
     @property
     def main_behind(self) -> bool:

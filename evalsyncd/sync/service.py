@@ -233,12 +233,7 @@ class Service:
             entries = await asyncio.to_thread(self.journal.entries, d.name)
             for rel, st in files:
                 e = entries.get(rel)
-                if (
-                    e is None
-                    or e.status == "deleted"
-                    or (e.dev, e.ino, e.seen_size, e.seen_mtime_ns)
-                    != (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-                ):
+                if e is None or not e.unchanged(st):
                     d.mark(rel)
             if subtree is None:
                 for rel, e in entries.items():

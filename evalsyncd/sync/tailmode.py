@@ -56,7 +56,6 @@ from evalsyncd.sync.lines import (
     RemoteAhead,
     RemoteDiverged,
     blocking,
-    divergence,
     fingerprint_at,
     new_entry,
     read_lines,
@@ -107,6 +106,7 @@ class TailMode:
         self._finalized: set[str] = set()  # run directories whose summary.json was flushed
         self._since: dict[str, float] = {}  # path -> Unix time its main object fell behind
         self._drain_all = False
+        self._opened = False
 
     # -- recovery ------------------------------------------------------------------------
 
@@ -149,6 +149,7 @@ class TailMode:
                 self._since[path] = row.tail_since
         if self.writer.dirty:
             await self.commit_index()
+        self._opened = True  # only now: a failed reconciliation is redone at the next pass
         log.info(
             "tail_opened",
             destination=d.name,
@@ -190,7 +191,7 @@ class TailMode:
                 unacknowledged was journaled.
         """
         d = self.d
-        if not self.writer.opened:
+        if not self._opened:
             await self.open()
         staged: list[Staged] = []
         direct: list[str] = []
@@ -250,12 +251,7 @@ class TailMode:
         if not stat.S_ISREG(st.st_mode):
             return None
         entry = d.journal.get(d.name, path)
-        if (
-            entry is not None
-            and entry.status != "deleted"
-            and (entry.dev, entry.ino, entry.seen_size, entry.seen_mtime_ns)
-            == (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-        ):
+        if entry is not None and entry.unchanged(st):
             return None
         if kind is FileKind.APPEND:
             return await self._plan_append(path, full, entry, seq)
@@ -285,19 +281,7 @@ class TailMode:
             return self._plan_deleted(path, seq)
         try:
             st = os.fstat(fd)
-            rewrite = entry is None or entry.status == "deleted"
-            if entry is not None and not rewrite:
-                reason = divergence(fd, st, entry)
-                if reason is not None:
-                    rewrite = True
-                    log.warning(
-                        "file_changed_rewriting",
-                        destination=d.name,
-                        key=path,
-                        reason=reason,
-                        acked_offset=entry.tail_offset,
-                        size=st.st_size,
-                    )
+            rewrite = d.must_rewrite(path, fd, st, entry)
             ft = self.writer.current(path)
             if rewrite or entry is None:
                 base, version, start = 0, None, 0
