@@ -417,20 +417,24 @@ def _requests(res: dict[str, Any], img: Path) -> list[str]:
     ]
 
     def draw(ax: Any) -> None:
-        for mode, style in (("tail log", "o-"), ("per-file", "s--"), ("aws s3 sync", "x:")):
-            for label in ("S3", "GCS", ""):
-                pts = sorted(
-                    (v["files"], v["requests_per_s"])
-                    for k, v in res.items()
-                    if v.get("mode") == mode
-                    and "requests_per_s" in v
-                    and (label in k if label else mode == "aws s3 sync")
-                )
-                if pts and (label or mode == "aws s3 sync"):
-                    name = f"{mode} ({label})" if label else mode
-                    ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=name)
-                if mode == "aws s3 sync":
-                    break
+        series = [
+            (
+                f"{mode} ({label})",
+                style,
+                lambda k, v, m=mode, lb=label: v.get("mode") == m and lb in k,
+            )
+            for mode, style in (("tail log", "o-"), ("per-file", "s--"))
+            for label in ("S3", "GCS")
+        ]
+        series.append(("aws s3 sync", "x:", lambda k, v: v.get("mode") == "aws s3 sync"))
+        for name, style, keep in series:
+            pts = sorted(
+                (v["files"], v["requests_per_s"])
+                for k, v in res.items()
+                if "requests_per_s" in v and keep(k, v)
+            )
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=name)
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("growing files")
