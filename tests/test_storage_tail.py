@@ -124,7 +124,8 @@ def test_reader_with_stale_index_retries(cloud: Cloud) -> None:
         await writer.open()
         writer.stage_append("f.jsonl", 0, b"one\n", base=0, main_version=None, mtime=1.0)
         await writer.commit()
-        assert await cloud.aread("f.jsonl") == b"one\n"
+        st = await cloud.astat("f.jsonl")  # caches the index, not the piece
+        assert st is not None and st.size == 4
         v = await cloud.awrite("f.jsonl", b"one\ntwo\n")
         writer.promoted("f.jsonl", 8, v)
         writer.stage_append("g.jsonl", 0, b"x\n", base=0, main_version=None, mtime=1.0)
@@ -191,6 +192,37 @@ def test_recovery_reads_newest_index(cloud: Cloud) -> None:
         b.stage_append("f.jsonl", 6, b"3\n", base=0, main_version=None, mtime=1.0)
         await b.commit()
         assert await cloud.aread("f.jsonl") == b"0\n1\n2\n3\n"
+        await cloud.aclose()
+
+    _run(scenario())
+
+
+def test_a_reader_that_tails_a_file_fetches_each_piece_once(cloud: Cloud) -> None:
+    """Re-reading a growing file fetches only the tail pieces it has not read yet."""
+
+    async def scenario() -> None:
+        writer = cloud.tail_writer("w1")
+        await writer.open()
+        fetched: list[tuple[str, int, int | None]] = []
+        real_get = cloud._tail_get
+
+        async def counting_get(name: str, start: int, end: int | None) -> bytes:
+            fetched.append((name, start, end))
+            return await real_get(name, start, end)
+
+        cloud._tail_get = counting_get  # type: ignore[method-assign]
+        expected = b""
+        for i in range(3):
+            line = f"line {i}\n".encode()
+            writer.stage_append(
+                "f.jsonl", len(expected), line, base=0, main_version=None, mtime=1.0
+            )
+            await writer.commit()
+            expected += line
+            fetched.clear()
+            assert await cloud.aread("f.jsonl") == expected
+            pieces = [f for f in fetched if f[1] != 0]  # header probes start at 0
+            assert len(pieces) == 1, fetched  # only the newest piece
         await cloud.aclose()
 
     _run(scenario())

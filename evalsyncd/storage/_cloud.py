@@ -33,6 +33,7 @@ from evalsyncd.storage._bridge import bridge_loop, on_bridge_close, run_sync
 from evalsyncd.storage.tail import (
     TAIL_DIR,
     FileTail,
+    PieceCache,
     TailIndex,
     TailWriter,
     read_index,
@@ -53,6 +54,7 @@ _RUNTIME_ATTRS = (
     "_tail_cache",
     "_owns_clients",
     "_owner",
+    "_pieces",
 )
 
 
@@ -91,6 +93,7 @@ class CloudStorage(ABC):
         self._bridge_hooked = False
         self._owns_clients = True
         self._owner: CloudStorage = self
+        self._pieces = PieceCache()
         self._tail_cache: dict[
             asyncio.AbstractEventLoop, tuple[float, asyncio.Task[TailIndex]]
         ] = {}
@@ -350,7 +353,11 @@ class CloudStorage(ABC):
             try:
                 if ft.kind == "r" or ft.base == 0:
                     stop = ft.size if end is None else min(end, ft.size)
-                    return await read_pieces(self, index, ft, start, stop) if start < stop else b""
+                    return (
+                        await read_pieces(self, index, ft, start, stop, self._pieces)
+                        if start < stop
+                        else b""
+                    )
                 main = await self._main_stat(path)
                 if main is None or main.size < ft.base:
                     continue  # the index is older than a delete or a rewrite: read it again
@@ -364,7 +371,9 @@ class CloudStorage(ABC):
                 if start < min(stop, main.size):
                     jobs.append(self._main_read_range(path, start, min(stop, main.size) - start))
                 if stop > main.size:
-                    jobs.append(read_pieces(self, index, ft, max(start, main.size), stop))
+                    jobs.append(
+                        read_pieces(self, index, ft, max(start, main.size), stop, self._pieces)
+                    )
                 data = b"".join(await asyncio.gather(*jobs))
                 if len(data) == stop - start:
                     return data

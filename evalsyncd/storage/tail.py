@@ -76,8 +76,10 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
+import threading
 import time
 import zlib
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Final, Protocol
@@ -94,6 +96,7 @@ __all__ = [
     "TAIL_DIR",
     "FileTail",
     "Piece",
+    "PieceCache",
     "TailBackend",
     "TailConflictError",
     "TailIndex",
@@ -371,22 +374,75 @@ async def read_header(backend: TailBackend, name: str) -> tuple[TailIndex, int] 
     return parsed
 
 
+class PieceCache:
+    """The bytes of whole tail pieces a reader fetched, least recently used first.
+
+    Tail objects are immutable, so a piece, once read, never changes: a reader
+    that tails a file fetches only the pieces it has not seen. Thread-safe.
+
+    Args:
+        max_bytes: memory bound, bytes.
+        max_piece_bytes: pieces larger than this are read by range, not cached.
+    """
+
+    def __init__(self, max_bytes: int = 16 * 1024 * 1024, max_piece_bytes: int = 1024 * 1024):
+        self.max_bytes = max_bytes
+        self.max_piece_bytes = max_piece_bytes
+        self._items: OrderedDict[Piece, bytes] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def get(self, piece: Piece) -> bytes | None:
+        with self._lock:
+            data = self._items.get(piece)
+            if data is not None:
+                self._items.move_to_end(piece)
+            return data
+
+    def put(self, piece: Piece, data: bytes) -> None:
+        with self._lock:
+            if piece in self._items or len(data) > self.max_bytes:
+                return
+            self._items[piece] = data
+            self._bytes += len(data)
+            while self._bytes > self.max_bytes:
+                _piece, dropped = self._items.popitem(last=False)
+                self._bytes -= len(dropped)
+
+
 async def read_pieces(
-    backend: TailBackend, index: TailIndex, ft: FileTail, start: int, end: int
+    backend: TailBackend,
+    index: TailIndex,
+    ft: FileTail,
+    start: int,
+    end: int,
+    cache: PieceCache | None = None,
 ) -> bytes:
     """Bytes ``[start, end)`` of a file from its tail pieces (``base <= start``).
 
-    One ranged GET per tail object involved, concurrently.
+    One ranged GET per piece involved that ``cache`` does not hold, concurrently
+    (small pieces are fetched whole and cached).
 
     Raises:
         ObjectNotFoundError: a tail object was deleted meanwhile (read the index again).
     """
+
+    async def one(piece: Piece, lo: int, hi: int) -> bytes:
+        at = index.bodies[piece.seq] + piece.pos
+        if cache is None or piece.length > cache.max_piece_bytes:
+            return await backend._tail_get(object_name(piece.seq), at + lo, at + hi)
+        data = cache.get(piece)
+        if data is None:
+            data = await backend._tail_get(object_name(piece.seq), at, at + piece.length)
+            if len(data) == piece.length:
+                cache.put(piece, data)
+        return data[lo:hi]
+
     jobs = []
     for lo_file, hi_file, piece in ft.spans():
         lo, hi = max(start, lo_file), min(end, hi_file)
         if lo < hi:
-            at = index.bodies[piece.seq] + piece.pos + (lo - lo_file)
-            jobs.append(backend._tail_get(object_name(piece.seq), at, at + (hi - lo)))
+            jobs.append(one(piece, lo - lo_file, hi - lo_file))
     parts = await asyncio.gather(*jobs)
     data = b"".join(parts)
     if len(data) != max(0, min(end, ft.size) - start):
