@@ -79,5 +79,5 @@ def configure_logging(
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(numeric)
-    for noisy in ("botocore", "aiobotocore", "aioboto3", "urllib3", "asyncio"):
+    for noisy in ("botocore", "aiobotocore", "urllib3", "asyncio"):
         logging.getLogger(noisy).setLevel(max(numeric, logging.WARNING))

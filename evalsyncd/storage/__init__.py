@@ -5,7 +5,7 @@ This package knows nothing of evaluations or of the daemon.
 
 The cloud backends (``S3Storage``, ``GCSStorage``, and ``AnyStorage`` which
 names them) are imported on first use (PEP 562), so a reader of a local
-directory never loads aioboto3 or gcloud-aio.
+directory never loads aiobotocore or gcloud-aio.
 """
 
 from __future__ import annotations
