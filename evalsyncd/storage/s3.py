@@ -73,7 +73,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import re
 import secrets
 import threading
@@ -86,6 +85,7 @@ from typing import Any, Final
 
 import aiohttp
 import botocore.exceptions as bexc
+import structlog
 from aiobotocore.config import AioConfig
 from aiobotocore.session import AioSession
 
@@ -106,7 +106,7 @@ from evalsyncd.storage.tail import TAIL_DIR
 
 __all__ = ["MULTIPART_MIN_BYTES", "S3Storage"]
 
-log = logging.getLogger(__name__)
+log = structlog.get_logger("evalsyncd.storage")
 
 MiB: Final = 1024 * 1024
 MULTIPART_MIN_BYTES: Final = 5 * MiB
@@ -1012,7 +1012,7 @@ class S3Storage(CloudStorage):
         try:
             return await self._compact(client, path, view, known)
         except StorageError as exc:  # best effort: the append itself succeeded
-            log.warning("s3_compaction_failed url=%s error=%r", url, exc)
+            log.warning("s3_compaction_failed", url=url, error=repr(exc))
             return view.etag
 
     def _should_compact(self, path: str, view: _View, delta: int) -> bool:
@@ -1058,7 +1058,7 @@ class S3Storage(CloudStorage):
             try:
                 await self._delete(client, dead, url)
             except StorageError as exc:  # stale segments are harmless; the next cleanup retries
-                log.info("s3_segment_cleanup_failed url=%s error=%r", url, exc)
+                log.info("s3_segment_cleanup_failed", url=url, error=repr(exc))
         return etag
 
     async def _append_multipart(
@@ -1132,9 +1132,9 @@ class S3Storage(CloudStorage):
             await client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
         except bexc.ClientError as exc:
             if _error_code(exc) != "NoSuchUpload":
-                log.warning("s3_abort_failed url=%s upload_id=%s error=%r", url, upload_id, exc)
+                log.warning("s3_abort_failed", url=url, upload_id=upload_id, error=repr(exc))
         except _BOUNDARY as exc:
-            log.warning("s3_abort_failed url=%s upload_id=%s error=%r", url, upload_id, exc)
+            log.warning("s3_abort_failed", url=url, upload_id=upload_id, error=repr(exc))
 
     async def aflush(self) -> None:
         """See :meth:`Storage.flush`: compact every file this instance left segments in.
