@@ -139,8 +139,8 @@ class CloudStorage(ABC):
 
         A store under a sub-prefix (a host of a fleet) must be read through a
         storage rooted at it: its tail log lives at ``{its prefix}/.evalsyncd/``.
-        The child opens no client of its own and closing it closes nothing; the
-        parent's ``aclose``/``close`` closes the shared clients.
+        The child opens no client of its own: it uses and, when closed, closes
+        the parent's (which reopens one on its next use).
         """
         sub = path.strip("/")
         if not sub:
@@ -184,8 +184,10 @@ class CloudStorage(ABC):
         return stack, client
 
     async def aclose(self) -> None:
-        """Close the client of the running event loop, if one is open."""
+        """Close the client of the running event loop, if one is open (a child closes
+        the client it shares with its parent: the next use opens a new one)."""
         if not self._owns_clients:
+            await self._owner.aclose()
             return
         loop = asyncio.get_running_loop()
         with self._clients_lock:
@@ -199,8 +201,12 @@ class CloudStorage(ABC):
         await stack.aclose()
 
     def close(self) -> None:
-        """Close the client opened for the sync methods (on the bridge loop)."""
-        if self._bridge_hooked and self._owns_clients:
+        """Close the client opened for the sync methods (on the bridge loop); a child
+        closes the one it shares with its parent."""
+        if not self._owns_clients:
+            self._owner.close()
+            return
+        if self._bridge_hooked:
             run_sync(self.aclose())
 
     async def __aenter__(self) -> Self:
