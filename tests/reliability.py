@@ -60,6 +60,9 @@ class RelEnv:
         """
         name = extra.pop("name", kind)
         extra.setdefault("retry", dict(FAST_RETRY))
+        if kind in ("s3", "gcs"):
+            # main objects (what the reliability checks list) catch up 1 s after a file is quiet
+            extra.setdefault("compact_idle_s", 1.0)
         reader: AnyStorage
         if kind == "s3":
             url = f"s3://{S3_BUCKET}/{self.prefix}/{name}"
