@@ -150,22 +150,19 @@ def test_a_second_daemon_on_the_same_prefix_is_detected(rel: RelEnv, tmp_path: P
     from tests.daemon import Daemon
 
     with rel.daemon() as a, Daemon(other_cfg, tmp_path / "other.log") as b:
-        deadline = time.monotonic() + 30
-        i = 0
-        while time.monotonic() < deadline:
+        lines = iter(range(10_000))
+
+        def one_parked() -> bool:
+            i = next(lines)  # both daemons keep writing tail objects meanwhile
             _append(rel.root / "runs/y/t.jsonl", i)
             _append(other_root / "runs/x/t.jsonl", i)
-            i += 1
-            parked = [
-                e
+            return any(
+                e.get("new") == "parked" and "another evalsyncd" in (e.get("reason") or "")
                 for d in (a, b)
                 for e in events(d, "destination_state")
-                if e.get("new") == "parked" and "another evalsyncd" in (e.get("reason") or "")
-            ]
-            if parked:
-                break
-            time.sleep(0.1)  # paces the two writers
-        assert parked, "neither daemon noticed the other"
+            )
+
+        wait_for(one_parked, 30, 0.1, "one daemon parked by the other")
     assert isinstance(reader, S3Storage)
 
 

@@ -420,10 +420,12 @@ class CloudStorage(ABC):
         The version is the main object's (``None`` while the file exists only in the tail).
         """
         ft = await self._tail_entry(path)
+        if ft is not None and (ft.kind == "r" or ft.base == 0):
+            return StorageStat(size=ft.size, mtime=ft.mtime, version=None)  # the tail alone
         main = await self._main_stat(path)
         if ft is None:
             return main
-        if ft.kind == "r" or ft.base == 0 or main is None:
+        if main is None:
             return StorageStat(size=ft.size, mtime=ft.mtime, version=None)
         return StorageStat(
             size=max(ft.size, main.size), mtime=max(ft.mtime, main.mtime), version=main.version

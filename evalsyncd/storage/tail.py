@@ -103,7 +103,6 @@ __all__ = [
     "TailWriter",
     "decode_header",
     "encode_tail_object",
-    "new_writer_id",
     "object_name",
     "read_header",
     "read_index",
@@ -475,7 +474,6 @@ class TailWriter:
         self._staged: dict[str, FileTail | None] = {}
         self._body: list[bytes] = []
         self._body_len = 0
-        self.opened = False
 
     async def open(self) -> TailIndex:
         """Read the newest index (the log's state after a restart). One LIST, one GET.
@@ -485,7 +483,6 @@ class TailWriter:
             a *live* second writer is detected on the next commit).
         """
         self.index = await read_index(self.backend)
-        self.opened = True
         return self.index
 
     @property
@@ -660,8 +657,3 @@ class TailWriter:
         """How many pieces ``path`` has in the tail (0 when none)."""
         ft = self.current(path)
         return len(ft.pieces) if ft is not None else 0
-
-
-def new_writer_id() -> str:
-    """A fresh writer id (16 hex digits)."""
-    return secrets.token_hex(8)

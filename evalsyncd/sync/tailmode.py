@@ -85,7 +85,6 @@ class Staged:
     path: str
     seq: int
     entry: Entry
-    appended: int
     remove: bool = False
     """A mirrored delete: the main object is removed once the index forgets the file."""
 
@@ -266,10 +265,10 @@ class TailMode:
             return DIRECT  # nothing in the tail: the per-file path handles it
         if d.mirror_deletes:
             self.writer.forget(path)  # the index forgets it first, then the main object goes
-            return Staged(path, seq, entry, 0, remove=True)
+            return Staged(path, seq, entry, remove=True)
         log.info("local_file_deleted", destination=d.name, key=path, remote="kept")
         # its pending bytes still reach the main object, from the tail
-        return Staged(path, seq, replace(entry, status="deleted"), 0)
+        return Staged(path, seq, replace(entry, status="deleted"))
 
     async def _plan_append(
         self, path: str, full: Path, entry: Entry | None, seq: int
@@ -330,7 +329,7 @@ class TailMode:
             )
             if more:
                 new = replace(new, seen_size=-1)
-            return Staged(path, seq, new, len(data))
+            return Staged(path, seq, new)
         finally:
             os.close(fd)
 
@@ -359,7 +358,7 @@ class TailMode:
             tail_offset=len(data),
             tail_since=entry.tail_since if pending and entry is not None else time.time(),
         )
-        return Staged(path, seq, new, len(data))
+        return Staged(path, seq, new)
 
     def next_due_in(self) -> float:
         """Seconds until the next main object is due (0: now)."""
