@@ -341,7 +341,7 @@ def test_logs_never_show_credentials(capsys: pytest.CaptureFixture[str]) -> None
 
 def test_byte_budget_bounds_bytes_in_flight() -> None:
     """Uploads never hold more than the budget at once; an oversized one runs alone."""
-    from evalsyncd.sync.destination import _ByteBudget
+    from evalsyncd.sync.passes import ByteBudget as _ByteBudget
 
     budget = _ByteBudget(100)
     held = 0

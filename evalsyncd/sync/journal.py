@@ -39,22 +39,19 @@ status`` reads it while the daemon runs).
 
 from __future__ import annotations
 
+import enum
 import os
 import secrets
 import sqlite3
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Self
+from typing import Any, Self
 
-__all__ = ["DestinationRecord", "Entry", "Journal", "JournalError"]
+__all__ = ["DestinationRecord", "Entry", "EntryStatus", "Journal", "JournalError"]
 
 SCHEMA_VERSION = "2"
-_COLUMNS = (
-    "destination, path, dev, ino, acked_offset, fingerprint, content_crc, remote_version, "
-    "seen_size, seen_mtime_ns, status, acked_at, tail_offset, tail_since"
-)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -90,6 +87,17 @@ class JournalError(Exception):
     """The journal cannot be opened: corrupt, from another root, or a newer schema."""
 
 
+class EntryStatus(enum.StrEnum):
+    """What a journal row says of its file (column ``entries.status``): ``ok``, the
+    destination holds the file up to the row's offsets; ``invalid``, a ``.json`` that
+    did not parse past its grace period (reported, not uploaded); ``deleted``, deleted
+    locally with the remote object kept (``mirror_deletes`` off)."""
+
+    OK = "ok"
+    INVALID = "invalid"
+    DELETED = "deleted"
+
+
 @dataclass(frozen=True, slots=True)
 class Entry:
     """One journal row; see the module docstring for the meaning of each field."""
@@ -104,7 +112,7 @@ class Entry:
     remote_version: str | None
     seen_size: int
     seen_mtime_ns: int
-    status: str
+    status: EntryStatus
     acked_at: float
     tail_offset: int = -1
     """Bytes readers see (tail log or main object); ``-1`` in a new row means
@@ -114,10 +122,11 @@ class Entry:
     def __post_init__(self) -> None:
         if self.tail_offset < 0:
             object.__setattr__(self, "tail_offset", self.acked_offset)
+        object.__setattr__(self, "status", EntryStatus(self.status))
 
     def unchanged(self, st: os.stat_result) -> bool:
         """Whether the local file is as it was when last synced (same inode, size, mtime)."""
-        return self.status != "deleted" and (
+        return self.status is not EntryStatus.DELETED and (
             self.dev,
             self.ino,
             self.seen_size,
@@ -140,6 +149,17 @@ class DestinationRecord:
     last_error: str | None
     last_error_at: float | None
     updated_at: float
+
+
+_ENTRY_FIELDS = tuple(f.name for f in fields(Entry))
+_ENTRY_COLUMNS = ", ".join(_ENTRY_FIELDS)
+_ENTRY_MARKS = ", ".join("?" for _ in _ENTRY_FIELDS)
+_RECORD_COLUMNS = ", ".join(f.name for f in fields(DestinationRecord))
+
+
+def _by_name(row: sqlite3.Row) -> dict[str, Any]:
+    """A row as ``{column: value}``: rows are built by column name, never by position."""
+    return dict(zip(row.keys(), row, strict=True))
 
 
 class Journal:
@@ -169,11 +189,13 @@ class Journal:
                 self._db = sqlite3.connect(
                     f"{path.as_uri()}?mode=ro", uri=True, check_same_thread=False, timeout=10.0
                 )
+                self._db.row_factory = sqlite3.Row
             else:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 self._db = sqlite3.connect(
                     path, check_same_thread=False, timeout=10.0, isolation_level=None
                 )
+                self._db.row_factory = sqlite3.Row
                 self._db.execute("PRAGMA journal_mode=WAL")
                 self._db.execute("PRAGMA synchronous=NORMAL")
                 self._db.executescript(_SCHEMA)
@@ -264,40 +286,25 @@ class Journal:
         """The row of one file at one destination, or ``None``."""
         with self._lock:
             row = self._db.execute(
-                f"SELECT {_COLUMNS} FROM entries WHERE destination = ? AND path = ?",
+                f"SELECT {_ENTRY_COLUMNS} FROM entries WHERE destination = ? AND path = ?",
                 (destination, path),
             ).fetchone()
-        return Entry(*row) if row else None
+        return Entry(**_by_name(row)) if row else None
 
     def entries(self, destination: str) -> dict[str, Entry]:
         """Every row of a destination, by path."""
         with self._lock:
             rows = self._db.execute(
-                f"SELECT {_COLUMNS} FROM entries WHERE destination = ?", (destination,)
+                f"SELECT {_ENTRY_COLUMNS} FROM entries WHERE destination = ?", (destination,)
             ).fetchall()
-        return {row[1]: Entry(*row) for row in rows}
+        return {row["path"]: Entry(**_by_name(row)) for row in rows}
 
     def ack(self, entry: Entry) -> None:
         """Record an acknowledged write (insert or replace the row); see :meth:`commit`."""
         with self._lock:
             self._write(
-                f"INSERT OR REPLACE INTO entries ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                (
-                    entry.destination,
-                    entry.path,
-                    entry.dev,
-                    entry.ino,
-                    entry.acked_offset,
-                    entry.fingerprint,
-                    entry.content_crc,
-                    entry.remote_version,
-                    entry.seen_size,
-                    entry.seen_mtime_ns,
-                    entry.status,
-                    entry.acked_at,
-                    entry.tail_offset,
-                    entry.tail_since,
-                ),
+                f"INSERT OR REPLACE INTO entries ({_ENTRY_COLUMNS}) VALUES ({_ENTRY_MARKS})",
+                tuple(getattr(entry, name) for name in _ENTRY_FIELDS),
             )
 
     def forget(self, destination: str, path: str) -> None:
@@ -338,5 +345,5 @@ class Journal:
     def destinations(self) -> dict[str, DestinationRecord]:
         """Every destination's recorded state, by name."""
         with self._lock:
-            rows = self._db.execute("SELECT * FROM destinations").fetchall()
-        return {row[0]: DestinationRecord(*row) for row in rows}
+            rows = self._db.execute(f"SELECT {_RECORD_COLUMNS} FROM destinations").fetchall()
+        return {row["name"]: DestinationRecord(**_by_name(row)) for row in rows}

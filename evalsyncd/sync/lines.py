@@ -20,7 +20,7 @@ from typing import TypeVar
 
 import crc32c
 
-from evalsyncd.sync.journal import Entry
+from evalsyncd.sync.journal import Entry, EntryStatus
 
 __all__ = [
     "FINGERPRINT_BYTES",
@@ -153,7 +153,7 @@ def new_entry(
     fingerprint: int | None = None,
     content_crc: int | None = None,
     remote_version: str | None = None,
-    status: str = "ok",
+    status: EntryStatus = EntryStatus.OK,
     tail_offset: int = -1,
     tail_since: float | None = None,
 ) -> Entry:

@@ -3,7 +3,7 @@
 Used when the backend keeps a tail log (``storage.supports_tail``) and
 ``max_main_lag_s`` > 0. One pass::
 
-    dirty files --plan--> staged pieces (new complete lines; small JSON whole)
+    dirty files --plan()--> staged pieces (new complete lines; small JSON whole)
                           | one tail object: TailWriter.commit()        (1 request)
                           v on success only
                   journal: tail_offset, tail_since          readers now see the bytes
@@ -13,17 +13,18 @@ Used when the backend keeps a tail log (``storage.supports_tail``) and
                   index-only tail object if pieces were dropped; old tail objects deleted
 
 A file goes *straight to its main object* instead (the per-file path of
-:class:`~evalsyncd.sync.destination.Destination`) when its new bytes in one
+:class:`~evalsyncd.sync.perfile.PerFile`) when its new bytes in one
 flush reach ``direct_append_bytes`` and the backend appends them in place
 (GCS compose at any size, S3 multipart from 5 MiB), or when it is new and
 empty; never while the tail holds pieces of it (a stale entry would otherwise
 be stitched with a rewritten main object).
 
-A file's main object is *due* when the main object fell behind the tail
-``max_main_lag_s`` ago, when the file was quiet for ``compact_idle_s``, when it
-has ``tail_max_pieces`` pieces in the tail or ``promote_bytes`` pending bytes,
-when its run is finalized (its ``summary.json`` was flushed), and at shutdown
-and the end of ``sync --once``.
+What a file needs is decided by :func:`evalsyncd.sync.plan.plan`, as on the
+per-file path; when its main object is *due* by :func:`evalsyncd.sync.plan.main_due`:
+when it fell behind the tail ``max_main_lag_s`` ago, when the file was quiet
+for ``compact_idle_s``, when it has ``tail_max_pieces`` pieces in the tail or
+``promote_bytes`` pending bytes, when its run is finalized (its
+``summary.json`` was flushed), and at shutdown and the end of ``sync --once``.
 
 Recovery (:meth:`TailMode.open`): the newest index is read and compared with
 the journal. An entry that agrees with its journal row is kept; any
@@ -36,9 +37,8 @@ longer exist locally are written to their main objects from the tail's bytes.
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import os
-import stat
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -50,16 +50,11 @@ import structlog
 from evalsyncd.errors import ObjectNotFoundError, StorageError
 from evalsyncd.storage import check_key
 from evalsyncd.storage.tail import FileTail, TailWriter, read_pieces
+from evalsyncd.sync import lines
 from evalsyncd.sync.files import FileKind, classify, phase_of
-from evalsyncd.sync.journal import Entry
-from evalsyncd.sync.lines import (
-    RemoteAhead,
-    RemoteDiverged,
-    blocking,
-    fingerprint_at,
-    new_entry,
-    read_lines,
-)
+from evalsyncd.sync.journal import Entry, EntryStatus
+from evalsyncd.sync.passes import by_phase, log_failure, worst_error
+from evalsyncd.sync.plan import Do, MainFacts, main_due, observe
 
 if TYPE_CHECKING:
     from evalsyncd.sync.destination import Destination
@@ -68,11 +63,6 @@ if TYPE_CHECKING:
 __all__ = ["TailMode"]
 
 log = structlog.get_logger("evalsyncd.sync")
-
-PROMOTE_MIN_BYTES = 1024 * 1024
-"""Pending bytes of one file from which its main object is due (at least the backend's
-in-place append size, so that later deltas can go straight to it), bytes."""
-
 
 DIRECT: Final = object()
 """Plan outcome: sync this file on its own (straight to its main object)."""
@@ -100,7 +90,6 @@ class TailMode:
     def __init__(self, dest: Destination, writer: TailWriter) -> None:
         self.d = dest
         self.writer = writer
-        self.promote_bytes = max(PROMOTE_MIN_BYTES, dest.storage.append_in_place_min_bytes)
         self._last_change: dict[str, float] = {}  # path -> monotonic time of its last tail piece
         self._finalized: set[str] = set()  # run directories whose summary.json was flushed
         self._since: dict[str, float] = {}  # path -> Unix time its main object fell behind
@@ -117,7 +106,7 @@ class TailMode:
         reset: list[str] = []
         for path, ft in index.files.items():
             row = rows.get(path)
-            if row is None or row.status == "deleted":
+            if row is None or row.status is EntryStatus.DELETED:
                 if not (d.root / path).exists():
                     await self._promote_orphan(path, ft)
                 else:
@@ -164,7 +153,7 @@ class TailMode:
         if data is None:
             self.writer.forget(path)
             return
-        version = await self.d._timed_write(path, data, 0, "write")
+        version = await self.d.files.timed_write(path, data, 0, "write")
         self.writer.promoted(path, len(data), version)
         log.info("tail_orphan_promoted", destination=self.d.name, key=path, bytes=len(data))
 
@@ -208,7 +197,7 @@ class TailMode:
             elif isinstance(outcome, Staged):
                 staged.append(outcome)
             else:
-                d._done(path, batch[path])
+                d.done(path, batch[path])
         if staged or self.writer.dirty:
             await self.commit(staged)
             for s in staged:
@@ -217,7 +206,7 @@ class TailMode:
                     await d.storage.aremove(s.path)
                     d.journal.forget(d.name, s.path)
                     log.info("delete_mirrored", destination=d.name, key=s.path)
-                d._done(s.path, s.seq)
+                d.done(s.path, s.seq)
                 if s.entry.seen_size < 0:
                     d.mark(s.path, urgent=True)  # more complete lines than one chunk
         if direct:
@@ -225,7 +214,7 @@ class TailMode:
         await self.promote_due()
 
     async def plan(self, path: str, seq: int) -> Staged | object | None:
-        """Stage what ``path`` needs in the next tail object.
+        """Stage what ``path`` needs in the next tail object (see :func:`~evalsyncd.sync.plan.plan`).
 
         Returns:
             A :class:`Staged` (pieces staged), :data:`DIRECT` (sync it on its own),
@@ -239,116 +228,112 @@ class TailMode:
         if kind is FileKind.IGNORED:
             return None
         check_key(path)
-        full = d.root / path
-        try:
-            st = os.stat(full, follow_symlinks=False)
-        except FileNotFoundError:
-            return self._plan_deleted(path, seq)
-        except OSError as exc:
-            log.warning("file_unreadable", destination=d.name, key=path, error=str(exc))
+        row = d.journal.get(d.name, path)
+        if kind is FileKind.REPLACE and self.writer.current(path) is None:
+            with contextlib.suppress(OSError):
+                big = os.stat(d.root / path, follow_symlinks=False)
+                if big.st_size >= d.settings.direct_append_bytes and not (
+                    row and row.unchanged(big)
+                ):
+                    return DIRECT  # a large file is sent whole to its main object, not staged
+        async with observe(d.root, path, row, d.budget.hold) as seen:
+            action = d.files.decide(seen, row)
+            st = seen.facts.st
+            if action.do in (Do.DELETED, Do.REMOVE):
+                assert row is not None
+                return self._plan_deleted(path, seq, row, remove=action.do is Do.REMOVE)
+            if action.do is Do.INVALID:
+                d.files.record_invalid(seen, row, action)
+            elif action.do is Do.RECORD:
+                assert row is not None and st is not None
+                d.journal.ack(replace(row, seen_size=st.st_size, seen_mtime_ns=st.st_mtime_ns))
+            elif action.do is Do.UPLOAD:
+                assert seen.data is not None and st is not None
+                return self._stage_replace(path, seq, seen.data, st, row, seen.facts.crc)
+            elif action.do in (Do.APPEND, Do.REWRITE):
+                assert seen.fd is not None and st is not None
+                return await self._stage_lines(path, seq, seen.fd, st, row, action.do is Do.REWRITE)
             return None
-        if not stat.S_ISREG(st.st_mode):
-            return None
-        entry = d.journal.get(d.name, path)
-        if entry is not None and entry.unchanged(st):
-            return None
-        if kind is FileKind.APPEND:
-            return await self._plan_append(path, full, entry, seq)
-        return await self._plan_replace(path, full, st, entry, seq)
 
-    def _plan_deleted(self, path: str, seq: int) -> Staged | object | None:
+    def _plan_deleted(self, path: str, seq: int, entry: Entry, *, remove: bool) -> Staged | object:
         d = self.d
-        entry = d.journal.get(d.name, path)
-        if entry is None or entry.status == "deleted":
-            return None
         if self.writer.current(path) is None:
             return DIRECT  # nothing in the tail: the per-file path handles it
-        if d.mirror_deletes:
+        if remove:
             self.writer.forget(path)  # the index forgets it first, then the main object goes
             return Staged(path, seq, entry, remove=True)
         log.info("local_file_deleted", destination=d.name, key=path, remote="kept")
         # its pending bytes still reach the main object, from the tail
-        return Staged(path, seq, replace(entry, status="deleted"))
+        return Staged(path, seq, replace(entry, status=EntryStatus.DELETED))
 
-    async def _plan_append(
-        self, path: str, full: Path, entry: Entry | None, seq: int
+    async def _stage_lines(
+        self, path: str, seq: int, fd: int, st: os.stat_result, entry: Entry | None, rewrite: bool
     ) -> Staged | object | None:
+        """Stage the next complete lines of an append-only file (or route it DIRECT)."""
         d = self.d
-        try:
-            fd = os.open(full, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-        except FileNotFoundError:
-            return self._plan_deleted(path, seq)
-        try:
-            st = os.fstat(fd)
-            rewrite = d.must_rewrite(path, fd, st, entry)
-            ft = self.writer.current(path)
-            if rewrite or entry is None:
-                base, version, start = 0, None, 0
-            else:
-                base, version, start = entry.acked_offset, entry.remote_version, entry.tail_offset
-                if entry.main_behind and (
-                    ft is None or ft.kind != "a" or ft.base != base or ft.size != start
-                ):
-                    start = base  # the tail does not continue where the journal says: restage
-            async with d._budget.hold(min(st.st_size - start, d.chunk_bytes)):
-                data = await blocking(
-                    st.st_size - start, read_lines, fd, start, st.st_size, d.chunk_bytes
-                )
-                if not data:
-                    if entry is None and st.st_size == 0:
-                        return DIRECT  # a new empty file: its main object, now
-                    if entry is not None and not rewrite:
-                        d.journal.ack(
-                            replace(entry, seen_size=st.st_size, seen_mtime_ns=st.st_mtime_ns)
-                        )
-                    return None
-                in_place = start == 0 or start >= d.storage.append_in_place_min_bytes
-                pending = entry is not None and entry.main_behind and not rewrite
-                if (
-                    len(data) >= d.settings.direct_append_bytes
-                    and in_place
-                    and ft is None
-                    and not pending
-                ):
-                    return DIRECT
-                self.writer.stage_append(
-                    path, start, data, base=base, main_version=version, mtime=st.st_mtime
-                )
-            end = start + len(data)
-            more = st.st_size - start > d.chunk_bytes
-            since = entry.tail_since if pending and entry is not None else None
-            new = new_entry(
-                d.name,
-                path,
-                st,
-                acked_offset=base,
-                fingerprint=fingerprint_at(fd, end),
-                remote_version=version,
-                tail_offset=end,
-                tail_since=since if since is not None else time.time(),
+        ft = self.writer.current(path)
+        if rewrite or entry is None:
+            base, version, start = 0, None, 0
+        else:
+            base, version, start = entry.acked_offset, entry.remote_version, entry.tail_offset
+            if entry.main_behind and (
+                ft is None or ft.kind != "a" or ft.base != base or ft.size != start
+            ):
+                start = base  # the tail does not continue where the journal says: restage
+        async with d.budget.hold(min(st.st_size - start, d.chunk_bytes)):
+            data = await lines.blocking(
+                st.st_size - start, lines.read_lines, fd, start, st.st_size, d.chunk_bytes
             )
-            if more:
-                new = replace(new, seen_size=-1)
-            return Staged(path, seq, new)
-        finally:
-            os.close(fd)
+            if not data:
+                if entry is None and st.st_size == 0:
+                    return DIRECT  # a new empty file: its main object, now
+                if entry is not None and not rewrite:
+                    d.journal.ack(
+                        replace(entry, seen_size=st.st_size, seen_mtime_ns=st.st_mtime_ns)
+                    )
+                return None
+            in_place = start == 0 or start >= d.storage.append_in_place_min_bytes
+            pending = entry is not None and entry.main_behind and not rewrite
+            if (
+                len(data) >= d.settings.direct_append_bytes
+                and in_place
+                and ft is None
+                and not pending
+            ):
+                return DIRECT
+            self.writer.stage_append(
+                path, start, data, base=base, main_version=version, mtime=st.st_mtime
+            )
+        end = start + len(data)
+        since = entry.tail_since if pending and entry is not None else None
+        new = lines.new_entry(
+            d.name,
+            path,
+            st,
+            acked_offset=base,
+            fingerprint=lines.fingerprint_at(fd, end),
+            remote_version=version,
+            tail_offset=end,
+            tail_since=since if since is not None else time.time(),
+        )
+        if st.st_size - start > d.chunk_bytes:
+            new = replace(new, seen_size=-1)  # more complete lines than one chunk
+        return Staged(path, seq, new)
 
-    async def _plan_replace(
-        self, path: str, full: Path, st: os.stat_result, entry: Entry | None, seq: int
-    ) -> Staged | object | None:
+    def _stage_replace(
+        self,
+        path: str,
+        seq: int,
+        data: bytes,
+        st: os.stat_result,
+        entry: Entry | None,
+        crc: int | None,
+    ) -> Staged:
+        """Stage the whole content of a replace-on-write file."""
         d = self.d
-        if st.st_size >= d.settings.direct_append_bytes and self.writer.current(path) is None:
-            return DIRECT
-        data = await d.replace_content(path, full, st, entry)
-        if data is None:
-            return None
-        crc = crc32c.crc32c(data)
-        if entry is not None and entry.status == "ok" and entry.content_crc == crc:
-            d.journal.ack(replace(entry, seen_size=st.st_size, seen_mtime_ns=st.st_mtime_ns))
-            return None
         self.writer.stage_replace(path, data, mtime=st.st_mtime)
         pending = entry is not None and entry.main_behind and entry.tail_since is not None
-        new = new_entry(
+        new = lines.new_entry(
             d.name,
             path,
             st,
@@ -380,9 +365,9 @@ class TailMode:
         d = self.d
         size = self.writer.staged_bytes
         await d.throttle(size)
-        started = d._clock()
+        started = d.clock()
         index = await self.writer.commit()
-        duration_s = d._clock() - started
+        duration_s = d.clock() - started
         now = time.monotonic()
         for s in staged:
             if s.remove:
@@ -394,10 +379,7 @@ class TailMode:
             if s.path.endswith("/summary.json"):
                 self._finalized.add(s.path.rsplit("/", 1)[0] + "/")
         d.journal.commit()
-        d.stats.bytes_uploaded += size
-        d.stats.objects_uploaded += 1
-        if d.on_upload is not None:
-            d.on_upload(d.name, "tail", size, duration_s)
+        d.count_upload("tail", size, duration_s)
         log.debug(
             "tail_written",
             destination=d.name,
@@ -416,33 +398,15 @@ class TailMode:
             log.debug("tail_collected", destination=self.d.name, deleted=deleted)
 
     def due(self, path: str, entry: Entry, now_wall: float, now: float) -> str | None:
-        """Why the main object of ``path`` should be brought up to date now, or ``None``."""
-        s = self.d.settings
-        if self._drain_all:
-            return "drain"
-        if entry.tail_since is None:
-            return None
-        if now_wall - entry.tail_since >= s.max_main_lag_s:
-            return "max_main_lag_s"
-        pending = entry.tail_offset - entry.acked_offset
-        in_place = self.d.storage.append_in_place_min_bytes
-        if now - self._last_change.get(path, 0.0) >= s.compact_idle_s and (
-            # a main object that must be rewritten whole (S3 below 5 MiB) is rewritten on
-            # a geometric schedule, so that its wire bytes stay near the appended bytes
-            entry.acked_offset >= in_place
-            or classify(path) is FileKind.REPLACE
-            or pending >= entry.acked_offset
-        ):
-            return "idle"
-        if self.writer.pieces_of(path) >= s.tail_max_pieces:
-            return "tail_max_pieces"
-        if pending >= self.promote_bytes:
-            return "pending_bytes"
-        if entry.acked_offset < in_place <= entry.tail_offset and classify(path) is FileKind.APPEND:
-            return "in_place_size"  # from now on its deltas can go straight to the main object
-        if any(path.startswith(run) for run in self._finalized):
-            return "run_finalized"
-        return None
+        """Why the main object of ``path`` should be brought up to date now (see
+        :func:`~evalsyncd.sync.plan.main_due`), or ``None``."""
+        facts = MainFacts(
+            idle_s=now - self._last_change.get(path, 0.0),
+            pieces=self.writer.pieces_of(path),
+            finalized=any(path.startswith(run) for run in self._finalized),
+            drain=self._drain_all,
+        )
+        return main_due(entry, facts, now_wall, self.d.files.policy)
 
     async def promote_due(self) -> None:
         """Bring every due main object up to date, phase by phase, then drop their pieces.
@@ -453,7 +417,7 @@ class TailMode:
         """
         d = self.d
         now_wall, now = time.time(), time.monotonic()
-        phases: dict[int, list[tuple[str, Entry]]] = {}
+        due: list[tuple[str, Entry]] = []
         for path in list(self.writer.index.files):
             entry = d.journal.get(d.name, path)
             if entry is None or entry.tail_since is None:
@@ -461,30 +425,22 @@ class TailMode:
             reason = self.due(path, entry, now_wall, now)
             if reason is not None:
                 log.debug("main_due", destination=d.name, key=path, reason=reason)
-                phases.setdefault(phase_of(path), []).append((path, entry))
-        error: BaseException | None = None
+                due.append((path, entry))
+        error: StorageError | None = None
         try:
-            for phase in sorted(phases):
-                results = await asyncio.gather(
-                    *(self._promote_guarded(p, e) for p, e in phases[phase]),
-                    return_exceptions=True,
-                )
-                d.journal.commit()
-                for (path, _e), result in zip(phases[phase], results, strict=True):
-                    if isinstance(result, StorageError):
-                        error = error or result
-                    elif isinstance(result, Exception):
-                        log.error(
-                            "promote_failed",
-                            destination=d.name,
-                            key=path,
-                            error=f"{type(result).__name__}: {result}",
-                            exc_info=result,
-                        )
-                    elif isinstance(result, BaseException):
-                        raise result
-                if error is not None:
-                    break
+            phases = by_phase(due, lambda item: item[0], self._promote_guarded)
+            async with contextlib.aclosing(phases):
+                async for results in phases:
+                    d.journal.commit()
+                    error = worst_error(results)
+                    for (path, _e), result in results:
+                        if result is None or isinstance(result, StorageError):
+                            continue
+                        if not isinstance(result, Exception):
+                            raise result
+                        log_failure("promote_failed", d.name, path, result)
+                    if error is not None:
+                        break
         finally:
             if self.writer.dirty:
                 await self.commit_index()
@@ -494,9 +450,9 @@ class TailMode:
             self._drain_all = False
             self._finalized.clear()
 
-    async def _promote_guarded(self, path: str, entry: Entry) -> None:
-        async with self.d._sem:
-            await self.promote(path, entry)
+    async def _promote_guarded(self, item: tuple[str, Entry]) -> None:
+        async with self.d.sem:
+            await self.promote(*item)
 
     async def promote(self, path: str, entry: Entry) -> None:
         """Bring the main object of ``path`` to the journal's ``tail_offset``.
@@ -516,7 +472,7 @@ class TailMode:
             start = entry.acked_offset
         else:
             start = 0
-        async with d._budget.hold(end - start):
+        async with d.budget.hold(end - start):
             data = _local_bytes(full, entry, start, end)
             if data is None and ft is not None and ft.size >= end:
                 data = await self._remote_bytes(path, ft, end, start)
@@ -528,18 +484,18 @@ class TailMode:
                 self._since.pop(path, None)
                 return
             if start == 0:
-                version = await d._timed_write(path, data, 0, "write")
+                version = await d.files.timed_write(path, data, 0, "write")
             else:
                 try:
-                    version = await d._append(path, data, start)
-                except RemoteDiverged:
+                    version = await d.files.append(path, data, start)
+                except lines.RemoteDiverged:
                     whole = _local_bytes(full, entry, 0, end)
                     if whole is None and ft is not None:
                         whole = await self._remote_bytes(path, ft, end)
                     if whole is None:
                         raise
-                    version = await d._timed_write(path, whole, 0, "write")
-                except RemoteAhead as adv:
+                    version = await d.files.timed_write(path, whole, 0, "write")
+                except lines.RemoteAhead as adv:
                     version = adv.version
             del data
         d.journal.ack(
@@ -596,7 +552,7 @@ def _local_bytes(full: Path, entry: Entry, start: int, end: int) -> bytes | None
             data = os.pread(fd, st.st_size + 1, 0)
             ok = len(data) == entry.tail_offset and crc32c.crc32c(data) == entry.content_crc
             return data[start:end] if ok else None
-        if entry.tail_offset and fingerprint_at(fd, entry.tail_offset) != entry.fingerprint:
+        if entry.tail_offset and lines.fingerprint_at(fd, entry.tail_offset) != entry.fingerprint:
             return None
         return os.pread(fd, end - start, start)
     except OSError:

@@ -1,0 +1,356 @@
+"""What to do with one file: a pure decision over what was observed of it and its journal row.
+
+::
+
+    observe(root, path, row)          reads: lstat, then 4 KiB (append-only) or the
+        |                             whole file (replace-on-write), never more
+        v
+    FileFacts --plan(facts, row, now, policy)--> Action
+                                                   SKIP      nothing to send
+                                                   APPEND    new complete lines from .offset
+                                                   REWRITE   from offset 0 (.reason says why)
+                                                   UPLOAD    the content read, whole
+                                                   RECORD    content already sent: new stat only
+                                                   WAIT      not ready: again in .after_s
+                                                   INVALID   unparseable .json: report, record
+                                                   DELETED   gone locally: keep the remote
+                                                   REMOVE    gone locally: remove the remote
+                                                   UNREADABLE cannot be read: log, retry later
+
+:func:`plan` reads no file and no clock: the table tests in
+``tests/test_plan.py`` state every rule. The rules are those of
+``docs/design.md`` ("The object model"): append-only files continue from the
+journal's ``tail_offset`` while they are the file the row describes (same
+inode, long enough, same fingerprint), else start again from offset 0;
+replace-on-write files are sent whole once stable, a ``*.json`` only once it
+parses (reported after ``invalid_json_grace_s``), any other file once quiet for
+``flush_interval_s``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import json
+import os
+import stat
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from pathlib import Path
+
+import crc32c
+
+from evalsyncd.sync.files import FileKind, classify
+from evalsyncd.sync.journal import Entry, EntryStatus
+from evalsyncd.sync.lines import blocking, divergence, read_stable
+
+__all__ = [
+    "NEW_FILE",
+    "Action",
+    "Do",
+    "FileFacts",
+    "MainFacts",
+    "Observed",
+    "Policy",
+    "main_due",
+    "observe",
+    "plan",
+]
+
+
+class Do(enum.Enum):
+    """The kinds of :class:`Action`; see the module docstring."""
+
+    SKIP = "skip"
+    APPEND = "append"
+    REWRITE = "rewrite"
+    UPLOAD = "upload"
+    RECORD = "record"
+    WAIT = "wait"
+    INVALID = "invalid"
+    DELETED = "deleted"
+    REMOVE = "remove"
+    UNREADABLE = "unreadable"
+
+
+NEW_FILE = "new file"
+""":attr:`Action.reason` of a REWRITE of a file the journal has no live row for."""
+
+
+@dataclass(frozen=True, slots=True)
+class Action:
+    """What :func:`plan` decided for one file."""
+
+    do: Do
+    offset: int = 0
+    """APPEND: the byte offset the new bytes start at."""
+    reason: str | None = None
+    """REWRITE: why (:data:`NEW_FILE` or a divergence); INVALID: the parse error;
+    UNREADABLE: the error."""
+    after_s: float = 0.0
+    """WAIT: seconds until the file is worth another look."""
+
+
+@dataclass(frozen=True, slots=True)
+class FileFacts:
+    """What :func:`observe` saw of one file."""
+
+    path: str
+    """Relative POSIX path under the root."""
+    st: os.stat_result | None
+    """Its stat (``fstat`` of the open file for append-only files), ``None``: no such file."""
+    divergence: str | None = None
+    """Append-only with a live row: why it cannot continue from the row's ``tail_offset``."""
+    changed_while_read: bool = False
+    """Replace-on-write: the file changed while it was read."""
+    json_error: str | None = None
+    """Replace-on-write ``*.json`` with content: why it does not parse (``None``: it does)."""
+    blank: bool = False
+    """Replace-on-write: the content is empty or white space only."""
+    crc: int | None = None
+    """Replace-on-write: CRC32C of the content read."""
+    error: str | None = None
+    """The file exists but could not be read (permissions, I/O): the error."""
+
+    @property
+    def kind(self) -> FileKind:
+        """How the file is mirrored (from its path)."""
+        return classify(self.path)
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """The destination's settings that :func:`plan` and :func:`main_due` follow.
+
+    Attributes:
+        flush_interval_s: quiet time before a non-JSON replace-on-write file is
+            sent, seconds.
+        invalid_json_grace_s: how long a ``*.json`` may stay unparseable (or
+            empty) before it is reported, seconds.
+        mirror_deletes: remove remote objects of files deleted locally.
+        max_main_lag_s, compact_idle_s, tail_max_pieces: the tail log's
+            settings (see ``DestinationSettings``).
+        promote_bytes: pending bytes from which a main object is due.
+        in_place_min_bytes: the backend's ``append_in_place_min_bytes`` (S3
+            5 MiB, else 0).
+    """
+
+    flush_interval_s: float
+    invalid_json_grace_s: float
+    mirror_deletes: bool = False
+    max_main_lag_s: float = 60.0
+    compact_idle_s: float = 10.0
+    tail_max_pieces: int = 32
+    promote_bytes: int = 1024 * 1024
+    in_place_min_bytes: int = 0
+
+
+def _live(row: Entry | None) -> bool:
+    return row is not None and row.status is not EntryStatus.DELETED
+
+
+def plan(facts: FileFacts, row: Entry | None, now: float, policy: Policy) -> Action:
+    """Decide what to do with one file.
+
+    Args:
+        facts: what :func:`observe` saw.
+        row: the file's journal row at this destination, if any.
+        now: the current Unix time, seconds (compared with the file's mtime).
+        policy: the destination's settings.
+
+    Returns:
+        The action; see the module docstring for each kind.
+    """
+    kind, st = facts.kind, facts.st
+    if kind is FileKind.IGNORED:
+        return Action(Do.SKIP)
+    if facts.error is not None:
+        return Action(Do.UNREADABLE, reason=facts.error)
+    if st is None:
+        if not _live(row):
+            return Action(Do.SKIP)
+        return Action(Do.REMOVE if policy.mirror_deletes else Do.DELETED)
+    if not stat.S_ISREG(st.st_mode):  # symlinks (never followed), sockets, FIFOs
+        return Action(Do.SKIP)
+    if row is not None and row.unchanged(st):
+        return Action(Do.SKIP)
+    if kind is FileKind.APPEND:
+        if row is None or not _live(row):
+            return Action(Do.REWRITE, reason=NEW_FILE)
+        if facts.divergence is not None:
+            return Action(Do.REWRITE, reason=facts.divergence)
+        return Action(Do.APPEND, offset=row.tail_offset)
+    return _plan_replace(facts, st, row, now, policy)
+
+
+def _plan_replace(
+    facts: FileFacts, st: os.stat_result, row: Entry | None, now: float, policy: Policy
+) -> Action:
+    if facts.changed_while_read:
+        return Action(Do.WAIT, after_s=policy.flush_interval_s)
+    age_s = now - st.st_mtime
+    is_json = facts.path.endswith(".json")
+    if is_json and not facts.blank:
+        if facts.json_error is not None:
+            if age_s < policy.invalid_json_grace_s:
+                return Action(Do.WAIT, after_s=policy.flush_interval_s)
+            return Action(Do.INVALID, reason=facts.json_error)
+    else:
+        # Not JSON: upload once it has been quiet for a flush interval. An empty .json is
+        # what a non-atomic writer leaves between truncating and writing (open(path, "w")):
+        # upload it only once it stayed empty for the grace period.
+        quiet_s = policy.flush_interval_s
+        if is_json:
+            quiet_s = max(quiet_s, policy.invalid_json_grace_s)
+        if age_s < quiet_s:
+            return Action(Do.WAIT, after_s=quiet_s - age_s + 0.05)
+    if row is not None and row.status is EntryStatus.OK and row.content_crc == facts.crc:
+        return Action(Do.RECORD)
+    return Action(Do.UPLOAD)
+
+
+@dataclass(frozen=True, slots=True)
+class MainFacts:
+    """What the tail mode knows of a file whose main object is behind the tail log."""
+
+    idle_s: float
+    """Seconds since the file's last piece was written to the tail."""
+    pieces: int
+    """Its pieces in the tail log."""
+    finalized: bool = False
+    """Its run is finalized (the run's ``summary.json`` was flushed)."""
+    drain: bool = False
+    """Every main object is due (a clean stop, the end of ``sync --once``)."""
+
+
+def main_due(row: Entry, facts: MainFacts, now: float, policy: Policy) -> str | None:
+    """Why the main object of ``row``'s file should be brought up to date now, or ``None``.
+
+    The reasons, in order: ``drain``, ``max_main_lag_s`` (it fell behind that
+    long ago), ``idle`` (quiet for ``compact_idle_s``; a main object that must
+    be rewritten whole, S3 below 5 MiB, only once the pending bytes reach its
+    size, so that its wire bytes stay near the appended bytes),
+    ``tail_max_pieces``, ``pending_bytes``, ``in_place_size`` (it crossed the
+    size from which later deltas can go straight to it), ``run_finalized``.
+
+    Args:
+        row: the file's journal row (``tail_since`` set: behind the tail).
+        facts: the tail mode's view of the file.
+        now: the current Unix time, seconds.
+        policy: the destination's settings.
+    """
+    if facts.drain:
+        return "drain"
+    if row.tail_since is None:
+        return None
+    if now - row.tail_since >= policy.max_main_lag_s:
+        return "max_main_lag_s"
+    pending = row.tail_offset - row.acked_offset
+    in_place = policy.in_place_min_bytes
+    kind = classify(row.path)
+    if facts.idle_s >= policy.compact_idle_s and (
+        row.acked_offset >= in_place or kind is FileKind.REPLACE or pending >= row.acked_offset
+    ):
+        return "idle"
+    if facts.pieces >= policy.tail_max_pieces:
+        return "tail_max_pieces"
+    if pending >= policy.promote_bytes:
+        return "pending_bytes"
+    if row.acked_offset < in_place <= row.tail_offset and kind is FileKind.APPEND:
+        return "in_place_size"
+    if facts.finalized:
+        return "run_finalized"
+    return None
+
+
+@dataclass(slots=True)
+class Observed:
+    """The facts of one file, and what was read to learn them (valid inside :func:`observe`)."""
+
+    facts: FileFacts
+    fd: int | None = None
+    """Append-only: the file, open for reading."""
+    data: bytes | None = None
+    """Replace-on-write: the content read."""
+
+
+Hold = Callable[[int], AbstractAsyncContextManager[None]]
+
+
+@contextlib.asynccontextmanager
+async def observe(root: Path, path: str, row: Entry | None, hold: Hold) -> AsyncIterator[Observed]:
+    """Look at ``root / path`` as :func:`plan` needs it, reading no more than it must.
+
+    A file that is gone, not regular, or unchanged since ``row`` is only
+    stat'ed. An append-only file is opened (``O_NOFOLLOW``) and, with a live
+    row, its fingerprint checked (one read of at most 4 KiB). A
+    replace-on-write file is read whole, holding ``hold(size)`` of the byte
+    budget while the context is open. Local errors become facts (a missing
+    file, :attr:`FileFacts.error`), never exceptions.
+    """
+    try:
+        seen = _look(root, path, row)
+    except FileNotFoundError:
+        seen = Observed(FileFacts(path, None))
+    except OSError as exc:
+        seen = Observed(FileFacts(path, None, error=str(exc)))
+    if seen.fd is not None:
+        try:
+            yield seen
+        finally:
+            os.close(seen.fd)
+        return
+    st = seen.facts.st
+    if (
+        st is None
+        or seen.facts.kind is not FileKind.REPLACE
+        or not stat.S_ISREG(st.st_mode)
+        or (row is not None and row.unchanged(st))
+    ):
+        yield seen
+        return
+    async with hold(st.st_size):
+        yield await _read_whole(root / path, path, st)
+
+
+def _look(root: Path, path: str, row: Entry | None) -> Observed:
+    """lstat, and for an append-only file that needs a look, open it and check its row."""
+    full = root / path
+    st = os.stat(full, follow_symlinks=False)
+    kind = classify(path)
+    if (
+        kind is not FileKind.APPEND
+        or not stat.S_ISREG(st.st_mode)
+        or (row is not None and row.unchanged(st))
+    ):
+        return Observed(FileFacts(path, st))
+    fd = os.open(full, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    try:
+        st = os.fstat(fd)
+        reason = divergence(fd, st, row) if row is not None and _live(row) else None
+    except BaseException:
+        os.close(fd)
+        raise
+    return Observed(FileFacts(path, st, divergence=reason), fd=fd)
+
+
+async def _read_whole(full: Path, path: str, st: os.stat_result) -> Observed:
+    """The facts of a replace-on-write file, from its whole content."""
+    try:
+        data = await blocking(st.st_size, read_stable, full, st)
+    except FileNotFoundError:
+        return Observed(FileFacts(path, None))
+    except OSError as exc:
+        return Observed(FileFacts(path, st, error=str(exc)))
+    if data is None:
+        return Observed(FileFacts(path, st, changed_while_read=True))
+    blank = not data.strip()
+    error = None
+    if path.endswith(".json") and not blank:
+        try:
+            json.loads(data)
+        except ValueError as exc:
+            error = str(exc)
+    facts = FileFacts(path, st, json_error=error, blank=blank, crc=crc32c.crc32c(data))
+    return Observed(facts, data=data)
