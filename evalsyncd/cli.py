@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from evalsyncd.storage import Storage
     from evalsyncd.store import EvalStore
 
-__all__ = ["EX_CONFIG", "entrypoint", "main"]
+__all__ = ["EX_CONFIG", "EX_FAILURE", "EX_OK", "EX_USAGE", "build_parser", "entrypoint", "main"]
 
 EX_OK = 0
 EX_FAILURE = 1
