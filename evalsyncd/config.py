@@ -11,6 +11,19 @@ Precedence, highest first (pydantic-settings "field value priority"):
 Every key, with its unit and default, is documented in ``config.example.toml``.
 Invalid settings raise :class:`~evalsyncd.errors.ConfigError` with one message
 naming each offending key; the CLI turns it into exit status 78 (EX_CONFIG).
+
+::
+
+    Settings                          root, state_dir, intervals, logging, metrics
+    └── destinations: list of         the URL's scheme picks the class
+        ├── S3DestinationSettings     s3://   common keys + S3Storage's
+        ├── GCSDestinationSettings    gs://   common keys + GCSStorage's
+        └── LocalDestinationSettings  file:// common keys + LocalStorage's
+            └── retry: RetrySettings  backoff and the clients' timeouts
+
+URLs are parsed by :func:`evalsyncd.storage.urls.parse_url` only. Validation has
+no side effects: loading settings creates nothing on disk; the service creates
+``state_dir`` when it starts (:func:`ensure_state_dir`).
 """
 
 from __future__ import annotations
