@@ -86,6 +86,7 @@ def test_every_scheme_has_a_settings_class() -> None:
 
 def test_storage_from_uri_opens_through_the_registry(monkeypatch: pytest.MonkeyPatch) -> None:
     """storage_from_uri gives each scheme's backend, the S3 endpoint from the environment."""
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)  # set by the cloud fixtures
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:1")
     s3 = storage_from_uri("S3://b/p")
     assert isinstance(s3, S3Storage)
