@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,8 +28,9 @@ from evalsyncd.errors import ConfigError, StorageError
 if TYPE_CHECKING:
     from evalsyncd.config import Settings
     from evalsyncd.storage import Storage
+    from evalsyncd.store import EvalStore
 
-__all__ = ["EX_CONFIG", "entrypoint", "main"]
+__all__ = ["EX_CONFIG", "EX_FAILURE", "EX_OK", "EX_USAGE", "build_parser", "entrypoint", "main"]
 
 EX_OK = 0
 EX_FAILURE = 1
@@ -36,14 +39,24 @@ EX_CONFIG = 78
 
 
 def _destinations_from_flags(urls: list[str]) -> list[dict[str, Any]]:
+    """``--to`` URLs as destination tables, named after their scheme (``s3``, ``s3-2``, ``file``);
+    a directory path becomes a ``file:///`` URL. An invalid URL is left for the settings
+    to reject (naming ``destinations.N.url``)."""
+    from evalsyncd.storage.urls import parse_url
+
     names: dict[str, int] = {}
     out = []
     for url in urls:
-        base = url.split("://", 1)[0] if "://" in url else "file"
+        try:
+            parsed = parse_url(url)
+        except ValueError:
+            base = "destination"
+        else:
+            base = parsed.scheme
+            if parsed.bare:
+                url = Path(url).expanduser().absolute().as_uri()
         names[base] = names.get(base, 0) + 1
         name = base if names[base] == 1 else f"{base}-{names[base]}"
-        if "://" not in url:
-            url = Path(url).expanduser().absolute().as_uri()
         out.append({"name": name, "url": url})
     return out
 
@@ -57,6 +70,13 @@ def _settings(args: argparse.Namespace) -> Settings:
     return load_settings(args.config, **overrides)
 
 
+def _url_forms() -> str:
+    """The URL forms the registry accepts, for help texts."""
+    from evalsyncd.storage.urls import SCHEMES
+
+    return ", ".join(s.form for s in SCHEMES.values()) + " or a directory"
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--config", metavar="PATH", help="TOML configuration file (default: $EVALSYNCD_CONFIG)"
@@ -66,7 +86,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         "--to",
         metavar="URL",
         action="append",
-        help="destination URL: s3://bucket/prefix, gs://bucket/prefix or a directory (repeatable; replaces the config's)",
+        help=f"destination URL: {_url_forms()} (repeatable; replaces the config's)",
     )
     p.add_argument("--state-dir", metavar="DIR", help="journal directory (overrides the config)")
 
@@ -347,18 +367,23 @@ def _open_reader(uri: str, config: str | None) -> tuple[Storage, str]:
         for dest in load_settings(config).destinations:
             if uri == dest.name:
                 return open_destination_storage(dest), ""
-    from evalsyncd.storage import LocalStorage, storage_from_uri
+    from evalsyncd.storage.urls import SCHEMES, parse_url
 
-    if "://" not in uri or uri.lower().startswith("file://"):
-        storage = storage_from_uri(uri, mkdir=False)
-        if isinstance(storage, LocalStorage) and not storage.root.is_dir():
+    parsed = parse_url(uri)
+    if not SCHEMES[parsed.scheme].cloud:
+        if not Path(parsed.path).expanduser().is_dir():
             raise FileNotFoundError(f"{uri}: no such directory")
-        return storage, ""
-    scheme, rest = uri.split("://", 1)
-    bucket_and_parent, _, leaf = rest.rstrip("/").rpartition("/")
-    if bucket_and_parent and leaf:
-        return storage_from_uri(f"{scheme}://{bucket_and_parent}"), leaf
-    return storage_from_uri(uri), ""
+        return parsed.open(mkdir=False), ""
+    parent, _, leaf = parsed.path.rstrip("/").rpartition("/")
+    if leaf:
+        return replace(parsed, path=parent).open(), leaf
+    return parsed.open(), ""
+
+
+def _config_error(exc: ConfigError) -> int:
+    """Report a configuration error on stderr; returns EX_CONFIG."""
+    print(f"evalsyncd: configuration error:\n{exc}", file=sys.stderr)
+    return EX_CONFIG
 
 
 def _fail(exc: BaseException, where: str = "") -> None:
@@ -411,22 +436,33 @@ def _runs(args: argparse.Namespace) -> int:
             args.output.write_text(page, encoding="utf-8")
             print(f"wrote {args.output} ({len(rows)} runs)", file=sys.stderr)
             return EX_OK if ok else EX_FAILURE
-        storage, prefix = _open_reader(args.uri, args.config)
-        with storage:
-            found = _find_one(storage, prefix, args.run_id, args.uri)
+        with _run_store(args.uri, args.config, args.run_id) as found:
             if found is None:
                 return EX_FAILURE
-            fleet, host = found
-            details = run_details(fleet.store(host), args.run_id, trajectories=args.trajectories)
+            host, store = found
+            details = run_details(store, args.run_id, trajectories=args.trajectories)
             details = {"host": host, **details}
             print(json.dumps(details, indent=2) if args.json else format_run(details))
     except ConfigError as exc:
-        print(f"evalsyncd: configuration error:\n{exc}", file=sys.stderr)
-        return EX_CONFIG
+        return _config_error(exc)
     except (StorageError, OSError, ValueError) as exc:
         _fail(exc)
         return EX_FAILURE
     return EX_OK
+
+
+@contextlib.contextmanager
+def _run_store(uri: str, config: str | None, run_id: str) -> Iterator[tuple[str, EvalStore] | None]:
+    """The host holding ``run_id`` under ``uri`` and its store, open for the ``with`` block;
+    ``None`` (after a message) when no single host holds it.
+
+    Raises:
+        ConfigError, FileNotFoundError, ValueError: see :func:`_open_reader`.
+    """
+    storage, prefix = _open_reader(uri, config)
+    with storage:
+        found = _find_one(storage, prefix, run_id, uri)
+        yield None if found is None else (found[1], found[0].store(found[1]))
 
 
 def _find_one(storage: Storage, prefix: str, run_id: str, uri: str) -> tuple[Any, str] | None:
@@ -463,16 +499,12 @@ def _restore(args: argparse.Namespace) -> int:
 
     _reader_logging()
     try:
-        storage, prefix = _open_reader(args.uri, args.config)
-        with storage:
-            found = _find_one(storage, prefix, args.run_id, args.uri)
+        with _run_store(args.uri, args.config, args.run_id) as found:
             if found is None:
                 return EX_FAILURE
-            fleet, host = found
-            result = restore_run(fleet.store(host), args.run_id, args.root)
+            result = restore_run(found[1], args.run_id, args.root)
     except ConfigError as exc:
-        print(f"evalsyncd: configuration error:\n{exc}", file=sys.stderr)
-        return EX_CONFIG
+        return _config_error(exc)
     except RestoreConflictError as exc:
         print(f"evalsyncd: error: {exc}", file=sys.stderr)
         return EX_FAILURE
@@ -505,8 +537,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = _settings(args)
     except ConfigError as exc:
-        print(f"evalsyncd: configuration error:\n{exc}", file=sys.stderr)
-        return EX_CONFIG
+        return _config_error(exc)
     quiet = args.command in ("status", "verify")
     configure_logging(settings.log_format, "warning" if quiet else settings.log_level)
     try:
@@ -518,6 +549,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _status(settings, args.json)
         if args.command == "verify":
             return asyncio.run(_verify(settings, args.destination, args.json))
+    except ConfigError as exc:  # the state directory cannot be created
+        return _config_error(exc)
     except JournalError as exc:
         print(f"evalsyncd: {exc}", file=sys.stderr)
         return EX_CONFIG

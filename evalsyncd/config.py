@@ -11,6 +11,19 @@ Precedence, highest first (pydantic-settings "field value priority"):
 Every key, with its unit and default, is documented in ``config.example.toml``.
 Invalid settings raise :class:`~evalsyncd.errors.ConfigError` with one message
 naming each offending key; the CLI turns it into exit status 78 (EX_CONFIG).
+
+::
+
+    Settings                          root, state_dir, intervals, logging, metrics
+    └── destinations: list of         the URL's scheme picks the class
+        ├── S3DestinationSettings     s3://   common keys + S3Storage's
+        ├── GCSDestinationSettings    gs://   common keys + GCSStorage's
+        └── LocalDestinationSettings  file:// common keys + LocalStorage's
+            └── retry: RetrySettings  backoff and the clients' timeouts
+
+URLs are parsed by :func:`evalsyncd.storage.urls.parse_url` only. Validation has
+no side effects: loading settings creates nothing on disk; the service creates
+``state_dir`` when it starts (:func:`ensure_state_dir`).
 """
 
 from __future__ import annotations
@@ -20,9 +33,18 @@ import re
 import socket
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, TypeAlias
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -31,10 +53,26 @@ from pydantic_settings import (
 )
 
 from evalsyncd.errors import ConfigError
+from evalsyncd.storage.urls import parse_url
 
-__all__ = ["DestinationSettings", "RetrySettings", "Settings", "default_state_dir", "load_settings"]
+__all__ = [
+    "DESTINATION_SETTINGS",
+    "AnyDestinationSettings",
+    "DestinationSettings",
+    "GCSDestinationSettings",
+    "LocalDestinationSettings",
+    "RetrySettings",
+    "S3DestinationSettings",
+    "Settings",
+    "default_state_dir",
+    "ensure_state_dir",
+    "for_scheme",
+    "load_settings",
+]
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_S3_MIN_PART_BYTES = 5 * 1024 * 1024
+"""S3's minimum multipart part size (``evalsyncd.storage.s3.MULTIPART_MIN_BYTES``), bytes."""
 
 
 def default_state_dir() -> Path:
@@ -70,23 +108,21 @@ class RetrySettings(BaseModel):
 
 
 class DestinationSettings(BaseModel):
-    """One mirror target."""
+    """One mirror target: the keys every destination has.
+
+    The scheme of ``url`` picks the subclass a configuration file gets, with the
+    keys of its backend: :class:`S3DestinationSettings` (``s3://``),
+    :class:`GCSDestinationSettings` (``gs://``), :class:`LocalDestinationSettings`
+    (``file://``); :data:`DESTINATION_SETTINGS` maps each scheme of
+    :data:`evalsyncd.storage.urls.SCHEMES` to its class. A key of another
+    backend is an unknown key.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str = Field(description="unique name, used in logs, metrics and the journal")
     url: str = Field(
         description="s3://bucket/prefix, gs://bucket/prefix or file:///dir; {hostname} is expanded"
-    )
-    endpoint_url: str | None = Field(
-        None,
-        description="S3 or GCS endpoint (S3 default: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL / AWS; "
-        "GCS default: STORAGE_EMULATOR_HOST / Google)",
-    )
-    region: str | None = Field(None, description="S3 region")
-    profile: str | None = Field(None, description="AWS shared-config profile")
-    service_file: str | None = Field(
-        None, description="GCS service-account JSON file (default: ADC)"
     )
     max_concurrency: int = Field(8, ge=1, le=256, description="requests in flight at once")
     compact_idle_s: float = Field(
@@ -129,14 +165,179 @@ class DestinationSettings(BaseModel):
     @classmethod
     def _url(cls, v: str) -> str:
         v = v.replace("{hostname}", socket.gethostname())
-        scheme = v.split("://", 1)[0].lower() if "://" in v else ""
-        if scheme not in ("s3", "gs", "file"):
-            raise ValueError("must start with s3://, gs:// or file:///")
-        if scheme in ("s3", "gs") and not v.split("://", 1)[1].split("/", 1)[0]:
-            raise ValueError("has no bucket name")
-        if scheme == "file" and not v.startswith("file:///"):
-            raise ValueError("file URLs must be absolute: file:///path/to/dir")
+        parse_url(v, strict=True)
         return v
+
+    def storage_options(self) -> dict[str, Any]:
+        """Keyword arguments of the backend's constructor (beyond the location).
+
+        The base class has none (the backend's defaults); each scheme's subclass
+        returns every backend setting it exposes.
+        """
+        return {}
+
+
+class S3DestinationSettings(DestinationSettings):
+    """An ``s3://bucket/prefix`` destination: the keys of :class:`~evalsyncd.storage.S3Storage`.
+
+    Credentials come from the standard AWS chain (environment, shared files,
+    ``profile``, instance metadata). The connect and read timeouts are
+    ``retry.connect_timeout_s`` and ``retry.read_timeout_s``.
+    """
+
+    endpoint_url: str | None = Field(
+        None,
+        description="S3-compatible endpoint (default: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL, "
+        "else AWS)",
+    )
+    region: str | None = Field(
+        None, description="AWS region (default: the profile's or environment's, else us-east-1)"
+    )
+    profile: str | None = Field(None, description="AWS shared-config profile")
+    addressing_style: Literal["path", "virtual", "auto"] | None = Field(
+        None, description='bucket addressing (default: "path" with an endpoint_url, else "auto")'
+    )
+    max_attempts: int = Field(
+        3, ge=1, le=20, description="attempts per request by botocore, the first included"
+    )
+    max_pool_connections: int = Field(32, ge=1, le=1024, description="HTTP connections per client")
+    multipart_threshold: int = Field(
+        _S3_MIN_PART_BYTES,
+        ge=_S3_MIN_PART_BYTES,
+        description="size of a main object from which appends are multipart uploads that "
+        "copy it on the server (at least S3's minimum part, 5 MiB), bytes",
+    )
+    max_segments: int = Field(
+        32, ge=1, description="tail log off: pending append segments per file before compaction"
+    )
+    compact_ratio: float = Field(
+        2.0,
+        gt=0,
+        description="tail log off: compact when pending segments outweigh this many times "
+        "the main object",
+    )
+    segment_max_lag_s: float = Field(
+        60.0,
+        ge=0,
+        description="tail log off: compact once the oldest pending segment is this old, seconds",
+    )
+    cache_max_bytes: int = Field(
+        64 * 1024 * 1024,
+        ge=0,
+        description="memory for the bytes of small files being appended to "
+        "(compaction then needs no download), bytes",
+    )
+
+    def storage_options(self) -> dict[str, Any]:
+        """Keyword arguments of :class:`~evalsyncd.storage.S3Storage`."""
+        return {
+            "endpoint_url": self.endpoint_url,
+            "region": self.region,
+            "profile": self.profile,
+            "connect_timeout_s": self.retry.connect_timeout_s,
+            "read_timeout_s": self.retry.read_timeout_s,
+            "max_attempts": self.max_attempts,
+            "addressing_style": self.addressing_style,
+            "max_pool_connections": self.max_pool_connections,
+            "multipart_threshold": self.multipart_threshold,
+            "max_segments": self.max_segments,
+            "compact_ratio": self.compact_ratio,
+            "max_lag_s": self.segment_max_lag_s,
+            "cache_max_bytes": self.cache_max_bytes,
+        }
+
+
+class GCSDestinationSettings(DestinationSettings):
+    """A ``gs://bucket/prefix`` destination: the keys of :class:`~evalsyncd.storage.GCSStorage`.
+
+    The connect timeout is ``retry.connect_timeout_s``; ``retry.read_timeout_s``
+    bounds each whole request.
+    """
+
+    endpoint_url: str | None = Field(
+        None, description="GCS endpoint (default: STORAGE_EMULATOR_HOST, else Google)"
+    )
+    service_file: str | None = Field(
+        None, description="service-account JSON key file (default: Application Default Credentials)"
+    )
+    page_size: int = Field(1000, ge=1, le=1000, description="objects per listing request")
+
+    def storage_options(self) -> dict[str, Any]:
+        """Keyword arguments of :class:`~evalsyncd.storage.GCSStorage`."""
+        return {
+            "service_file": self.service_file,
+            "endpoint_url": self.endpoint_url,
+            "timeout_s": self.retry.read_timeout_s,
+            "connect_timeout_s": self.retry.connect_timeout_s,
+            "page_size": self.page_size,
+        }
+
+
+class LocalDestinationSettings(DestinationSettings):
+    """A ``file:///dir`` destination (an NFS-style mirror): :class:`~evalsyncd.storage.LocalStorage`.
+
+    The directory is created when the daemon opens the destination.
+    """
+
+    durable: bool = Field(
+        True, description="fsync every write and rename (acknowledgements survive power loss)"
+    )
+
+    def storage_options(self) -> dict[str, Any]:
+        """Keyword arguments of :class:`~evalsyncd.storage.LocalStorage`."""
+        return {"durable": self.durable}
+
+
+DESTINATION_SETTINGS: dict[str, type[DestinationSettings]] = {
+    "s3": S3DestinationSettings,
+    "gs": GCSDestinationSettings,
+    "file": LocalDestinationSettings,
+}
+"""The settings class of each scheme of :data:`evalsyncd.storage.urls.SCHEMES`."""
+
+
+class _UnknownSchemeDestination(DestinationSettings):
+    """What a destination with a missing or invalid URL is validated as: its keys are
+    not checked against a backend, so the URL's error is not buried under others."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+_BAD_URL = "invalid url"
+
+
+def _scheme_tag(value: Any) -> str:
+    """The tag of a destination's settings class: its URL's scheme (see ``SCHEMES``)."""
+    url = value.get("url") if isinstance(value, dict) else getattr(value, "url", None)
+    if not isinstance(url, str):
+        return _BAD_URL
+    try:
+        return parse_url(url, strict=True).scheme
+    except ValueError:
+        return _BAD_URL
+
+
+AnyDestinationSettings: TypeAlias = Annotated[
+    Annotated[S3DestinationSettings, Tag("s3")]
+    | Annotated[GCSDestinationSettings, Tag("gs")]
+    | Annotated[LocalDestinationSettings, Tag("file")]
+    | Annotated[_UnknownSchemeDestination, Tag(_BAD_URL)],
+    Discriminator(_scheme_tag),
+]
+"""A destination's settings, of the class its URL's scheme picks."""
+
+_TAGS = frozenset({*DESTINATION_SETTINGS, _BAD_URL})
+
+
+def for_scheme(dest: DestinationSettings) -> DestinationSettings:
+    """``dest`` as the settings class of its URL's scheme (a base instance built in code
+    gets its backend's defaults).
+
+    Raises:
+        ValueError: the URL is not valid (only possible for an unvalidated instance).
+    """
+    cls = DESTINATION_SETTINGS[parse_url(dest.url, strict=True).scheme]
+    return dest if type(dest) is cls else cls.model_validate(dest.model_dump())
 
 
 class Settings(BaseSettings):
@@ -171,7 +372,7 @@ class Settings(BaseSettings):
     metrics_address: str | None = Field(
         None, description="host:port of the Prometheus endpoint; off when unset"
     )
-    destinations: list[DestinationSettings] = Field(min_length=1)
+    destinations: list[AnyDestinationSettings] = Field(min_length=1)
 
     @field_validator("root")
     @classmethod
@@ -184,13 +385,21 @@ class Settings(BaseSettings):
     @field_validator("state_dir")
     @classmethod
     def _state_dir(cls, v: Path) -> Path:
+        # No mkdir here: loading settings never touches the disk; the service
+        # creates the directory when it starts (ensure_state_dir).
         v = v.expanduser().absolute()
-        try:
-            v.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise ValueError(f"cannot create {v}: {exc.strerror}") from None
-        if not os.access(v, os.W_OK | os.X_OK):
+        if v.exists() and not v.is_dir():
+            raise ValueError(f"{v} is not a directory")
+        if v.is_dir() and not os.access(v, os.W_OK | os.X_OK):
             raise ValueError(f"{v} is not writable")
+        return v
+
+    @field_validator("destinations", mode="before")
+    @classmethod
+    def _destinations(cls, v: Any) -> Any:
+        # A DestinationSettings built in code becomes its scheme's class.
+        if isinstance(v, list):
+            return [d.model_dump() if isinstance(d, DestinationSettings) else d for d in v]
         return v
 
     @field_validator("metrics_address")
@@ -212,10 +421,39 @@ class Settings(BaseSettings):
         return self
 
 
+def ensure_state_dir(settings: Settings) -> Path:
+    """Create ``settings.state_dir`` (and its parents) if missing; the service calls
+    this when it starts (validation never touches the disk).
+
+    Returns:
+        The directory.
+
+    Raises:
+        ConfigError: it cannot be created or is not writable; the message names
+            ``state_dir``.
+    """
+    path = settings.state_dir
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"state_dir: cannot create {path}: {exc.strerror}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(f"state_dir: {path} is not writable")
+    return path
+
+
+def _key(loc: tuple[int | str, ...]) -> str:
+    """``destinations.0.url`` from an error location (without the union's scheme tag)."""
+    parts = list(loc)
+    if len(parts) > 2 and parts[0] == "destinations" and parts[2] in _TAGS:
+        del parts[2]
+    return ".".join(str(p) for p in parts) or "(top level)"
+
+
 def _format_error(exc: ValidationError, source: str) -> str:
     lines = []
     for err in exc.errors():
-        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        key = _key(err["loc"])
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown key"

@@ -29,7 +29,6 @@ import ipaddress
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
 
 import structlog
 from prometheus_client import CollectorRegistry, Histogram, start_http_server
@@ -151,47 +150,9 @@ class Metrics:
     def collect(self) -> Iterator[Metric]:
         """Render a fresh snapshot (called by ``prometheus_client`` on each scrape)."""
         snap = self._snapshot()
-        families: dict[str, Any] = {
-            "bytes": CounterMetricFamily(
-                "evalsyncd_uploaded_bytes",
-                "Bytes acknowledged by the destination.",
-                labels=["destination"],
-            ),
-            "objects": CounterMetricFamily(
-                "evalsyncd_uploaded_objects",
-                "Writes (objects, appends) acknowledged by the destination.",
-                labels=["destination"],
-            ),
-            "failures": CounterMetricFamily(
-                "evalsyncd_upload_failures",
-                "Failed upload passes, by error class.",
-                labels=["destination", "error"],
-            ),
-            "files": GaugeMetricFamily(
-                "evalsyncd_backlog_files",
-                "Files the destination is behind on.",
-                labels=["destination"],
-            ),
-            "backlog": GaugeMetricFamily(
-                "evalsyncd_backlog_bytes",
-                "Bytes not yet acknowledged by the destination.",
-                labels=["destination"],
-            ),
-            "oldest": GaugeMetricFamily(
-                "evalsyncd_backlog_oldest_seconds",
-                "Age of the oldest change not yet mirrored, seconds.",
-                labels=["destination"],
-            ),
-            "success": GaugeMetricFamily(
-                "evalsyncd_last_success_timestamp_seconds",
-                "Unix time of the destination's last successful upload pass.",
-                labels=["destination"],
-            ),
-            "state": GaugeMetricFamily(
-                "evalsyncd_destination_state",
-                "1 for the destination's current state (healthy, backoff, parked).",
-                labels=["destination", "state"],
-            ),
+        families = {
+            key: family(name, doc, labels=list(labels))
+            for key, (family, name, doc, labels) in _FAMILIES.items()
         }
         for d in snap.destinations:
             families["bytes"].add_metric([d.name], d.bytes_uploaded)
@@ -205,15 +166,73 @@ class Metrics:
                 families["success"].add_metric([d.name], d.last_success)
             for state in DestinationState:
                 families["state"].add_metric([d.name, state.value], float(state.value == d.state))
+        families["rescans"].add_metric([], snap.rescans)
+        families["overflows"].add_metric([], snap.overflows)
         yield from families.values()
-        rescans = CounterMetricFamily("evalsyncd_rescans", "Full scans of the watched root.")
-        rescans.add_metric([], snap.rescans)
-        yield rescans
-        overflows = CounterMetricFamily(
-            "evalsyncd_inotify_overflows", "Kernel event queue overflows (each forces a rescan)."
-        )
-        overflows.add_metric([], snap.overflows)
-        yield overflows
+
+
+_D = ("destination",)
+_FAMILIES: dict[
+    str, tuple[type[CounterMetricFamily | GaugeMetricFamily], str, str, tuple[str, ...]]
+] = {
+    # key: (family, name, help, labels); the name of a counter gets "_total" when rendered
+    "bytes": (
+        CounterMetricFamily,
+        "evalsyncd_uploaded_bytes",
+        "Bytes acknowledged by the destination.",
+        _D,
+    ),
+    "objects": (
+        CounterMetricFamily,
+        "evalsyncd_uploaded_objects",
+        "Writes (objects, appends) acknowledged by the destination.",
+        _D,
+    ),
+    "failures": (
+        CounterMetricFamily,
+        "evalsyncd_upload_failures",
+        "Failed upload passes, by error class.",
+        ("destination", "error"),
+    ),
+    "files": (
+        GaugeMetricFamily,
+        "evalsyncd_backlog_files",
+        "Files the destination is behind on.",
+        _D,
+    ),
+    "backlog": (
+        GaugeMetricFamily,
+        "evalsyncd_backlog_bytes",
+        "Bytes not yet acknowledged by the destination.",
+        _D,
+    ),
+    "oldest": (
+        GaugeMetricFamily,
+        "evalsyncd_backlog_oldest_seconds",
+        "Age of the oldest change not yet mirrored, seconds.",
+        _D,
+    ),
+    "success": (
+        GaugeMetricFamily,
+        "evalsyncd_last_success_timestamp_seconds",
+        "Unix time of the destination's last successful upload pass.",
+        _D,
+    ),
+    "state": (
+        GaugeMetricFamily,
+        "evalsyncd_destination_state",
+        "1 for the destination's current state (healthy, backoff, parked).",
+        ("destination", "state"),
+    ),
+    "rescans": (CounterMetricFamily, "evalsyncd_rescans", "Full scans of the watched root.", ()),
+    "overflows": (
+        CounterMetricFamily,
+        "evalsyncd_inotify_overflows",
+        "Kernel event queue overflows (each forces a rescan).",
+        (),
+    ),
+}
+"""The families :meth:`Metrics.collect` renders, in order."""
 
 
 def parse_address(address: str) -> tuple[str, int]:

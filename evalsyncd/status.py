@@ -29,8 +29,7 @@ from typing import Any
 from evalsyncd.config import Settings
 from evalsyncd.sync.files import FileKind, classify, scan_tree
 from evalsyncd.sync.journal import Entry, Journal
-from evalsyncd.sync.lines import complete_end
-from evalsyncd.sync.service import JOURNAL_NAME
+from evalsyncd.sync.service import JOURNAL_NAME, unacked_bytes
 
 __all__ = ["DestinationStatus", "StatusReport", "collect_status", "format_bytes", "format_status"]
 
@@ -81,45 +80,23 @@ class StatusReport:
         return asdict(self)
 
 
-def _complete_end(path: Path, start: int, size: int) -> int:
-    """The offset just past the last ``\\n`` in ``[start, size)`` of the file, or ``start``."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-    except OSError:
-        return start
-    try:
-        return complete_end(fd, size, start)
-    finally:
-        os.close(fd)
-
-
 def _pending(
     root: Path, rel: str, st: os.stat_result, entry: Entry | None
 ) -> tuple[int, int, float | None, bool]:
     """``(files, bytes, changed_since, invalid)`` of one file at one destination."""
+    if entry is not None and entry.unchanged(st):
+        return 0, 0, None, entry.status == "invalid"
     same_file = (
         entry is not None
         and entry.status != "deleted"
-        and (entry.dev, entry.ino)
-        == (
-            st.st_dev,
-            st.st_ino,
-        )
+        and (entry.dev, entry.ino) == (st.st_dev, st.st_ino)
     )
-    if entry is not None and entry.unchanged(st):
-        return 0, 0, None, entry.status == "invalid"
     since = entry.seen_mtime_ns / 1e9 if same_file and entry is not None else st.st_mtime
-    if classify(rel) is FileKind.APPEND:
-        start = (
-            entry.tail_offset
-            if same_file and entry is not None and st.st_size >= entry.tail_offset
-            else 0
-        )
-        end = _complete_end(root / rel, start, st.st_size)
-        if end == start and (entry is not None or st.st_size > 0):
-            return 0, 0, None, False  # at most a partial line: nothing to send yet
-        return 1, end - start, since, False
-    return 1, st.st_size, since, False
+    kind = classify(rel)
+    n_bytes = unacked_bytes(root / rel, kind, st, entry)
+    if kind is FileKind.APPEND and n_bytes == 0 and (entry is not None or st.st_size > 0):
+        return 0, 0, None, False  # at most a partial line: nothing to send yet
+    return 1, n_bytes, since, False
 
 
 def collect_status(settings: Settings, *, now: float | None = None) -> StatusReport:

@@ -10,10 +10,8 @@ directory never loads aiobotocore or gcloud-aio.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeAlias
-from urllib.parse import unquote, urlsplit
 
 from evalsyncd.storage._base import (
     AsyncStorage,
@@ -24,12 +22,14 @@ from evalsyncd.storage._base import (
     storage_join,
 )
 from evalsyncd.storage.local import LocalStorage
+from evalsyncd.storage.urls import SCHEMES, StorageURL, parse_url
 
 if TYPE_CHECKING:
     from evalsyncd.storage.gcs import GCSStorage
     from evalsyncd.storage.s3 import S3Storage
 
 __all__ = [
+    "SCHEMES",
     "AnyStorage",
     "AsyncStorage",
     "GCSStorage",
@@ -37,8 +37,10 @@ __all__ = [
     "S3Storage",
     "Storage",
     "StorageStat",
+    "StorageURL",
     "SupportsChild",
     "check_key",
+    "parse_url",
     "storage_from_uri",
     "storage_join",
 ]
@@ -79,38 +81,14 @@ def storage_from_uri(uri: str | Path, **kwargs: Any) -> AnyStorage:
     - ``gs://bucket/prefix`` gives :class:`GCSStorage` (``STORAGE_EMULATOR_HOST``
       is honoured by the client).
 
+    The schemes are those of :data:`evalsyncd.storage.urls.SCHEMES`.
+
     Args:
         uri: the location.
         **kwargs: passed to the backend's constructor.
 
     Raises:
-        ValueError: unknown scheme, or a cloud URI without a bucket.
+        ValueError: unknown scheme, or a cloud URI without a bucket (the message
+            names the URI and the allowed schemes).
     """
-    if isinstance(uri, Path):
-        return LocalStorage(uri, **kwargs)
-    parts = urlsplit(uri)
-    scheme = parts.scheme.lower()
-    if scheme == "" or (len(scheme) == 1 and os.name == "nt"):
-        return LocalStorage(uri, **kwargs)
-    if scheme == "file":
-        if parts.netloc not in ("", "localhost"):
-            raise ValueError(f"{uri!r}: file URLs must name a local path (file:///dir)")
-        return LocalStorage(unquote(parts.path), **kwargs)
-    if scheme in ("s3", "gs"):
-        bucket, _, prefix = uri.split("://", 1)[1].partition("/")
-        if not bucket:
-            raise ValueError(f"{uri!r}: no bucket name")
-        if scheme == "s3":
-            if kwargs.get("endpoint_url") is None:
-                kwargs["endpoint_url"] = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get(
-                    "AWS_ENDPOINT_URL"
-                )
-            from evalsyncd.storage.s3 import S3Storage
-
-            return S3Storage(bucket, prefix, **kwargs)
-        from evalsyncd.storage.gcs import GCSStorage
-
-        return GCSStorage(bucket, prefix, **kwargs)
-    raise ValueError(
-        f"{uri!r}: unsupported scheme {scheme!r} (use a path, file://, s3:// or gs://)"
-    )
+    return parse_url(uri).open(**kwargs)

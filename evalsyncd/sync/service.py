@@ -26,15 +26,23 @@ from pathlib import Path
 
 import structlog
 
-from evalsyncd.config import DestinationSettings, Settings
-from evalsyncd.storage import AnyStorage, LocalStorage, storage_from_uri
+from evalsyncd.config import DestinationSettings, Settings, ensure_state_dir, for_scheme
+from evalsyncd.storage import AnyStorage, LocalStorage, parse_url
 from evalsyncd.sync.destination import Destination, DestinationState
 from evalsyncd.sync.files import FileKind, classify, is_run_metadata, scan_tree
-from evalsyncd.sync.journal import Journal
+from evalsyncd.sync.journal import Entry, Journal
+from evalsyncd.sync.lines import complete_end
 from evalsyncd.sync.watcher import Watcher
 from evalsyncd.sync.watchlimit import WatchProbe
 
-__all__ = ["Backlog", "Service", "open_destination_storage"]
+__all__ = [
+    "JOURNAL_NAME",
+    "STATUS_INTERVAL_S",
+    "Backlog",
+    "Service",
+    "open_destination_storage",
+    "unacked_bytes",
+]
 
 log = structlog.get_logger("evalsyncd.sync")
 
@@ -44,36 +52,61 @@ STATUS_INTERVAL_S = 2.0
 
 
 def open_destination_storage(dest: DestinationSettings) -> AnyStorage:
-    """The storage backend of a destination, configured from its settings (no I/O)."""
-    retry = dest.retry
-    if dest.url.startswith("s3://"):
-        return storage_from_uri(
-            dest.url,
-            endpoint_url=dest.endpoint_url,
-            region=dest.region,
-            profile=dest.profile,
-            connect_timeout_s=retry.connect_timeout_s,
-            read_timeout_s=retry.read_timeout_s,
-        )
-    if dest.url.startswith("gs://"):
-        return storage_from_uri(
-            dest.url,
-            service_file=dest.service_file,
-            endpoint_url=dest.endpoint_url,
-            timeout_s=retry.read_timeout_s,
-            connect_timeout_s=retry.connect_timeout_s,
-        )
-    return storage_from_uri(dest.url, durable=True)
+    """The storage backend of a destination, configured from its settings (no I/O).
+
+    The URL's scheme picks the backend (:data:`evalsyncd.storage.urls.SCHEMES`)
+    and its settings class (:data:`evalsyncd.config.DESTINATION_SETTINGS`), whose
+    :meth:`~evalsyncd.config.DestinationSettings.storage_options` are the
+    backend's constructor arguments.
+    """
+    return parse_url(dest.url, strict=True).open(**for_scheme(dest).storage_options())
+
+
+def unacked_bytes(full: Path, kind: FileKind, st: os.stat_result, entry: Entry | None) -> int:
+    """Bytes of one file its destination has not acknowledged yet, as the daemon will send them.
+
+    The one count of the service's backlog (metrics, ``STATUS=``) and of ``evalsyncd status``.
+
+    Args:
+        full: the file's absolute path.
+        kind: its kind (:func:`~evalsyncd.sync.files.classify`).
+        st: its stat.
+        entry: its journal row at the destination, or ``None``.
+
+    Returns:
+        An append-only file: the bytes of its complete lines past the acknowledged
+        offset (from 0 when it was replaced or truncated; a partial last line is not
+        counted until its ``\\n`` comes). A replace-on-write file: its whole size.
+    """
+    if kind is not FileKind.APPEND:
+        return st.st_size
+    start = 0
+    if (
+        entry is not None
+        and entry.status != "deleted"
+        and (entry.dev, entry.ino) == (st.st_dev, st.st_ino)
+        and st.st_size >= entry.tail_offset
+    ):
+        start = entry.tail_offset
+    try:
+        fd = os.open(full, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError:
+        return 0
+    try:
+        return complete_end(fd, st.st_size, start) - start
+    finally:
+        os.close(fd)
 
 
 @dataclass(frozen=True)
 class Backlog:
-    """What a destination still has to upload, from a scan compared with the journal.
+    """What a destination still has to upload: its dirty files compared with the journal.
 
     Attributes:
         files: files whose remote object is behind (or missing).
-        bytes: bytes not yet acknowledged (append-only: size minus acknowledged
-            offset; replace-on-write: the whole size).
+        bytes: bytes not yet acknowledged, by :func:`unacked_bytes` (append-only:
+            complete lines past the acknowledged offset; replace-on-write: the
+            whole size), as ``evalsyncd status`` counts them.
         oldest_s: age in seconds of the oldest unsynced change (by file mtime).
     """
 
@@ -128,7 +161,13 @@ class Service:
     # -- setup ----------------------------------------------------------------------------
 
     async def open(self) -> None:
-        """Open the journal and every destination's storage client."""
+        """Create the state directory, open the journal and every destination's storage client.
+
+        Raises:
+            ConfigError: the state directory cannot be created (the message names
+                ``state_dir``).
+        """
+        ensure_state_dir(self.settings)
         self.journal = Journal(self.settings.state_dir / JOURNAL_NAME, self.root)
         self._stack.callback(self.journal.close)
         for dest in self.settings.destinations:
@@ -255,12 +294,12 @@ class Service:
         assert self.journal is not None
         total = 0
         for path in d.pending_paths():
+            full = self.root / path
             try:
-                size = os.stat(self.root / path).st_size
+                st = os.stat(full)
             except OSError:
                 continue
-            e = self.journal.get(name, path)
-            total += size - (e.tail_offset if e and classify(path) is FileKind.APPEND else 0)
+            total += unacked_bytes(full, classify(path), st, self.journal.get(name, path))
         return Backlog(files=d.pending_files, bytes=max(0, total), oldest_s=d.oldest_pending_s)
 
     def status_line(self) -> str:
