@@ -83,10 +83,6 @@ CREATE TABLE IF NOT EXISTS destinations (
 """
 
 
-class JournalError(Exception):
-    """The journal cannot be opened: corrupt, from another root, or a newer schema."""
-
-
 class EntryStatus(enum.StrEnum):
     """What a journal row says of its file (column ``entries.status``): ``ok``, the
     destination holds the file up to the row's offsets; ``invalid``, a ``.json`` that
@@ -96,6 +92,10 @@ class EntryStatus(enum.StrEnum):
     OK = "ok"
     INVALID = "invalid"
     DELETED = "deleted"
+
+
+class JournalError(Exception):
+    """The journal cannot be opened: corrupt, from another root, or a newer schema."""
 
 
 @dataclass(frozen=True, slots=True)
