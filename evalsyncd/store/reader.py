@@ -6,9 +6,11 @@ line, ``return run_sync(self.aread_run(run_id))``, through the storage bridge
 (:mod:`evalsyncd.storage._bridge`): the coroutine runs on the bridge's
 background loop thread. So a sync read may be called from any thread that is
 not running an event loop; called from inside a running loop it raises
-``RuntimeError`` (await the ``a*`` twin there). Streaming is the exception to
-"one call, one bridge trip": :meth:`EvalStoreReader.iter_trajectories` makes
-one trip per chunk of the file.
+``RuntimeError`` (await the ``a*`` twin there). Trajectories are the exception
+to "one call, one bridge trip": :meth:`EvalStoreReader.iter_trajectories` and
+``read_trajectories`` make one trip per chunk of the file, and parse the
+chunks in the caller's thread (parsing a large file on the bridge loop would
+hold up every other thread's requests).
 
 Reading is strict about outages: only "not found" means missing; every other
 storage error, transient or permanent, propagates, so an outage is never
@@ -318,14 +320,19 @@ class EvalStoreReader:
     def read_trajectories(
         self, run_id: str, benchmark: str, **which: Unpack[FilterOptions]
     ) -> list[StoredTrajectory]:
-        """All of a benchmark's trajectories (``[]`` if none); see :meth:`aiter_trajectories`."""
-        return run_sync(self._aread_all(self._stream(run_id, benchmark, which)))
+        """All of a benchmark's trajectories (``[]`` if none); see :meth:`aiter_trajectories`.
+
+        The chunks come through the bridge one by one (as :meth:`iter_trajectories`)
+        and are parsed in this thread, which leaves the bridge loop free for
+        other threads' requests meanwhile.
+        """
+        return list(self.iter_trajectories(run_id, benchmark, **which))
 
     async def aread_trajectories(
         self, run_id: str, benchmark: str, **which: Unpack[FilterOptions]
     ) -> list[StoredTrajectory]:
         """All of a benchmark's trajectories (``[]`` if none); see :meth:`aiter_trajectories`."""
-        return await self._aread_all(self._stream(run_id, benchmark, which))
+        return [t async for t in self._stream(run_id, benchmark, which)]
 
     def read_single_trajectory(
         self, run_id: str, benchmark: str, idx: int
@@ -355,10 +362,6 @@ class EvalStoreReader:
         path = self._layout.trajectories(run_id, benchmark)
         where, keep = self.storage.url(path), TrajectoryFilter(**which)
         return _TrajectoryStream(self._reads, path, where, self.chunk_size, keep)
-
-    @staticmethod
-    async def _aread_all(stream: _TrajectoryStream) -> list[StoredTrajectory]:
-        return [t async for t in stream]
 
     # -- JSON files and the run catalog ----------------------------------------------
 
