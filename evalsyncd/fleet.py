@@ -24,15 +24,18 @@ prefix itself raises. An outage is never reported as "no runs".
 
 from __future__ import annotations
 
-import asyncio
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, Unpack
 
 from evalsyncd.errors import StorageError
-from evalsyncd.storage import AsyncStorage, LocalStorage, Storage, storage_join
+from evalsyncd.storage import LocalStorage, Storage, storage_join
 from evalsyncd.storage._bridge import run_sync
-from evalsyncd.store import DEFAULT_MAX_CONCURRENCY, EvalStore, RunMetadata, _recency_key
+from evalsyncd.store import EvalStore, RunMetadata
+from evalsyncd.store.aio import bounded_map, reads_of
+from evalsyncd.store.layout import recency_key
+from evalsyncd.store.reader import StoreOptions
 
 __all__ = [
     "DEFAULT_MAX_HOSTS",
@@ -45,6 +48,8 @@ __all__ = [
 
 DEFAULT_MAX_HOSTS = 16
 """Default bound on hosts read at the same time."""
+
+T = TypeVar("T")
 
 _STORE_MARKERS = frozenset({"runs", "runs.jsonl"})
 
@@ -142,9 +147,14 @@ class Fleet:
             directory (not created if missing).
         prefix: the fleet prefix inside the storage (``""`` for its root).
         max_hosts: bound on hosts read concurrently.
-        max_concurrency: each host store's bound on concurrent reads (so at most
-            ``max_hosts * max_concurrency`` requests are in flight).
-        use_catalog: let each host's listing read its run catalog.
+        **store_options: each host store's settings (keywords of
+            :class:`~evalsyncd.store.reader.StoreOptions`): ``max_concurrency``,
+            its bound on concurrent reads (so at most ``max_hosts *
+            max_concurrency`` requests are in flight), ``use_catalog``, whether
+            its listing reads its run catalog, and ``chunk_size``.
+
+    Raises:
+        ValueError: ``max_hosts`` is below 1.
 
     Sync methods may be called from any thread without a running event loop
     (they run the async implementation on the storage bridge); inside a
@@ -157,8 +167,7 @@ class Fleet:
         prefix: str = "",
         *,
         max_hosts: int = DEFAULT_MAX_HOSTS,
-        max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
-        use_catalog: bool = True,
+        **store_options: Unpack[StoreOptions],
     ) -> None:
         if max_hosts < 1:
             raise ValueError(f"max_hosts must be >= 1, not {max_hosts}")
@@ -168,8 +177,7 @@ class Fleet:
             self.storage = storage_or_path
         self.prefix = prefix
         self.max_hosts = max_hosts
-        self.max_concurrency = max_concurrency
-        self.use_catalog = use_catalog
+        self.store_options = store_options
 
     def __repr__(self) -> str:
         return f"Fleet({self.url()!r})"
@@ -180,12 +188,7 @@ class Fleet:
 
     def store(self, host: str) -> EvalStore:
         """The :class:`EvalStore` of one host (``""``: the fleet prefix itself)."""
-        return EvalStore(
-            self.storage,
-            storage_join(self.prefix, host),
-            max_concurrency=self.max_concurrency,
-            use_catalog=self.use_catalog,
-        )
+        return EvalStore(self.storage, storage_join(self.prefix, host), **self.store_options)
 
     # -- hosts ---------------------------------------------------------------------
 
@@ -199,25 +202,13 @@ class Fleet:
 
     async def ahosts(self) -> list[str]:
         """Async :meth:`hosts` (one listing of the fleet prefix)."""
-        names = await self._alist_dir(self.prefix)
+        names = await reads_of(self.storage).list_dir(self.prefix)
         if _STORE_MARKERS & set(names):
             return [""]
         return sorted(n for n in names if not n.startswith("."))
 
-    async def _alist_dir(self, path: str) -> list[str]:
-        s = self.storage
-        if isinstance(s, AsyncStorage) and not isinstance(s, LocalStorage):
-            return await s.alist_dir(path)
-        return await asyncio.to_thread(s.list_dir, path)
-
-    async def _per_host(self, hosts: list[str], fn: Any) -> list[Any]:
-        sem = asyncio.Semaphore(self.max_hosts)
-
-        async def one(host: str) -> Any:
-            async with sem:
-                return await fn(host)
-
-        return list(await asyncio.gather(*(one(h) for h in hosts)))
+    async def _per_host(self, hosts: list[str], fn: Callable[[str], Awaitable[T]]) -> list[T]:
+        return await bounded_map(fn, hosts, self.max_hosts)
 
     # -- listing -------------------------------------------------------------------
 
@@ -260,7 +251,7 @@ class Fleet:
                 listing.problems.append(result)
             else:
                 listing.runs.extend(result)
-        listing.runs.sort(key=lambda r: (_recency_key(r.metadata), r.host), reverse=True)
+        listing.runs.sort(key=lambda r: (recency_key(r.metadata), r.host), reverse=True)
         return listing
 
     # -- one run -------------------------------------------------------------------

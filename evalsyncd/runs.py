@@ -3,21 +3,22 @@
 Rows are the dicts of ``evalsyncd runs ls --json``: a run's ``metadata.json``
 fields plus ``host`` (the host prefix's name, ``""`` for a single store).
 
-The same :class:`~evalsyncd.store.EvalStore` reads a local directory, an
-``s3://`` or a ``gs://`` location; these helpers turn what it returns into
-JSON-ready dicts and short text.
+The same reads (:class:`~evalsyncd.store.EvalStoreReader`, which
+:class:`~evalsyncd.store.EvalStore` is) serve a local directory, an ``s3://``
+or a ``gs://`` location; these helpers turn what they return into JSON-ready
+dicts and short text. They only read.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from evalsyncd.store import EvalStore
+from evalsyncd.store import EvalStoreReader
 
 __all__ = ["format_run", "format_runs", "run_details", "runs_table"]
 
 
-def runs_table(store: EvalStore) -> list[dict[str, Any]]:
+def runs_table(store: EvalStoreReader) -> list[dict[str, Any]]:
     """Every run's metadata, newest first, as dicts.
 
     Raises:
@@ -43,7 +44,7 @@ def format_runs(runs: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def run_details(store: EvalStore, run_id: str, *, trajectories: int = 0) -> dict[str, Any]:
+def run_details(store: EvalStoreReader, run_id: str, *, trajectories: int = 0) -> dict[str, Any]:
     """A run's metadata, summary, results and trajectory counts (and the first few).
 
     Args:

@@ -1,0 +1,368 @@
+"""Where an evaluation store keeps each thing, and how its bytes are parsed.
+
+The layout and the bytes are those of ``tinker_cookbook.stores.eval_store``
+(``tinker-cookbook`` 0.6.1): a tree written by either implementation reads back
+identically through the other. ``{prefix}`` is the store's prefix inside the
+storage::
+
+    {prefix}/
+      runs.jsonl                        # append-only index, one line per create_run:
+                                        #   {"run_id", "timestamp", "model", "checkpoint"}
+      .evalsyncd/catalog.json           # the daemon's run catalog (evalsyncd.catalog)
+      runs/
+        {run_id}/
+          metadata.json                 # RunMetadata (rewritten by finalize_run)
+          summary.json                  # {benchmark: {score, num_examples,
+                                        #              num_correct, num_errors}}
+          {benchmark}/
+            result.json                 # BenchmarkResult; pass_at_k keys are strings
+            trajectories.jsonl          # one StoredTrajectory per line
+
+Formats: ``*.json`` files are ``json.dumps(obj, indent=2)`` in UTF-8 with no
+trailing newline; each JSONL line is ``json.dumps(record) + "\\n"`` (ASCII, since
+``ensure_ascii`` is on).
+
+Names: run ids and benchmark names become path segments. An empty name, one
+containing ``/``, ``\\`` or NUL, and ``.``/``..`` are refused with
+``ValueError`` (:func:`check_name`) before any I/O; names found in listings
+that break these rules are skipped.
+
+Parsing is forgiving of what writers leave behind:
+
+- JSONL is split on ``b"\\n"`` only; a trailing ``\\r`` (CRLF), surrounding
+  whitespace and a leading UTF-8 BOM are stripped; blank lines are skipped; a
+  last line without its ``\\n`` is a writer mid-append and is ignored until it
+  is complete.
+- Non-UTF-8 bytes: a line is decoded with ``errors="replace"`` (as the reference
+  does), so each bad byte becomes U+FFFD, and a warning names the file and line.
+  If the line then does not parse as JSON it is skipped like any malformed line.
+- A malformed line (bad JSON, not an object, missing ``idx``/``benchmark``) is
+  skipped with a warning naming the file and the 1-based line number.
+- A ``*.json`` file that does not parse reads as missing (``None``), with a warning.
+
+Warnings go to the stdlib logger ``evalsyncd.store``; nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Protocol, Self, TypedDict, TypeVar
+
+from evalsyncd.catalog import CATALOG_PATH
+from evalsyncd.storage import storage_join
+from evalsyncd.store.models import RunMetadata, StoredTrajectory
+
+__all__ = [
+    "FilterOptions",
+    "LineSplitter",
+    "StoreLayout",
+    "TrajectoryFilter",
+    "TrajectoryParser",
+    "check_name",
+    "parse_json_object",
+    "parse_model",
+    "recency_key",
+]
+
+logger = logging.getLogger("evalsyncd.store")
+
+
+def check_name(kind: str, name: object) -> str:
+    """Return ``name`` if it is a single safe path segment.
+
+    Args:
+        kind: what the name is, for the message (``"run_id"``, ``"benchmark"``).
+        name: the candidate.
+
+    Raises:
+        ValueError: ``name`` is not a non-empty string, is ``.`` or ``..``, or
+            contains ``/``, ``\\`` or NUL.
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"invalid {kind} {name!r}: must be a non-empty string")
+    if name in (".", ".."):
+        raise ValueError(f"invalid {kind} {name!r}: '.' and '..' are not allowed")
+    for bad in ("/", "\\", "\x00"):
+        if bad in name:
+            raise ValueError(f"invalid {kind} {name!r}: contains {bad!r}")
+    return name
+
+
+@dataclass(frozen=True, slots=True)
+class StoreLayout:
+    """The storage paths of a store's files (see the module docstring's tree).
+
+    Every method that takes a run id or benchmark name checks it
+    (:func:`check_name`) and raises ``ValueError`` before any path is made.
+
+    Attributes:
+        prefix: the store's prefix inside the storage (``""`` for its root).
+    """
+
+    prefix: str = ""
+
+    def path(self, *parts: str) -> str:
+        """``parts`` joined under the prefix (``storage_join``)."""
+        return storage_join(self.prefix, *parts)
+
+    def index(self) -> str:
+        """``runs.jsonl``."""
+        return self.path("runs.jsonl")
+
+    def runs_dir(self) -> str:
+        """``runs/``, whose children are the run directories."""
+        return self.path("runs")
+
+    def catalog(self) -> str:
+        """``.evalsyncd/catalog.json``, the daemon's run catalog."""
+        return self.path(CATALOG_PATH)
+
+    def run(self, run_id: str, *parts: str) -> str:
+        """``runs/{run_id}/{parts...}``."""
+        return self.path("runs", check_name("run_id", run_id), *parts)
+
+    def metadata(self, run_id: str) -> str:
+        """``runs/{run_id}/metadata.json``."""
+        return self.run(run_id, "metadata.json")
+
+    def summary(self, run_id: str) -> str:
+        """``runs/{run_id}/summary.json``."""
+        return self.run(run_id, "summary.json")
+
+    def benchmark(self, run_id: str, benchmark: str, *parts: str) -> str:
+        """``runs/{run_id}/{benchmark}/{parts...}``."""
+        return self.run(run_id, check_name("benchmark", benchmark), *parts)
+
+    def result(self, run_id: str, benchmark: str) -> str:
+        """``runs/{run_id}/{benchmark}/result.json``."""
+        return self.benchmark(run_id, benchmark, "result.json")
+
+    def trajectories(self, run_id: str, benchmark: str) -> str:
+        """``runs/{run_id}/{benchmark}/trajectories.jsonl``."""
+        return self.benchmark(run_id, benchmark, "trajectories.jsonl")
+
+    @staticmethod
+    def runs_in(listing: Iterable[str]) -> list[str]:
+        """The names of a listing of ``runs/`` that are valid run ids, in order."""
+        valid = []
+        for name in listing:
+            try:
+                valid.append(check_name("run_id", name))
+            except ValueError:
+                continue
+        return valid
+
+    @classmethod
+    def benchmarks_in(cls, listing: Iterable[str]) -> list[str]:
+        """The names of a listing of a run directory that may be benchmarks, in order."""
+        return [n for n in cls.runs_in(listing) if n not in ("metadata.json", "summary.json")]
+
+
+# ── JSON files ─────────────────────────────────────────────────────────────────
+
+
+def parse_json_object(data: bytes | None, where: str) -> dict[str, Any] | None:
+    """The JSON object in ``data``, or ``None`` (with a warning naming ``where``).
+
+    Args:
+        data: the file's bytes; ``None`` (a missing file) gives ``None`` quietly.
+        where: the file's URL, for the warning.
+    """
+    if data is None:
+        return None
+    try:
+        obj = json.loads(data)
+    except (UnicodeDecodeError, ValueError) as exc:
+        logger.warning("ignoring %s: not valid JSON (%s)", where, exc)
+        return None
+    if not isinstance(obj, dict):
+        logger.warning("ignoring %s: JSON is a %s, not an object", where, type(obj).__name__)
+        return None
+    return obj
+
+
+class _Model(Protocol):
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Self: ...
+
+
+M = TypeVar("M", bound=_Model)
+
+_BAD_SHAPE = (KeyError, TypeError, ValueError, AttributeError)
+"""What ``from_dict`` raises for a JSON object of the wrong shape."""
+
+
+def parse_model(model: type[M], d: dict[str, Any] | None, where: str) -> M | None:
+    """``model.from_dict(d)``, or ``None`` if ``d`` is ``None`` or of the wrong shape (with a warning).
+
+    Args:
+        model: :class:`RunMetadata` or :class:`BenchmarkResult` (a ``from_dict`` class).
+        d: a parsed ``*.json`` file (:func:`parse_json_object`).
+        where: the file's URL, for the warning.
+    """
+    if d is None:
+        return None
+    try:
+        return model.from_dict(d)
+    except _BAD_SHAPE as exc:
+        logger.warning("ignoring %s: not a %s (%s)", where, model.__name__, exc)
+        return None
+
+
+def recency_key(run: RunMetadata) -> tuple[datetime, str]:
+    """Sort key of ``list_runs``: creation time (naive local; unparseable: oldest), then id."""
+    try:
+        ts = datetime.fromisoformat(run.timestamp)
+    except (TypeError, ValueError):
+        ts = datetime.min
+    if ts.tzinfo is not None:
+        ts = ts.astimezone().replace(tzinfo=None)
+    return ts, run.run_id
+
+
+# ── JSONL files ────────────────────────────────────────────────────────────────
+
+
+class LineSplitter:
+    """Turns chunks of a JSONL file into parsed records, with the policies above.
+
+    Holds at most one incomplete line between chunks.
+
+    Args:
+        where: the file's URL, for warnings.
+
+    Attributes:
+        lineno: 1-based number of the last complete line split off.
+    """
+
+    def __init__(self, where: str) -> None:
+        self.where = where
+        self.lineno = 0
+        self._partial = bytearray()
+
+    def feed(self, chunk: bytes) -> Iterator[dict[str, Any]]:
+        """The records of the lines that ``chunk`` completes (lazily: ``lineno`` follows)."""
+        start = 0
+        while True:
+            end = chunk.find(b"\n", start)
+            if end < 0:
+                self._partial += chunk[start:]
+                return
+            if self._partial:
+                self._partial += chunk[start:end]
+                line = bytes(self._partial)
+                self._partial.clear()
+            else:
+                line = chunk[start:end]
+            start = end + 1
+            self.lineno += 1
+            record = self._parse(line)
+            if record is not None:
+                yield record
+
+    def close(self) -> None:
+        """End of file: drop an unfinished last line (a write in progress)."""
+        if self._partial.strip():
+            logger.debug(
+                "%s: ignoring %d bytes after the last newline (a write in progress)",
+                self.where,
+                len(self._partial),
+            )
+        self._partial.clear()
+
+    def _parse(self, line: bytes) -> dict[str, Any] | None:
+        line = line.strip()  # also drops the \r of CRLF
+        if self.lineno == 1 and line.startswith(b"\xef\xbb\xbf"):
+            line = line[3:].lstrip()  # a UTF-8 byte order mark
+        if not line:
+            return None
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError:
+            text = line.decode("utf-8", errors="replace")
+            logger.warning(
+                "%s line %d: invalid UTF-8, bad bytes replaced with U+FFFD", self.where, self.lineno
+            )
+        try:
+            obj = json.loads(text)
+        except ValueError as exc:
+            logger.warning("%s line %d: skipping malformed JSON (%s)", self.where, self.lineno, exc)
+            return None
+        if not isinstance(obj, dict):
+            logger.warning(
+                "%s line %d: skipping a JSON %s (expected an object)",
+                self.where,
+                self.lineno,
+                type(obj).__name__,
+            )
+            return None
+        return obj
+
+
+@dataclass(frozen=True, slots=True)
+class TrajectoryFilter:
+    """Which trajectories a read keeps (all of them by default).
+
+    Attributes:
+        correct_only: only ``reward > 0``.
+        incorrect_only: only ``reward <= 0`` without error.
+        errors_only: only those with an ``error``.
+    """
+
+    correct_only: bool = False
+    incorrect_only: bool = False
+    errors_only: bool = False
+
+    def keep(self, t: StoredTrajectory) -> bool:
+        """Whether ``t`` passes every filter that is on."""
+        if self.correct_only and t.reward <= 0:
+            return False
+        if self.incorrect_only and (t.reward > 0 or t.error is not None):
+            return False
+        return not (self.errors_only and t.error is None)
+
+
+class FilterOptions(TypedDict, total=False):
+    """The filter keywords of the trajectory reads (see :class:`TrajectoryFilter`)."""
+
+    correct_only: bool
+    incorrect_only: bool
+    errors_only: bool
+
+
+class TrajectoryParser:
+    """A ``trajectories.jsonl``, chunk by chunk, to the trajectories a filter keeps.
+
+    Args:
+        where: the file's URL, for warnings.
+        which: the filter.
+    """
+
+    def __init__(self, where: str, which: TrajectoryFilter) -> None:
+        self.lines = LineSplitter(where)
+        self.which = which
+
+    def feed(self, chunk: bytes) -> Iterator[StoredTrajectory]:
+        """The kept trajectories of the lines ``chunk`` completes, in file order (lazily)."""
+        lines, keep = self.lines, self.which.keep
+        for d in lines.feed(chunk):
+            try:
+                t = StoredTrajectory.from_dict(d)
+            except _BAD_SHAPE as exc:
+                logger.warning(
+                    "%s line %d: skipping a corrupted trajectory (%r)",
+                    lines.where,
+                    lines.lineno,
+                    exc,
+                )
+                continue
+            if keep(t):
+                yield t
+
+    def close(self) -> None:
+        """End of file (see :meth:`LineSplitter.close`)."""
+        self.lines.close()
