@@ -84,8 +84,10 @@ def check_key(path: str) -> str:
 
     Raises:
         InvalidKeyError: (a ``ValueError``) if ``path`` is empty, absolute, has an
-            empty segment (``a//b``), a ``.`` or ``..`` segment, a NUL byte, or is not
-            valid UTF-8 (a file name decoded with ``surrogateescape``).
+            empty segment (``a//b``), a ``.`` or ``..`` segment (the message of a
+            ``..`` says the key "escapes the storage root", as the reference storage
+            tests expect), a NUL byte, or is not valid UTF-8 (a file name decoded
+            with ``surrogateescape``).
     """
     if not isinstance(path, str) or not path:
         raise InvalidKeyError(f"invalid storage key {path!r}: empty")
@@ -98,7 +100,11 @@ def check_key(path: str) -> str:
     except UnicodeEncodeError:
         raise InvalidKeyError(f"invalid storage key {path!r}: not valid UTF-8") from None
     for segment in path.rstrip("/").split("/"):
-        if segment in ("", ".", ".."):
+        if segment == "..":
+            raise InvalidKeyError(
+                f"invalid storage key {path!r}: escapes the storage root ('..' segment)"
+            )
+        if segment in ("", "."):
             raise InvalidKeyError(f"invalid storage key {path!r}: {segment or 'empty'!r} segment")
     return path
 
