@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from evalsyncd.devservers import FakeGCSServer, SeaweedS3Server
 from evalsyncd.storage import AnyStorage, GCSStorage, LocalStorage, S3Storage
+from evalsyncd.testing.servers import FakeGCSServer, SeaweedS3Server
 
 S3_BUCKET = "evalsyncd-test"
 GCS_BUCKET = "evalsyncd-test"

@@ -22,8 +22,6 @@ import botocore.exceptions as bexc
 import botocore.session
 import pytest
 
-from evalsyncd.devproxy import CountingProxy
-from evalsyncd.devservers import S3_ACCESS_KEY, S3_SECRET_KEY, SeaweedS3Server
 from evalsyncd.errors import (
     AccessDeniedError,
     BucketNotFoundError,
@@ -37,6 +35,8 @@ from evalsyncd.errors import (
 )
 from evalsyncd.storage import S3Storage
 from evalsyncd.storage.s3 import _CODE_MAP, _EPOCH_META, _EXCEPTION_MAP, _translate
+from evalsyncd.testing.proxy import CountingProxy
+from evalsyncd.testing.servers import S3_ACCESS_KEY, S3_SECRET_KEY, SeaweedS3Server
 from tests.conftest import S3_BUCKET
 
 MiB = 1024 * 1024
