@@ -17,10 +17,13 @@ from urllib.parse import unquote, urlsplit
 
 from evalsyncd.storage._base import (
     AsyncStorage,
+    Backend,
+    InternalArea,
     Storage,
     StorageStat,
     SupportsChild,
     check_key,
+    internal_area,
     storage_join,
 )
 from evalsyncd.storage.local import LocalStorage
@@ -32,13 +35,16 @@ if TYPE_CHECKING:
 __all__ = [
     "AnyStorage",
     "AsyncStorage",
+    "Backend",
     "GCSStorage",
+    "InternalArea",
     "LocalStorage",
     "S3Storage",
     "Storage",
     "StorageStat",
     "SupportsChild",
     "check_key",
+    "internal_area",
     "storage_from_uri",
     "storage_join",
 ]

@@ -72,6 +72,10 @@ class CloudStorage(ABC):
     bytes without re-sending the object (S3: 5 MiB, multipart copy; GCS: 0, compose)."""
     supports_tail: ClassVar[bool] = True
     """Capability: this backend keeps a tail log (see :mod:`evalsyncd.storage.tail`)."""
+    async_native: ClassVar[bool] = True
+    """Capability: the ``a*`` methods are native; the sync ones go through the bridge."""
+    local_root: ClassVar[None] = None
+    """Capability: no local directory holds the files."""
     read_tail: bool = True
     """Readers stitch pending tail pieces (the daemon's own instances turn this off:
     it reconciles against main objects)."""
@@ -456,6 +460,11 @@ class CloudStorage(ABC):
 
     async def aflush(self) -> None:  # noqa: B027 - a no-op unless the backend buffers
         """See :meth:`Storage.flush`: nothing is buffered unless the backend says so."""
+
+    async def achecksum(self, path: str) -> tuple[str, str] | None:
+        """See :meth:`Backend.achecksum`: ``None`` (no request) unless the backend keeps one."""
+        check_key(path)
+        return None
 
     # -- the sync contract: one line each through the bridge ------------------------
 
