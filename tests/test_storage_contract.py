@@ -1,8 +1,8 @@
 """The storage contract (evalsyncd.storage._base), run against every backend.
 
 The tests are :class:`evalsyncd.testing.contract.StorageContract`; each class
-here gives it one backend: ``LocalStorage``, ``S3Storage`` against SeaweedFS
-and ``GCSStorage`` against fake-gcs-server.
+here gives it one backend: ``LocalStorage``, ``S3Storage`` against SeaweedFS,
+``GCSStorage`` against fake-gcs-server, and ``MemoryStorage``.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 
 from evalsyncd.storage import GCSStorage, LocalStorage, S3Storage
+from evalsyncd.storage.memory import MemoryStorage
 from evalsyncd.testing.contract import StorageContract
 
 
@@ -36,3 +37,12 @@ class TestGCSStorage(StorageContract):
     def storage(self, gcs_storage: GCSStorage) -> GCSStorage:
         return gcs_storage
 
+
+class TestMemoryStorage(StorageContract):
+    """The contract on the in-memory backend."""
+
+    url_schemes = ("memory",)
+
+    @pytest.fixture
+    def storage(self, memory_storage: MemoryStorage) -> MemoryStorage:
+        return memory_storage
