@@ -77,7 +77,13 @@ from typing import Any
 import crc32c as _crc32c
 
 from evalsyncd.errors import EvalsyncdError, InvalidKeyError
-from evalsyncd.storage._base import AsyncStorage, Storage, internal_area, storage_join
+from evalsyncd.storage._base import (
+    AsyncStorage,
+    Storage,
+    async_internal_area,
+    internal_area,
+    storage_join,
+)
 
 __all__ = [
     "CATALOG_FORMAT",
@@ -284,7 +290,7 @@ async def aread_catalog_bytes(storage: AsyncStorage, prefix: str = "") -> bytes 
     Raises:
         StorageError: the storage failed (anything but "not found").
     """
-    area = None if prefix else internal_area(storage)
+    area = None if prefix else async_internal_area(storage)
     try:
         if area is not None:
             return bytes(await area.aread_internal(CATALOG_NAME))

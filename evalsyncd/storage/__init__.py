@@ -16,12 +16,14 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 from urllib.parse import unquote, urlsplit
 
 from evalsyncd.storage._base import (
+    AsyncInternalArea,
     AsyncStorage,
     Backend,
     InternalArea,
     Storage,
     StorageStat,
     SupportsChild,
+    async_internal_area,
     check_key,
     internal_area,
     storage_join,
@@ -34,6 +36,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "AnyStorage",
+    "AsyncInternalArea",
     "AsyncStorage",
     "Backend",
     "GCSStorage",
@@ -43,6 +46,7 @@ __all__ = [
     "Storage",
     "StorageStat",
     "SupportsChild",
+    "async_internal_area",
     "check_key",
     "internal_area",
     "storage_from_uri",

@@ -52,7 +52,7 @@ capability                     meaning (local / S3 / GCS / memory)
 ``local_root``                 the directory holding the files (the root / ``None`` / ...)
 ``achecksum(path)``            the checksum the store keeps for a whole file, or ``None``
                                (``None`` / ``None`` / ``crc32c`` / ``crc32c``)
-``read_internal(name)`` ...    the daemon's own objects, :class:`InternalArea`
+``read_internal(name)`` ...    the daemon's own objects, :class:`InternalArea` (and async)
 =============================  ===========================================================
 """
 
@@ -69,12 +69,14 @@ if TYPE_CHECKING:
     from evalsyncd.storage.tail import TailWriter
 
 __all__ = [
+    "AsyncInternalArea",
     "AsyncStorage",
     "Backend",
     "InternalArea",
     "Storage",
     "StorageStat",
     "SupportsChild",
+    "async_internal_area",
     "check_key",
     "internal_area",
     "storage_join",
@@ -284,8 +286,9 @@ class InternalArea(Protocol):
 
     The area is under the storage's root, hidden from ``list_dir``. S3 reserves
     it at its root (plain keys under ``.evalsyncd/`` are refused there), so these
-    methods are the way in. Every evalsyncd backend has them; a storage of
-    another library may not: see :func:`internal_area`.
+    methods are the way in. Every evalsyncd backend has them, and their async
+    twins (:class:`AsyncInternalArea`); a storage of another library may not:
+    see :func:`internal_area`.
     """
 
     def read_internal(self, name: str) -> bytes:
@@ -301,12 +304,17 @@ class InternalArea(Protocol):
         """Replace ``.evalsyncd/{name}`` with ``data`` (one request on object stores)."""
         ...
 
+
+@runtime_checkable
+class AsyncInternalArea(Protocol):
+    """Asynchronous twin of :class:`InternalArea`."""
+
     async def aread_internal(self, name: str) -> bytes:
-        """See :meth:`read_internal`."""
+        """See :meth:`InternalArea.read_internal`."""
         ...
 
     async def awrite_internal(self, name: str, data: bytes) -> None:
-        """See :meth:`write_internal`."""
+        """See :meth:`InternalArea.write_internal`."""
         ...
 
 
@@ -315,14 +323,24 @@ def internal_area(storage: object) -> InternalArea | None:
 
     Every evalsyncd backend has one (see :class:`Backend`); a storage of another
     library with only the ``Storage`` method set has none, and callers then use
-    plain keys (``.evalsyncd/catalog.json``). This is the one place that tells
-    the two apart, so code above this package never probes a storage.
+    plain keys (``.evalsyncd/catalog.json``). This and :func:`async_internal_area`
+    are the one place that tells the two apart, so code above this package
+    never probes a storage.
     """
     return storage if isinstance(storage, InternalArea) else None
 
 
+def async_internal_area(storage: object) -> AsyncInternalArea | None:
+    """The async internal area of ``storage``, or ``None``; see :func:`internal_area`.
+
+    Looks only at the ``a*`` methods, so an async-only storage is never asked
+    for a sync attribute.
+    """
+    return storage if isinstance(storage, AsyncInternalArea) else None
+
+
 @runtime_checkable
-class Backend(Storage, AsyncStorage, InternalArea, Protocol):
+class Backend(Storage, AsyncStorage, InternalArea, AsyncInternalArea, Protocol):
     """An evalsyncd backend: both contracts plus the capabilities of the module docstring.
 
     ``LocalStorage``, ``S3Storage``, ``GCSStorage`` and ``MemoryStorage`` implement
