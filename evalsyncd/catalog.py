@@ -57,7 +57,7 @@ Reading it through a storage: :func:`read_catalog_bytes` /
 the top of its own prefix for the daemon (S3Storage refuses such keys). A
 store at a storage's root reads the catalog through the storage's
 :class:`~evalsyncd.storage.InternalArea` (``read_internal(name)``, a capability
-of every evalsyncd backend; see :func:`~evalsyncd.storage.internal_area`); a
+of every evalsyncd backend; see :func:`~evalsyncd.storage._base.internal_area`); a
 storage of another library has none and is asked for the plain key, and one
 that refuses that key reads as "no catalog" (so its readers fall back to
 per-run reads, still correct). A store opened one level up (a fleet's storage
@@ -304,7 +304,7 @@ async def aread_catalog_bytes(storage: AsyncStorage, prefix: str = "") -> bytes 
 def write_catalog_bytes(storage: Storage, data: bytes, prefix: str = "") -> None:
     """Replace the catalog object of the store at ``prefix`` in ``storage`` with ``data``.
 
-    Uses the storage's internal area (see :func:`~evalsyncd.storage.internal_area`)
+    Uses the storage's internal area (see :func:`~evalsyncd.storage._base.internal_area`)
     when ``prefix`` is empty.
 
     Raises:

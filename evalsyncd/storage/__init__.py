@@ -23,9 +23,7 @@ from evalsyncd.storage._base import (
     Storage,
     StorageStat,
     SupportsChild,
-    async_internal_area,
     check_key,
-    internal_area,
     storage_join,
 )
 from evalsyncd.storage.local import LocalStorage
@@ -46,9 +44,7 @@ __all__ = [
     "Storage",
     "StorageStat",
     "SupportsChild",
-    "async_internal_area",
     "check_key",
-    "internal_area",
     "storage_from_uri",
     "storage_join",
 ]
