@@ -38,10 +38,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from evalsyncd.devproxy import CountingProxy
-from evalsyncd.devservers import FakeGCSServer, SeaweedS3Server
 from evalsyncd.storage import GCSStorage, S3Storage
 from evalsyncd.store import EvalStore
+from evalsyncd.testing.proxy import CountingProxy
+from evalsyncd.testing.servers import FakeGCSServer, SeaweedS3Server
 
 BUCKET = "evalsyncd-bench"
 

@@ -30,8 +30,8 @@ from typing import Any
 
 import psutil
 
-from evalsyncd.devservers import S3_ACCESS_KEY, S3_SECRET_KEY, FakeGCSServer, SeaweedS3Server
 from evalsyncd.storage import GCSStorage, S3Storage
+from evalsyncd.testing.servers import S3_ACCESS_KEY, S3_SECRET_KEY, FakeGCSServer, SeaweedS3Server
 
 __all__ = [
     "BUCKET",

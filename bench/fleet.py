@@ -59,11 +59,11 @@ from bench.common import (
     reference_wheel,
 )
 from evalsyncd.catalog import CATALOG_PATH, catalog_from_root
-from evalsyncd.devproxy import CountingProxy
-from evalsyncd.devservers import S3_ACCESS_KEY, S3_SECRET_KEY
 from evalsyncd.fleet import Fleet
 from evalsyncd.storage import S3Storage
 from evalsyncd.store import BenchmarkResult, EvalStore, StoredTrajectory
+from evalsyncd.testing.proxy import CountingProxy
+from evalsyncd.testing.servers import S3_ACCESS_KEY, S3_SECRET_KEY
 
 __all__ = ["load_reference_eval_store", "run"]
 

@@ -25,8 +25,8 @@ from typing import Any
 from bench.backfill import BENCHMARKS
 from bench.bench_list_runs import best_of, sequential_reader
 from bench.common import Bench
-from evalsyncd.devproxy import CountingProxy
 from evalsyncd.store import EvalStore
+from evalsyncd.testing.proxy import CountingProxy
 
 __all__ = ["run"]
 

@@ -24,7 +24,7 @@ import time
 from typing import Any
 
 from bench.common import BUCKET, Bench, Daemon
-from evalsyncd.devproxy import CountingProxy
+from evalsyncd.testing.proxy import CountingProxy
 
 __all__ = ["run"]
 

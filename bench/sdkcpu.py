@@ -68,7 +68,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import BUCKET, CACHE_DIR, Bench
-from evalsyncd.devservers import S3_ACCESS_KEY, S3_SECRET_KEY
+from evalsyncd.testing.servers import S3_ACCESS_KEY, S3_SECRET_KEY
 
 __all__ = ["TUNED_CONFIG", "run"]
 

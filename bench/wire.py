@@ -36,7 +36,7 @@ from bench.common import (
     reference_fsspec_storage,
     wait_until,
 )
-from evalsyncd.devproxy import CountingProxy
+from evalsyncd.testing.proxy import CountingProxy
 
 __all__ = ["run"]
 

@@ -54,12 +54,15 @@ Consistency rules (what makes a reader's answer never wrong):
 
 Reading it through a storage: :func:`read_catalog_bytes` /
 :func:`aread_catalog_bytes`. A cloud backend may reserve ``.evalsyncd/`` at
-the top of its own prefix for the daemon (S3Storage refuses such keys); a
-storage that offers ``read_internal(name)`` / ``aread_internal(name)`` is asked
-through that method, and one that refuses the key and offers neither reads as
-"no catalog" (so its readers fall back to per-run reads, still correct). A
-store opened one level up (a fleet's storage with the host as store prefix)
-reads ``{host}/.evalsyncd/catalog.json`` as a plain key.
+the top of its own prefix for the daemon (S3Storage refuses such keys). A
+store at a storage's root reads the catalog through the storage's
+:class:`~evalsyncd.storage.InternalArea` (``read_internal(name)``, a capability
+of every evalsyncd backend; see :func:`~evalsyncd.storage._base.internal_area`); a
+storage of another library has none and is asked for the plain key, and one
+that refuses that key reads as "no catalog" (so its readers fall back to
+per-run reads, still correct). A store opened one level up (a fleet's storage
+with the host as store prefix) reads ``{host}/.evalsyncd/catalog.json`` as a
+plain key.
 """
 
 from __future__ import annotations
@@ -74,10 +77,17 @@ from typing import Any
 import crc32c as _crc32c
 
 from evalsyncd.errors import EvalsyncdError, InvalidKeyError
-from evalsyncd.storage._base import AsyncStorage, Storage, storage_join
+from evalsyncd.storage._base import (
+    AsyncStorage,
+    Storage,
+    async_internal_area,
+    internal_area,
+    storage_join,
+)
 
 __all__ = [
     "CATALOG_FORMAT",
+    "CATALOG_NAME",
     "CATALOG_PATH",
     "CATALOG_VERSION",
     "Catalog",
@@ -92,7 +102,10 @@ __all__ = [
     "write_catalog_bytes",
 ]
 
-CATALOG_PATH = ".evalsyncd/catalog.json"
+CATALOG_NAME = "catalog.json"
+"""Name of the catalog in a storage's internal area (see :class:`~evalsyncd.storage.InternalArea`)."""
+
+CATALOG_PATH = f".evalsyncd/{CATALOG_NAME}"
 """Key of the catalog relative to a store's prefix."""
 
 CATALOG_FORMAT = "evalsyncd-catalog"
@@ -260,15 +273,15 @@ def read_catalog_bytes(storage: Storage, prefix: str = "") -> bytes | None:
     Raises:
         StorageError: the storage failed (anything but "not found").
     """
-    internal = getattr(storage, "read_internal", None) if not prefix else None
+    area = None if prefix else internal_area(storage)
     try:
-        if callable(internal):
-            return bytes(internal(CATALOG_PATH.split("/", 1)[1]))
+        if area is not None:
+            return bytes(area.read_internal(CATALOG_NAME))
         return storage.read(storage_join(prefix, CATALOG_PATH))
     except (FileNotFoundError, NotADirectoryError):
         return None
     except InvalidKeyError:
-        return None  # the backend reserves .evalsyncd/ and offers no read_internal
+        return None  # the storage reserves .evalsyncd/ and has no internal area
 
 
 async def aread_catalog_bytes(storage: AsyncStorage, prefix: str = "") -> bytes | None:
@@ -277,10 +290,10 @@ async def aread_catalog_bytes(storage: AsyncStorage, prefix: str = "") -> bytes 
     Raises:
         StorageError: the storage failed (anything but "not found").
     """
-    internal = getattr(storage, "aread_internal", None) if not prefix else None
+    area = None if prefix else async_internal_area(storage)
     try:
-        if callable(internal):
-            return bytes(await internal(CATALOG_PATH.split("/", 1)[1]))
+        if area is not None:
+            return bytes(await area.aread_internal(CATALOG_NAME))
         return await storage.aread(storage_join(prefix, CATALOG_PATH))
     except (FileNotFoundError, NotADirectoryError):
         return None
@@ -291,15 +304,15 @@ async def aread_catalog_bytes(storage: AsyncStorage, prefix: str = "") -> bytes 
 def write_catalog_bytes(storage: Storage, data: bytes, prefix: str = "") -> None:
     """Replace the catalog object of the store at ``prefix`` in ``storage`` with ``data``.
 
-    Uses the storage's ``write_internal`` (the backends that reserve
-    ``.evalsyncd/`` at their root offer it) when ``prefix`` is empty.
+    Uses the storage's internal area (see :func:`~evalsyncd.storage._base.internal_area`)
+    when ``prefix`` is empty.
 
     Raises:
         StorageError: the storage failed.
     """
-    internal = getattr(storage, "write_internal", None) if not prefix else None
-    if callable(internal):
-        internal(CATALOG_PATH.split("/", 1)[1], data)
+    area = None if prefix else internal_area(storage)
+    if area is not None:
+        area.write_internal(CATALOG_NAME, data)
     else:
         storage.write(storage_join(prefix, CATALOG_PATH), data)
 

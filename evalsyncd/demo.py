@@ -30,13 +30,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from evalsyncd.config import Settings
-from evalsyncd.devservers import FakeGCSServer, SeaweedS3Server, ServerError
 from evalsyncd.logs import configure_logging
 from evalsyncd.runs import format_run, run_details
 from evalsyncd.status import format_bytes
 from evalsyncd.storage import storage_from_uri
 from evalsyncd.store import BenchmarkResult, EvalStore, StoredTrajectory, StoredTurn
 from evalsyncd.sync.service import Service, open_destination_storage
+from evalsyncd.testing.servers import FakeGCSServer, SeaweedS3Server, ServerError
 from evalsyncd.verify import verify_storage
 
 __all__ = ["run_demo"]

@@ -6,7 +6,8 @@ ending in ``\\n``. Each remote object is checked against it:
 
 1. its size (``stat``): missing, shorter ("behind") or longer is a mismatch;
 2. its content, by the checksum the store keeps for that object when there is
-   one (the backend's optional ``achecksum(path)``, today GCS ``crc32c``),
+   one (the backend's ``achecksum(path)`` capability, see
+   :class:`~evalsyncd.storage.Backend`; today GCS ``crc32c``),
    computed locally over the expected bytes. ETags
    are never used: a multipart or composite object's ETag is not an MD5 of its
    content. When the store keeps no usable checksum the object is downloaded
@@ -34,7 +35,7 @@ from pathlib import Path
 import crc32c
 
 from evalsyncd.errors import ObjectNotFoundError, StorageError
-from evalsyncd.storage import AnyStorage
+from evalsyncd.storage import Backend
 from evalsyncd.sync.files import FileKind, classify, scan_tree
 from evalsyncd.sync.lines import complete_end
 
@@ -116,7 +117,7 @@ def _local_digest(path: Path, length: int, algorithm: str) -> str:
     return base64.b64encode(raw).decode()
 
 
-async def _compare_download(storage: AnyStorage, rel: str, local: Path, length: int) -> bool:
+async def _compare_download(storage: Backend, rel: str, local: Path, length: int) -> bool:
     """Stream the object in ranged chunks and compare with ``local[0:length]``."""
     fd = await asyncio.to_thread(os.open, local, os.O_RDONLY | os.O_CLOEXEC)
     try:
@@ -133,7 +134,7 @@ async def _compare_download(storage: AnyStorage, rel: str, local: Path, length: 
     return True
 
 
-async def _check_once(storage: AnyStorage, root: Path, rel: str) -> FileCheck:
+async def _check_once(storage: Backend, root: Path, rel: str) -> FileCheck:
     local = root / rel
     st = await asyncio.to_thread(os.stat, local)
     length = await asyncio.to_thread(expected_length, local, rel, st.st_size)
@@ -147,8 +148,7 @@ async def _check_once(storage: AnyStorage, root: Path, rel: str) -> FileCheck:
         return FileCheck(
             rel, False, "size", length, remote.size, detail="remote is longer than the local file"
         )
-    achecksum = getattr(storage, "achecksum", None)
-    checksum = await achecksum(rel) if achecksum is not None else None
+    checksum = await storage.achecksum(rel)
     if checksum is not None and checksum[0] in ("crc32c", "sha256"):
         algorithm, value = checksum
         mine = await asyncio.to_thread(_local_digest, local, remote.size, algorithm)
@@ -188,7 +188,7 @@ def _invalid_json(path: Path) -> str | None:
 
 
 async def verify_storage(
-    storage: AnyStorage,
+    storage: Backend,
     root: Path,
     *,
     name: str,

@@ -17,8 +17,9 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from evalsyncd.devservers import FakeGCSServer, SeaweedS3Server
 from evalsyncd.storage import AnyStorage, GCSStorage, LocalStorage, S3Storage
+from evalsyncd.storage.memory import MemoryStorage, drop_bucket
+from evalsyncd.testing.servers import FakeGCSServer, SeaweedS3Server
 
 S3_BUCKET = "evalsyncd-test"
 GCS_BUCKET = "evalsyncd-test"
@@ -125,6 +126,16 @@ def gcs_storage(cloud_env: dict[str, str], unique_prefix: str) -> Iterator[GCSSt
 def local_storage(tmp_path: Path) -> LocalStorage:
     """A ``LocalStorage`` in a fresh temporary directory."""
     return LocalStorage(tmp_path / "store")
+
+
+@pytest.fixture
+def memory_storage(unique_prefix: str) -> Iterator[MemoryStorage]:
+    """A ``MemoryStorage`` on a fresh in-memory bucket (dropped afterwards)."""
+    bucket = f"test-{uuid.uuid4().hex}"
+    storage = MemoryStorage(bucket, unique_prefix)
+    with storage:
+        yield storage
+    drop_bucket(bucket)
 
 
 @pytest.fixture(params=["local", "s3", "gcs"])

@@ -37,7 +37,7 @@ import struct
 import threading
 from dataclasses import dataclass, field
 
-from evalsyncd.devproxy import LoopbackProxy
+from evalsyncd.testing.proxy import LoopbackProxy
 
 __all__ = ["FaultProxy", "Rule"]
 

@@ -20,8 +20,8 @@ from typing import Any
 import botocore.config
 import botocore.session
 
-from evalsyncd.devservers import S3_ACCESS_KEY, S3_SECRET_KEY
 from evalsyncd.storage import AnyStorage, GCSStorage, LocalStorage, S3Storage
+from evalsyncd.testing.servers import S3_ACCESS_KEY, S3_SECRET_KEY
 from tests.conftest import GCS_BUCKET, S3_BUCKET
 from tests.daemon import Daemon, expected_mirror, write_config
 from tests.helpers import wait_for

@@ -23,11 +23,11 @@ from evalsyncd.catalog import (
     metadata_crc32c,
     parse_catalog,
 )
-from evalsyncd.devproxy import CountingProxy
-from evalsyncd.devservers import SeaweedS3Server
 from evalsyncd.errors import StorageError
 from evalsyncd.storage import AnyStorage, LocalStorage, S3Storage
 from evalsyncd.store import BenchmarkResult, EvalStore
+from evalsyncd.testing.proxy import CountingProxy
+from evalsyncd.testing.servers import SeaweedS3Server
 from tests.conftest import S3_BUCKET
 
 URL = "s3://b/p/.evalsyncd/catalog.json"

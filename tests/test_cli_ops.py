@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 from evalsyncd.config import load_settings
-from evalsyncd.devservers import SeaweedS3Server
 from evalsyncd.status import collect_status
 from evalsyncd.storage import GCSStorage
 from evalsyncd.store import StoredTrajectory
+from evalsyncd.testing.servers import SeaweedS3Server
 from tests.conftest import GCS_BUCKET, S3_BUCKET
 from tests.opshelpers import evalsyncd, make_runs, write_config
 

@@ -13,10 +13,10 @@ from typing import Any
 
 import pytest
 
-from evalsyncd.devproxy import CountingProxy
-from evalsyncd.devservers import SeaweedS3Server
 from evalsyncd.storage import AnyStorage, GCSStorage, LocalStorage, S3Storage
 from evalsyncd.store import BenchmarkResult, EvalStore, StoredTrajectory, StoredTurn
+from evalsyncd.testing.proxy import CountingProxy
+from evalsyncd.testing.servers import SeaweedS3Server
 from tests.conftest import GCS_BUCKET, S3_BUCKET
 from tests.daemon import Daemon, expected_mirror, remote_tree, wait_mirrored, write_config
 from tests.helpers import wait_for

@@ -15,12 +15,12 @@ from typing import Any
 import pytest
 
 import evalsyncd
-from evalsyncd.devproxy import CountingProxy
-from evalsyncd.devservers import SeaweedS3Server
 from evalsyncd.errors import AccessDeniedError
 from evalsyncd.fleet import AmbiguousRunError, Fleet
 from evalsyncd.storage import AnyStorage, S3Storage
 from evalsyncd.store import EvalStore, StoredTrajectory
+from evalsyncd.testing.proxy import CountingProxy
+from evalsyncd.testing.servers import SeaweedS3Server
 from tests.conftest import S3_BUCKET
 from tests.faultproxy import FaultProxy, Rule
 from tests.opshelpers import evalsyncd as run_cli

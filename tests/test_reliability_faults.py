@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from evalsyncd.devservers import FakeGCSServer, SeaweedS3Server
 from evalsyncd.storage import S3Storage
+from evalsyncd.testing.servers import FakeGCSServer, SeaweedS3Server
 from tests.conftest import GCS_BUCKET, S3_BUCKET
 from tests.faultproxy import FaultProxy, Rule
 from tests.helpers import wait_for

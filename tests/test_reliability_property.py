@@ -21,7 +21,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from evalsyncd.devservers import FakeGCSServer, SeaweedS3Server
+from evalsyncd.testing.servers import FakeGCSServer, SeaweedS3Server
 from tests.conftest import GCS_BUCKET, S3_BUCKET
 from tests.daemon import Daemon
 from tests.reliability import RelEnv, wait_settled, wait_started

@@ -20,8 +20,6 @@ import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-from evalsyncd.devproxy import CountingProxy
-from evalsyncd.devservers import FakeGCSServer
 from evalsyncd.errors import (
     AccessDeniedError,
     BucketNotFoundError,
@@ -33,6 +31,8 @@ from evalsyncd.errors import (
 )
 from evalsyncd.storage import GCSStorage
 from evalsyncd.storage.gcs import translate_error
+from evalsyncd.testing.proxy import CountingProxy
+from evalsyncd.testing.servers import FakeGCSServer
 
 KiB = 1024
 MiB = 1024 * KiB

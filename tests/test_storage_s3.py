@@ -22,8 +22,6 @@ import botocore.exceptions as bexc
 import botocore.session
 import pytest
 
-from evalsyncd.devproxy import CountingProxy
-from evalsyncd.devservers import S3_ACCESS_KEY, S3_SECRET_KEY, SeaweedS3Server
 from evalsyncd.errors import (
     AccessDeniedError,
     BucketNotFoundError,
@@ -36,7 +34,12 @@ from evalsyncd.errors import (
     TransientStorageError,
 )
 from evalsyncd.storage import S3Storage
-from evalsyncd.storage.s3 import _CODE_MAP, _EPOCH_META, _EXCEPTION_MAP, _translate
+from evalsyncd.storage._s3errors import CODE_MAP as _CODE_MAP
+from evalsyncd.storage._s3errors import EXCEPTION_MAP as _EXCEPTION_MAP
+from evalsyncd.storage._s3errors import translate as _translate
+from evalsyncd.storage._s3segments import EPOCH_META as _EPOCH_META
+from evalsyncd.testing.proxy import CountingProxy
+from evalsyncd.testing.servers import S3_ACCESS_KEY, S3_SECRET_KEY, SeaweedS3Server
 from tests.conftest import S3_BUCKET
 
 MiB = 1024 * 1024
@@ -192,14 +195,12 @@ def test_stale_view_segment_append_conflicts_without_loss(s3_storage: S3Storage)
     async def scenario() -> None:
         async with s3_storage:
             client = await s3_storage._client()
-            view = await s3_storage._view(client, "s.jsonl")
+            view = await s3_storage._segments.view(client, "s.jsonl")
             # Another writer appends at the same offset and compacts in between.
             await s3_storage.aappend("s.jsonl", b"other\n", offset=5)
             await s3_storage.aflush()
             with pytest.raises(ConflictError):
-                await s3_storage._append_segment(
-                    client, "s.jsonl", s3_storage._key("s.jsonl"), view, b"mine!\n"
-                )
+                await s3_storage._segments.append(client, "s.jsonl", view, b"mine!\n")
 
     asyncio.run(scenario())
     assert s3_storage.read("s.jsonl") == b"base\nother\n"
@@ -290,7 +291,7 @@ def test_multipart_copy_guard_conflicts_on_stale_view(s3_storage: S3Storage, raw
     async def scenario() -> None:
         async with s3_storage:
             client = await s3_storage._client()
-            view = await s3_storage._view(client, "g.jsonl")
+            view = await s3_storage._segments.view(client, "g.jsonl")
             await s3_storage.aappend("g.jsonl", b"winner\n", offset=len(base))
             with pytest.raises(ConflictError):
                 await s3_storage._append_multipart(

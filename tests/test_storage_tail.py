@@ -1,6 +1,7 @@
 """The tail log (evalsyncd.storage.tail): format, writer and stitched reads on S3 and GCS.
 
-Runs against SeaweedFS and fake-gcs-server through the ``cloud`` fixture.
+Runs against SeaweedFS and fake-gcs-server through the ``cloud`` fixture, and on
+the in-memory backend (its tail internals are the ones CloudStorage stitches).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import pytest
 
 from evalsyncd.errors import CorruptObjectError
 from evalsyncd.storage import GCSStorage, S3Storage
+from evalsyncd.storage.memory import MemoryStorage
 from evalsyncd.storage.tail import (
     FileTail,
     Piece,
@@ -24,10 +26,10 @@ from evalsyncd.storage.tail import (
     seq_of,
 )
 
-Cloud = S3Storage | GCSStorage
+Cloud = S3Storage | GCSStorage | MemoryStorage
 
 
-@pytest.fixture(params=["s3", "gcs"])
+@pytest.fixture(params=["s3", "gcs", "memory"])
 def cloud(request: pytest.FixtureRequest) -> Iterator[Cloud]:
     storage: Cloud = request.getfixturevalue(f"{request.param}_storage")
     storage.tail_refresh_s = 0.0  # every read sees the newest index

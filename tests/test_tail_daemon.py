@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from evalsyncd.devproxy import CountingProxy
-from evalsyncd.devservers import FakeGCSServer, SeaweedS3Server
 from evalsyncd.storage import GCSStorage, S3Storage
 from evalsyncd.storage.tail import read_index
 from evalsyncd.sync.journal import Journal
+from evalsyncd.testing.proxy import CountingProxy
+from evalsyncd.testing.servers import FakeGCSServer, SeaweedS3Server
 from tests.daemon import write_config
 from tests.helpers import wait_for
 from tests.reliability import RelEnv, events, list_keys, s3_main_object, wait_settled

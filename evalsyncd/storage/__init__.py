@@ -14,7 +14,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 from evalsyncd.storage._base import (
+    AsyncInternalArea,
     AsyncStorage,
+    Backend,
+    InternalArea,
     Storage,
     StorageStat,
     SupportsChild,
@@ -31,8 +34,11 @@ if TYPE_CHECKING:
 __all__ = [
     "SCHEMES",
     "AnyStorage",
+    "AsyncInternalArea",
     "AsyncStorage",
+    "Backend",
     "GCSStorage",
+    "InternalArea",
     "LocalStorage",
     "S3Storage",
     "Storage",

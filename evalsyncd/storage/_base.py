@@ -36,22 +36,49 @@ Contract, per method (all backends):
 
 Errors are the classes of :mod:`evalsyncd.errors`; transient and permanent
 failures are distinct types, and an outage is never reported as "missing".
+
+``Storage`` and ``AsyncStorage`` are all a reader needs (a storage of another
+library with that method set works with ``EvalStore``). What differs between
+evalsyncd's own backends is declared, never probed: :class:`Backend` is the
+contract plus these capabilities, and every backend implements all of it:
+
+=============================  ===========================================================
+capability                     meaning (local / S3 / GCS / memory)
+=============================  ===========================================================
+``supports_tail``              keeps a tail log, ``tail_writer`` works (no / yes / yes / yes)
+``append_in_place_min_bytes``  the object size from which ``append`` sends only the new
+                               bytes (0 / 5 MiB / 0 / 0)
+``async_native``               the ``a*`` methods are native, not threads (no / yes / yes / yes)
+``local_root``                 the directory holding the files (the root / ``None`` / ...)
+``achecksum(path)``            the checksum the store keeps for a whole file, or ``None``
+                               (``None`` / ``None`` / ``crc32c`` / ``crc32c``)
+``read_internal(name)`` ...    the daemon's own objects, :class:`InternalArea` (and async)
+=============================  ===========================================================
 """
 
 from __future__ import annotations
 
 import posixpath
 from dataclasses import dataclass
-from typing import Protocol, Self, runtime_checkable
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol, Self, runtime_checkable
 
 from evalsyncd.errors import InvalidKeyError
 
+if TYPE_CHECKING:
+    from evalsyncd.storage.tail import TailWriter
+
 __all__ = [
+    "AsyncInternalArea",
     "AsyncStorage",
+    "Backend",
+    "InternalArea",
     "Storage",
     "StorageStat",
     "SupportsChild",
+    "async_internal_area",
     "check_key",
+    "internal_area",
     "storage_join",
 ]
 
@@ -84,8 +111,10 @@ def check_key(path: str) -> str:
 
     Raises:
         InvalidKeyError: (a ``ValueError``) if ``path`` is empty, absolute, has an
-            empty segment (``a//b``), a ``.`` or ``..`` segment, a NUL byte, or is not
-            valid UTF-8 (a file name decoded with ``surrogateescape``).
+            empty segment (``a//b``), a ``.`` or ``..`` segment (the message of a
+            ``..`` says the key "escapes the storage root", as the reference storage
+            tests expect), a NUL byte, or is not valid UTF-8 (a file name decoded
+            with ``surrogateescape``).
     """
     if not isinstance(path, str) or not path:
         raise InvalidKeyError(f"invalid storage key {path!r}: empty")
@@ -98,7 +127,11 @@ def check_key(path: str) -> str:
     except UnicodeEncodeError:
         raise InvalidKeyError(f"invalid storage key {path!r}: not valid UTF-8") from None
     for segment in path.rstrip("/").split("/"):
-        if segment in ("", ".", ".."):
+        if segment == "..":
+            raise InvalidKeyError(
+                f"invalid storage key {path!r}: escapes the storage root ('..' segment)"
+            )
+        if segment in ("", "."):
             raise InvalidKeyError(f"invalid storage key {path!r}: {segment or 'empty'!r} segment")
     return path
 
@@ -244,4 +277,125 @@ class SupportsChild(Protocol):
 
     def child(self, path: str) -> Self:
         """The storage rooted at ``path`` under this one; see ``CloudStorage.child``."""
+        ...
+
+
+@runtime_checkable
+class InternalArea(Protocol):
+    """Capability: the daemon's own objects (the run catalog) at ``.evalsyncd/{name}``.
+
+    The area is under the storage's root, hidden from ``list_dir``. S3 reserves
+    it at its root (plain keys under ``.evalsyncd/`` are refused there), so these
+    methods are the way in. Every evalsyncd backend has them, and their async
+    twins (:class:`AsyncInternalArea`); a storage of another library may not:
+    see :func:`internal_area`.
+    """
+
+    def read_internal(self, name: str) -> bytes:
+        """The bytes of ``.evalsyncd/{name}``.
+
+        Raises:
+            ObjectNotFoundError: (a ``FileNotFoundError``) the object is missing.
+            InvalidKeyError: ``name`` is not a valid key.
+        """
+        ...
+
+    def write_internal(self, name: str, data: bytes) -> None:
+        """Replace ``.evalsyncd/{name}`` with ``data`` (one request on object stores)."""
+        ...
+
+
+@runtime_checkable
+class AsyncInternalArea(Protocol):
+    """Asynchronous twin of :class:`InternalArea`."""
+
+    async def aread_internal(self, name: str) -> bytes:
+        """See :meth:`InternalArea.read_internal`."""
+        ...
+
+    async def awrite_internal(self, name: str, data: bytes) -> None:
+        """See :meth:`InternalArea.write_internal`."""
+        ...
+
+
+def internal_area(storage: object) -> InternalArea | None:
+    """The internal area of ``storage``, or ``None`` for a storage that has none.
+
+    Every evalsyncd backend has one (see :class:`Backend`); a storage of another
+    library with only the ``Storage`` method set has none, and callers then use
+    plain keys (``.evalsyncd/catalog.json``). This and :func:`async_internal_area`
+    are the one place that tells the two apart, so code above this package
+    never probes a storage.
+    """
+    return storage if isinstance(storage, InternalArea) else None
+
+
+def async_internal_area(storage: object) -> AsyncInternalArea | None:
+    """The async internal area of ``storage``, or ``None``; see :func:`internal_area`.
+
+    Looks only at the ``a*`` methods, so an async-only storage is never asked
+    for a sync attribute.
+    """
+    return storage if isinstance(storage, AsyncInternalArea) else None
+
+
+@runtime_checkable
+class Backend(Storage, AsyncStorage, InternalArea, AsyncInternalArea, Protocol):
+    """An evalsyncd backend: both contracts plus the capabilities of the module docstring.
+
+    ``LocalStorage``, ``S3Storage``, ``GCSStorage`` and ``MemoryStorage`` implement
+    every member; code above :mod:`evalsyncd.storage` (the daemon, ``verify``)
+    types against this protocol and reads the capabilities, never the class.
+    """
+
+    read_tail: bool
+    """Whether reads stitch pending tail pieces (the daemon turns it off on its own
+    instances: it reconciles against main objects). Always ``False`` without a tail."""
+
+    @property
+    def supports_tail(self) -> bool:
+        """Whether this backend keeps a tail log (:mod:`evalsyncd.storage.tail`)."""
+        ...
+
+    @property
+    def append_in_place_min_bytes(self) -> int:
+        """The object size, in bytes, from which ``append`` sends only the new bytes."""
+        ...
+
+    @property
+    def async_native(self) -> bool:
+        """Whether the ``a*`` methods are native (``False``: the sync ones in a thread)."""
+        ...
+
+    @property
+    def local_root(self) -> Path | None:
+        """The local directory holding the files, or ``None`` for a remote store."""
+        ...
+
+    def tail_writer(self, writer: str) -> TailWriter:
+        """A writer of the tail log under this storage's root.
+
+        Raises:
+            NotImplementedError: the backend keeps no tail log (``supports_tail``).
+        """
+        ...
+
+    async def achecksum(self, path: str) -> tuple[str, str] | None:
+        """The checksum the store keeps for the whole file, or ``None`` if it keeps none.
+
+        Returns:
+            ``(algorithm, value)``: ``("crc32c", base64 of the big-endian CRC32C)``
+            or ``("sha256", base64 digest)``; ``None`` when the file is missing,
+            the store keeps no usable checksum (S3 ETags are not content hashes,
+            a local file has none), or pending tail bytes make the stored one stale.
+            Cost: at most one metadata request.
+        """
+        ...
+
+    def close(self) -> None:
+        """Close clients opened for the sync methods (a no-op where there are none)."""
+        ...
+
+    async def aclose(self) -> None:
+        """Close the client of the running event loop (a no-op where there is none)."""
         ...

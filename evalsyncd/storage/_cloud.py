@@ -1,14 +1,17 @@
 """Shared plumbing of the object-store backends (``S3Storage``, ``GCSStorage``).
 
 A backend subclasses :class:`CloudStorage` and implements the ``a*`` methods
-natively plus :meth:`CloudStorage._open_client`. This base class provides:
+natively plus :meth:`CloudStorage._open_client`, the main objects (``_main_*``)
+and the internal area's objects (``_list_keys``, ``_delete_keys``,
+``_internal_get``, ``_internal_put``). This base class provides:
 
 - configuration-only instances: ``bucket``, ``prefix`` and the subclass's own
   settings pickle; clients never do;
 - one SDK client per (instance, event loop), opened on first use (or by
   ``async with``) on an :class:`~contextlib.AsyncExitStack` and closed by
   ``aclose()`` / ``__aexit__`` (async use) or ``close()`` / ``__exit__`` (sync
-  use; clients on the bridge loop are also closed at interpreter exit);
+  use; clients on the bridge loop are also closed at interpreter exit): see
+  :class:`~evalsyncd.storage._clients.LoopClients`;
 - the sync methods, each one line through :func:`~evalsyncd.storage._bridge.run_sync`;
 - the readers' view of the tail log (:mod:`evalsyncd.storage.tail`): each public
   read stitches the backend's main object (``_main_*`` methods) with the file's
@@ -29,7 +32,8 @@ from typing import Any, ClassVar, Self
 
 from evalsyncd.errors import ObjectNotFoundError, TransientStorageError
 from evalsyncd.storage._base import StorageStat, check_key
-from evalsyncd.storage._bridge import bridge_loop, on_bridge_close, run_sync
+from evalsyncd.storage._bridge import run_sync
+from evalsyncd.storage._clients import LoopClients
 from evalsyncd.storage.tail import (
     TAIL_DIR,
     FileTail,
@@ -47,15 +51,7 @@ INTERNAL_DIR = ".evalsyncd"
 (the tail log, S3 append segments, GCS compose deltas). Readers and
 ``list_dir`` hide it."""
 
-_RUNTIME_ATTRS = (
-    "_clients",
-    "_clients_lock",
-    "_bridge_hooked",
-    "_tail_cache",
-    "_owns_clients",
-    "_owner",
-    "_pieces",
-)
+_RUNTIME_ATTRS = ("_clients", "_tail_lock", "_tail_cache", "_pieces")
 
 
 class CloudStorage(ABC):
@@ -72,6 +68,10 @@ class CloudStorage(ABC):
     bytes without re-sending the object (S3: 5 MiB, multipart copy; GCS: 0, compose)."""
     supports_tail: ClassVar[bool] = True
     """Capability: this backend keeps a tail log (see :mod:`evalsyncd.storage.tail`)."""
+    async_native: ClassVar[bool] = True
+    """Capability: the ``a*`` methods are native; the sync ones go through the bridge."""
+    local_root: ClassVar[None] = None
+    """Capability: no local directory holds the files."""
     read_tail: bool = True
     """Readers stitch pending tail pieces (the daemon's own instances turn this off:
     it reconciles against main objects)."""
@@ -86,13 +86,8 @@ class CloudStorage(ABC):
         self._init_runtime()
 
     def _init_runtime(self) -> None:
-        self._clients: dict[
-            asyncio.AbstractEventLoop, asyncio.Task[tuple[AsyncExitStack, Any]]
-        ] = {}
-        self._clients_lock = threading.Lock()
-        self._bridge_hooked = False
-        self._owns_clients = True
-        self._owner: CloudStorage = self
+        self._clients = LoopClients(self._open_client)
+        self._tail_lock = threading.Lock()
         self._pieces = PieceCache()
         self._tail_cache: dict[
             asyncio.AbstractEventLoop, tuple[float, asyncio.Task[TailIndex]]
@@ -148,12 +143,10 @@ class CloudStorage(ABC):
         check_key(sub)
         new = copy.copy(self)  # configuration only (see __getstate__): fresh runtime state
         new.prefix = self._join(sub)
-        new._clients, new._clients_lock = self._clients, self._clients_lock
-        new._owns_clients = False
-        new._owner = self._owner
+        new._clients = self._clients
         return new
 
-    # -- clients -------------------------------------------------------------------
+    # -- clients (see evalsyncd.storage._clients) --------------------------------------
 
     @abstractmethod
     async def _open_client(self, stack: AsyncExitStack) -> Any:
@@ -161,53 +154,17 @@ class CloudStorage(ABC):
 
     async def _client(self) -> Any:
         """The SDK client of the running event loop, opened on first use."""
-        loop = asyncio.get_running_loop()
-        with self._clients_lock:
-            task = self._clients.get(loop)
-            if task is None or (task.done() and task.exception() is not None):
-                task = loop.create_task(self._open_on(loop))
-                self._clients[loop] = task
-        _stack, client = await asyncio.shield(task)
-        return client
-
-    async def _open_on(self, loop: asyncio.AbstractEventLoop) -> tuple[AsyncExitStack, Any]:
-        stack = AsyncExitStack()
-        try:
-            client = await self._open_client(stack)
-        except BaseException:
-            await stack.aclose()
-            raise
-        owner = self._owner
-        if loop is bridge_loop() and not owner._bridge_hooked:
-            owner._bridge_hooked = True
-            on_bridge_close(owner.aclose)
-        return stack, client
+        return await self._clients.get()
 
     async def aclose(self) -> None:
         """Close the client of the running event loop, if one is open (a child closes
         the client it shares with its parent: the next use opens a new one)."""
-        if not self._owns_clients:
-            await self._owner.aclose()
-            return
-        loop = asyncio.get_running_loop()
-        with self._clients_lock:
-            task = self._clients.pop(loop, None)
-        if task is None:
-            return
-        try:
-            stack, _client = await task
-        except Exception:
-            return
-        await stack.aclose()
+        await self._clients.aclose()
 
     def close(self) -> None:
         """Close the client opened for the sync methods (on the bridge loop); a child
         closes the one it shares with its parent."""
-        if not self._owns_clients:
-            self._owner.close()
-            return
-        if self._bridge_hooked:
-            run_sync(self.aclose())
+        self._clients.close()
 
     async def __aenter__(self) -> Self:
         await self._client()
@@ -255,16 +212,44 @@ class CloudStorage(ABC):
     # -- the tail log (see evalsyncd.storage.tail) -------------------------------------
 
     @abstractmethod
-    async def _tail_list(self, limit: int | None = None) -> list[str]: ...
+    async def _list_keys(self, prefix: str, url: str, limit: int | None = None) -> list[str]:
+        """Full keys under the key prefix ``prefix``, in key order: all of them, or at
+        least the first ``limit`` when there are that many (a listing in pages of at
+        most ``limit``). ``url`` names the prefix in errors."""
 
     @abstractmethod
-    async def _tail_delete(self, names: list[str]) -> None: ...
+    async def _delete_keys(self, keys: list[str], url: str) -> None:
+        """Delete objects by key; missing ones are fine. ``url`` names them in errors."""
 
     @abstractmethod
-    async def _internal_get(self, key: str, url: str, start: int, end: int | None) -> bytes: ...
+    async def _internal_get(self, key: str, url: str, start: int, end: int | None) -> bytes:
+        """Bytes ``[start, end)`` of the object ``key`` (``b""`` at or past its end).
+
+        Raises:
+            ObjectNotFoundError: the object is missing.
+        """
 
     @abstractmethod
-    async def _internal_put(self, key: str, url: str, data: bytes, *, create: bool) -> None: ...
+    async def _internal_put(self, key: str, url: str, data: bytes, *, create: bool) -> None:
+        """Replace the object ``key`` with ``data``; with ``create``, only if it is absent.
+
+        Raises:
+            ConflictError: ``create`` and the object exists.
+        """
+
+    def _tail_key(self, name: str) -> str:
+        """The key of a tail object (``""``: the tail directory, ending in ``/``)."""
+        return self._internal_key(TAIL_DIR, name)
+
+    async def _tail_list(self, limit: int | None = None) -> list[str]:
+        """Names under ``.evalsyncd/tail/``, newest first (key order); at most ``limit``."""
+        base = self._tail_key("")
+        names = [key[len(base) :] for key in await self._list_keys(base, self._tail_url(), limit)]
+        return names[:limit] if limit is not None else names
+
+    async def _tail_delete(self, names: list[str]) -> None:
+        """Delete tail objects (missing ones are fine)."""
+        await self._delete_keys([self._tail_key(n) for n in names], self._tail_url())
 
     async def aread_internal(self, name: str) -> bytes:
         """Read ``{prefix}/.evalsyncd/{name}`` (the daemon's own objects, such as the catalog).
@@ -292,8 +277,7 @@ class CloudStorage(ABC):
 
     async def _tail_get(self, name: str, start: int, end: int | None) -> bytes:
         """Bytes ``[start, end)`` of a tail object. Missing: ``ObjectNotFoundError``."""
-        key = self._internal_key(TAIL_DIR, name)
-        return await self._internal_get(key, self._tail_url(name), start, end)
+        return await self._internal_get(self._tail_key(name), self._tail_url(name), start, end)
 
     async def _tail_create(self, name: str, data: bytes) -> None:
         """Create a tail object if absent (``If-None-Match: *`` / ``ifGenerationMatch=0``).
@@ -301,11 +285,10 @@ class CloudStorage(ABC):
         Raises:
             ConflictError: the name exists.
         """
-        key = self._internal_key(TAIL_DIR, name)
-        await self._internal_put(key, self._tail_url(name), data, create=True)
+        await self._internal_put(self._tail_key(name), self._tail_url(name), data, create=True)
 
     def _tail_url(self, name: str = "") -> str:
-        key = self._internal_key(TAIL_DIR, name) if name else self._internal_key(TAIL_DIR)
+        key = self._tail_key(name) if name else self._internal_key(TAIL_DIR)
         return f"{self.scheme}://{self.bucket}/{key}"
 
     def tail_writer(self, writer: str) -> TailWriter:
@@ -319,7 +302,7 @@ class CloudStorage(ABC):
         """
         loop = asyncio.get_running_loop()
         now = time.monotonic()
-        with self._clients_lock:
+        with self._tail_lock:
             cached = self._tail_cache.get(loop)
             fresh = cached is not None and (
                 not cached[1].done()
@@ -456,6 +439,11 @@ class CloudStorage(ABC):
 
     async def aflush(self) -> None:  # noqa: B027 - a no-op unless the backend buffers
         """See :meth:`Storage.flush`: nothing is buffered unless the backend says so."""
+
+    async def achecksum(self, path: str) -> tuple[str, str] | None:
+        """See :meth:`Backend.achecksum`: ``None`` (no request) unless the backend keeps one."""
+        check_key(path)
+        return None
 
     # -- the sync contract: one line each through the bridge ------------------------
 

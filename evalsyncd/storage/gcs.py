@@ -41,7 +41,8 @@ reports is checked against the expected size, so a lost race on such a server
 is at least reported as a ``ConflictError`` (after the fact) and never silently
 acknowledged.
 
-Errors are translated at this boundary by :func:`translate_error` (one table):
+Errors are translated at this boundary by :func:`translate_error` (one table;
+it and the requests live in :mod:`._gcsclient`, the client of one event loop):
 
 =============================================  ===================================
 gcloud-aio / aiohttp                           evalsyncd
@@ -63,138 +64,27 @@ bucket is never reported as a missing object.
 from __future__ import annotations
 
 import asyncio
-import json
-import math
-import mimetypes
 import os
-import time
 import uuid
-import weakref
-from collections.abc import Awaitable
 from contextlib import AsyncExitStack, suppress
-from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Literal, TypeVar, cast
+from typing import Any
 
 import aiohttp
 import structlog
-from gcloud.aio.storage import Storage as _GCSClient
+from gcloud.aio.storage import Storage as _SDKClient
 
-from evalsyncd.errors import (
-    AccessDeniedError,
-    BucketNotFoundError,
-    ConflictError,
-    InvalidRequestError,
-    ObjectNotFoundError,
-    StorageError,
-    TransientStorageError,
-)
+from evalsyncd.errors import ConflictError, ObjectNotFoundError
 from evalsyncd.storage._base import StorageStat
 from evalsyncd.storage._cloud import INTERNAL_DIR, CloudStorage
-from evalsyncd.storage.tail import TAIL_DIR
+from evalsyncd.storage._gcsclient import GCSClient, PreconditionFailed, translate_error
 
 __all__ = ["GCSStorage", "translate_error"]
-
-T = TypeVar("T")
 
 log = structlog.get_logger("evalsyncd.storage")
 
 _APPEND_AREA = "gcs-append"
 _MAX_APPEND_ATTEMPTS = 5
-_BUCKET_CHECK_TTL_S = 60.0
-_DEFAULT_CONTENT_TYPE = "application/octet-stream"
-
-
-# -- error translation -------------------------------------------------------------
-
-
-def _status_class(status: int, on_404: type[StorageError]) -> type[StorageError]:
-    if status == 404:
-        return on_404
-    if status in (401, 403):
-        return AccessDeniedError
-    if status == 412:
-        return ConflictError
-    if status in (408, 429) or status >= 500:
-        return TransientStorageError
-    if 400 <= status < 500:
-        return InvalidRequestError
-    # Not an error status: a ContentTypeError or an unexpected redirect, most
-    # likely from a proxy in the way. Worth a retry, never "missing".
-    return TransientStorageError
-
-
-def translate_error(
-    exc: BaseException,
-    *,
-    url: str | None,
-    on_404: type[StorageError] = ObjectNotFoundError,
-) -> StorageError | None:
-    """Map a gcloud-aio / aiohttp exception to the evalsyncd error tree.
-
-    This is the only place where GCS errors are classified (see the module
-    docstring for the table).
-
-    Args:
-        exc: the exception gcloud-aio-storage (or aiohttp under it) raised.
-        url: the ``gs://`` URL concerned, stored on the new error.
-        on_404: the class a 404 becomes: :class:`ObjectNotFoundError` when the
-            bucket is known to exist, :class:`BucketNotFoundError` otherwise.
-
-    Returns:
-        The translated error (the caller raises it ``from exc``), or ``None``
-        if ``exc`` is not an SDK or network error and should propagate as is.
-    """
-    if isinstance(exc, StorageError):
-        return exc
-    if isinstance(exc, aiohttp.ClientResponseError):
-        cls = _status_class(exc.status, on_404)
-        message = f"{url}: HTTP {exc.status} {exc.message}".strip()
-        if cls is ConflictError:
-            return ConflictError(message, url=url, actual_size=None)
-        return cls(message, url=url)
-    if isinstance(exc, aiohttp.InvalidURL):
-        return InvalidRequestError(f"{url}: invalid URL {exc}", url=url)
-    if isinstance(exc, aiohttp.ClientError | TimeoutError | json.JSONDecodeError):
-        # ClientConnectionError (refused, reset, ServerDisconnectedError,
-        # ServerTimeoutError), ClientPayloadError (a body cut short), timeouts,
-        # and a 2xx whose body is not the JSON it should be.
-        return TransientStorageError(f"{url}: {type(exc).__name__}: {exc}", url=url)
-    return None
-
-
-def _http_status(exc: BaseException) -> int | None:
-    return exc.status if isinstance(exc, aiohttp.ClientResponseError) else None
-
-
-class _PreconditionFailed(Exception):
-    """Internal: a conditional write got 412; ``aappend`` re-reads and decides."""
-
-
-# -- the per-loop client --------------------------------------------------------
-
-
-@dataclass
-class _Client:
-    """What one event loop's storage holds open: the SDK client and its state."""
-
-    api: _GCSClient
-    emulator: bool
-    locks: weakref.WeakValueDictionary[str, asyncio.Lock] = field(
-        default_factory=weakref.WeakValueDictionary
-    )
-    bucket_seen_until: float = -math.inf
-
-    def lock_for(self, key: str) -> asyncio.Lock:
-        lock = self.locks.get(key)
-        if lock is None:
-            lock = asyncio.Lock()
-            self.locks[key] = lock
-        return lock
-
-
-def _content_type(key: str) -> str:
-    return mimetypes.guess_type(key)[0] or _DEFAULT_CONTENT_TYPE
 
 
 def _stat_of(meta: dict[str, Any]) -> StorageStat:
@@ -265,109 +155,28 @@ class GCSStorage(CloudStorage):
     def _timeout(self) -> aiohttp.ClientTimeout:
         return aiohttp.ClientTimeout(total=self.timeout_s, sock_connect=self.connect_timeout_s)
 
-    @property
-    def _request_timeout(self) -> int:
-        # gcloud-aio annotates ``timeout`` as int but hands it to aiohttp, which
-        # takes a ClientTimeout (or float seconds): keep the connect limit too.
-        return cast(int, self._timeout())
-
-    async def _open_client(self, stack: AsyncExitStack) -> _Client:
+    async def _open_client(self, stack: AsyncExitStack) -> GCSClient:
         session = self._new_session()
         stack.push_async_callback(session.close)
-        api = _GCSClient(
+        api = _SDKClient(
             service_file=self.service_file, session=session, api_root=self.endpoint_url
         )
         emulator = self.endpoint_url is not None or bool(os.environ.get("STORAGE_EMULATOR_HOST"))
-        return _Client(api=api, emulator=emulator)
+        # gcloud-aio annotates ``timeout`` as int but hands it to aiohttp, which
+        # takes a ClientTimeout (or float seconds): keep the connect limit too.
+        return GCSClient(
+            api,
+            bucket=self.bucket,
+            bucket_url=self.url(),
+            timeout=self._timeout(),
+            emulator=emulator,
+        )
 
-    async def _gcs(self) -> _Client:
-        client: _Client = await self._client()
+    async def _gcs(self) -> GCSClient:
+        client: GCSClient = await self._client()
         return client
 
     # -- error boundary ------------------------------------------------------------
-
-    async def _guarded(
-        self, c: _Client, call: Awaitable[T], *, url: str, target: Literal["object", "bucket"]
-    ) -> T:
-        """Await ``call``, translating SDK errors (see :func:`translate_error`).
-
-        ``target`` says what a 404 is about: a request on the bucket (list,
-        upload) means the bucket is missing; on an object, the bucket is checked.
-        """
-        try:
-            return await call
-        except Exception as exc:
-            on_404: type[StorageError] = BucketNotFoundError
-            if target == "object" and _http_status(exc) == 404 and await self._bucket_exists(c):
-                on_404 = ObjectNotFoundError
-            err = translate_error(exc, url=url, on_404=on_404)
-            if err is None or err is exc:
-                raise
-            raise err from exc
-
-    async def _bucket_exists(self, c: _Client) -> bool:
-        """Whether the bucket exists (a 1-item list; "yes" is cached for a minute).
-
-        Raises:
-            StorageError: the check itself failed (an outage is never "missing").
-        """
-        if time.monotonic() < c.bucket_seen_until:
-            return True
-        try:
-            await c.api.list_objects(
-                self.bucket,
-                params={"maxResults": "1", "fields": "nextPageToken"},
-                timeout=self._request_timeout,
-            )
-        except Exception as exc:
-            status = _http_status(exc)
-            if status == 404:
-                return False
-            if status in (401, 403):
-                return True  # may read objects but not list them: trust the object's 404
-            err = translate_error(exc, url=self.url(), on_404=BucketNotFoundError)
-            if err is None:
-                raise
-            raise err from exc
-        c.bucket_seen_until = time.monotonic() + _BUCKET_CHECK_TTL_S
-        return True
-
-    async def _metadata(self, c: _Client, key: str, url: str) -> dict[str, Any] | None:
-        try:
-            meta: dict[str, Any] = await self._guarded(
-                c,
-                c.api.download_metadata(self.bucket, key, timeout=self._request_timeout),
-                url=url,
-                target="object",
-            )
-        except ObjectNotFoundError:
-            return None
-        return meta
-
-    async def _download(
-        self, c: _Client, key: str, url: str, *, start: int = 0, end: int | None = None
-    ) -> bytes:
-        """Bytes ``[start, end)`` of an object (``b""`` when ``start`` is at or past its end)."""
-        headers: dict[str, str] = {}
-        if start or end is not None:
-            headers["Range"] = f"bytes={start}-{'' if end is None else end - 1}"
-            if c.emulator:
-                # fake-gcs-server sends a 416 body longer than its Content-Length,
-                # which poisons a kept-alive connection: don't reuse this one.
-                headers["Connection"] = "close"
-
-        async def get() -> bytes:
-            try:
-                data: bytes = await c.api.download(
-                    self.bucket, key, headers=headers, timeout=self._request_timeout
-                )
-            except aiohttp.ClientResponseError as exc:
-                if exc.status == 416:  # range starts at or past the end
-                    return b""
-                raise
-            return data
-
-        return await self._guarded(c, get(), url=url, target="object")
 
     # -- the async contract ----------------------------------------------------------
 
@@ -381,7 +190,7 @@ class GCSStorage(CloudStorage):
         """
         key = self._key(path)
         c = await self._gcs()
-        return await self._download(c, key, self.url(path))
+        return await c.download(key, self.url(path))
 
     async def awrite(self, path: str, data: bytes) -> str | None:
         """See :meth:`Storage.write`: one upload, atomic on GCS.
@@ -391,9 +200,7 @@ class GCSStorage(CloudStorage):
         """
         key = self._key(path)
         c = await self._gcs()
-        meta = await self._guarded(
-            c, self._upload(c, key, data), url=self.url(path), target="bucket"
-        )
+        meta = await c.guarded(c.upload(key, data), url=self.url(path), target="bucket")
         return str(meta["generation"])
 
     async def aappend(self, path: str, data: bytes, *, offset: int | None = None) -> str | None:
@@ -422,7 +229,7 @@ class GCSStorage(CloudStorage):
             for _attempt in range(_MAX_APPEND_ATTEMPTS):
                 try:
                     return await self._append_once(c, key, url, data, offset)
-                except _PreconditionFailed:
+                except PreconditionFailed:
                     log.info("gcs_append_precondition_failed", url=url, offset=offset)
         raise ConflictError(
             f"{url}: the object kept changing during {_MAX_APPEND_ATTEMPTS} append attempts",
@@ -430,9 +237,9 @@ class GCSStorage(CloudStorage):
         )
 
     async def _append_once(
-        self, c: _Client, key: str, url: str, data: bytes, offset: int | None
+        self, c: GCSClient, key: str, url: str, data: bytes, offset: int | None
     ) -> str:
-        meta = await self._metadata(c, key, url)
+        meta = await c.metadata(key, url)
         if meta is None:
             if offset not in (None, 0):
                 raise ConflictError(
@@ -440,17 +247,13 @@ class GCSStorage(CloudStorage):
                     url=url,
                     actual_size=0,
                 )
-            created = await self._conditional_upload(c, key, url, data, generation="0")
+            created = await c.conditional_upload(key, url, data, generation="0")
             return str(created["generation"])
 
         size, generation = int(meta["size"]), str(meta["generation"])
         if offset is not None and size != offset:
             end = offset + len(data)
-            if (
-                data
-                and size == end
-                and await self._download(c, key, url, start=offset, end=end) == data
-            ):
+            if data and size == end and await c.download(key, url, start=offset, end=end) == data:
                 return generation  # already applied: an idempotent retry
             raise ConflictError(
                 f"{url}: append at offset {offset} but the object holds {size} bytes",
@@ -460,7 +263,7 @@ class GCSStorage(CloudStorage):
         if not data:
             return generation
         if size == 0:
-            replaced = await self._conditional_upload(c, key, url, data, generation=generation)
+            replaced = await c.conditional_upload(key, url, data, generation=generation)
             return str(replaced["generation"])
 
         composed = await self._compose_append(c, key, url, data, meta)
@@ -475,49 +278,13 @@ class GCSStorage(CloudStorage):
             )
         return str(composed["generation"])
 
-    async def _upload(
-        self, c: _Client, key: str, data: bytes, *, generation: str | None = None
-    ) -> dict[str, Any]:
-        """One single-request upload; with ``generation``, a conditional multipart one.
-
-        Multipart (metadata in the body) is used for conditional uploads because
-        fake-gcs-server honours ``ifGenerationMatch`` only there; GCS honours it
-        on both. Never resumable: one request, no hidden retries.
-        """
-        content_type = _content_type(key)
-        parameters = None if generation is None else {"ifGenerationMatch": generation}
-        result: dict[str, Any] = await c.api.upload(
-            self.bucket,
-            key,
-            data,
-            content_type=content_type,
-            parameters=parameters,
-            metadata=None if generation is None else {"Content-Type": content_type},
-            force_resumable_upload=False,
-            timeout=self._request_timeout,
-        )
-        return result
-
-    async def _conditional_upload(
-        self, c: _Client, key: str, url: str, data: bytes, *, generation: str
-    ) -> dict[str, Any]:
-        async def put() -> dict[str, Any]:
-            try:
-                return await self._upload(c, key, data, generation=generation)
-            except aiohttp.ClientResponseError as exc:
-                if exc.status == 412:
-                    raise _PreconditionFailed from exc
-                raise
-
-        return await self._guarded(c, put(), url=url, target="bucket")
-
     async def _compose_append(
-        self, c: _Client, key: str, url: str, data: bytes, meta: dict[str, Any]
+        self, c: GCSClient, key: str, url: str, data: bytes, meta: dict[str, Any]
     ) -> dict[str, Any]:
         delta = self._internal_key(_APPEND_AREA, uuid.uuid4().hex)
         delta_url = f"{self.scheme}://{self.bucket}/{delta}"
         try:
-            await self._guarded(c, self._upload(c, delta, data), url=delta_url, target="bucket")
+            await c.guarded(c.upload(delta, data), url=delta_url, target="bucket")
 
             async def compose() -> dict[str, Any]:
                 try:
@@ -527,94 +294,63 @@ class GCSStorage(CloudStorage):
                         [key, delta],
                         content_type=meta.get("contentType") or None,
                         params={"ifGenerationMatch": str(meta["generation"])},
-                        timeout=self._request_timeout,
+                        timeout=c.timeout,
                     )
                 except aiohttp.ClientResponseError as exc:
                     if exc.status == 412:
-                        raise _PreconditionFailed from exc
+                        raise PreconditionFailed from exc
                     raise
                 return result
 
-            return await self._guarded(c, compose(), url=url, target="object")
+            return await c.guarded(compose(), url=url, target="object")
         finally:
-            await self._delete_quietly(c, delta, delta_url)
+            await c.delete_quietly(delta, delta_url)
 
-    # -- the tail log's objects (see evalsyncd.storage.tail) --------------------------------
+    # -- the internal area's objects (the tail log, the catalog) ----------------------------
 
-    def _tail_key(self, name: str) -> str:
-        return self._internal_key(TAIL_DIR, name)
-
-    async def _tail_list(self, limit: int | None = None) -> list[str]:
-        """Names under ``.evalsyncd/tail/``, newest first (name order): one list per page."""
-        base = self._tail_key("")
+    async def _list_keys(self, prefix: str, url: str, limit: int | None = None) -> list[str]:
+        """Names under ``prefix`` in name order: one list request per page."""
         c = await self._gcs()
-        names: list[str] = []
-        params = {
-            "prefix": base,
-            "maxResults": str(min(limit or self.page_size, self.page_size)),
-            "fields": "items(name),nextPageToken",
-        }
-        while True:
-            page: dict[str, Any] = await self._guarded(
-                c,
-                c.api.list_objects(self.bucket, params=dict(params), timeout=self._request_timeout),
-                url=self._tail_url(),
-                target="bucket",
-            )
-            names += [item["name"][len(base) :] for item in page.get("items", ())]
-            token = page.get("nextPageToken")
-            if not token or (limit is not None and len(names) >= limit):
-                break
-            params["pageToken"] = token
-        return names[:limit] if limit is not None else names
+        keys, _ = await c.list(prefix, url, page_size=self.page_size, limit=limit)
+        return keys
 
     async def _internal_get(self, key: str, url: str, start: int, end: int | None) -> bytes:
         """Bytes ``[start, end)`` of an object of the internal area: one ranged download."""
         c = await self._gcs()
         if start == 0 and end is None:
-            return await self._download(c, key, url)
-        return await self._download(c, key, url, start=start, end=end)
+            return await c.download(key, url)
+        return await c.download(key, url, start=start, end=end)
 
     async def _internal_put(self, key: str, url: str, data: bytes, *, create: bool) -> None:
         """One upload; with ``create``, ``ifGenerationMatch=0`` (``ConflictError`` if it exists)."""
         c = await self._gcs()
         if not create:
-            await self._guarded(c, self._upload(c, key, data), url=url, target="bucket")
+            await c.guarded(c.upload(key, data), url=url, target="bucket")
             return
         try:
-            await self._conditional_upload(c, key, url, data, generation="0")
-        except _PreconditionFailed as exc:
+            await c.conditional_upload(key, url, data, generation="0")
+        except PreconditionFailed as exc:
             raise ConflictError(f"{url}: the object exists", url=url) from exc
 
-    async def _tail_delete(self, names: list[str]) -> None:
+    async def _delete_keys(self, keys: list[str], url: str) -> None:
         """One delete per object, concurrently (missing ones are fine)."""
         c = await self._gcs()
 
-        async def one(name: str) -> None:
+        async def one(key: str) -> None:
             with suppress(ObjectNotFoundError):
-                await self._guarded(
-                    c,
-                    c.api.delete(self.bucket, self._tail_key(name), timeout=self._request_timeout),
-                    url=self._tail_url(name),
+                await c.guarded(
+                    c.api.delete(self.bucket, key, timeout=c.timeout),
+                    url=f"{self.scheme}://{self.bucket}/{key}",
                     target="object",
                 )
 
-        await asyncio.gather(*(one(n) for n in names))
-
-    async def _delete_quietly(self, c: _Client, key: str, url: str) -> None:
-        """Delete a temporary object; a failure is logged, never raised (the append stands)."""
-        try:
-            await c.api.delete(self.bucket, key, timeout=self._request_timeout)
-        except Exception as exc:
-            if _http_status(exc) == 404:
-                return
-            log.warning("gcs_temporary_object_left", url=url, error=repr(exc))
+        await asyncio.gather(*(one(k) for k in keys))
 
     async def _main_stat(self, path: str) -> StorageStat | None:
         """See :meth:`Storage.stat`: size, ``updated`` as mtime, generation as version."""
         key = self._key(path)
         c = await self._gcs()
-        meta = await self._metadata(c, key, self.url(path))
+        meta = await c.metadata(key, self.url(path))
         return None if meta is None else _stat_of(meta)
 
     async def achecksum(self, path: str) -> tuple[str, str] | None:
@@ -627,7 +363,7 @@ class GCSStorage(CloudStorage):
             return None
         key = self._key(path)
         c = await self._gcs()
-        meta = await self._metadata(c, key, self.url(path))
+        meta = await c.metadata(key, self.url(path))
         value = meta.get("crc32c") if meta is not None else None
         return ("crc32c", str(value)) if value else None
 
@@ -644,11 +380,11 @@ class GCSStorage(CloudStorage):
         url = self.url(path)
         c = await self._gcs()
         if length == 0:
-            if await self._metadata(c, key, url) is None:
+            if await c.metadata(key, url) is None:
                 raise ObjectNotFoundError(f"{url}: no such object", url=url)
             return b""
-        return await self._download(
-            c, key, url, start=offset, end=None if length is None else offset + length
+        return await c.download(
+            key, url, start=offset, end=None if length is None else offset + length
         )
 
     async def _main_list_dir(self, prefix: str) -> list[str]:
@@ -663,26 +399,9 @@ class GCSStorage(CloudStorage):
         hidden = INTERNAL_DIR if dir_key == self._dir_key("") else None
         url = self.url(prefix.strip("/"))
         c = await self._gcs()
-        names: set[str] = set()
-        params = {
-            "prefix": dir_key,
-            "delimiter": "/",
-            "maxResults": str(self.page_size),
-            "fields": "items(name),prefixes,nextPageToken",
-        }
-        while True:
-            page: dict[str, Any] = await self._guarded(
-                c,
-                c.api.list_objects(self.bucket, params=dict(params), timeout=self._request_timeout),
-                url=url,
-                target="bucket",
-            )
-            names.update(item["name"][len(dir_key) :] for item in page.get("items", ()))
-            names.update(p[len(dir_key) :].rstrip("/") for p in page.get("prefixes", ()))
-            token = page.get("nextPageToken")
-            if not token:
-                break
-            params["pageToken"] = token
+        keys, prefixes = await c.list(dir_key, url, page_size=self.page_size, delimiter="/")
+        names = {key[len(dir_key) :] for key in keys}
+        names.update(p[len(dir_key) :].rstrip("/") for p in prefixes)
         names.discard("")
         if hidden is not None:
             names.discard(hidden)
@@ -697,9 +416,8 @@ class GCSStorage(CloudStorage):
         key = self._key(path)
         c = await self._gcs()
         with suppress(ObjectNotFoundError):
-            await self._guarded(
-                c,
-                c.api.delete(self.bucket, key, timeout=self._request_timeout),
+            await c.guarded(
+                c.api.delete(self.bucket, key, timeout=c.timeout),
                 url=self.url(path),
                 target="object",
             )

@@ -50,6 +50,8 @@ class LocalStorage:
     supports_tail: ClassVar[bool] = False
     """Capability: no tail log; appends are positional writes, one per file."""
     read_tail: bool = False
+    async_native: ClassVar[bool] = False
+    """Capability: the ``a*`` methods run the sync ones in a worker thread."""
 
     def tail_writer(self, writer: str) -> TailWriter:
         """Not supported: a local directory needs no tail log.
@@ -72,6 +74,16 @@ class LocalStorage:
     def root(self) -> Path:
         """The resolved root directory."""
         return self._root
+
+    @property
+    def local_root(self) -> Path:
+        """Capability (see :class:`~evalsyncd.storage.Backend`): the directory, :attr:`root`."""
+        return self._root
+
+    async def achecksum(self, path: str) -> tuple[str, str] | None:
+        """See :meth:`Backend.achecksum`: ``None``, a local file keeps no checksum."""
+        self._resolve(path)
+        return None
 
     def url(self, path: str = "") -> str:
         """A ``file:///`` URI; see :meth:`Storage.url`."""

@@ -8,7 +8,7 @@
 Both listen on 127.0.0.1 only, on free ports, in a directory of the caller's,
 and are stopped by PID (SIGTERM, then SIGKILL). Proxies to put in
 front of them (counting bytes and requests, adding latency) are in
-:mod:`evalsyncd.devproxy`. Install them with the
+:mod:`evalsyncd.testing.proxy`. Install them with the
 ``evalsyncd[servers]`` extra. Their quirks (what each emulator does not check) are listed in ``docs/design.md`` ("Testing against real servers").
 """
 
