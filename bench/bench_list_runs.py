@@ -1,6 +1,6 @@
 """Benchmark: ``EvalStore.list_runs`` against a sequential one-request-per-run reader.
 
-Starts a real S3 server (SeaweedFS, ``evalsyncd.devservers.SeaweedS3Server``;
+Starts a real S3 server (SeaweedFS, ``evalsyncd.testing.servers.SeaweedS3Server``;
 or fake-gcs-server with ``--backend gcs``) in a temporary directory, writes
 ``--runs`` runs (300 by default) into a bucket, then times, in the same process:
 
@@ -9,7 +9,7 @@ or fake-gcs-server with ``--backend gcs``) in a temporary directory, writes
 - ``list_runs``: ``EvalStore(storage).list_runs()`` (bounded concurrent reads).
 
 Each measurement is repeated (``--repeat``) and the best time is kept. With
-``--rtt-ms`` the client talks to the server through ``evalsyncd.devproxy.CountingProxy``, which
+``--rtt-ms`` the client talks to the server through ``evalsyncd.testing.proxy.CountingProxy``, which
 delays every chunk by half the round-trip time in each direction, which models
 a cloud endpoint some distance away. Prints one line per RTT and the ratio.
 

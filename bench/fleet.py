@@ -14,7 +14,7 @@ wheel) over its ``FsspecStorage`` on s3fs, one store per host, ``list_runs``
 host after host, as a user must do today. A fresh s3fs filesystem (and, on
 our side, a fresh ``S3Storage`` client) is made for every repetition.
 
-Cases (requests counted by ``evalsyncd.devproxy.CountingProxy``, which also
+Cases (requests counted by ``evalsyncd.testing.proxy.CountingProxy``, which also
 adds the latency: 10 ms each way, i.e. 20 ms per request round trip):
 
 - ``fleet: runs ls --json @ 20 ms``: ``python -m evalsyncd runs ls --json

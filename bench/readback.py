@@ -11,7 +11,7 @@ Over the bucket copy evalsyncd made of the backfill tree (300 runs; 60 quick):
   ``json.loads`` per line (the reference's pattern).
 
 Both sides use the same ``S3Storage`` client, warmed up, once on plain loopback
-(best of 3) and once through ``evalsyncd.devproxy.CountingProxy`` adding 10 ms each way, i.e.
+(best of 3) and once through ``evalsyncd.testing.proxy.CountingProxy`` adding 10 ms each way, i.e.
 20 ms per request round trip (best of 1).
 """
 

@@ -13,7 +13,7 @@ A file grows to ``total`` bytes in ``steps`` equal steps (one ``write`` of whole
 - the reference tinker-cookbook ``FsspecStorage`` (s3fs): one ``append`` per
   line and one ``flush`` per step, as its docstring advises.
 
-Each tool talks to the server through its own counting proxy (``evalsyncd.devproxy``);
+Each tool talks to the server through its own counting proxy (``evalsyncd.testing.proxy``);
 bytes up plus down, headers included, divided by the bytes appended. The tools'
 own counters are not used. Peers run only against S3 (they have no GCS append
 either); the GCS row's baseline is the same whole-file re-upload, computed.

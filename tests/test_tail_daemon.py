@@ -1,7 +1,7 @@
 """The daemon through the tail log: one request per flush, readers stitched, main objects later.
 
 Subprocess daemons against SeaweedFS and fake-gcs-server; requests are counted by a
-proxy between the daemon and the server (``evalsyncd.devproxy.CountingProxy``).
+proxy between the daemon and the server (``evalsyncd.testing.proxy.CountingProxy``).
 """
 
 from __future__ import annotations
