@@ -47,22 +47,35 @@ def bridge_loop() -> asyncio.AbstractEventLoop:
         return _loop
 
 
-def run_sync(coro: Coroutine[Any, Any, T], timeout_s: float | None = None) -> T:
+def _loop_running() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
+def run_sync(
+    coro: Coroutine[Any, Any, T],
+    timeout_s: float | None = None,
+    *,
+    from_running_loop: bool = False,
+) -> T:
     """Run ``coro`` on the bridge loop and return its result (or raise its error).
 
     Args:
         coro: the coroutine to run.
         timeout_s: optional limit in seconds; ``TimeoutError`` when exceeded
             (the coroutine is cancelled).
+        from_running_loop: allow a call from a thread whose event loop is
+            running, which is then blocked until the result: only for reads of
+            local disk, which block no longer than the sync call they stand for.
 
     Raises:
-        RuntimeError: when called from a thread whose event loop is running.
+        RuntimeError: when called from a thread whose event loop is running
+            (unless ``from_running_loop``).
     """
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        pass
-    else:
+    if not from_running_loop and _loop_running():
         coro.close()
         raise RuntimeError(
             "a synchronous storage method was called from inside a running event loop; "

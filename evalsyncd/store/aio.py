@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import asyncio
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Callable, Sequence
-from typing import TypeVar
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from evalsyncd.catalog import aread_catalog_bytes, read_catalog_bytes
 from evalsyncd.storage import AsyncStorage, Storage
+from evalsyncd.storage._bridge import run_sync
 
 __all__ = ["MISSING", "Reads", "both", "bounded_map", "reads_of"]
 
@@ -41,6 +42,21 @@ class Reads(ABC):
     Each method is documented on :class:`~evalsyncd.storage.Storage`; errors
     are the storage's own.
     """
+
+    local: bool = False
+    """The reads are of local disk (a ``LocalStorage``, or a foreign storage with sync
+    methods only): the sync twins may be called inside a running event loop too, and
+    block it no longer than the reference's sync reads do."""
+
+    def sync(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run one read coroutine for a sync caller, through the storage bridge
+        (:func:`~evalsyncd.storage._bridge.run_sync`).
+
+        Raises:
+            RuntimeError: called inside a running event loop, on a storage that is not
+                :attr:`local` (await the ``a*`` twin there).
+        """
+        return run_sync(coro, from_running_loop=self.local)
 
     @abstractmethod
     async def read(self, path: str) -> bytes:
@@ -99,6 +115,8 @@ class _Awaited(Reads):
 class _Threaded(Reads):
     """The reads of a sync-only :class:`Storage`, each in a worker thread."""
 
+    local = True
+
     def __init__(self, storage: Storage) -> None:
         self._s = storage
 
@@ -118,10 +136,19 @@ class _Threaded(Reads):
         return await asyncio.to_thread(read_catalog_bytes, self._s, prefix)
 
 
+@runtime_checkable
+class _DeclaresNative(Protocol):
+    """A storage that declares whether its ``a*`` methods are native (see ``Backend``)."""
+
+    async_native: bool
+
+
 def reads_of(storage: Storage | AsyncStorage) -> Reads:
     """The awaited reads of ``storage``: its async methods if it has them, else threads."""
     if isinstance(storage, AsyncStorage):
-        return _Awaited(storage)
+        reads = _Awaited(storage)
+        reads.local = isinstance(storage, _DeclaresNative) and not storage.async_native
+        return reads
     return _Threaded(storage)
 
 

@@ -2,7 +2,7 @@
 
 Each read is one coroutine (``alist_runs``, ``aread_run``, ...) over the
 storage's awaited reads (:mod:`evalsyncd.store.aio`). Its sync twin is one
-line, ``return run_sync(self.aread_run(run_id))``, through the storage bridge
+line, ``return self._reads.sync(self.aread_run(run_id))``, through the storage bridge
 (:mod:`evalsyncd.storage._bridge`): the coroutine runs on the bridge's
 background loop thread. So a sync read may be called from any thread that is
 not running an event loop; called from inside a running loop it raises
@@ -28,7 +28,6 @@ from typing import Any, TypedDict, Unpack
 
 from evalsyncd.catalog import Catalog, CatalogError, parse_catalog
 from evalsyncd.storage import LocalStorage, Storage, SupportsChild
-from evalsyncd.storage._bridge import run_sync
 from evalsyncd.store import layout
 from evalsyncd.store.aio import MISSING, Reads, both, bounded_map, reads_of
 from evalsyncd.store.layout import FilterOptions, StoreLayout, TrajectoryFilter
@@ -96,7 +95,7 @@ class _TrajectoryStream:
             self._parser.close()
 
     def __iter__(self) -> Iterator[StoredTrajectory]:
-        while (chunk := run_sync(self.next_chunk())) is not None:
+        while (chunk := self._reads.sync(self.next_chunk())) is not None:
             yield from self._parse(chunk)
 
     async def __aiter__(self) -> AsyncGenerator[StoredTrajectory, None]:
@@ -170,7 +169,7 @@ class EvalStoreReader:
 
     def list_runs(self) -> list[RunMetadata]:
         """All runs with a parseable ``metadata.json``, most recent first; see :meth:`alist_runs`."""
-        return run_sync(self.alist_runs())
+        return self._reads.sync(self.alist_runs())
 
     async def alist_runs(self) -> list[RunMetadata]:
         """All runs with a parseable ``metadata.json``, most recent first.
@@ -211,7 +210,7 @@ class EvalStoreReader:
 
     def read_run(self, run_id: str) -> RunMetadata:
         """The metadata of one run; see :meth:`aread_run`."""
-        return run_sync(self.aread_run(run_id))
+        return self._reads.sync(self.aread_run(run_id))
 
     async def aread_run(self, run_id: str) -> RunMetadata:
         """The metadata of one run (one read).
@@ -229,7 +228,7 @@ class EvalStoreReader:
 
     def read_summary(self, run_id: str) -> dict[str, Any] | None:
         """The run's ``summary.json``; see :meth:`aread_summary`."""
-        return run_sync(self.aread_summary(run_id))
+        return self._reads.sync(self.aread_summary(run_id))
 
     async def aread_summary(self, run_id: str) -> dict[str, Any] | None:
         """The run's ``summary.json``, or ``None`` if missing or unparseable (one read).
@@ -244,7 +243,7 @@ class EvalStoreReader:
 
     def list_benchmarks(self, run_id: str) -> list[str]:
         """Sorted names of the run's benchmarks that have a ``result.json``; see :meth:`alist_benchmarks`."""
-        return run_sync(self.alist_benchmarks(run_id))
+        return self._reads.sync(self.alist_benchmarks(run_id))
 
     async def alist_benchmarks(self, run_id: str) -> list[str]:
         """Sorted names of the run's benchmarks that have a ``result.json``.
@@ -266,7 +265,7 @@ class EvalStoreReader:
 
     def read_result(self, run_id: str, benchmark: str) -> BenchmarkResult | None:
         """A benchmark's result; see :meth:`aread_result`."""
-        return run_sync(self.aread_result(run_id, benchmark))
+        return self._reads.sync(self.aread_result(run_id, benchmark))
 
     async def aread_result(self, run_id: str, benchmark: str) -> BenchmarkResult | None:
         """A benchmark's result, or ``None`` if missing or unparseable (with a warning).
@@ -338,7 +337,7 @@ class EvalStoreReader:
         self, run_id: str, benchmark: str, idx: int
     ) -> StoredTrajectory | None:
         """The first trajectory with ``idx``, or ``None``; see :meth:`aread_single_trajectory`."""
-        return run_sync(self.aread_single_trajectory(run_id, benchmark, idx))
+        return self._reads.sync(self.aread_single_trajectory(run_id, benchmark, idx))
 
     async def aread_single_trajectory(
         self, run_id: str, benchmark: str, idx: int
