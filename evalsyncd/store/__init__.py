@@ -30,7 +30,6 @@ import json
 import logging
 import uuid
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 from evalsyncd.catalog import (
@@ -40,6 +39,7 @@ from evalsyncd.catalog import (
     read_catalog_bytes,
     write_catalog_bytes,
 )
+from evalsyncd.storage import Backend
 from evalsyncd.store.aio import MISSING
 from evalsyncd.store.layout import LineSplitter, check_name, parse_json_object, parse_model
 from evalsyncd.store.models import BenchmarkResult, RunMetadata, StoredTrajectory, StoredTurn
@@ -150,8 +150,8 @@ class EvalStore(EvalStoreReader):
             ValueError: invalid run id.
         """
         path = self._layout.run(run_id)
-        root = getattr(self.storage, "root", None)
-        if not isinstance(root, Path):
+        root = self.storage.local_root if isinstance(self.storage, Backend) else None
+        if root is None:
             raise RuntimeError(
                 f"run_dir() needs a local storage, not {type(self.storage).__name__}; "
                 f"the run is at {self.storage.url(path)} (use EvalStore.url())"

@@ -34,7 +34,7 @@ from aiolimiter import AsyncLimiter
 from evalsyncd.catalog import CATALOG_PATH, build_catalog
 from evalsyncd.config import DestinationSettings
 from evalsyncd.errors import InvalidKeyError, PermanentStorageError, StorageError
-from evalsyncd.storage import AnyStorage
+from evalsyncd.storage import Backend
 from evalsyncd.sync.files import is_run_metadata
 from evalsyncd.sync.journal import EntryStatus, Journal
 from evalsyncd.sync.passes import ByteBudget, by_phase, log_failure, release_frames, worst_error
@@ -94,7 +94,7 @@ class Destination:
     def __init__(
         self,
         settings: DestinationSettings,
-        storage: AnyStorage,
+        storage: Backend,
         journal: Journal,
         root: Path,
         *,

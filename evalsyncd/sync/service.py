@@ -27,7 +27,7 @@ from pathlib import Path
 import structlog
 
 from evalsyncd.config import DestinationSettings, Settings, ensure_state_dir, for_scheme
-from evalsyncd.storage import AnyStorage, LocalStorage, parse_url
+from evalsyncd.storage import Backend, parse_url
 from evalsyncd.sync.destination import Destination, DestinationState
 from evalsyncd.sync.files import FileKind, classify, is_run_metadata, scan_tree
 from evalsyncd.sync.journal import Entry, Journal
@@ -51,7 +51,7 @@ STATUS_INTERVAL_S = 2.0
 """Period of systemd ``STATUS=`` lines, seconds."""
 
 
-def open_destination_storage(dest: DestinationSettings) -> AnyStorage:
+def open_destination_storage(dest: DestinationSettings) -> Backend:
     """The storage backend of a destination, configured from its settings (no I/O).
 
     The URL's scheme picks the backend (:data:`evalsyncd.storage.urls.SCHEMES`)
@@ -177,8 +177,9 @@ class Service:
         assert self.journal is not None
         storage = open_destination_storage(dest)
         await self._stack.enter_async_context(storage)
-        if isinstance(storage, LocalStorage) and storage.root.is_relative_to(self.root):
-            self._exclude = (*self._exclude, storage.root)
+        mirror_root = storage.local_root
+        if mirror_root is not None and mirror_root.is_relative_to(self.root):
+            self._exclude = (*self._exclude, mirror_root)
         d = Destination(
             dest,
             storage,
