@@ -71,6 +71,17 @@ def test_header_roundtrip_and_corruption() -> None:
         decode_header(wrong, "u")
 
 
+def test_an_object_encoded_from_its_pieces_equals_one_from_their_bytes() -> None:
+    """encode_tail_object given the pieces themselves (joined once, with the header) writes
+    the same object as given them joined."""
+    ft = FileTail("a", 10, 0, None, 1.0, (Piece(0, 0, 4), Piece(0, 4, 6)))
+    index = TailIndex("w", 0, 2.0, {"runs/r/t.jsonl": ft}, "tok")
+    assert encode_tail_object(index, [b"abcd", b"efghij"]) == encode_tail_object(
+        index, b"abcdefghij"
+    )
+    assert encode_tail_object(index, []) == encode_tail_object(index, b"")
+
+
 def test_stitched_reads_main_plus_tail(cloud: Cloud) -> None:
     """Readers see main object + pending pieces; list_dir and stat include tail-only files."""
 

@@ -13,15 +13,20 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from evalsyncd.config import DestinationSettings, RetrySettings
 from evalsyncd.storage import GCSStorage, S3Storage
 from evalsyncd.storage.tail import read_index
+from evalsyncd.sync.destination import Destination, DestinationState
 from evalsyncd.sync.journal import Journal
 from evalsyncd.testing.proxy import CountingProxy
 from evalsyncd.testing.servers import FakeGCSServer, SeaweedS3Server
+from tests.conftest import S3_BUCKET
 from tests.daemon import write_config
+from tests.faultproxy import FaultProxy, Rule
 from tests.helpers import wait_for
 from tests.reliability import RelEnv, events, list_keys, s3_main_object, wait_settled
 
@@ -286,3 +291,81 @@ def test_restart_after_a_tail_write_that_was_never_journaled(rel: RelEnv, kind: 
     assert lines == list(range(6))
     if kind == "s3":
         assert s3_main_object(reader, key) == path.read_bytes()  # the clean stop caught up
+
+
+class _TailSizeRecorder(S3Storage):
+    """An S3 storage that records the size of every tail object it tries to create."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.tail_sizes: list[int] = []
+
+    async def _tail_create(self, name: str, data: bytes) -> None:
+        self.tail_sizes.append(len(data))
+        await super()._tail_create(name, data)
+
+
+def test_a_retry_after_a_failure_sends_one_retry_chunk_not_the_backlog(
+    tmp_path: Path, cloud_env: dict[str, str], s3_server: SeaweedS3Server, unique_prefix: str
+) -> None:
+    """A tail object holds at most one chunk of all files together; while the destination
+    fails, each retry holds at most one retry chunk, so memory does not grow with the
+    backlog; the first success brings full chunks back, and every byte arrives."""
+    chunk, retry_chunk, slack = 512 * 1024, 64 * 1024, 8 * 1024  # slack: header, one line
+    root = tmp_path / "root"
+    keys = [f"runs/r{i}/b/trajectories.jsonl" for i in range(3)]
+    for key in keys:
+        (root / key).parent.mkdir(parents=True)
+        for n in range(1000):  # about 215 KB a file: 645 KB behind, more than one chunk
+            _append(root / key, n)
+    settings = DestinationSettings(
+        name="s3",
+        url=f"s3://{S3_BUCKET}/{unique_prefix}",
+        compact_idle_s=600.0,
+        direct_append_bytes=2**30,  # every byte through the tail log
+        retry=RetrySettings(initial_backoff_s=0.01, max_backoff_s=0.05),
+    )
+
+    async def scenario(proxy: FaultProxy) -> list[int]:
+        storage = _TailSizeRecorder(
+            S3_BUCKET, unique_prefix, endpoint_url=proxy.url, max_attempts=1
+        )
+        async with storage:
+            with Journal(tmp_path / "j.sqlite3", root) as journal:
+                d = Destination(
+                    settings,
+                    storage,
+                    journal,
+                    root,
+                    flush_interval_s=0.01,
+                    chunk_bytes=chunk,
+                    retry_chunk_bytes=retry_chunk,
+                )
+                for key in keys:
+                    d.mark(key)
+                assert not await d.run_pass()  # SlowDown: BACKOFF
+                assert d.state is DestinationState.BACKOFF and d.chunk_bytes == retry_chunk
+                assert not await d.run_pass()
+                assert await d.run_pass()  # the server is back
+                assert d.chunk_bytes == chunk
+                for _ in range(30):
+                    if d.is_idle():
+                        break
+                    assert await d.run_pass()
+                assert d.is_idle()
+        return storage.tail_sizes
+
+    with FaultProxy("127.0.0.1", s3_server.port) as proxy:
+        proxy.add(Rule(action="slowdown", method="PUT", path_contains="/.evalsyncd/tail/", times=2))
+        sizes = asyncio.run(scenario(proxy))
+    assert proxy.fired("slowdown") == 2
+    assert chunk - slack < sizes[0] <= chunk + slack  # the first attempt: a whole chunk
+    assert all(size <= retry_chunk + slack for size in sizes[1:3])  # the retries, and the success
+    assert chunk - slack < sizes[3] <= chunk + slack  # healthy again: whole chunks
+    assert all(size <= chunk + slack for size in sizes)
+    reader = S3Storage(S3_BUCKET, unique_prefix, endpoint_url=s3_server.endpoint_url)
+    try:
+        for key in keys:
+            assert reader.read(key) == (root / key).read_bytes()
+    finally:
+        reader.close()

@@ -80,7 +80,7 @@ import threading
 import time
 import zlib
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Final, Protocol
 
@@ -230,13 +230,14 @@ def _file_json(ft: FileTail) -> dict[str, Any]:
     }
 
 
-def encode_tail_object(index: TailIndex, body: bytes) -> tuple[bytes, int]:
+def encode_tail_object(index: TailIndex, body: bytes | Sequence[bytes]) -> tuple[bytes, int]:
     """The bytes of one tail object: preamble, compressed header, body.
 
     Args:
         index: the cumulative index as of this object (``index.seq`` is its seq;
             ``index.bodies`` must hold every other referenced seq).
-        body: the pieces of this flush, back to back (positions are in ``index``).
+        body: the pieces of this flush, back to back (positions are in ``index``):
+            one bytes object or the pieces themselves (joined once, with the header).
 
     Returns:
         ``(object bytes, offset of the body in them)``.
@@ -252,7 +253,8 @@ def encode_tail_object(index: TailIndex, body: bytes) -> tuple[bytes, int]:
     }
     packed = zlib.compress(json.dumps(header, separators=(",", ":")).encode(), 6)
     head = b"".join((_MAGIC, str(len(packed)).encode(), b"\n", packed))
-    return head + body, len(head)
+    parts = (body,) if isinstance(body, bytes) else body
+    return b"".join((head, *parts)), len(head)
 
 
 def decode_header(data: bytes, url: str) -> tuple[TailIndex, int] | int:
@@ -598,7 +600,7 @@ class TailWriter:
                 files.pop(path, None)
             else:
                 files[path] = ft
-        body = b"".join(self._body)
+        has_body = bool(self._body)  # any piece, even an empty one, points at seq
         try:
             for _attempt in range(2):
                 seq = self.index.seq + 1
@@ -610,7 +612,8 @@ class TailWriter:
                     token=secrets.token_hex(8),
                     bodies=self.index.bodies,
                 )
-                data, body_at = encode_tail_object(new, body)
+                data, body_at = encode_tail_object(new, self._body)
+                self._body.clear()  # the object holds them now: one copy in memory, not two
                 try:
                     await self.backend._tail_create(object_name(seq), data)
                 except ConflictError:
@@ -624,7 +627,7 @@ class TailWriter:
                         ) from None
                     # our own earlier write whose answer was lost: skip its seq
                     self.index = replace(self.index, seq=seq)
-                    if body:  # pieces point at seq: rebuild them for the next seq
+                    if has_body:  # pieces point at seq: rebuild them for the next seq
                         raise ConflictError("tail seq taken by an earlier attempt") from None
                     continue
                 live = new.live_seqs()

@@ -49,7 +49,13 @@ log = structlog.get_logger("evalsyncd.sync")
 CATALOG_NAME = CATALOG_PATH.split("/", 1)[1]
 
 CHUNK_BYTES = 8 * 1024 * 1024
-"""Largest delta sent in one append, bytes (unless a single line is longer)."""
+"""Largest delta sent in one append, and largest tail object body, bytes (unless a
+single line is longer)."""
+RETRY_CHUNK_BYTES = 1024 * 1024
+"""The same bound while the destination is failing (BACKOFF, PARKED), bytes: a pass
+that retries during an outage stages this much, not the backlog, so its memory
+(the pieces, the object built of them, the SDK's copy of it) stays the same however
+long the outage; the first pass that succeeds restores :data:`CHUNK_BYTES`."""
 PROMOTE_MIN_BYTES = 1024 * 1024
 """Pending bytes of one file from which its main object is due in the tail mode (at
 least the backend's in-place append size, so that later deltas can go straight to it)."""
@@ -87,6 +93,9 @@ class Destination:
         mirror_deletes: delete remote objects of files deleted locally.
         invalid_json_grace_s: how long a ``.json`` may stay unparseable before it
             is reported, seconds.
+        chunk_bytes: see :data:`CHUNK_BYTES`, bytes.
+        retry_chunk_bytes: see :data:`RETRY_CHUNK_BYTES`, bytes.
+        inflight_bytes: see :data:`INFLIGHT_BYTES`, bytes.
         clock: monotonic clock (injected for tests).
         rng: randomness for the backoff jitter (injected for tests).
     """
@@ -102,6 +111,7 @@ class Destination:
         mirror_deletes: bool = False,
         invalid_json_grace_s: float = 30.0,
         chunk_bytes: int = CHUNK_BYTES,
+        retry_chunk_bytes: int = RETRY_CHUNK_BYTES,
         inflight_bytes: int = INFLIGHT_BYTES,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
@@ -112,7 +122,8 @@ class Destination:
         self.journal = journal
         self.root = root
         self.flush_interval_s = flush_interval_s
-        self.chunk_bytes = chunk_bytes
+        self._chunk_bytes = chunk_bytes
+        self._retry_chunk_bytes = min(retry_chunk_bytes, chunk_bytes)
         self.state = DestinationState.HEALTHY
         self.stats = Stats()
         self.last_error: str | None = None
@@ -207,6 +218,15 @@ class Destination:
     def is_idle(self) -> bool:
         """Nothing dirty (a file waiting for a newline does not count as dirty)."""
         return not self._dirty
+
+    @property
+    def chunk_bytes(self) -> int:
+        """Most file bytes one request carries now, bytes (unless a single line is longer):
+        :data:`CHUNK_BYTES` when healthy, :data:`RETRY_CHUNK_BYTES` after a failed pass
+        (retrying during an outage costs the same memory however large the backlog)."""
+        if self.state is DestinationState.HEALTHY:
+            return self._chunk_bytes
+        return self._retry_chunk_bytes
 
     @property
     def caught_up(self) -> bool:

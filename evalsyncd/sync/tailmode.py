@@ -280,9 +280,19 @@ class TailMode:
                 ft is None or ft.kind != "a" or ft.base != base or ft.size != start
             ):
                 start = base  # the tail does not continue where the journal says: restage
-        async with d.budget.hold(min(st.st_size - start, d.chunk_bytes)):
+        in_place = start == 0 or start >= d.storage.append_in_place_min_bytes
+        pending = entry is not None and entry.main_behind and not rewrite
+        direct_ok = in_place and ft is None and not pending
+        # One chunk per tail object, all files together. A file whose new bytes may go
+        # straight to its main object reads a whole chunk: it is staged only when fewer
+        # than direct_append_bytes of them are complete lines.
+        if direct_ok and st.st_size - start >= d.settings.direct_append_bytes:
+            room = d.chunk_bytes
+        else:
+            room = max(1, d.chunk_bytes - self.writer.staged_bytes)
+        async with d.budget.hold(min(st.st_size - start, room)):
             data = await lines.blocking(
-                st.st_size - start, lines.read_lines, fd, start, st.st_size, d.chunk_bytes
+                st.st_size - start, lines.read_lines, fd, start, st.st_size, room
             )
             if not data:
                 if entry is None and st.st_size == 0:
@@ -292,14 +302,7 @@ class TailMode:
                         replace(entry, seen_size=st.st_size, seen_mtime_ns=st.st_mtime_ns)
                     )
                 return None
-            in_place = start == 0 or start >= d.storage.append_in_place_min_bytes
-            pending = entry is not None and entry.main_behind and not rewrite
-            if (
-                len(data) >= d.settings.direct_append_bytes
-                and in_place
-                and ft is None
-                and not pending
-            ):
+            if direct_ok and len(data) >= d.settings.direct_append_bytes:
                 return DIRECT
             self.writer.stage_append(
                 path, start, data, base=base, main_version=version, mtime=st.st_mtime
@@ -316,8 +319,8 @@ class TailMode:
             tail_offset=end,
             tail_since=since if since is not None else time.time(),
         )
-        if st.st_size - start > d.chunk_bytes:
-            new = replace(new, seen_size=-1)  # more complete lines than one chunk
+        if st.st_size - start > room:
+            new = replace(new, seen_size=-1)  # more complete lines than fitted in this object
         return Staged(path, seq, new)
 
     def _stage_replace(
