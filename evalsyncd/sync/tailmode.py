@@ -57,6 +57,7 @@ from evalsyncd.sync.passes import by_phase, log_failure, worst_error
 from evalsyncd.sync.plan import Do, MainFacts, main_due, observe
 
 if TYPE_CHECKING:
+    from evalsyncd.storage import Backend
     from evalsyncd.sync.destination import Destination
 
 
@@ -149,7 +150,7 @@ class TailMode:
 
     async def _promote_orphan(self, path: str, ft: FileTail) -> None:
         """Write a file that exists only in the tail (deleted locally) to its main object."""
-        data = await self._remote_bytes(path, ft, ft.size)
+        data = await _remote_bytes(self.d.storage, self.writer, path, ft, ft.size)
         if data is None:
             self.writer.forget(path)
             return
@@ -478,7 +479,7 @@ class TailMode:
         async with d.budget.hold(end - start):
             data = _local_bytes(full, entry, start, end)
             if data is None and ft is not None and ft.size >= end:
-                data = await self._remote_bytes(path, ft, end, start)
+                data = await _remote_bytes(self.d.storage, self.writer, path, ft, end, start)
             if data is None or len(data) != end - start:
                 # neither source holds the bytes any more: the next change re-sends the file
                 d.journal.ack(replace(entry, tail_offset=entry.acked_offset, tail_since=None))
@@ -494,7 +495,7 @@ class TailMode:
                 except lines.RemoteDiverged:
                     whole = _local_bytes(full, entry, 0, end)
                     if whole is None and ft is not None:
-                        whole = await self._remote_bytes(path, ft, end)
+                        whole = await _remote_bytes(self.d.storage, self.writer, path, ft, end)
                     if whole is None:
                         raise
                     version = await d.files.timed_write(path, whole, 0, "write")
@@ -514,21 +515,21 @@ class TailMode:
         self._last_change.pop(path, None)
         self._since.pop(path, None)
 
-    async def _remote_bytes(
-        self, path: str, ft: FileTail, end: int, start: int = 0
-    ) -> bytes | None:
-        """Bytes ``[start, end)`` of ``path`` as the tail (and main object) hold them."""
-        d = self.d
-        index = self.writer.index
-        try:
-            parts = []
-            if ft.kind == "a" and start < ft.base:
-                parts.append(await d.storage.aread_range(path, start, ft.base - start))
-                start = ft.base
-            parts.append(await read_pieces(self.writer.backend, index, ft, start, end))
-        except ObjectNotFoundError:
-            return None
-        return b"".join(parts)
+
+async def _remote_bytes(
+    storage: Backend, writer: TailWriter, path: str, ft: FileTail, end: int, start: int = 0
+) -> bytes | None:
+    """Bytes ``[start, end)`` of ``path`` as the tail (and main object) hold them, by the
+    writer's own index; ``None`` when an object they were in is gone."""
+    try:
+        parts = []
+        if ft.kind == "a" and start < ft.base:
+            parts.append(await storage.aread_range(path, start, ft.base - start))
+            start = ft.base
+        parts.append(await read_pieces(writer.backend, writer.index, ft, start, end))
+    except ObjectNotFoundError:
+        return None
+    return b"".join(parts)
 
 
 def _agrees(row: Entry, ft: FileTail) -> bool:
