@@ -420,6 +420,24 @@ class Settings(BaseSettings):
             raise ValueError(f"destination names must be unique; repeated: {', '.join(dupes)}")
         return self
 
+    @model_validator(mode="after")
+    def _mirror_outside_root(self) -> Settings:
+        # A file:// mirror at the root would replace the writers' own files with its copies
+        # (new inodes: lines of an open file are lost), and one above the root could
+        # overwrite them. A mirror inside the root is fine: the daemon leaves it out.
+        root = self.root.absolute()
+        for i, dest in enumerate(self.destinations):
+            where = parse_url(dest.url, strict=True)
+            if where.scheme != "file":
+                continue
+            mirror = Path(where.path).absolute()
+            if root == mirror or root.is_relative_to(mirror):
+                raise ValueError(
+                    f"destinations.{i}.url: {dest.url} is the watched root {root} or a "
+                    "directory above it; mirror to a directory outside the root, or inside it"
+                )
+        return self
+
 
 def ensure_state_dir(settings: Settings) -> Path:
     """Create ``settings.state_dir`` (and its parents) if missing; the service calls

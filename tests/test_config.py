@@ -312,3 +312,16 @@ def test_service_creates_the_state_dir_when_it_opens(tmp_path: Path) -> None:
 
     asyncio.run(scenario())
     assert (tmp_path / "s" / "t").is_dir()
+
+
+@pytest.mark.parametrize("where", ["root", "parent"])
+def test_a_local_mirror_at_or_above_the_root_is_refused(tmp_path: Path, where: str) -> None:
+    """A file:// mirror equal to the root (it would replace the writers' files) or above it
+    is a configuration error naming the destination's url; one inside the root is fine."""
+    root = tmp_path / "root"
+    root.mkdir()
+    mirror = root if where == "root" else tmp_path
+    with pytest.raises(ConfigError, match=r"destinations\.0\.url: .* is the watched root"):
+        load_settings(root=root, destinations=[{"name": "m", "url": mirror.as_uri()}])
+    inside = load_settings(root=root, destinations=[{"name": "m", "url": (root / "m").as_uri()}])
+    assert inside.destinations[0].url == (root / "m").as_uri()

@@ -99,6 +99,8 @@ CASES: list[tuple[str, FileFacts, Entry | None, Policy, Action]] = [
     ("ignored name", FileFacts("runs/.m.json.1.tmp", st()), None, POLICY, Action(Do.SKIP)),
     ("unreadable", FileFacts("a.jsonl", None, error="EACCES"), row(), POLICY, Action(Do.UNREADABLE, reason="EACCES")),
     ("not regular (symlink)", FileFacts("a.jsonl", st(mode=stat.S_IFLNK)), None, POLICY, Action(Do.SKIP)),
+    ("replaced by a symlink: as deleted", FileFacts("t.jsonl", st(mode=stat.S_IFLNK)), row(), POLICY, Action(Do.DELETED)),
+    ("replaced by a FIFO, mirror_deletes", FileFacts("t.jsonl", st(mode=stat.S_IFIFO)), row(), replace(POLICY, mirror_deletes=True), Action(Do.REMOVE)),
     ("unchanged since the row", FileFacts("t.jsonl", SAME), row(), POLICY, Action(Do.SKIP)),
     # -- deleted locally
     ("gone, never synced", FileFacts("a.jsonl", None), None, POLICY, Action(Do.SKIP)),
@@ -121,6 +123,8 @@ CASES: list[tuple[str, FileFacts, Entry | None, Policy, Action]] = [
     ("empty json past grace: upload", FileFacts("r/m.json", st(size=0, mtime=NOW - 40), blank=True, crc=0), None, POLICY, Action(Do.UPLOAD)),
     ("other file, not quiet yet", FileFacts("r/notes.txt", st(mtime=NOW - 0.5), crc=1), None, POLICY, Action(Do.WAIT, after_s=0.55)),
     ("other file, quiet: upload", FileFacts("r/notes.txt", st(mtime=NOW - 2), crc=1), None, POLICY, Action(Do.UPLOAD)),
+    ("dated in the future: quiet", FileFacts("r/notes.txt", st(mtime=NOW + 86400), crc=1), None, POLICY, Action(Do.UPLOAD)),
+    ("future, unparseable json: reported", FileFacts("r/m.json", st(mtime=NOW + 86400), json_error="bad", crc=5), None, POLICY, Action(Do.INVALID, reason="bad")),
     ("same content as sent: record", FileFacts("r/m.json", st(), crc=5), row("r/m.json", crc=5), POLICY, Action(Do.RECORD)),
     ("other content: upload", FileFacts("r/m.json", st(), crc=6), row("r/m.json", crc=5), POLICY, Action(Do.UPLOAD)),
     ("was invalid, same bytes: upload", FileFacts("r/m.json", st(), crc=5), row("r/m.json", status=EntryStatus.INVALID, crc=5), POLICY, Action(Do.UPLOAD)),
@@ -217,6 +221,8 @@ def behind(path: str = "t.jsonl", acked: int = 0, tail: int = 100, since: float 
 DUE: list[tuple[str, Entry, MainFacts, Policy, str | None]] = [
     ("up to date", replace(behind(), tail_since=None), MainFacts(99, 1), TAIL, None),
     ("drain wins", behind(), MainFacts(0, 1, drain=True), TAIL, "drain"),
+    ("drain, up to date: nothing", replace(behind(), tail_since=None), MainFacts(0, 1, drain=True), TAIL, None),
+    ("clock stepped back", behind(since=NOW + 3600), MainFacts(0, 1), TAIL, "max_main_lag_s"),
     ("behind for max_main_lag_s", behind(since=NOW - 61), MainFacts(0, 1), TAIL, "max_main_lag_s"),
     ("busy, small, recent", behind(), MainFacts(1, 3), TAIL, None),
     ("idle, new object", behind(acked=0, tail=100), MainFacts(11, 1), TAIL, "idle"),

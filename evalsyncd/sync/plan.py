@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import json
+import math
 import os
 import stat
 from collections.abc import AsyncIterator, Callable
@@ -167,12 +168,12 @@ def plan(facts: FileFacts, row: Entry | None, now: float, policy: Policy) -> Act
         return Action(Do.SKIP)
     if facts.error is not None:
         return Action(Do.UNREADABLE, reason=facts.error)
-    if st is None:
+    if st is None or not stat.S_ISREG(st.st_mode):
+        # gone, or no longer a regular file (a symlink is never followed; sockets, FIFOs):
+        # what the remote holds is no longer the file
         if not _live(row):
             return Action(Do.SKIP)
         return Action(Do.REMOVE if policy.mirror_deletes else Do.DELETED)
-    if not stat.S_ISREG(st.st_mode):  # symlinks (never followed), sockets, FIFOs
-        return Action(Do.SKIP)
     if row is not None and row.unchanged(st):
         return Action(Do.SKIP)
     if kind is FileKind.APPEND:
@@ -189,7 +190,9 @@ def _plan_replace(
 ) -> Action:
     if facts.changed_while_read:
         return Action(Do.WAIT, after_s=policy.flush_interval_s)
-    age_s = now - st.st_mtime
+    # a file dated in the future (the writer's clock is ahead) cannot be judged quiet by
+    # its age: it is taken as quiet, and a later change is caught by its stat
+    age_s = now - st.st_mtime if st.st_mtime <= now else math.inf
     is_json = facts.path.endswith(".json")
     if is_json and not facts.blank:
         if facts.json_error is not None:
@@ -227,8 +230,9 @@ class MainFacts:
 def main_due(row: Entry, facts: MainFacts, now: float, policy: Policy) -> str | None:
     """Why the main object of ``row``'s file should be brought up to date now, or ``None``.
 
-    The reasons, in order: ``drain``, ``max_main_lag_s`` (it fell behind that
-    long ago), ``idle`` (quiet for ``compact_idle_s``; a main object that must
+    ``None`` for a row whose main object is up to date (``tail_since`` unset).
+    Else the reasons, in order: ``drain``, ``max_main_lag_s`` (it fell behind that
+    long ago, or the wall clock now reads earlier than when it did), ``idle`` (quiet for ``compact_idle_s``; a main object that must
     be rewritten whole, S3 below 5 MiB, only once the pending bytes reach its
     size, so that its wire bytes stay near the appended bytes),
     ``tail_max_pieces``, ``pending_bytes``, ``in_place_size`` (it crossed the
@@ -240,11 +244,11 @@ def main_due(row: Entry, facts: MainFacts, now: float, policy: Policy) -> str | 
         now: the current Unix time, seconds.
         policy: the destination's settings.
     """
-    if facts.drain:
-        return "drain"
     if row.tail_since is None:
         return None
-    if now - row.tail_since >= policy.max_main_lag_s:
+    if facts.drain:
+        return "drain"
+    if not 0 <= now - row.tail_since < policy.max_main_lag_s:  # a clock stepped back: due too
         return "max_main_lag_s"
     pending = row.tail_offset - row.acked_offset
     in_place = policy.in_place_min_bytes
