@@ -30,12 +30,12 @@ from pathlib import Path
 from typing import Any, TypeVar, Unpack
 
 from evalsyncd.errors import StorageError
-from evalsyncd.storage import LocalStorage, Storage, storage_join
+from evalsyncd.storage import Storage, storage_join
 from evalsyncd.storage._bridge import run_sync
 from evalsyncd.store import EvalStore, RunMetadata
 from evalsyncd.store.aio import bounded_map, reads_of
 from evalsyncd.store.layout import recency_key
-from evalsyncd.store.reader import StoreOptions
+from evalsyncd.store.reader import StoreOptions, local_or_storage
 
 __all__ = [
     "DEFAULT_MAX_HOSTS",
@@ -171,10 +171,7 @@ class Fleet:
     ) -> None:
         if max_hosts < 1:
             raise ValueError(f"max_hosts must be >= 1, not {max_hosts}")
-        if isinstance(storage_or_path, str | Path):
-            self.storage: Storage = LocalStorage(Path(storage_or_path), mkdir=False)
-        else:
-            self.storage = storage_or_path
+        self.storage: Storage = local_or_storage(storage_or_path, mkdir=False)
         self.prefix = prefix
         self.max_hosts = max_hosts
         self.store_options = store_options

@@ -775,3 +775,19 @@ def test_store_never_imports_the_daemon() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_a_cloud_url_string_is_refused_not_read_as_a_directory(tmp_path: Path) -> None:
+    """EvalStore("s3://...") and Fleet("gs://...") raise ValueError pointing to storage_from_uri
+    instead of creating a local directory named like the URL; "file://" strings are local."""
+    from evalsyncd import Fleet
+
+    cwd = Path.cwd()
+    for url in ("s3://my-bucket/evals/host-1", "gs://b/p"):
+        with pytest.raises(ValueError, match="storage_from_uri"):
+            EvalStore(url)
+        with pytest.raises(ValueError, match="storage_from_uri"):
+            Fleet(url)
+    assert not (cwd / "s3:").exists() and not (cwd / "gs:").exists()
+    store = EvalStore((tmp_path / "s").as_uri())
+    assert isinstance(store.storage, LocalStorage) and store.storage.root == tmp_path / "s"

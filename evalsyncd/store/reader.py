@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, TypedDict, Unpack
 
 from evalsyncd.catalog import Catalog, CatalogError, parse_catalog
-from evalsyncd.storage import LocalStorage, Storage, SupportsChild
+from evalsyncd.storage import LocalStorage, Storage, SupportsChild, parse_url
 from evalsyncd.store import layout
 from evalsyncd.store.aio import MISSING, Reads, both, bounded_map, reads_of
 from evalsyncd.store.layout import FilterOptions, StoreLayout, TrajectoryFilter
@@ -104,6 +104,31 @@ class _TrajectoryStream:
                 yield t
 
 
+def local_or_storage(storage_or_path: Storage | str | Path, *, mkdir: bool = True) -> Storage:
+    """``storage_or_path`` itself, or the :class:`~evalsyncd.storage.LocalStorage` a path
+    (or ``file://`` URL) names.
+
+    Raises:
+        ValueError: a string naming a cloud URL (``s3://``, ``gs://``): open it with
+            :func:`evalsyncd.storage.storage_from_uri` (in a ``with`` block) and pass
+            the storage, so that its connections are closed.
+    """
+    if isinstance(storage_or_path, Path):
+        return LocalStorage(storage_or_path.expanduser(), mkdir=mkdir)
+    if isinstance(storage_or_path, str):
+        if "://" in storage_or_path:
+            where = parse_url(storage_or_path)
+            if where.scheme != "file":
+                raise ValueError(
+                    f"{storage_or_path!r} is a {where.scheme}:// URL, not a local path: pass "
+                    f"a storage, e.g. `with storage_from_uri({storage_or_path!r}) as s: "
+                    "EvalStore(s)`"
+                )
+            return LocalStorage(Path(where.path), mkdir=mkdir)
+        return LocalStorage(Path(storage_or_path).expanduser(), mkdir=mkdir)
+    return storage_or_path
+
+
 class EvalStoreReader:
     """The reads of an :class:`~evalsyncd.store.EvalStore` (which adds the writes).
 
@@ -140,10 +165,7 @@ class EvalStoreReader:
             raise ValueError(f"max_concurrency must be >= 1, not {max_concurrency}")
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, not {chunk_size}")
-        if isinstance(storage_or_path, str | Path):
-            self.storage: Storage = LocalStorage(Path(storage_or_path).expanduser())
-        else:
-            self.storage = storage_or_path
+        self.storage: Storage = local_or_storage(storage_or_path)
         if prefix.strip("/") and isinstance(self.storage, SupportsChild):
             # a bucket's store reads its own tail log, under its own prefix
             self.storage, prefix = self.storage.child(prefix), ""
