@@ -325,3 +325,16 @@ def test_a_local_mirror_at_or_above_the_root_is_refused(tmp_path: Path, where: s
         load_settings(root=root, destinations=[{"name": "m", "url": mirror.as_uri()}])
     inside = load_settings(root=root, destinations=[{"name": "m", "url": (root / "m").as_uri()}])
     assert inside.destinations[0].url == (root / "m").as_uri()
+
+
+@pytest.mark.parametrize("url", ["s3://b/../x", "gs://b/a/../../x", "s3://b/./x"])
+def test_cloud_prefixes_that_escape_the_bucket_are_refused(url: str) -> None:
+    """A '..' or '.' segment in a cloud URL's prefix is refused by the registry, and a backend
+    constructed with such a prefix refuses it too (saying it escapes), before any I/O."""
+    with pytest.raises(ValueError, match="escapes the bucket"):
+        parse_url(url, strict=True)
+    from evalsyncd.storage.memory import MemoryStorage
+
+    for cls in (S3Storage, GCSStorage, MemoryStorage):
+        with pytest.raises(ValueError, match="invalid prefix"):
+            cls("bkt", "a/../b")

@@ -30,7 +30,7 @@ from abc import ABC, abstractmethod
 from contextlib import AsyncExitStack
 from typing import Any, ClassVar, Self
 
-from evalsyncd.errors import ObjectNotFoundError, TransientStorageError
+from evalsyncd.errors import InvalidKeyError, ObjectNotFoundError, TransientStorageError
 from evalsyncd.storage._base import StorageStat, check_key
 from evalsyncd.storage._bridge import run_sync
 from evalsyncd.storage._clients import LoopClients
@@ -60,6 +60,10 @@ class CloudStorage(ABC):
     Args:
         bucket: bucket name.
         prefix: key prefix under which paths are resolved ("" for the bucket root).
+
+    Raises:
+        ValueError: an invalid bucket name; ``InvalidKeyError`` (a ``ValueError``) for a
+            prefix that is not a valid key (a ``..`` segment "escapes", ``.``, ``a//b``).
     """
 
     scheme: ClassVar[str]
@@ -83,6 +87,14 @@ class CloudStorage(ABC):
             raise ValueError(f"invalid bucket name {bucket!r}")
         self.bucket = bucket
         self.prefix = prefix.strip("/")
+        if self.prefix:
+            try:
+                check_key(self.prefix)
+            except InvalidKeyError as exc:
+                # a prefix is a key's first segments: "..", "." and "a//b" are refused alike
+                raise InvalidKeyError(
+                    f"invalid prefix {prefix!r} in bucket {bucket!r}: {exc}"
+                ) from None
         self._init_runtime()
 
     def _init_runtime(self) -> None:

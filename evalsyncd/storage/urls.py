@@ -154,8 +154,10 @@ def parse_url(url: str | Path, *, strict: bool = False) -> StorageURL:
         bucket, _, prefix = rest.partition("/")
         if not sep or not bucket:
             raise ValueError(f"{url!r}: no bucket name; use {entry.form}")
+        if ".." in prefix.split("/") or "." in prefix.split("/"):
+            raise ValueError(f"{url!r}: the prefix escapes the bucket ('.' or '..' segment)")
         return StorageURL(url, entry.name, bucket=bucket, path=prefix)
-    if strict and not url.startswith("file:///"):
+    if strict and not url.lower().startswith("file:///"):
         raise ValueError(f"{url!r}: file URLs must be absolute: file:///path/to/dir")
     try:
         parts = urlsplit(url)
