@@ -157,7 +157,7 @@ def parse_url(url: str | Path, *, strict: bool = False) -> StorageURL:
         if ".." in prefix.split("/") or "." in prefix.split("/"):
             raise ValueError(f"{url!r}: the prefix escapes the bucket ('.' or '..' segment)")
         return StorageURL(url, entry.name, bucket=bucket, path=prefix)
-    if strict and not url.lower().startswith("file:///"):
+    if strict and not url.startswith("file:///"):
         raise ValueError(f"{url!r}: file URLs must be absolute: file:///path/to/dir")
     try:
         parts = urlsplit(url)
