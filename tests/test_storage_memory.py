@@ -112,13 +112,18 @@ def test_faults_are_the_buckets_shared_by_copies(memory_storage: MemoryStorage) 
 
 
 def test_bad_fault_scripts_are_refused(memory_storage: MemoryStorage) -> None:
-    """An unknown operation, a count below 1 or a negative delay raise ValueError."""
+    """An unknown operation, a count below 1, a negative delay or an error that is not a
+    StorageError class raise ValueError."""
     with pytest.raises(ValueError, match="unknown operation"):
         memory_storage.faults.fail("reed")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="times"):
         memory_storage.faults.fail("read", times=0)
     with pytest.raises(ValueError, match="negative"):
         memory_storage.faults.delay("read", -1.0)
+    with pytest.raises(ValueError, match="times"):
+        memory_storage.faults.delay("read", 0.5, times=0)
+    with pytest.raises(ValueError, match="StorageError class"):
+        memory_storage.faults.fail("read", error=KeyError)  # type: ignore[arg-type]
     assert "internal_create" in OPERATIONS and memory_storage.faults.pending == []
 
 

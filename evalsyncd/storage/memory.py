@@ -160,20 +160,25 @@ class Faults:
             The fault (its ``times`` counts down to 0).
 
         Raises:
-            ValueError: an unknown operation or ``times`` < 1.
+            ValueError: an unknown operation, ``times`` < 1, or an ``error`` that is not
+                a ``StorageError`` class.
         """
         if times < 1:
             raise ValueError(f"times must be >= 1, not {times}")
+        if not (isinstance(error, type) and issubclass(error, StorageError)):
+            raise ValueError(f"error must be a StorageError class, not {error!r}")
         return self._add(Fault(_checked(op), times, error, lost_response))
 
     def delay(self, op: Operation, seconds: float, times: int | None = None) -> Fault:
         """Add ``seconds`` of latency to the next ``times`` calls of ``op`` (``None``: all).
 
         Raises:
-            ValueError: an unknown operation or a negative delay.
+            ValueError: an unknown operation, a negative delay or ``times`` < 1.
         """
         if seconds < 0:
             raise ValueError(f"negative delay {seconds}")
+        if times is not None and times < 1:
+            raise ValueError(f"times must be >= 1 or None, not {times}")
         return self._add(Fault(_checked(op), times, delay_s=float(seconds)))
 
     def clear(self) -> None:
