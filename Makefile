@@ -35,7 +35,7 @@ bench-deps: install
 bench: bench-deps  ## the benchmark suite (< 15 min); writes docs/benchmarks.md
 	$(BIN)/python -m bench
 
-bench-quick: bench-deps  ## the short benchmark suite (< 3 min)
+bench-quick: bench-deps  ## the short benchmark suite (about 8 min on 2 cores)
 	$(BIN)/python -m bench --quick
 
 clean:
