@@ -41,7 +41,9 @@ MEASUREMENTS: dict[str, Callable[[Bench], dict[str, Any]]] = {
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="the short variant (about 8 minutes on 2 cores)")
+    parser.add_argument(
+        "--quick", action="store_true", help="the short variant (about 8 minutes on 2 cores)"
+    )
     parser.add_argument(
         "--only", nargs="+", choices=list(MEASUREMENTS), help="run only these measurements"
     )
