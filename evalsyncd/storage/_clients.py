@@ -41,6 +41,10 @@ class LoopClients:
         share one opening; a failed opening is retried by the next call)."""
         loop = asyncio.get_running_loop()
         with self._lock:
+            for dead in [lp for lp in self._tasks if lp.is_closed()]:
+                # a loop closed without aclose() (asyncio.run without `async with`): its
+                # client can no longer be closed; forget it rather than keep it forever
+                del self._tasks[dead]
             task = self._tasks.get(loop)
             if task is None or (task.done() and task.exception() is not None):
                 task = loop.create_task(self._open_on(loop))
