@@ -11,7 +11,7 @@ import contextlib
 import os
 import socket
 
-__all__ = ["Notifier"]
+__all__ = ["Notifier", "watchdog_interval_s"]
 
 
 class Notifier:

@@ -306,24 +306,3 @@ def test_storage_offering_read_internal_is_asked_for_the_catalog(tmp_path: Path)
     write_catalog(storage)
     assert [m.run_id for m in EvalStore(storage).list_runs()] == ["run001", "run000"]
     assert asked == ["catalog.json"]
-
-
-def test_public_names_are_listed() -> None:
-    """evalsyncd.catalog, .report and .restore: __all__ names exist, and every public function
-    or class they define is in __all__."""
-    import inspect
-
-    import evalsyncd.catalog
-    import evalsyncd.report
-    import evalsyncd.restore
-
-    for module in (evalsyncd.catalog, evalsyncd.report, evalsyncd.restore):
-        assert all(hasattr(module, n) for n in module.__all__), module
-        defined = {
-            n
-            for n, v in vars(module).items()
-            if not n.startswith("_")
-            and (inspect.isfunction(v) or inspect.isclass(v))
-            and v.__module__ == module.__name__
-        }
-        assert defined <= set(module.__all__), (module, defined - set(module.__all__))

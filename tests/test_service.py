@@ -3,12 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import importlib
-import inspect
 import os
 from pathlib import Path
-
-import pytest
 
 from evalsyncd.config import load_settings
 from evalsyncd.status import collect_status
@@ -56,29 +52,3 @@ def test_service_backlog_agrees_with_status(tmp_path: Path) -> None:
     ours = asyncio.run(backlog_bytes())
     (status,) = collect_status(settings).destinations
     assert ours == status.pending_bytes == len(b'{"i": 1}\n{"i": 2}\n') + 2
-
-
-@pytest.mark.parametrize(
-    "name",
-    [
-        "evalsyncd.cli",
-        "evalsyncd.config",
-        "evalsyncd.metrics",
-        "evalsyncd.status",
-        "evalsyncd.storage",
-        "evalsyncd.storage.urls",
-        "evalsyncd.sync.service",
-    ],
-)
-def test_public_names_are_listed(name: str) -> None:
-    """__all__ names exist, and every public function or class the module defines is in it."""
-    module = importlib.import_module(name)
-    assert all(hasattr(module, n) for n in module.__all__), name
-    defined = {
-        n
-        for n, v in vars(module).items()
-        if not n.startswith("_")
-        and (inspect.isfunction(v) or inspect.isclass(v))
-        and v.__module__ == module.__name__
-    }
-    assert defined <= set(module.__all__), defined - set(module.__all__)

@@ -180,34 +180,3 @@ def test_memory_storage_is_a_backend_with_a_tail(memory_storage: MemoryStorage) 
         backend.url("a/b.json")
         == f"memory://{memory_storage.bucket}/{memory_storage.prefix}/a/b.json"
     )
-
-
-def test_public_names_are_listed() -> None:
-    """storage.memory, storage._base, testing.contract/proxy/servers: __all__ names exist and
-    every public function or class they define is listed."""
-    import inspect
-    from types import ModuleType
-
-    import evalsyncd.storage._base
-    import evalsyncd.storage.memory
-    import evalsyncd.testing.contract
-    import evalsyncd.testing.proxy
-    import evalsyncd.testing.servers
-
-    modules: tuple[ModuleType, ...] = (
-        evalsyncd.storage._base,
-        evalsyncd.storage.memory,
-        evalsyncd.testing.contract,
-        evalsyncd.testing.proxy,
-        evalsyncd.testing.servers,
-    )
-    for module in modules:
-        assert all(hasattr(module, n) for n in module.__all__), module
-        defined = {
-            n
-            for n, v in vars(module).items()
-            if not n.startswith("_")
-            and (inspect.isfunction(v) or inspect.isclass(v))
-            and v.__module__ == module.__name__
-        }
-        assert defined <= set(module.__all__), (module, defined - set(module.__all__))

@@ -4,7 +4,6 @@ storage (``evalsyncd.store.aio``)."""
 from __future__ import annotations
 
 import asyncio
-import inspect
 import json
 import logging
 from typing import Any
@@ -157,30 +156,3 @@ def test_reads_of_a_sync_only_storage_run_in_threads(local_storage: LocalStorage
         )
 
     assert asyncio.run(main()) == (b"0123456789", b"234", ["f"], True, None, None, None)
-
-
-def test_store_modules_list_their_public_names() -> None:
-    """Each module of evalsyncd.store lists in __all__ exactly the public classes and functions
-    it defines."""
-    import evalsyncd.store
-    import evalsyncd.store.aio
-    import evalsyncd.store.layout
-    import evalsyncd.store.models
-    import evalsyncd.store.reader
-
-    for module in (
-        evalsyncd.store.aio,
-        evalsyncd.store.layout,
-        evalsyncd.store.models,
-        evalsyncd.store.reader,
-    ):
-        defined = {
-            name
-            for name, obj in vars(module).items()
-            if not name.startswith("_")
-            and (inspect.isclass(obj) or inspect.isfunction(obj))
-            and getattr(obj, "__module__", None) == module.__name__
-        }
-        assert defined <= set(module.__all__), module.__name__
-        assert all(hasattr(module, name) for name in module.__all__), module.__name__
-    assert set(evalsyncd.store.__all__) <= set(dir(evalsyncd.store))

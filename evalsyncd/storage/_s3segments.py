@@ -74,6 +74,7 @@ __all__ = [
     "SegmentPolicy",
     "View",
     "epoch_meta",
+    "make_view",
     "new_epoch",
 ]
 

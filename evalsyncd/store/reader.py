@@ -33,7 +33,13 @@ from evalsyncd.store.aio import MISSING, Reads, both, bounded_map, reads_of
 from evalsyncd.store.layout import FilterOptions, StoreLayout, TrajectoryFilter
 from evalsyncd.store.models import BenchmarkResult, RunMetadata, StoredTrajectory
 
-__all__ = ["DEFAULT_CHUNK_SIZE", "DEFAULT_MAX_CONCURRENCY", "EvalStoreReader", "StoreOptions"]
+__all__ = [
+    "DEFAULT_CHUNK_SIZE",
+    "DEFAULT_MAX_CONCURRENCY",
+    "EvalStoreReader",
+    "StoreOptions",
+    "local_or_storage",
+]
 
 logger = logging.getLogger("evalsyncd.store")
 

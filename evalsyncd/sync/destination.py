@@ -43,7 +43,7 @@ from evalsyncd.sync.plan import Policy
 from evalsyncd.sync.states import DestinationState, after_failure, backoff_delay, check_transition
 from evalsyncd.sync.tailmode import TailMode
 
-__all__ = ["Destination", "DestinationState", "backoff_delay"]
+__all__ = ["Destination", "DestinationState", "Stats", "backoff_delay"]
 
 log = structlog.get_logger("evalsyncd.sync")
 CATALOG_NAME = CATALOG_PATH.split("/", 1)[1]

@@ -61,7 +61,7 @@ if TYPE_CHECKING:
     from evalsyncd.sync.destination import Destination
 
 
-__all__ = ["TailMode"]
+__all__ = ["DIRECT", "Staged", "TailMode"]
 
 log = structlog.get_logger("evalsyncd.sync")
 

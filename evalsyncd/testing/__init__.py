@@ -15,3 +15,5 @@ The in-memory backend with fault injection, for fast unit tests, is
 
 Importing this package imports none of its modules.
 """
+
+__all__: list[str] = []  # the modules are imported by name
