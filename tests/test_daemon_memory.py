@@ -49,6 +49,16 @@ def _destination(
     )
 
 
+async def _failed_once(
+    storage: MemoryStorage, journal: Journal, root: Path, **settings: object
+) -> Destination:
+    """A destination whose first pass, over KEY, failed."""
+    d = _destination(storage, journal, root, **settings)
+    d.mark(KEY)
+    assert not await d.run_pass()
+    return d
+
+
 async def _until_caught_up(d: Destination, passes: int = 20) -> None:
     for _ in range(passes):
         if d.caught_up:
@@ -70,9 +80,7 @@ def test_transient_failures_back_off_then_every_line_arrives_once(
 
     async def scenario() -> None:
         with Journal(tmp_path / "j.sqlite3", root) as journal:
-            d = _destination(memory_storage, journal, root, max_main_lag_s=lag)
-            d.mark(KEY)
-            assert not await d.run_pass()
+            d = await _failed_once(memory_storage, journal, root, max_main_lag_s=lag)
             assert d.state is DestinationState.BACKOFF and d.retry_at > d.clock()
             if d.tail is not None:
                 d.tail.drain_all()
@@ -95,9 +103,7 @@ def test_a_lost_tail_response_is_neither_lost_nor_doubled(
 
     async def scenario() -> None:
         with Journal(tmp_path / "j.sqlite3", root) as journal:
-            d = _destination(memory_storage, journal, root)
-            d.mark(KEY)
-            assert not await d.run_pass()
+            d = await _failed_once(memory_storage, journal, root)
             _lines(root / KEY, 20, 5)
             d.mark(KEY)
             for _ in range(5):  # the retry skips the taken seq, then stages again
@@ -153,9 +159,7 @@ def test_a_permanent_error_parks_until_parked_retry_s(
 
     async def scenario() -> None:
         with Journal(tmp_path / "j.sqlite3", root) as journal:
-            d = _destination(memory_storage, journal, root)
-            d.mark(KEY)
-            assert not await d.run_pass()
+            d = await _failed_once(memory_storage, journal, root)
             assert d.state is DestinationState.PARKED
             assert d.retry_at - d.clock() > d.settings.retry.parked_retry_s - 1
             assert journal.get("mem", KEY) is None

@@ -17,9 +17,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
-import botocore.config
 import botocore.exceptions as bexc
-import botocore.session
 import pytest
 
 from evalsyncd.errors import (
@@ -39,7 +37,7 @@ from evalsyncd.storage._s3errors import EXCEPTION_MAP as _EXCEPTION_MAP
 from evalsyncd.storage._s3errors import translate as _translate
 from evalsyncd.storage._s3segments import EPOCH_META as _EPOCH_META
 from evalsyncd.testing.proxy import CountingProxy
-from evalsyncd.testing.servers import S3_ACCESS_KEY, S3_SECRET_KEY, SeaweedS3Server
+from evalsyncd.testing.servers import SeaweedS3Server
 from tests.conftest import S3_BUCKET
 
 MiB = 1024 * 1024
@@ -48,14 +46,7 @@ MiB = 1024 * 1024
 @pytest.fixture
 def raw(s3_server: SeaweedS3Server) -> Iterator[Any]:
     """A plain (sync) botocore S3 client on the test server, to look at raw objects."""
-    client = botocore.session.get_session().create_client(
-        "s3",
-        endpoint_url=s3_server.endpoint_url,
-        region_name="us-east-1",
-        aws_access_key_id=S3_ACCESS_KEY,
-        aws_secret_access_key=S3_SECRET_KEY,
-        config=botocore.config.Config(s3={"addressing_style": "path"}),
-    )
+    client = s3_server.raw_client()
     try:
         yield client
     finally:

@@ -27,7 +27,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Self
+from typing import Any, Self
 
 __all__ = [
     "S3_ACCESS_KEY",
@@ -208,12 +208,12 @@ class SeaweedS3Server(_Server):
                     raise
         raise AssertionError("unreachable")
 
-    def create_bucket(self, name: str) -> None:
-        """Create a bucket (idempotent), with a signed request through botocore."""
+    def raw_client(self) -> Any:
+        """A plain (sync) botocore S3 client on this server, path-style; close it after use."""
+        import botocore.config
         import botocore.session
 
-        session = botocore.session.get_session()
-        client = session.create_client(
+        return botocore.session.get_session().create_client(
             "s3",
             endpoint_url=self.endpoint_url,
             region_name="us-east-1",
@@ -221,6 +221,10 @@ class SeaweedS3Server(_Server):
             aws_secret_access_key=S3_SECRET_KEY,
             config=botocore.config.Config(s3={"addressing_style": "path"}),
         )
+
+    def create_bucket(self, name: str) -> None:
+        """Create a bucket (idempotent), with a signed request through botocore."""
+        client = self.raw_client()
         try:
             client.create_bucket(Bucket=name)
         except client.exceptions.BucketAlreadyOwnedByYou:
