@@ -30,8 +30,8 @@ from evalsyncd.config import DestinationSettings, Settings, ensure_state_dir, fo
 from evalsyncd.storage import Backend, parse_url
 from evalsyncd.sync.destination import Destination, DestinationState
 from evalsyncd.sync.files import FileKind, classify, is_run_metadata, scan_tree
-from evalsyncd.sync.journal import Entry, Journal
-from evalsyncd.sync.lines import complete_end
+from evalsyncd.sync.journal import Entry, EntryStatus, Journal
+from evalsyncd.sync.lines import complete_end, divergence
 from evalsyncd.sync.watcher import Watcher
 from evalsyncd.sync.watchlimit import WatchProbe
 
@@ -75,24 +75,24 @@ def unacked_bytes(full: Path, kind: FileKind, st: os.stat_result, entry: Entry |
 
     Returns:
         An append-only file: the bytes of its complete lines past the acknowledged
-        offset (from 0 when it was replaced or truncated; a partial last line is not
-        counted until its ``\\n`` comes). A replace-on-write file: its whole size.
+        offset (from 0 when it was replaced, truncated or rewritten in place, by
+        :func:`~evalsyncd.sync.lines.divergence`, the daemon's own check; a partial
+        last line is not counted until its ``\\n`` comes). A replace-on-write file: its whole size.
     """
     if kind is not FileKind.APPEND:
         return st.st_size
-    start = 0
-    if (
-        entry is not None
-        and entry.status != "deleted"
-        and (entry.dev, entry.ino) == (st.st_dev, st.st_ino)
-        and st.st_size >= entry.tail_offset
-    ):
-        start = entry.tail_offset
     try:
         fd = os.open(full, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
     except OSError:
         return 0
     try:
+        start = 0
+        if (
+            entry is not None
+            and entry.status is not EntryStatus.DELETED
+            and divergence(fd, st, entry) is None
+        ):
+            start = entry.tail_offset
         return complete_end(fd, st.st_size, start) - start
     finally:
         os.close(fd)
