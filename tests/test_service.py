@@ -1,5 +1,5 @@
 """The service's backlog and ``evalsyncd status`` count the same bytes (a file rewritten in
-place whole); public names are listed."""
+place whole); a state_dir without room for a journal is named; public names are listed."""
 
 from __future__ import annotations
 
@@ -12,11 +12,14 @@ from pathlib import Path
 import crc32c
 import pytest
 
+from evalsyncd.cli import EX_CONFIG
 from evalsyncd.config import load_settings
+from evalsyncd.errors import ConfigError
 from evalsyncd.status import collect_status
 from evalsyncd.sync.files import FileKind
 from evalsyncd.sync.lines import divergence, fingerprint_at, new_entry
 from evalsyncd.sync.service import Service, unacked_bytes
+from tests.opshelpers import evalsyncd, write_config
 
 
 def test_unacked_bytes_counts_complete_lines_past_the_acknowledged_offset(tmp_path: Path) -> None:
@@ -149,3 +152,30 @@ def test_public_names_are_listed(name: str) -> None:
         and v.__module__ == module.__name__
     }
     assert defined <= set(module.__all__), defined - set(module.__all__)
+
+
+@pytest.mark.skipif(not Path("/sys/kernel").is_dir(), reason="needs Linux sysfs at /sys")
+def test_a_state_dir_where_no_journal_can_be_created_is_named(tmp_path: Path) -> None:
+    """state_dir = /sys (exists, no journal can be created in it): Service.open raises a
+    ConfigError naming state_dir, and sync exits 78 with that message."""
+    root = tmp_path / "root"
+    root.mkdir()
+    settings = load_settings(
+        root=root, state_dir=Path("/sys"), destinations=[{"name": "m", "url": tmp_path.as_uri()}]
+    )
+
+    async def open_service() -> None:
+        service = Service(settings)
+        try:
+            await service.open()
+        finally:
+            await service.close()
+
+    with pytest.raises(ConfigError, match=r"^state_dir: .*/sys"):
+        asyncio.run(open_service())
+    config = write_config(
+        tmp_path / "c.toml", root, Path("/sys"), [{"name": "m", "url": tmp_path.as_uri()}]
+    )
+    out = evalsyncd("sync", "--once", "--config", str(config))
+    assert out.returncode == EX_CONFIG
+    assert "state_dir: " in out.stderr and "/sys" in out.stderr and "Traceback" not in out.stderr

@@ -27,10 +27,11 @@ from pathlib import Path
 import structlog
 
 from evalsyncd.config import DestinationSettings, Settings, ensure_state_dir, for_scheme
+from evalsyncd.errors import ConfigError
 from evalsyncd.storage import Backend, parse_url
 from evalsyncd.sync.destination import Destination, DestinationState
 from evalsyncd.sync.files import FileKind, classify, is_run_metadata, scan_tree
-from evalsyncd.sync.journal import Entry, EntryStatus, Journal
+from evalsyncd.sync.journal import Entry, EntryStatus, Journal, JournalError
 from evalsyncd.sync.lines import complete_end, divergence
 from evalsyncd.sync.watcher import Watcher
 from evalsyncd.sync.watchlimit import WatchProbe
@@ -164,11 +165,22 @@ class Service:
         """Create the state directory, open the journal and every destination's storage client.
 
         Raises:
-            ConfigError: the state directory cannot be created (the message names
-                ``state_dir``).
+            ConfigError: the state directory cannot be created, or the journal
+                cannot be created in it (the message names ``state_dir``).
+            JournalError: the journal exists but is refused (damaged, another root,
+                an unknown schema version).
         """
-        ensure_state_dir(self.settings)
-        self.journal = Journal(self.settings.state_dir / JOURNAL_NAME, self.root)
+        state_dir = ensure_state_dir(self.settings)
+        path = state_dir / JOURNAL_NAME
+        try:
+            self.journal = Journal(path, self.root)
+        except JournalError as exc:
+            if path.exists():
+                raise
+            # Nothing to open: the directory itself is unusable (/sys, a read-only mount).
+            raise ConfigError(
+                f"state_dir: cannot create the journal in {state_dir}: {exc.__cause__ or exc}"
+            ) from exc
         self._stack.callback(self.journal.close)
         for dest in self.settings.destinations:
             await self._add_destination(dest)
