@@ -6,7 +6,8 @@ handlers and starts event loops. Imports are per command: ``runs`` and
 prometheus) nor a cloud SDK they do not use.
 
 Exit status: 0 success; 1 failure (not everything mirrored, mismatches);
-2 usage error (argparse); 78 configuration error (EX_CONFIG, so systemd's
+2 usage error (argparse); 78 configuration error or a journal that cannot be
+used, for ``run``, ``sync`` and ``status`` alike (EX_CONFIG, so systemd's
 ``RestartPreventExitStatus=78`` stops a restart loop).
 """
 

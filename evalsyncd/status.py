@@ -1,7 +1,9 @@
 """``evalsyncd status``: each destination's state and backlog, without the daemon's help.
 
 It opens the journal read-only (safe while the daemon runs: SQLite WAL readers
-never block the writer) and scans the watched root, then compares each file
+never block the writer), refusing with :class:`~evalsyncd.sync.journal.JournalError`
+a journal the daemon would refuse (damaged, another root, an unknown schema
+version) rather than reporting it healthy, and scans the watched root, then compares each file
 with the journal row of each destination, the way the daemon's rescan does:
 
 - a file whose identity and stat match the row is in sync (a ``*.jsonl`` may
@@ -103,13 +105,14 @@ def collect_status(settings: Settings, *, now: float | None = None) -> StatusRep
     """Scan the root and read the journal (read-only); see the module docstring.
 
     Raises:
-        JournalError: the journal exists but cannot be read.
+        JournalError: the journal exists but cannot be read, or is one the daemon
+            would refuse (damaged, another root, an unknown schema version).
     """
     now = time.time() if now is None else now
     journal_path = settings.state_dir / JOURNAL_NAME
     files = list(scan_tree(settings.root, (settings.state_dir,)))
     exists = journal_path.exists()
-    journal = Journal(journal_path, readonly=True) if exists else None
+    journal = Journal(journal_path, settings.root, readonly=True) if exists else None
     try:
         records = journal.destinations() if journal else {}
         out = []

@@ -39,12 +39,14 @@ status`` reads it while the daemon runs).
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import os
 import secrets
 import sqlite3
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Self
@@ -53,7 +55,12 @@ __all__ = ["DestinationRecord", "Entry", "EntryStatus", "Journal", "JournalError
 
 SCHEMA_VERSION = "2"
 
-_SCHEMA = """
+_TABLES = ("meta", "entries", "destinations")
+
+# One transaction: a reader never sees some tables without the others, or the
+# tables without a schema version (a version-1 journal keeps its "1").
+_SCHEMA = f"""
+BEGIN;
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS entries (
     destination TEXT NOT NULL,
@@ -80,6 +87,8 @@ CREATE TABLE IF NOT EXISTS destinations (
     last_error_at REAL,
     updated_at REAL NOT NULL
 );
+INSERT OR IGNORE INTO meta VALUES ('schema_version', '{SCHEMA_VERSION}');
+COMMIT;
 """
 
 
@@ -95,7 +104,7 @@ class EntryStatus(enum.StrEnum):
 
 
 class JournalError(Exception):
-    """The journal cannot be opened: corrupt, from another root, or a newer schema."""
+    """The journal cannot be opened or read: corrupt, from another root, or a newer schema."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,10 +179,14 @@ class Journal:
         root: the watched root this journal belongs to; a journal created for
             another root is refused (``JournalError``), so two daemons cannot
             share a state directory by mistake.
-        readonly: open for reading only (``evalsyncd status``).
+        readonly: open for reading only (``evalsyncd status``), writing nothing but
+            refusing what the daemon's open refuses (and a version-1 journal, which
+            only the daemon upgrades) and a journal missing one of its tables.
 
     Raises:
-        JournalError: on corruption, a root mismatch or an unknown schema version.
+        JournalError: on corruption, a root mismatch or an unknown schema version;
+            also from the read methods when SQLite fails to read (the message
+            names the file).
     """
 
     MAX_PENDING_ROWS = 256
@@ -190,6 +203,7 @@ class Journal:
                     f"{path.as_uri()}?mode=ro", uri=True, check_same_thread=False, timeout=10.0
                 )
                 self._db.row_factory = sqlite3.Row
+                self._check_readable(root)
             else:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 self._db = sqlite3.connect(
@@ -200,15 +214,17 @@ class Journal:
                 self._db.execute("PRAGMA synchronous=NORMAL")
                 self._db.executescript(_SCHEMA)
                 self._check_meta(root)
-        except sqlite3.DatabaseError as exc:
-            raise JournalError(f"{path}: cannot open the journal: {exc}") from exc
+        except BaseException as exc:
+            if hasattr(self, "_db"):
+                self._db.close()  # a refused journal is not left open
+            if isinstance(exc, sqlite3.DatabaseError):
+                raise JournalError(f"{path}: cannot open the journal: {exc}") from exc
+            raise
 
     def _check_meta(self, root: Path | None) -> None:
         meta = dict(self._db.execute("SELECT key, value FROM meta").fetchall())
         version = meta.get("schema_version")
-        if version is None:
-            self._db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (SCHEMA_VERSION,))
-        elif version == "1":
+        if version == "1":
             columns = {row[1] for row in self._db.execute("PRAGMA table_info(entries)")}
             self._db.execute("BEGIN")
             if "tail_offset" not in columns:
@@ -222,18 +238,61 @@ class Journal:
             )
             self._db.execute("COMMIT")
         elif version != SCHEMA_VERSION:
-            raise JournalError(
-                f"{self.path}: journal schema {version}, this evalsyncd knows {SCHEMA_VERSION}"
-            )
+            raise self._unknown_schema(version)
         if root is not None:
             known = meta.get("root")
             if known is None:
                 self._db.execute("INSERT INTO meta VALUES ('root', ?)", (str(root),))
-            elif known != str(root):
-                raise JournalError(
-                    f"{self.path}: this state directory belongs to root {known}, not {root}; "
-                    "give each watched root its own state_dir"
-                )
+            else:
+                self._check_root(known, root)
+
+    def _check_readable(self, root: Path | None) -> None:
+        """What the daemon's open checks, without writing: every table, the current
+        schema version and (given ``root``) the root; a version-1 journal is refused
+        until the daemon upgrades it (its rows lack the tail columns)."""
+        names = {row[0] for row in self._db.execute("SELECT name FROM sqlite_master")}
+        missing = [t for t in _TABLES if t not in names]
+        if missing:
+            raise JournalError(
+                f"{self.path}: not an evalsyncd journal, or damaged: no table {', '.join(missing)}"
+            )
+        meta = dict(self._db.execute("SELECT key, value FROM meta").fetchall())
+        version = meta.get("schema_version")
+        if version == "1":
+            raise JournalError(
+                f"{self.path}: journal schema 1, not yet upgraded to {SCHEMA_VERSION}; "
+                "start the daemon once (evalsyncd run or sync --once) to upgrade it"
+            )
+        if version != SCHEMA_VERSION:
+            raise self._unknown_schema(version)
+        known = meta.get("root")
+        if root is not None and known is not None:
+            self._check_root(known, root)
+
+    def _unknown_schema(self, version: str | None) -> JournalError:
+        return JournalError(
+            f"{self.path}: journal schema {version}, this evalsyncd knows {SCHEMA_VERSION}"
+        )
+
+    def _check_root(self, known: str, root: Path) -> None:
+        if known != str(root):
+            raise JournalError(
+                f"{self.path}: this state directory belongs to root {known}, not {root}; "
+                "give each watched root its own state_dir"
+            )
+
+    @contextlib.contextmanager
+    def _reading(self) -> Iterator[sqlite3.Connection]:
+        """The connection, under the lock; a damaged database is a :class:`JournalError`.
+
+        Raises:
+            JournalError: SQLite failed to read (corruption, a dropped table, I/O).
+        """
+        with self._lock:
+            try:
+                yield self._db
+            except sqlite3.DatabaseError as exc:
+                raise JournalError(f"{self.path}: cannot read the journal: {exc}") from exc
 
     def writer_id(self) -> str:
         """This state directory's id in tail logs (created on first use, then kept)."""
@@ -284,8 +343,8 @@ class Journal:
 
     def get(self, destination: str, path: str) -> Entry | None:
         """The row of one file at one destination, or ``None``."""
-        with self._lock:
-            row = self._db.execute(
+        with self._reading() as db:
+            row = db.execute(
                 f"SELECT {_ENTRY_COLUMNS} FROM entries WHERE destination = ? AND path = ?",
                 (destination, path),
             ).fetchone()
@@ -293,8 +352,8 @@ class Journal:
 
     def entries(self, destination: str) -> dict[str, Entry]:
         """Every row of a destination, by path."""
-        with self._lock:
-            rows = self._db.execute(
+        with self._reading() as db:
+            rows = db.execute(
                 f"SELECT {_ENTRY_COLUMNS} FROM entries WHERE destination = ?", (destination,)
             ).fetchall()
         return {row["path"]: Entry(**_by_name(row)) for row in rows}
@@ -344,6 +403,6 @@ class Journal:
 
     def destinations(self) -> dict[str, DestinationRecord]:
         """Every destination's recorded state, by name."""
-        with self._lock:
-            rows = self._db.execute(f"SELECT {_RECORD_COLUMNS} FROM destinations").fetchall()
+        with self._reading() as db:
+            rows = db.execute(f"SELECT {_RECORD_COLUMNS} FROM destinations").fetchall()
         return {row["name"]: DestinationRecord(**_by_name(row)) for row in rows}

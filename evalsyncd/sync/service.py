@@ -27,11 +27,12 @@ from pathlib import Path
 import structlog
 
 from evalsyncd.config import DestinationSettings, Settings, ensure_state_dir, for_scheme
+from evalsyncd.errors import ConfigError
 from evalsyncd.storage import Backend, parse_url
 from evalsyncd.sync.destination import Destination, DestinationState
 from evalsyncd.sync.files import FileKind, classify, is_run_metadata, scan_tree
-from evalsyncd.sync.journal import Entry, Journal
-from evalsyncd.sync.lines import complete_end
+from evalsyncd.sync.journal import Entry, EntryStatus, Journal, JournalError
+from evalsyncd.sync.lines import complete_end, divergence
 from evalsyncd.sync.watcher import Watcher
 from evalsyncd.sync.watchlimit import WatchProbe
 
@@ -75,24 +76,24 @@ def unacked_bytes(full: Path, kind: FileKind, st: os.stat_result, entry: Entry |
 
     Returns:
         An append-only file: the bytes of its complete lines past the acknowledged
-        offset (from 0 when it was replaced or truncated; a partial last line is not
-        counted until its ``\\n`` comes). A replace-on-write file: its whole size.
+        offset (from 0 when it was replaced, truncated or rewritten in place, by
+        :func:`~evalsyncd.sync.lines.divergence`, the daemon's own check; a partial
+        last line is not counted until its ``\\n`` comes). A replace-on-write file: its whole size.
     """
     if kind is not FileKind.APPEND:
         return st.st_size
-    start = 0
-    if (
-        entry is not None
-        and entry.status != "deleted"
-        and (entry.dev, entry.ino) == (st.st_dev, st.st_ino)
-        and st.st_size >= entry.tail_offset
-    ):
-        start = entry.tail_offset
     try:
         fd = os.open(full, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
     except OSError:
         return 0
     try:
+        start = 0
+        if (
+            entry is not None
+            and entry.status is not EntryStatus.DELETED
+            and divergence(fd, st, entry) is None
+        ):
+            start = entry.tail_offset
         return complete_end(fd, st.st_size, start) - start
     finally:
         os.close(fd)
@@ -164,11 +165,22 @@ class Service:
         """Create the state directory, open the journal and every destination's storage client.
 
         Raises:
-            ConfigError: the state directory cannot be created (the message names
-                ``state_dir``).
+            ConfigError: the state directory cannot be created, or the journal
+                cannot be created in it (the message names ``state_dir``).
+            JournalError: the journal exists but is refused (damaged, another root,
+                an unknown schema version).
         """
-        ensure_state_dir(self.settings)
-        self.journal = Journal(self.settings.state_dir / JOURNAL_NAME, self.root)
+        state_dir = ensure_state_dir(self.settings)
+        path = state_dir / JOURNAL_NAME
+        try:
+            self.journal = Journal(path, self.root)
+        except JournalError as exc:
+            if path.exists():
+                raise
+            # Nothing to open: the directory itself is unusable (/sys, a read-only mount).
+            raise ConfigError(
+                f"state_dir: cannot create the journal in {state_dir}: {exc.__cause__ or exc}"
+            ) from exc
         self._stack.callback(self.journal.close)
         for dest in self.settings.destinations:
             await self._add_destination(dest)
