@@ -133,7 +133,7 @@ def test_a_state_dir_where_no_journal_can_be_created_is_named(tmp_path: Path) ->
     root = tmp_path / "root"
     root.mkdir()
     settings = load_settings(
-        root=root, state_dir=Path("/sys"), destinations=[{"name": "m", "url": tmp_path.as_uri()}]
+        root=root, state_dir=Path("/sys"), destinations=[{"name": "m", "url": (tmp_path / "m").as_uri()}]
     )
 
     async def open_service() -> None:
@@ -146,7 +146,7 @@ def test_a_state_dir_where_no_journal_can_be_created_is_named(tmp_path: Path) ->
     with pytest.raises(ConfigError, match=r"^state_dir: .*/sys"):
         asyncio.run(open_service())
     config = write_config(
-        tmp_path / "c.toml", root, Path("/sys"), [{"name": "m", "url": tmp_path.as_uri()}]
+        tmp_path / "c.toml", root, Path("/sys"), [{"name": "m", "url": (tmp_path / "m").as_uri()}]
     )
     out = evalsyncd("sync", "--once", "--config", str(config))
     assert out.returncode == EX_CONFIG
