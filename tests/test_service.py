@@ -133,7 +133,9 @@ def test_a_state_dir_where_no_journal_can_be_created_is_named(tmp_path: Path) ->
     root = tmp_path / "root"
     root.mkdir()
     settings = load_settings(
-        root=root, state_dir=Path("/sys"), destinations=[{"name": "m", "url": (tmp_path / "m").as_uri()}]
+        root=root,
+        state_dir=Path("/sys"),
+        destinations=[{"name": "m", "url": (tmp_path / "m").as_uri()}],
     )
 
     async def open_service() -> None:
