@@ -139,7 +139,8 @@ def test_clear_drops_the_script_and_keeps_the_counts(memory_storage: MemoryStora
 
 def test_tail_commit_survives_failed_and_lost_creates(memory_storage: MemoryStorage) -> None:
     """A tail commit whose create fails changes nothing; one whose answer is lost is recovered
-    by the writer's protocol (the seq is skipped), and readers stitch every committed byte."""
+    by the next commit within itself (the taken seq is skipped, the body sent again as the
+    next), and readers stitch every committed byte."""
 
     async def scenario() -> None:
         memory_storage.tail_refresh_s = 0.0
@@ -158,14 +159,13 @@ def test_tail_commit_survives_failed_and_lost_creates(memory_storage: MemoryStor
         assert await memory_storage.aread("f.jsonl") == b"one\n"  # the object exists
 
         writer.stage_append("f.jsonl", 0, b"one\n", base=0, main_version=None, mtime=1.0)
-        with pytest.raises(ConflictError, match="earlier attempt"):
-            await writer.commit()  # finds its own orphan, skips that seq
-        writer.stage_append("f.jsonl", 0, b"one\n", base=0, main_version=None, mtime=1.0)
         writer.stage_append("g.jsonl", 0, b"two\n", base=0, main_version=None, mtime=1.0)
-        await writer.commit()
+        index = await writer.commit()  # finds its own orphan: the same body, the next seq
+        assert {p.seq for ft in index.files.values() for p in ft.pieces} == {index.seq}
         assert await memory_storage.aread("f.jsonl") == b"one\n"
         assert await memory_storage.aread("g.jsonl") == b"two\n"
         assert memory_storage.faults.calls["internal_create"] == 4
+        assert await writer.collect() == 1  # the orphan of the lost answer
         await memory_storage.aclose()
 
     asyncio.run(scenario())

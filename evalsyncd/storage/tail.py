@@ -375,6 +375,17 @@ async def read_header(backend: TailBackend, name: str) -> tuple[TailIndex, int] 
     return parsed
 
 
+def _repoint(files: dict[str, FileTail], old: int, new: int) -> dict[str, FileTail]:
+    """``files`` with every piece in tail object ``old`` moved to ``new`` (same positions)."""
+    out = {}
+    for path, ft in files.items():
+        if any(p.seq == old for p in ft.pieces):
+            pieces = tuple(replace(p, seq=new) if p.seq == old else p for p in ft.pieces)
+            ft = replace(ft, pieces=pieces)
+        out[path] = ft
+    return out
+
+
 class PieceCache:
     """The bytes of whole tail pieces a reader fetched, least recently used first.
 
@@ -586,6 +597,10 @@ class TailWriter:
         Returns:
             The new index (also :attr:`index`).
 
+        A seq found taken by this writer's own earlier attempt (a create whose
+        answer was lost) is skipped: the same body goes out as the next seq, its
+        pieces re-pointed there, and the orphan is deleted later (:meth:`collect`).
+
         Raises:
             TailConflictError: another writer holds this tail log.
             StorageError: the write failed; the staged changes are discarded and
@@ -600,9 +615,10 @@ class TailWriter:
                 files.pop(path, None)
             else:
                 files[path] = ft
-        has_body = bool(self._body)  # any piece, even an empty one, points at seq
+        body: list[bytes] = list(self._body)
+        self._body.clear()  # the object will hold them: one copy in memory, not two
         try:
-            for _attempt in range(2):
+            for _attempt in range(3):
                 seq = self.index.seq + 1
                 new = TailIndex(
                     writer=self.writer,
@@ -612,8 +628,8 @@ class TailWriter:
                     token=secrets.token_hex(8),
                     bodies=self.index.bodies,
                 )
-                data, body_at = encode_tail_object(new, self._body)
-                self._body.clear()  # the object holds them now: one copy in memory, not two
+                data, body_at = encode_tail_object(new, body)
+                body = []
                 try:
                     await self.backend._tail_create(object_name(seq), data)
                 except ConflictError:
@@ -625,10 +641,11 @@ class TailWriter:
                             "its own prefix",
                             url=self.backend._tail_url(),
                         ) from None
-                    # our own earlier write whose answer was lost: skip its seq
+                    # our own earlier write whose answer was lost: skip its seq, and send
+                    # the same body as the next one (its pieces re-pointed at that seq)
                     self.index = replace(self.index, seq=seq)
-                    if has_body:  # pieces point at seq: rebuild them for the next seq
-                        raise ConflictError("tail seq taken by an earlier attempt") from None
+                    files = _repoint(files, seq, seq + 1)
+                    body = [data[body_at:]]
                     continue
                 live = new.live_seqs()
                 bodies = {s: o for s, o in self.index.bodies.items() if s in live}
