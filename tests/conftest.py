@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +19,7 @@ import pytest
 from evalsyncd.storage import AnyStorage, GCSStorage, LocalStorage, S3Storage
 from evalsyncd.storage.memory import MemoryStorage, drop_bucket
 from evalsyncd.testing.servers import FakeGCSServer, SeaweedS3Server
+from tests.helpers import wait_for
 
 S3_BUCKET = "evalsyncd-test"
 GCS_BUCKET = "evalsyncd-test"
@@ -150,15 +150,16 @@ def _no_thread_leaks() -> Iterator[None]:
     """A test must not leave non-daemon threads behind."""
     before = set(threading.enumerate())
     yield
-    deadline = time.monotonic() + 5.0
-    while True:
-        leaked = [
+
+    def leaked() -> list[threading.Thread]:
+        return [
             t for t in threading.enumerate() if t not in before and t.is_alive() and not t.daemon
         ]
-        if not leaked or time.monotonic() > deadline:
-            break
-        time.sleep(0.05)
-    assert not leaked, f"threads leaked: {leaked}"
+
+    try:
+        wait_for(lambda: not leaked(), timeout_s=5.0, what="threads to end")
+    except AssertionError:
+        raise AssertionError(f"threads leaked: {leaked()}") from None
 
 
 @pytest.fixture

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from evalsyncd.errors import TransientStorageError
 
@@ -31,3 +33,29 @@ def wait_for(
     raise AssertionError(
         f"timed out after {timeout_s} s waiting for {what or condition}"
     ) from last_exc
+
+
+SCHEMA_1_JOURNAL = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+INSERT INTO meta VALUES ('schema_version', '1'), ('root', '/r');
+CREATE TABLE entries (destination TEXT NOT NULL, path TEXT NOT NULL, dev INTEGER NOT NULL,
+    ino INTEGER NOT NULL, acked_offset INTEGER NOT NULL, fingerprint INTEGER,
+    content_crc INTEGER, remote_version TEXT, seen_size INTEGER NOT NULL,
+    seen_mtime_ns INTEGER NOT NULL, status TEXT NOT NULL DEFAULT 'ok',
+    acked_at REAL NOT NULL, PRIMARY KEY (destination, path)) WITHOUT ROWID;
+CREATE TABLE destinations (name TEXT PRIMARY KEY, state TEXT NOT NULL, last_success REAL,
+    last_error TEXT, last_error_at REAL, updated_at REAL NOT NULL);
+INSERT INTO entries VALUES ('d', 'a.jsonl', 1, 2, 300, 7, NULL, 'e', 300, 5, 'ok', 1.0);
+"""
+"""A journal as evalsyncd 0.1 (schema 1) wrote it, for root ``/r``: one row,
+``d``/``a.jsonl`` acknowledged to 300 bytes."""
+
+
+def write_schema_1_journal(db: Path) -> None:
+    """Create ``db`` as a schema-1 journal (:data:`SCHEMA_1_JOURNAL`)."""
+    con = sqlite3.connect(db)
+    try:
+        con.executescript(SCHEMA_1_JOURNAL)
+        con.commit()
+    finally:
+        con.close()

@@ -15,6 +15,7 @@ from evalsyncd.config import load_settings
 from evalsyncd.status import collect_status
 from evalsyncd.sync.journal import Journal, JournalError
 from evalsyncd.sync.lines import new_entry
+from tests.helpers import write_schema_1_journal
 from tests.opshelpers import evalsyncd, write_config
 
 JOURNAL = "journal.sqlite3"
@@ -122,23 +123,7 @@ def test_readonly_open_refuses_a_schema_1_journal_until_the_daemon_upgrades_it(
     """A version-1 journal read-only says to start the daemon once (and stays version 1);
     after the daemon's open upgrades it, the read-only open reads it."""
     db = tmp_path / JOURNAL
-    con = sqlite3.connect(db)
-    con.executescript(
-        """
-        CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-        INSERT INTO meta VALUES ('schema_version', '1'), ('root', '/r');
-        CREATE TABLE entries (destination TEXT NOT NULL, path TEXT NOT NULL, dev INTEGER NOT NULL,
-            ino INTEGER NOT NULL, acked_offset INTEGER NOT NULL, fingerprint INTEGER,
-            content_crc INTEGER, remote_version TEXT, seen_size INTEGER NOT NULL,
-            seen_mtime_ns INTEGER NOT NULL, status TEXT NOT NULL DEFAULT 'ok',
-            acked_at REAL NOT NULL, PRIMARY KEY (destination, path)) WITHOUT ROWID;
-        CREATE TABLE destinations (name TEXT PRIMARY KEY, state TEXT NOT NULL, last_success REAL,
-            last_error TEXT, last_error_at REAL, updated_at REAL NOT NULL);
-        INSERT INTO entries VALUES ('d', 'a.jsonl', 1, 2, 300, 7, NULL, 'e', 300, 5, 'ok', 1.0);
-        """
-    )
-    con.commit()
-    con.close()
+    write_schema_1_journal(db)
     with pytest.raises(JournalError, match=r"schema 1.*start the daemon once"):
         Journal(db, Path("/r"), readonly=True)
     con = sqlite3.connect(db)

@@ -27,7 +27,7 @@ from evalsyncd.testing.servers import FakeGCSServer, SeaweedS3Server
 from tests.conftest import S3_BUCKET
 from tests.daemon import write_config
 from tests.faultproxy import FaultProxy, Rule
-from tests.helpers import wait_for
+from tests.helpers import wait_for, write_schema_1_journal
 from tests.reliability import RelEnv, events, list_keys, s3_main_object, wait_settled
 
 
@@ -201,26 +201,9 @@ def test_bad_tail_settings_exit_78_naming_the_key(
 
 def test_journal_of_schema_1_is_upgraded(tmp_path: Path) -> None:
     """A version 1 journal opens as version 2 with tail_offset = acked_offset."""
-    import sqlite3
 
     db = tmp_path / "journal.sqlite3"
-    con = sqlite3.connect(db)
-    con.executescript(
-        """
-        CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-        INSERT INTO meta VALUES ('schema_version', '1'), ('root', '/r');
-        CREATE TABLE entries (destination TEXT NOT NULL, path TEXT NOT NULL, dev INTEGER NOT NULL,
-            ino INTEGER NOT NULL, acked_offset INTEGER NOT NULL, fingerprint INTEGER,
-            content_crc INTEGER, remote_version TEXT, seen_size INTEGER NOT NULL,
-            seen_mtime_ns INTEGER NOT NULL, status TEXT NOT NULL DEFAULT 'ok',
-            acked_at REAL NOT NULL, PRIMARY KEY (destination, path)) WITHOUT ROWID;
-        CREATE TABLE destinations (name TEXT PRIMARY KEY, state TEXT NOT NULL, last_success REAL,
-            last_error TEXT, last_error_at REAL, updated_at REAL NOT NULL);
-        INSERT INTO entries VALUES ('d', 'a.jsonl', 1, 2, 300, 7, NULL, 'e', 300, 5, 'ok', 1.0);
-        """
-    )
-    con.commit()
-    con.close()
+    write_schema_1_journal(db)
     with Journal(db, Path("/r")) as j:
         entry = j.get("d", "a.jsonl")
         assert entry is not None
