@@ -95,6 +95,7 @@ class _Awaited(Reads):
 
     def __init__(self, storage: AsyncStorage) -> None:
         self._s = storage
+        self.local = isinstance(storage, _DeclaresNative) and not storage.async_native
 
     async def read(self, path: str) -> bytes:
         return await self._s.aread(path)
@@ -146,9 +147,7 @@ class _DeclaresNative(Protocol):
 def reads_of(storage: Storage | AsyncStorage) -> Reads:
     """The awaited reads of ``storage``: its async methods if it has them, else threads."""
     if isinstance(storage, AsyncStorage):
-        reads = _Awaited(storage)
-        reads.local = isinstance(storage, _DeclaresNative) and not storage.async_native
-        return reads
+        return _Awaited(storage)
     return _Threaded(storage)
 
 

@@ -10,8 +10,8 @@ States and their edges (every other edge is a bug and raises)::
                                   (a retry meeting a transient error: BACKOFF)
 
 A failure does not sleep: :func:`after_failure` returns the next state and the
-*time* of the next attempt, which the destination's loop waits for (a stop ends
-the wait at once) and ``status`` can show.
+*time* of the next attempt (``Destination.retry_at``), which the next pass waits
+for (a stop ends the wait at once).
 """
 
 from __future__ import annotations
