@@ -278,7 +278,7 @@ def _status(settings: Settings, as_json: bool) -> int:
 
 
 async def _verify(settings: Settings, names: list[str] | None, as_json: bool) -> int:
-    from evalsyncd.sync.service import open_destination_storage
+    from evalsyncd.sync.offline import open_destination_storage
     from evalsyncd.verify import FileCheck, verify_storage
 
     known = {d.name: d for d in settings.destinations}
@@ -363,7 +363,7 @@ def _open_reader(uri: str, config: str | None) -> tuple[Storage, str]:
     """
     if config:
         from evalsyncd.config import load_settings
-        from evalsyncd.sync.service import open_destination_storage
+        from evalsyncd.sync.offline import open_destination_storage
 
         for dest in load_settings(config).destinations:
             if uri == dest.name:

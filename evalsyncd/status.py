@@ -31,7 +31,7 @@ from typing import Any
 from evalsyncd.config import Settings
 from evalsyncd.sync.files import FileKind, classify, scan_tree
 from evalsyncd.sync.journal import Entry, Journal
-from evalsyncd.sync.service import JOURNAL_NAME, unacked_bytes
+from evalsyncd.sync.offline import JOURNAL_NAME, unacked_bytes
 
 __all__ = ["DestinationStatus", "StatusReport", "collect_status", "format_bytes", "format_status"]
 

@@ -310,6 +310,14 @@ class Journal:
         with self._lock:
             self._db.close()
 
+    def abandon(self) -> None:
+        """Close without committing: pending acknowledgements are lost, as under ``kill -9``
+        (for crash simulations; the daemon itself always calls :meth:`close`)."""
+        with self._lock:
+            if self._db.in_transaction:
+                self._db.rollback()
+            self._db.close()
+
     def _write(self, sql: str, params: tuple[object, ...]) -> None:
         """Execute a write inside the open transaction (caller holds the lock)."""
         if not self._db.in_transaction:
