@@ -76,7 +76,7 @@ from typing import Any
 
 import crc32c as _crc32c
 
-from evalsyncd.errors import EvalsyncdError, InvalidKeyError
+from evalsyncd.errors import CatalogError, InvalidKeyError
 from evalsyncd.storage._base import (
     AsyncStorage,
     Storage,
@@ -113,18 +113,6 @@ CATALOG_FORMAT = "evalsyncd-catalog"
 
 CATALOG_VERSION = 1
 """The format version this module writes and the highest it reads."""
-
-
-class CatalogError(EvalsyncdError, ValueError):
-    """A catalog object does not parse or has an unsupported version.
-
-    Attributes:
-        url: the catalog's URL (also in the message).
-    """
-
-    def __init__(self, message: str, *, url: str) -> None:
-        super().__init__(message)
-        self.url = url
 
 
 def metadata_crc32c(data: bytes) -> str:

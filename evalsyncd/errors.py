@@ -6,6 +6,10 @@ decide on retries by type and never by matching message strings::
 
     EvalsyncdError
     ├── ConfigError                       bad settings; the CLI exits 78 (EX_CONFIG)
+    ├── JournalError                      the daemon's journal is damaged, of another root,
+    │                                     or of a newer schema (evalsyncd.sync.journal)
+    ├── CatalogError                      also ValueError: a run catalog does not parse
+    │                                     (evalsyncd.catalog)
     └── StorageError                      anything a storage backend raises
         ├── ObjectNotFoundError           also FileNotFoundError: the object is missing
         ├── ConflictError                 a precondition failed (HTTP 412, offset mismatch):
@@ -16,7 +20,8 @@ decide on retries by type and never by matching message strings::
             ├── AccessDeniedError         also PermissionError: 401/403, bad credentials
             ├── BucketNotFoundError       the bucket itself does not exist
             ├── InvalidRequestError       the server refused the request as malformed
-            └── CorruptObjectError        an object evalsyncd wrote (a tail object) is damaged
+            ├── CorruptObjectError        an object evalsyncd wrote (a tail object) is damaged
+            └── TailConflictError         another writer holds this prefix's tail log
 
 Keys that are empty, absolute or contain ``..`` are refused before any request
 with a plain :class:`ValueError` (:class:`InvalidKeyError` subclasses both).
@@ -31,15 +36,18 @@ from __future__ import annotations
 __all__ = [
     "AccessDeniedError",
     "BucketNotFoundError",
+    "CatalogError",
     "ConfigError",
     "ConflictError",
     "CorruptObjectError",
     "EvalsyncdError",
     "InvalidKeyError",
     "InvalidRequestError",
+    "JournalError",
     "ObjectNotFoundError",
     "PermanentStorageError",
     "StorageError",
+    "TailConflictError",
     "TransientStorageError",
 ]
 
@@ -50,6 +58,22 @@ class EvalsyncdError(Exception):
 
 class ConfigError(EvalsyncdError):
     """The configuration is invalid. The message names the offending key or file."""
+
+
+class JournalError(EvalsyncdError):
+    """The journal cannot be opened or read: corrupt, from another root, or a newer schema."""
+
+
+class CatalogError(EvalsyncdError, ValueError):
+    """A catalog object does not parse or has an unsupported version.
+
+    Attributes:
+        url: the catalog's URL (also in the message).
+    """
+
+    def __init__(self, message: str, *, url: str) -> None:
+        super().__init__(message)
+        self.url = url
 
 
 class StorageError(EvalsyncdError):
@@ -117,3 +141,7 @@ class CorruptObjectError(PermanentStorageError):
 
     The message names the object's URL; retrying the same read will not help.
     """
+
+
+class TailConflictError(PermanentStorageError):
+    """Another writer (a second daemon on the same prefix) writes this tail log."""

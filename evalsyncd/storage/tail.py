@@ -88,8 +88,8 @@ from evalsyncd.errors import (
     ConflictError,
     CorruptObjectError,
     ObjectNotFoundError,
-    PermanentStorageError,
     StorageError,
+    TailConflictError,
 )
 
 __all__ = [
@@ -118,10 +118,6 @@ _MAGIC: Final = b"evalsyncd-tail 1 "
 HEADER_PROBE_BYTES: Final = 64 * 1024
 """Bytes a reader fetches first: the preamble and, almost always, the whole header."""
 _MAX_SEQ: Final = 2**64 - 1
-
-
-class TailConflictError(PermanentStorageError):
-    """Another writer (a second daemon on the same prefix) writes this tail log."""
 
 
 @dataclass(frozen=True, slots=True)

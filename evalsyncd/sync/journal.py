@@ -51,6 +51,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Self
 
+from evalsyncd.errors import JournalError
+
 __all__ = ["DestinationRecord", "Entry", "EntryStatus", "Journal", "JournalError"]
 
 SCHEMA_VERSION = "2"
@@ -101,10 +103,6 @@ class EntryStatus(enum.StrEnum):
     OK = "ok"
     INVALID = "invalid"
     DELETED = "deleted"
-
-
-class JournalError(Exception):
-    """The journal cannot be opened or read: corrupt, from another root, or a newer schema."""
 
 
 @dataclass(frozen=True, slots=True)

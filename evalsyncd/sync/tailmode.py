@@ -154,8 +154,17 @@ class TailShipper:
             if row is None or path in self._restage:
                 continue
             self._restage.add(path)
+            # the row's CRC32C is that of the content staged in the tail, not of the main
+            # object's: cleared, or the same content would be taken as sent (RECORD)
+            crc = row.content_crc if classify(path) is FileKind.APPEND else None
             ctx.journal.ack(
-                replace(row, tail_offset=row.acked_offset, tail_since=None, seen_size=-1)
+                replace(
+                    row,
+                    tail_offset=row.acked_offset,
+                    tail_since=None,
+                    seen_size=-1,
+                    content_crc=crc,
+                )
             )
             log.warning(
                 "tail_reconciled",
@@ -511,14 +520,14 @@ class TailShipper:
         now_wall, now = ctx.wall(), ctx.clock()
         due: list[tuple[str, Entry]] = []
         for path in list(self.writer.index.files):
+            if path in self._restage:
+                continue  # its entry is not what its journal row describes: restaged first
             entry = ctx.journal.get(ctx.name, path)
             if entry is None or entry.tail_since is None:
                 # the journal says the main object is all there is (promoted, or given
                 # up), but the index that was to drop the entry was never written (its
-                # commit failed): drop it now, or it would stay behind forever. Not an
-                # entry reset at open: it stays until its bytes are staged again.
-                if path not in self._restage:
-                    self.writer.forget(path)
+                # commit failed): drop it now, or it would stay behind forever
+                self.writer.forget(path)
                 continue
             reason = self.due(path, entry, now_wall, now)
             if reason is not None:
