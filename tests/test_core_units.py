@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
+import time
 from pathlib import Path
 
 import pytest
@@ -272,3 +274,63 @@ def test_a_failure_after_the_first_chunk_leaves_the_file_behind(
 
     asyncio.run(scenario())
     assert memory_storage.read(KEY) == (root / KEY).read_bytes()
+
+
+def test_a_tail_only_file_deleted_while_down_is_not_resurrected(
+    memory_storage: MemoryStorage, tmp_path: Path
+) -> None:
+    """mirror_deletes: a file whose tail write landed but whose journal row was lost, then
+    deleted locally before the restart, is forgotten by the index and has no object
+    (regression: recovery promoted it to a main object nobody removed)."""
+    root = tmp_path / "root"
+    _write_lines(root / KEY, 3)
+
+    async def scenario() -> None:
+        with Journal(tmp_path / "j.sqlite3", root) as journal:
+            ctx = _context(memory_storage, journal, root)
+            writer = memory_storage.tail_writer(journal.writer_id())
+            assert (await TailShipper(ctx, writer).ship(Batch({KEY: 1}, 1 << 20))).done == [KEY]
+            journal.forget("mem", KEY)  # the commit that a kill -9 lost
+            journal.commit()
+            (root / KEY).unlink()
+            ctx = _context(memory_storage, journal, root)
+            ctx.policy = Policy(
+                flush_interval_s=0.01, invalid_json_grace_s=0.0, mirror_deletes=True
+            )
+            restarted = TailShipper(ctx, memory_storage.tail_writer(journal.writer_id()))
+            assert (await restarted.ship(Batch({}, 1 << 20))).error is None
+            assert restarted.behind == 0
+
+    asyncio.run(scenario())
+    assert not memory_storage.exists(KEY)
+
+
+def test_a_landed_but_unjournaled_json_is_not_taken_for_the_old_one(
+    memory_storage: MemoryStorage, tmp_path: Path
+) -> None:
+    """A JSON write that lands but whose answer is lost, then the file goes back to the
+    content sent before: it is sent again, not recorded as sent (regression: the row
+    still held the old content's CRC32C, so the object kept the lost write's content)."""
+    root = tmp_path / "root"
+    path = root / "runs/r/metadata.json"
+    path.parent.mkdir(parents=True)
+
+    def write(data: bytes, age_s: float) -> None:
+        path.write_bytes(data)
+        t = time.time() - age_s
+        os.utime(path, (t, t))
+
+    async def scenario() -> None:
+        with Journal(tmp_path / "j.sqlite3", root) as journal:
+            shipper = PerFileShipper(_context(memory_storage, journal, root))
+            key = "runs/r/metadata.json"
+            write(b'{"v": 1}', 100)
+            assert (await shipper.ship(Batch({key: 1}, 1 << 20))).done == [key]
+            write(b'{"v": 2}', 90)
+            memory_storage.faults.fail("write", lost_response=True)
+            assert (await shipper.ship(Batch({key: 2}, 1 << 20))).error is not None
+            write(b'{"v": 1}', 80)
+            assert (await shipper.ship(Batch({key: 3}, 1 << 20))).done == [key]
+
+    asyncio.run(scenario())
+    assert memory_storage.read("runs/r/metadata.json") == b'{"v": 1}'

@@ -244,9 +244,11 @@ class TailShipper:
         reset = await self.open(outcome) if not self._opened else []
         # a tail object whose answer was lost is what readers see: adopt its index, and
         # stage its files again (their entries stay until then)
-        lost = await self.writer.settle()
-        self._restage |= lost
-        reset = [*reset, *sorted(lost)]
+        lost = sorted(await self.writer.settle())
+        self._restage.update(lost)
+        reset = [*reset, *lost]
+        for path in reset:
+            outcome.again.setdefault(path, False)  # the scheduler keeps them until done
         staged: list[Staged] = []
         direct: list[str] = []
         for path in sorted(dict.fromkeys([*batch.paths, *reset]), key=phase_of):
@@ -288,8 +290,6 @@ class TailShipper:
             if outcome.error is not None:
                 return
         await self.promote_due()
-        for path in sorted(self._restage):
-            outcome.again.setdefault(path, False)
 
     async def plan(self, path: str) -> Staged | object | None:
         """Stage what ``path`` needs in the next tail object (see :func:`~evalsyncd.sync.plan.plan`).
@@ -386,10 +386,10 @@ class TailShipper:
             room = max(1, self.chunk_bytes - self.writer.staged_bytes)
         async with ctx.read_delta(fd, start, st.st_size, room) as data:
             if not data:
-                if rewrite and (entry is not None or st.st_size == 0):
+                if rewrite and (entry is not None or ft is not None or st.st_size == 0):
                     # a new empty file, or one replaced or truncated with no complete
-                    # line (the remote holds an older file): an empty main object now,
-                    # never stitched with old pieces
+                    # line (the remote, or the tail, holds an older file): an empty main
+                    # object now, never stitched with old pieces
                     if ft is None:
                         return DIRECT
                     new = lines.new_entry(ctx.name, path, st)

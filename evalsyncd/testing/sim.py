@@ -530,8 +530,8 @@ class _Sim:
             wait = rng.choice((0.01, 1.0, 1.0, 3.0, 11.0, 70.0))
             self.clock.advance(wait)
             armed = ""
-            if rng.random() < 0.7:
-                chaos.crash_at = chaos.calls + rng.randint(1, 5)
+            if rng.random() < 0.9:
+                chaos.crash_at = chaos.calls + rng.randint(1, 4)
                 chaos.crash_after = rng.random() < 0.5
                 armed = f" crash at request {chaos.crash_at}" + (
                     " after it" if chaos.crash_after else ""
