@@ -113,13 +113,13 @@ class TailShipper:
 
     # -- recovery ------------------------------------------------------------------------
 
-    async def open(self, outcome: Outcome) -> list[str]:
+    async def open(self) -> list[str]:
         """Read the newest index and reconcile it with the journal (see the module
         docstring).
 
         A file reset to its main object's offset keeps its old index entry until
         its bytes are staged again (readers never see it go back to an older
-        version meanwhile); it is also in ``outcome.again``.
+        version meanwhile).
 
         Returns:
             The files reset, to stage again in this pass.
@@ -150,7 +150,6 @@ class TailShipper:
                 reset.append(path)
         for path in reset:
             row = rows.get(path)
-            outcome.again.setdefault(path, False)
             if row is None or path in self._restage:
                 continue
             self._restage.add(path)
@@ -233,22 +232,26 @@ class TailShipper:
         objects; see :class:`Outcome` (its ``error``: nothing unacknowledged was journaled)."""
         outcome = Outcome()
         self.chunk_bytes = self.files.chunk_bytes = batch.chunk_bytes
+        reset: list[str] = []
         try:
-            await self._ship(batch, outcome)
+            await self._ship(batch, outcome, reset)
         except StorageError as exc:
             outcome.error = exc
+        for path in reset:
+            if path not in batch.paths and path not in outcome.done:
+                outcome.again.setdefault(path, False)  # not done: the scheduler keeps it
         return outcome
 
-    async def _ship(self, batch: Batch, outcome: Outcome) -> None:
+    async def _ship(self, batch: Batch, outcome: Outcome, reset: list[str]) -> None:
+        """One pass; ``reset`` receives the files recovery asks to stage again."""
         ctx = self.ctx
-        reset = await self.open(outcome) if not self._opened else []
+        if not self._opened:
+            reset += await self.open()
         # a tail object whose answer was lost is what readers see: adopt its index, and
         # stage its files again (their entries stay until then)
         lost = sorted(await self.writer.settle())
         self._restage.update(lost)
-        reset = [*reset, *lost]
-        for path in reset:
-            outcome.again.setdefault(path, False)  # the scheduler keeps them until done
+        reset += lost
         staged: list[Staged] = []
         direct: list[str] = []
         for path in sorted(dict.fromkeys([*batch.paths, *reset]), key=phase_of):
