@@ -1,4 +1,4 @@
-"""Command line: ``evalsyncd run | sync --once | status | verify | runs ls|show|report | restore | demo``.
+"""Command line: ``evalsyncd run | sync --once | status | verify | runs ls|show|report | restore | view | demo``.
 
 The only module that reads config files, configures logging, installs signal
 handlers and starts event loops. Imports are per command: ``runs`` and
@@ -184,6 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     restore.add_argument(
         "--root", metavar="DIR", required=True, type=Path, help="the local EvalStore root"
     )
+
+    _add_view_parser(sub)
 
     demo = sub.add_parser(
         "demo", help="local S3 + GCS servers, a sample writer and the daemon, end to end"
@@ -521,6 +523,91 @@ def _restore(args: argparse.Namespace) -> int:
     return EX_OK
 
 
+def _add_view_parser(sub: Any) -> None:
+    view = sub.add_parser(
+        "view", help="a read-only local web app over runs, samples and comparisons (until Ctrl-C)"
+    )
+    view.add_argument(
+        "uri",
+        metavar="URI",
+        help="a local root, a host prefix or a fleet prefix (a directory, s3://..., gs://...)",
+    )
+    view.add_argument(
+        "--config",
+        metavar="PATH",
+        help="TOML configuration; URI may then be a destination name (its client settings apply)",
+    )
+    view.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default 127.0.0.1: this machine only)",
+    )
+    view.add_argument(
+        "--port", type=int, default=8765, help="TCP port (default 8765; 0: any free port)"
+    )
+    view.add_argument(
+        "--refresh",
+        type=float,
+        default=1.0,
+        metavar="SECONDS",
+        help="how often open pages look for new runs and samples (default 1)",
+    )
+    view.add_argument(
+        "--allow-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="another name requests may use in their Host header (repeatable)",
+    )
+
+
+def _view(args: argparse.Namespace) -> int:
+    """``evalsyncd view``: serve until SIGINT/SIGTERM; 0 on a clean stop."""
+    import signal
+
+    from evalsyncd.view import serve
+
+    _reader_logging()
+    if not args.refresh > 0:
+        print("evalsyncd: error: --refresh must be > 0", file=sys.stderr)
+        return EX_USAGE
+    try:
+        storage, prefix = _open_reader(args.uri, args.config)
+    except ConfigError as exc:
+        return _config_error(exc)
+    except (StorageError, OSError, ValueError) as exc:
+        _fail(exc, args.uri)
+        return EX_FAILURE
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+
+        def ready(url: str) -> None:
+            print(f"evalsyncd view of {args.uri}: {url}  (Ctrl-C to stop)", flush=True)
+
+        await serve(
+            storage,
+            prefix,
+            host=args.host,
+            port=args.port,
+            refresh_s=args.refresh,
+            allow_hosts=tuple(args.allow_host),
+            stop=stop,
+            on_ready=ready,
+        )
+
+    try:
+        with storage:
+            asyncio.run(run())
+    except OSError as exc:
+        _fail(exc, f"{args.host}:{args.port}")
+        return EX_FAILURE
+    return EX_OK
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit status."""
     args = build_parser().parse_args(argv)
@@ -532,6 +619,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_demo(seconds=args.seconds, keep=Path(args.keep) if args.keep else None)
     if args.command == "restore":
         return _restore(args)
+    if args.command == "view":
+        return _view(args)
     from evalsyncd.logs import configure_logging
     from evalsyncd.sync.journal import JournalError
 
