@@ -483,7 +483,7 @@ async def _run_page(request: web.Request) -> web.StreamResponse:
         request,
         template,
         run=row,
-        url=details.run.url,
+        location=details.run.url,
         checkpoint_path=str(details.run.metadata.checkpoint_path or ""),
         config=config if isinstance(config, dict) else {"config": config},
         benchmarks=details.benchmarks,
