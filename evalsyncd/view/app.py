@@ -83,6 +83,7 @@ SOURCE = web.AppKey("source", ViewSource)
 _ENV = web.AppKey("jinja", jinja2.Environment)
 _ALLOWED = web.AppKey("allowed_names", frozenset)
 _REFRESH_MS = web.AppKey("refresh_ms", int)
+_ROWS = web.AppKey("rows_cache", dict)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -286,6 +287,15 @@ def _row(run: FleetRun) -> dict[str, Any]:
     }
 
 
+def _rows(request: web.Request, snap: RunsSnapshot) -> list[dict[str, Any]]:
+    """The rows of a snapshot, made once per snapshot (every poll of every tab reuses them)."""
+    cached = request.app[_ROWS]
+    if cached.get("snap") is not snap:
+        cached["snap"], cached["rows"] = snap, [_row(r) for r in snap.runs]
+    rows: list[dict[str, Any]] = cached["rows"]
+    return rows
+
+
 _SORTS = ("created", "host", "model", "checkpoint", "run", "status")
 
 
@@ -324,7 +334,7 @@ def _filtered_runs(request: web.Request, snap: RunsSnapshot) -> dict[str, Any]:
     descending = order == "desc" or (
         order == "" and (sort == "created" or sort.startswith("score:"))
     )
-    all_rows = [_row(r) for r in snap.runs]
+    all_rows = _rows(request, snap)
     rows = all_rows
     if q:
         needle = q.casefold()
@@ -410,7 +420,7 @@ async def _runs_page(request: web.Request) -> web.StreamResponse:
 
 async def _checkpoints_page(request: web.Request) -> web.StreamResponse:
     snap = await request.app[SOURCE].runs()
-    rows = [_row(r) for r in snap.runs]
+    rows = _rows(request, snap)
     only = request.query.get("benchmark", "")
     newest: dict[tuple[str, str | None], dict[str, Any]] = {}
     for r in sorted(rows, key=lambda r: (r["timestamp"], r["run_id"])):
@@ -474,7 +484,7 @@ async def _run_page(request: web.Request) -> web.StreamResponse:
     for b in details.benchmarks:
         others[b] = [
             r
-            for r in (_row(x) for x in snap.runs)
+            for r in _rows(request, snap)
             if b in r["benchmarks"] and (r["host"], r["run_id"]) != (host, run_id)
         ]
     config = details.run.metadata.config
@@ -520,6 +530,7 @@ def create_app(
     app[_ENV] = _environment()
     app[_ALLOWED] = _allowed_names(bind_host, allow_hosts)
     app[_REFRESH_MS] = max(250, int(source.refresh_s * 1000))
+    app[_ROWS] = {}
     app.on_response_prepare.append(_security_headers)
     static = resources.files("evalsyncd.view") / "static"
     app.router.add_get("/", _runs_page)
