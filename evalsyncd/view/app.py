@@ -61,6 +61,7 @@ from evalsyncd.view.source import RunsSnapshot, ViewSource, metadata_row, run_st
 
 __all__ = [
     "CONTENT_SECURITY_POLICY",
+    "PageError",
     "RUNS_PAGE_SIZE",
     "SOURCE",
     "create_app",
