@@ -105,6 +105,14 @@ def _get(url: str) -> bytes:
         return bytes(r.read())
 
 
+def _get_or_empty(url: str) -> bytes:
+    """The body, or ``b""`` for an error answer (a run not mirrored yet is a 404 page)."""
+    try:
+        return _get(url)
+    except OSError:
+        return b""
+
+
 # -- first screen -----------------------------------------------------------------------
 
 
@@ -221,7 +229,7 @@ def _live(bench: Bench, proxy: CountingProxy, samples: int) -> dict[str, Any]:
         with storage, view_server(storage, "viewlive") as base:
             page = f"{base}samples?host=host&run={run_id}&benchmark=gsm8k&size=500&fragment=1"
             deadline = time.monotonic() + 60
-            while b'data-line="0"' not in _get(page):  # the daemon's first pass
+            while b'data-line="0"' not in _get_or_empty(page):  # the daemon's first pass
                 if time.monotonic() > deadline:
                     raise RuntimeError("live: the first sample never showed")
                 time.sleep(0.2)
