@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from evalsyncd.catalog import build_catalog, write_catalog_bytes
 from evalsyncd.storage import LocalStorage
+from evalsyncd.storage.memory import MemoryStorage
 from evalsyncd.store import EvalStore, StoredTrajectory, StoredTurn
 from evalsyncd.view.samples_pages import MAX_PAGE_SIZE, TEXT_LIMIT
 from tests.viewhelpers import HOSTILE, Page, fetch, with_view, write_run
@@ -260,3 +262,39 @@ def test_samples_and_compare_on_a_bucket(backend: str, request: pytest.FixtureRe
     assert _samples(samples) == [2, 3, 5]
     assert one.json()["sample"]["idx"] == 3
     assert comp.json()["counts"]["regression"] == 2
+
+
+def test_reads_only_and_no_request_per_run(memory_storage: MemoryStorage) -> None:
+    """Every page writes nothing; the runs list costs a few requests per host, none per run."""
+    hosts = ("h1", "h2", "h3")
+    runs: dict[str, str] = {}
+    for host in hosts:
+        child = memory_storage.child(host)
+        store = EvalStore(child)
+        ids = [write_run(store, "m", f"step{k}", rewards=BASE) for k in range(4)]
+        runs[host] = ids[0]
+        metadata = {i: child.read(f"runs/{i}/metadata.json") for i in ids}
+        write_catalog_bytes(child, build_catalog(metadata))
+    faults = memory_storage.faults
+    faults.calls.clear()
+    (listing,) = fetch(memory_storage, "", "/?format=json")
+    assert listing.json()["total"] == 4 * len(hosts)
+    assert faults.calls["read"] == 0  # no metadata.json read: the catalogs answer
+    assert sum(faults.calls.values()) <= 2 + 3 * len(hosts), dict(faults.calls)
+    h = hosts[0]
+    a, b = runs[h], runs[hosts[1]]
+    pages = fetch(
+        memory_storage,
+        "",
+        "/",
+        "/checkpoints",
+        f"/run?host={h}&run={a}",
+        f"/samples?host={h}&run={a}&benchmark=gsm8k",
+        f"/samples?host={h}&run={a}&benchmark=gsm8k&q=answer",
+        f"/sample?host={h}&run={a}&benchmark=gsm8k&line=2",
+        f"/compare?benchmark=gsm8k&a_host={h}&a={a}&b_host={hosts[1]}&b={b}",
+        f"/compare/pair?benchmark=gsm8k&a_host={h}&a={a}&b_host={hosts[1]}&b={b}&a_line=1&b_line=1",
+    )
+    assert [p.status for p in pages] == [200] * len(pages)
+    for op in ("write", "append", "remove", "internal_put", "internal_create", "delete_keys"):
+        assert faults.calls[op] == 0, op
