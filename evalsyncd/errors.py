@@ -17,6 +17,9 @@ decide on retries by type and never by matching message strings::
             ├── BucketNotFoundError       the bucket itself does not exist
             ├── InvalidRequestError       the server refused the request as malformed
             └── CorruptObjectError        an object evalsyncd wrote (a tail object) is damaged
+    SampleError                           a read of samples (evalsyncd.samples) failed
+    ├── SampleNotFoundError               also LookupError: no sample at that line
+    └── SearchPatternError                also ValueError: an invalid search regex
 
 Keys that are empty, absolute or contain ``..`` are refused before any request
 with a plain :class:`ValueError` (:class:`InvalidKeyError` subclasses both).
@@ -39,6 +42,9 @@ __all__ = [
     "InvalidRequestError",
     "ObjectNotFoundError",
     "PermanentStorageError",
+    "SampleError",
+    "SampleNotFoundError",
+    "SearchPatternError",
     "StorageError",
     "TransientStorageError",
 ]
@@ -117,3 +123,15 @@ class CorruptObjectError(PermanentStorageError):
 
     The message names the object's URL; retrying the same read will not help.
     """
+
+
+class SampleError(EvalsyncdError):
+    """A read of samples (:mod:`evalsyncd.samples`) cannot be answered."""
+
+
+class SampleNotFoundError(SampleError, LookupError):
+    """No sample at the requested line of a ``trajectories.jsonl`` (the message names its URL)."""
+
+
+class SearchPatternError(SampleError, ValueError):
+    """A search pattern is not a valid regular expression (the message quotes it)."""
