@@ -594,7 +594,8 @@ def _view(res: dict[str, Any], img: Path) -> list[str]:
         "",
         f"Live: a sample written on a host under a running daemon (flush_interval_s = "
         f"{live['flush_interval_s']} s, through the 20 ms proxy) shows in an open samples page "
-        f"(its live fragment polled every {live['refresh_s']} s, as `view.js` does).",
+        f"(its live fragment polled every {live.get('poll_s', live['refresh_s'])} s, as `view.js` "
+        "does in a samples page).",
         "",
         _table(
             ["samples", "missing", "p50", "p95", "max", "target (p95)"],

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import tempfile
 import threading
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from aiohttp.test_utils import TestClient, TestServer
@@ -96,7 +98,7 @@ def with_view(storage: Storage, prefix: str, scenario: Scenario, *, refresh_s: f
     """
 
     async def main() -> Any:
-        source = ViewSource(storage, prefix, refresh_s=refresh_s)
+        source = ViewSource(storage, prefix, refresh_s=refresh_s, cache_dir=Path(cache))
         app = create_app(source)
         try:
             async with TestClient(TestServer(app, host="127.0.0.1")) as client:
@@ -109,7 +111,8 @@ def with_view(storage: Storage, prefix: str, scenario: Scenario, *, refresh_s: f
         finally:
             await source.aclose()
 
-    return asyncio.run(main())
+    with tempfile.TemporaryDirectory(prefix="view-cache-") as cache:
+        return asyncio.run(main())
 
 
 def fetch(storage: Storage, prefix: str, *paths: str) -> list[Page]:
@@ -137,7 +140,15 @@ def view_server(storage: Storage, prefix: str = "", *, refresh_s: float = 0.3) -
             ready.append(url)
             got.set()
 
-        await serve(storage, prefix, port=0, refresh_s=refresh_s, stop=stop, on_ready=on_ready)
+        await serve(
+            storage,
+            prefix,
+            port=0,
+            refresh_s=refresh_s,
+            cache_dir=Path(cache),
+            stop=stop,
+            on_ready=on_ready,
+        )
 
     def thread_main() -> None:
         try:
@@ -146,6 +157,8 @@ def view_server(storage: Storage, prefix: str = "", *, refresh_s: float = 0.3) -
             state["error"] = exc
             got.set()
 
+    tmp = tempfile.TemporaryDirectory(prefix="view-cache-")
+    cache = tmp.name
     thread = threading.Thread(target=thread_main, name="view-server", daemon=True)
     thread.start()
     if not got.wait(30):
@@ -157,3 +170,4 @@ def view_server(storage: Storage, prefix: str = "", *, refresh_s: float = 0.3) -
     finally:
         state["loop"].call_soon_threadsafe(state["stop"].set)
         thread.join(30)
+        tmp.cleanup()

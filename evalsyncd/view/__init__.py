@@ -4,7 +4,7 @@ The package, one job per module::
 
     source.py         ViewSource: the runs listing (cached, shared), one run, host storages
     app.py            the aiohttp application: runs, score by checkpoint, run pages; security
-    samples_pages.py  samples, one sample, compare (over evalsyncd.samples)
+    samples_pages.py  samples, one sample, compare (over evalsyncd.samples: index, search, compare)
     templates/        Jinja2 templates (autoescaped)
     static/           view.css, view.js (shipped in the wheel; nothing from the network)
 
@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from pathlib import Path
 
 from aiohttp import web
 
@@ -41,6 +42,7 @@ async def serve(
     port: int = DEFAULT_PORT,
     refresh_s: float = DEFAULT_REFRESH_S,
     allow_hosts: tuple[str, ...] = (),
+    cache_dir: Path | None = None,
     stop: asyncio.Event,
     on_ready: Callable[[str], None] | None = None,
 ) -> None:
@@ -55,13 +57,15 @@ async def serve(
         refresh_s: how often open pages refresh, and the longest the runs
             listing is reused, seconds.
         allow_hosts: extra names a request's ``Host`` may carry.
+        cache_dir: where sample indexes are cached (default: the samples
+            package's, on local disk).
         stop: set it to stop the server (the CLI sets it on SIGINT/SIGTERM).
         on_ready: called with the base URL (``http://host:port/``) once listening.
 
     Raises:
         OSError: the address is in use or cannot be bound.
     """
-    source = ViewSource(storage, prefix, refresh_s=refresh_s)
+    source = ViewSource(storage, prefix, refresh_s=refresh_s, cache_dir=cache_dir)
     app = create_app(source, bind_host=host, allow_hosts=allow_hosts)
     runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
     await runner.setup()

@@ -54,16 +54,16 @@ import jinja2
 from aiohttp import web
 from markupsafe import Markup, escape
 
-from evalsyncd.errors import StorageError
+from evalsyncd.errors import SampleError, SampleNotFoundError, StorageError
 from evalsyncd.fleet import FleetRun
 from evalsyncd.report import checkpoint_sort_key, score_figures
 from evalsyncd.view.source import RunsSnapshot, ViewSource, metadata_row, run_status, score_of
 
 __all__ = [
     "CONTENT_SECURITY_POLICY",
-    "PageError",
     "RUNS_PAGE_SIZE",
     "SOURCE",
+    "PageError",
     "create_app",
     "page_url",
 ]
@@ -203,12 +203,14 @@ async def _guard(request: web.Request, handler: Handler) -> web.StreamResponse:
         raise
     except PageError as exc:
         return _error(request, exc.status, exc.message)
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, SampleNotFoundError) as exc:
         return _error(request, 404, f"not found: {exc}")
     except (StorageError, OSError) as exc:
         return _error(request, 502, f"could not read: {type(exc).__name__}: {exc}")
     except ValueError as exc:
         return _error(request, 400, f"bad request: {exc}")
+    except SampleError as exc:  # e.g. the file changed while it was read
+        return _error(request, 409, f"could not read the samples: {exc}")
     except Exception as exc:
         logger.exception("view: %s failed", request.path_qs)
         return _error(request, 500, f"internal error: {type(exc).__name__}: {exc}")

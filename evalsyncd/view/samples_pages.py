@@ -26,9 +26,7 @@ from typing import Any
 
 from aiohttp import web
 
-from evalsyncd.store import StoredTrajectory
-from evalsyncd.view import app as view_app
-from evalsyncd.view._samples_compat import (  # until evalsyncd.samples lands
+from evalsyncd.samples import (
     Category,
     Comparison,
     SampleEntry,
@@ -37,6 +35,8 @@ from evalsyncd.view._samples_compat import (  # until evalsyncd.samples lands
     SampleReader,
     compare,
 )
+from evalsyncd.store import StoredTrajectory
+from evalsyncd.view import app as view_app
 from evalsyncd.view.app import SOURCE, PageError, page_url
 
 __all__ = [
@@ -72,7 +72,8 @@ def _reader(request: web.Request, host: str) -> SampleReader:
     readers: dict[str, SampleReader] = request.app[_READERS]
     found = readers.get(host)
     if found is None:
-        found = SampleReader(request.app[SOURCE].host_storage(host))
+        source = request.app[SOURCE]
+        found = SampleReader(source.host_storage(host), cache_dir=source.cache_dir)
         readers[host] = found
     return found
 
@@ -127,19 +128,26 @@ async def _samples_page(request: web.Request) -> web.StreamResponse:
     offset = view_app._int_param(request, "offset", 0, 0, 2**62)
     reader = _reader(request, host)
     index: SampleIndex = await reader.aindex(run_id, benchmark)
-    counts = {f.value: index.count(f) for f in SampleFilter}
-    next_offset: int | None = None
-    if pattern:
-        found = await reader.asearch(
-            run_id, benchmark, pattern, regex=regex, filter=which, offset=offset, limit=size
-        )
-        entries, next_offset = _search_result(found)
-        total = None
-        pages = None
-    else:
-        total = counts[which.value]
-        pages = max(1, math.ceil(total / size))
-        entries = list(await reader.apage(run_id, benchmark, number, size, which))
+    try:
+        if not index.exists:
+            # a run whose benchmark has not written a sample yet, or no such run at all
+            await request.app[SOURCE].fleet.store(host).aread_run(run_id)
+        counts = {f.value: index.count(f) for f in SampleFilter}
+        next_offset: int | None = None
+        if pattern:
+            found = await reader.asearch(
+                run_id, benchmark, pattern, regex=regex, filter=which, offset=offset, limit=size
+            )
+            entries = [e for e, _ in found.matches]
+            next_offset = found.next_offset if found.more else None
+            total = None
+            pages = None
+        else:
+            total = counts[which.value]
+            pages = max(1, math.ceil(total / size))
+            entries = index.page(number - 1, size, which)
+    finally:
+        index.close()
     params = {
         "host": host,
         "run": run_id,
@@ -160,6 +168,7 @@ async def _samples_page(request: web.Request) -> web.StreamResponse:
                 "benchmark": benchmark,
                 "filter": which.value,
                 "counts": counts,
+                "exists": index.exists,
                 "complete": index.complete,
                 "indexed_bytes": index.indexed_bytes,
                 "page": None if pattern else number,
@@ -183,6 +192,8 @@ async def _samples_page(request: web.Request) -> web.StreamResponse:
         filters=[f.value for f in SampleFilter],
         counts=counts,
         complete=index.complete,
+        exists=index.exists,
+        location=reader.url(run_id, benchmark),
         rows=rows,
         page=number,
         pages=pages,
@@ -194,16 +205,6 @@ async def _samples_page(request: web.Request) -> web.StreamResponse:
         next_offset=next_offset,
         params=params,
     )
-
-
-def _search_result(found: Any) -> tuple[list[SampleEntry], int | None]:
-    """Entries and the offset to continue from, whatever shape the search answers in."""
-    if isinstance(found, tuple) and len(found) == 2:
-        entries, nxt = found
-        return list(entries), nxt
-    entries = getattr(found, "entries", found)
-    nxt = getattr(found, "next_offset", None)
-    return list(entries), nxt
 
 
 # -- one sample -------------------------------------------------------------------------
@@ -235,10 +236,8 @@ def final_answer(t: StoredTrajectory) -> str:
 async def _read_sample(
     request: web.Request, host: str, run_id: str, benchmark: str, line: int
 ) -> StoredTrajectory:
-    sample = await _reader(request, host).asample(run_id, benchmark, line)
-    if isinstance(sample, StoredTrajectory):
-        return sample
-    return StoredTrajectory.from_dict(sample)
+    _, sample = await _reader(request, host).asample(run_id, benchmark, line)
+    return sample
 
 
 def _sample_view(t: StoredTrajectory, key: str, text_url: dict[str, Any]) -> dict[str, Any]:
@@ -311,13 +310,18 @@ async def _sample_text(request: web.Request) -> web.StreamResponse:
     name = view_app._param(request, "field")
     if line < 0:
         raise PageError(400, "missing parameter 'line'")
-    t = await _read_sample(request, host, run_id, benchmark, line)
-    texts = _texts(t)
-    if name not in texts:
-        raise PageError(404, f"sample line {line} has no field {name!r}")
-    full = texts[name]
-    end = offset + TEXT_CHUNK
-    return view_app._json({"text": full[offset:end], "next": end if end < len(full) else None})
+    if (name.startswith("turn:") and name[5:].isdigit()) or name == "error":
+        turn = None if name == "error" else int(name[5:])
+        reader = _reader(request, host)
+        text = await reader.atext(run_id, benchmark, line, turn, offset, TEXT_CHUNK)
+    elif name in ("logs", "metrics"):
+        t = await _read_sample(request, host, run_id, benchmark, line)
+        text = _texts(t)[name][offset : offset + TEXT_CHUNK]
+    else:
+        raise PageError(400, f"unknown field {name!r} (turn:N, error, logs or metrics)")
+    return view_app._json(
+        {"text": text, "next": offset + len(text) if len(text) == TEXT_CHUNK else None}
+    )
 
 
 # -- compare ----------------------------------------------------------------------------
@@ -341,18 +345,31 @@ async def _comparison(
         _reader(request, a[0]).aindex(a[1], benchmark),
         _reader(request, b[0]).aindex(b[1], benchmark),
     )
-    sizes = {"a": idx_a.count(SampleFilter.ALL), "b": idx_b.count(SampleFilter.ALL)}
-    key = (benchmark, a, b, idx_a.indexed_bytes, idx_b.indexed_bytes)
-    cache: OrderedDict[Any, Comparison] = request.app[_COMPARISONS]
-    found = cache.get(key)
-    if found is None:
-        entries_a = idx_a.page(1, max(1, sizes["a"]), SampleFilter.ALL) if sizes["a"] else []
-        entries_b = idx_b.page(1, max(1, sizes["b"]), SampleFilter.ALL) if sizes["b"] else []
-        found = await asyncio.to_thread(compare, entries_a, entries_b, seed=0)
-        cache[key] = found
-        while len(cache) > _COMPARISONS_KEPT:
-            cache.popitem(last=False)
-    return found, sizes
+    try:
+        for side, index in (("A", idx_a), ("B", idx_b)):
+            if not index.exists:
+                run = a if side == "A" else b
+                raise PageError(
+                    404,
+                    f"{side}: run {run[1]} has no samples of {benchmark} ({index.url or 'missing'})",
+                )
+        sizes = {"a": idx_a.count(SampleFilter.ALL), "b": idx_b.count(SampleFilter.ALL)}
+        key = (benchmark, a, b, idx_a.indexed_bytes, idx_b.indexed_bytes)
+        cache: OrderedDict[Any, Comparison] = request.app[_COMPARISONS]
+        found = cache.get(key)
+        if found is None:
+
+            def work() -> Comparison:
+                return compare(list(idx_a.entries()), list(idx_b.entries()), seed=0)
+
+            found = await asyncio.to_thread(work)
+            cache[key] = found
+            while len(cache) > _COMPARISONS_KEPT:
+                cache.popitem(last=False)
+        return found, sizes
+    finally:
+        idx_a.close()
+        idx_b.close()
 
 
 def _category(value: object) -> str:
@@ -382,9 +399,7 @@ async def _compare_page(request: web.Request) -> web.StreamResponse:
             "a": None if ea is None else _entry(ea),
             "b": None if eb is None else _entry(eb),
         }
-        key = ea or eb
-        out["idx"] = key.idx
-        out["example_id"] = key.example_id
+        out["example_id"], out["idx"] = r.key
         out["href"] = page_url(
             "/compare/pair",
             **base,
@@ -396,6 +411,8 @@ async def _compare_page(request: web.Request) -> web.StreamResponse:
     table = [row(r) for r in shown]
     stats = {
         "counts": counts,
+        "matched": result.matched,
+        "reward_diff": _num(result.reward_diff),
         "mcnemar_p": _num(result.mcnemar_p),
         "reward_diff_ci": None if ci is None else [_num(ci[0]), _num(ci[1])],
         "samples": sizes,

@@ -112,17 +112,27 @@ class ViewSource:
         storage: an open storage (the caller closes it).
         prefix: the fleet or host prefix inside it (``""``: its root).
         refresh_s: the runs listing is read again when older than this, seconds.
+        cache_dir: where the sample readers keep their per-file index (default:
+            :func:`evalsyncd.samples.default_cache_dir`, on local disk).
 
     Raises:
         ValueError: ``refresh_s`` is not positive.
     """
 
-    def __init__(self, storage: Storage, prefix: str = "", *, refresh_s: float = DEFAULT_REFRESH_S):
+    def __init__(
+        self,
+        storage: Storage,
+        prefix: str = "",
+        *,
+        refresh_s: float = DEFAULT_REFRESH_S,
+        cache_dir: Path | None = None,
+    ):
         if not refresh_s > 0:
             raise ValueError(f"refresh_s must be > 0, not {refresh_s}")
         self.storage = storage
         self.prefix = prefix.strip("/")
         self.refresh_s = refresh_s
+        self.cache_dir = cache_dir
         self.fleet = Fleet(storage, self.prefix)
         self._snapshot: RunsSnapshot | None = None
         self._lock: asyncio.Lock | None = None

@@ -1,7 +1,8 @@
 // evalsyncd view: the only script. No framework, no network but this server.
 // 1. Live regions: an element with data-live="URL" is refreshed from URL (a
-//    server-rendered, escaped HTML fragment) every data-refresh-ms of <body>,
-//    while the tab is visible and nothing inside it has the focus.
+//    server-rendered, escaped HTML fragment) every data-period-ms of the element
+//    (default: data-refresh-ms of <body>), while the tab is visible and nothing
+//    inside it has the focus.
 // 2. "Load more": a button with data-more="URL" fetches the next piece of a
 //    long text as JSON {text, next} and appends it as text (never as HTML).
 "use strict";
@@ -24,12 +25,16 @@
       .catch(function () { /* the next round retries */ });
   }
 
+  function every(el) {
+    return Number(el.dataset.periodMs) || period;
+  }
+
   function loop(el) {
-    refresh(el).then(function () { setTimeout(function () { loop(el); }, period); });
+    refresh(el).then(function () { setTimeout(function () { loop(el); }, every(el)); });
   }
 
   document.querySelectorAll("[data-live]").forEach(function (el) {
-    setTimeout(function () { loop(el); }, period);
+    setTimeout(function () { loop(el); }, every(el));
   });
 
   document.addEventListener("click", function (ev) {
