@@ -528,8 +528,6 @@ def _restore(args: argparse.Namespace) -> int:
 
     _reader_logging()
     try:
-        if args.runs_command == "export":
-            return _export(args)
         with _run_store(args.uri, args.config, args.run_id) as found:
             if found is None:
                 return EX_FAILURE
