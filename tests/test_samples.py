@@ -97,6 +97,8 @@ def test_index_pages_filters_extension_and_rebuild(storage: AnyStorage, tmp_path
         head = await reader.ahead("r1", "gsm", 7)
         assert [e.idx for e, _ in head] == list(range(7))
         assert head[3][1].turns[0].content == "question 3"
+        errors = await reader.ahead("r1", "gsm", 3, SampleFilter.ERRORS)
+        assert [e.idx for e, _ in errors] == _expected(0, 120, SampleFilter.ERRORS)[:3]
 
         index = await reader.aindex("r1", "gsm")
         assert index.complete and index.exists

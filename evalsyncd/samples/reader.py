@@ -327,13 +327,17 @@ class SampleReader:
     # -- reads without an index ------------------------------------------------------
 
     async def ahead(
-        self, run_id: str, benchmark: str, limit: int
+        self,
+        run_id: str,
+        benchmark: str,
+        limit: int,
+        filter: SampleFilter = SampleFilter.ALL,
     ) -> list[tuple[SampleEntry, StoredTrajectory]]:
-        """The first ``limit`` samples of the file, without waiting for an index.
+        """The first ``limit`` samples passing ``filter``, without waiting for an index.
 
         One ranged read of :data:`HEAD_BYTES` bytes, then reads of doubling size
         (at most ``chunk_size``) only while fewer than ``limit`` samples were
-        found and the file goes on. Bad lines are skipped with a warning on the
+        found and the file goes on (a rare filter may read the whole file). Bad lines are skipped with a warning on the
         ``evalsyncd.samples`` logger (the index lists them). A missing file gives ``[]``.
 
         Raises:
@@ -345,6 +349,7 @@ class SampleReader:
         path = self.path(run_id, benchmark)
         url = self.storage.url(path)
         scanner = LineScanner()
+        which = SampleFilter(filter)
         out: list[tuple[SampleEntry, StoredTrajectory]] = []
         offset, size = 0, HEAD_BYTES
         while len(out) < limit:
@@ -359,7 +364,7 @@ class SampleReader:
                 parsed = parse_line(raw, line, start)
                 if isinstance(parsed, BadLine):
                     logger.warning("%s", replace(parsed, url=url))
-                elif parsed is not None:
+                elif parsed is not None and which.keep(parsed.entry):
                     out.append((parsed.entry, parsed.trajectory))
                     if len(out) >= limit:
                         break
