@@ -153,10 +153,13 @@ def build_parser() -> argparse.ArgumentParser:
     runs_report = runs_sub.add_parser(
         "report", help="one self-contained HTML page: runs table and score-by-checkpoint plots"
     )
+    runs_export = runs_sub.add_parser(
+        "export", help="every sample of every run as one CSV table (DuckDB, Polars, pandas)"
+    )
     restore = sub.add_parser(
         "restore", help="copy one run from a bucket into a local root, byte for byte"
     )
-    for p in (runs_ls, runs_show, runs_report, restore):
+    for p in (runs_ls, runs_show, runs_report, runs_export, restore):
         p.add_argument(
             "--config",
             metavar="PATH",
@@ -179,6 +182,10 @@ def build_parser() -> argparse.ArgumentParser:
         "-o", "--output", metavar="FILE", required=True, type=Path, help="the HTML file to write"
     )
     runs_report.add_argument("--title", default="Evaluation runs", help="the page title")
+    runs_export.add_argument("uri", metavar="URI", help=uri_help)
+    runs_export.add_argument(
+        "-o", "--output", metavar="DIR", required=True, type=Path, help="writes DIR/samples.csv"
+    )
     restore.add_argument("uri", metavar="URI", help=uri_help)
     restore.add_argument("run_id", metavar="RUN_ID")
     restore.add_argument(
@@ -439,6 +446,8 @@ def _runs(args: argparse.Namespace) -> int:
             args.output.write_text(page, encoding="utf-8")
             print(f"wrote {args.output} ({len(rows)} runs)", file=sys.stderr)
             return EX_OK if ok else EX_FAILURE
+        if args.runs_command == "export":
+            return _export(args)
         with _run_store(args.uri, args.config, args.run_id) as found:
             if found is None:
                 return EX_FAILURE
@@ -452,6 +461,25 @@ def _runs(args: argparse.Namespace) -> int:
         _fail(exc)
         return EX_FAILURE
     return EX_OK
+
+
+def _export(args: argparse.Namespace) -> int:
+    """``runs export``: the samples table of a store or a fleet (evalsyncd.samples.export)."""
+    from evalsyncd.samples.export import aexport_samples
+    from evalsyncd.storage._bridge import run_sync
+
+    storage, prefix = _open_reader(args.uri, args.config)
+    with storage:
+        summary = run_sync(aexport_samples(storage, prefix, args.output))
+    for problem in summary.problems:
+        level = "warning" if problem.startswith("bad line: ") else "error"
+        print(f"evalsyncd: {level}: {problem}", file=sys.stderr)
+    print(
+        f"wrote {summary.path} ({summary.rows} samples from {summary.files} files, "
+        f"{summary.bad_lines} bad lines skipped)",
+        file=sys.stderr,
+    )
+    return EX_OK if summary.ok else EX_FAILURE
 
 
 @contextlib.contextmanager

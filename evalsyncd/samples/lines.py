@@ -160,7 +160,8 @@ def parse_line(raw: bytes, line: int, start: int) -> ParsedLine | BadLine | None
     try:
         obj = json.loads(text)
     except ValueError as exc:
-        return BadLine(line, start, len(raw), f"malformed JSON ({exc})")
+        utf8 = "invalid UTF-8 and " if note is not None else ""
+        return BadLine(line, start, len(raw), f"{utf8}malformed JSON ({exc})")
     if not isinstance(obj, dict):
         return BadLine(line, start, len(raw), f"a JSON {type(obj).__name__}, not an object")
     try:

@@ -28,7 +28,7 @@ import logging
 import re
 import zlib
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -327,13 +327,17 @@ class SampleReader:
     # -- reads without an index ------------------------------------------------------
 
     async def ahead(
-        self, run_id: str, benchmark: str, limit: int
+        self,
+        run_id: str,
+        benchmark: str,
+        limit: int,
+        filter: SampleFilter = SampleFilter.ALL,
     ) -> list[tuple[SampleEntry, StoredTrajectory]]:
-        """The first ``limit`` samples of the file, without waiting for an index.
+        """The first ``limit`` samples passing ``filter``, without waiting for an index.
 
         One ranged read of :data:`HEAD_BYTES` bytes, then reads of doubling size
         (at most ``chunk_size``) only while fewer than ``limit`` samples were
-        found and the file goes on. Bad lines are skipped with a warning on the
+        found and the file goes on (a rare filter may read the whole file). Bad lines are skipped with a warning on the
         ``evalsyncd.samples`` logger (the index lists them). A missing file gives ``[]``.
 
         Raises:
@@ -345,6 +349,7 @@ class SampleReader:
         path = self.path(run_id, benchmark)
         url = self.storage.url(path)
         scanner = LineScanner()
+        which = SampleFilter(filter)
         out: list[tuple[SampleEntry, StoredTrajectory]] = []
         offset, size = 0, HEAD_BYTES
         while len(out) < limit:
@@ -359,7 +364,7 @@ class SampleReader:
                 parsed = parse_line(raw, line, start)
                 if isinstance(parsed, BadLine):
                     logger.warning("%s", replace(parsed, url=url))
-                elif parsed is not None:
+                elif parsed is not None and which.keep(parsed.entry):
                     out.append((parsed.entry, parsed.trajectory))
                     if len(out) >= limit:
                         break
@@ -509,6 +514,52 @@ class SampleReader:
         return await self._records(
             run_id, benchmark, [e for e in fresh if e is not None], retry=False
         )
+
+    async def aiter_lines(self, run_id: str, benchmark: str) -> AsyncIterator[ParsedLine | BadLine]:
+        """Every sample (with its record) and bad line of the file, streamed in file order.
+
+        Reads ranges of ``chunk_size`` bytes, the next one while this one is
+        parsed in a worker thread; memory stays at about two chunks plus the
+        longest line. A missing file yields nothing. Bad lines carry the file's URL.
+
+        Raises:
+            ValueError: invalid run id or benchmark name.
+            StorageError: the storage failed (also when the file disappears midway).
+        """
+        path = self.path(run_id, benchmark)
+        url = self.storage.url(path)
+        scanner = LineScanner()
+        chunk = self.chunk_size
+
+        def parse(data: bytes) -> list[ParsedLine | BadLine]:
+            out: list[ParsedLine | BadLine] = []
+            for line, start, raw in scanner.feed(data):
+                parsed = parse_line(raw, line, start)
+                if isinstance(parsed, BadLine):
+                    out.append(replace(parsed, url=url))
+                elif parsed is not None:
+                    out.append(parsed)
+                    if parsed.note is not None:
+                        out.append(replace(parsed.note, url=url))
+            return out
+
+        try:
+            data = await self._read(path, 0, chunk)
+        except MISSING:
+            return
+        pos = len(data)
+        while True:
+            if len(data) < chunk:
+                for item in await asyncio.to_thread(parse, data):
+                    yield item
+                return
+            nxt, items = await asyncio.gather(
+                self._read(path, pos, chunk), asyncio.to_thread(parse, data)
+            )
+            for item in items:
+                yield item
+            data = nxt
+            pos += len(nxt)
 
     # -- search ----------------------------------------------------------------------
 
