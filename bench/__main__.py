@@ -22,7 +22,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench import backfill, fleet, footprint, freshness, readback, reqrate, sdkcpu, wire, writer
+from bench import (
+    backfill,
+    fleet,
+    footprint,
+    freshness,
+    readback,
+    reqrate,
+    samples,
+    sdkcpu,
+    wire,
+    writer,
+)
 from bench.common import Bench
 from bench.report import write_report
 
@@ -36,6 +47,7 @@ MEASUREMENTS: dict[str, Callable[[Bench], dict[str, Any]]] = {
     "requests": reqrate.run,
     "sdkcpu": sdkcpu.run,
     "fleet": fleet.run,
+    "samples": samples.run,
 }
 
 
