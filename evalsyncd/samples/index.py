@@ -22,6 +22,7 @@ import os
 import sqlite3
 import threading
 from collections.abc import Iterable, Iterator
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -128,7 +129,7 @@ class IndexCache:
         directory.mkdir(parents=True, exist_ok=True)
         self.path = directory / CACHE_FILE
         self._lock = threading.Lock()
-        with self.connect() as db:
+        with closing(self.connect()) as db, db:
             db.executescript(_SCHEMA)
 
     def connect(self) -> sqlite3.Connection:
@@ -140,7 +141,7 @@ class IndexCache:
 
     def state(self, url: str) -> FileState | None:
         """How far ``url`` is indexed, or ``None`` if it never was."""
-        with self._lock, self.connect() as db:
+        with self._lock, closing(self.connect()) as db, db:
             row = db.execute(
                 "SELECT id, url, indexed_bytes, lines, tail_crc, tail_len, complete "
                 "FROM files WHERE url = ?",
@@ -152,7 +153,7 @@ class IndexCache:
 
     def reset(self, url: str) -> FileState:
         """Forget every row of ``url`` and start it afresh (nothing indexed)."""
-        with self._lock, self.connect() as db:
+        with self._lock, closing(self.connect()) as db, db:
             row = db.execute("SELECT id FROM files WHERE url = ?", (url,)).fetchone()
             if row is not None:
                 db.execute("DELETE FROM samples WHERE file = ?", (row[0],))
@@ -170,7 +171,7 @@ class IndexCache:
     def add(self, state: FileState, entries: Iterable[SampleEntry], bad: Iterable[BadLine]) -> None:
         """Add rows of one file and record its new ``state``, in one transaction."""
         fid = state.file_id
-        with self._lock, self.connect() as db:
+        with self._lock, closing(self.connect()) as db, db:
             db.executemany(
                 "INSERT OR REPLACE INTO samples VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
