@@ -142,8 +142,12 @@ def test_index_pages_filters_extension_and_rebuild(storage: AnyStorage, tmp_path
             0,
             [],
         )
+        assert empty.url.endswith("runs/r1/nothere/trajectories.jsonl")
         with pytest.raises(ValueError, match="benchmark"):
             await reader.aindex("r1", "../x")
+        with pytest.raises(ValueError, match="nope"):
+            index.page(0, 5, "nope")  # type: ignore[arg-type]
+        assert index.count("errors") == index.count(SampleFilter.ERRORS)  # type: ignore[arg-type]
 
     _run(storage, scenario)
 

@@ -286,7 +286,7 @@ class SampleReader:
                 head = await self._read(path, state.indexed_bytes - k, k + chunk)
             except MISSING:
                 await asyncio.to_thread(cache.reset, url)
-                return SampleIndex(None, None, exists=False)
+                return SampleIndex(None, None, exists=False, url=url)
             if len(head) >= k and zlib.crc32(head[:k]) == state.tail_crc:
                 scanner = LineScanner(state.indexed_bytes, state.lines, head[:k])
                 data = head[k:]
@@ -302,7 +302,7 @@ class SampleReader:
             try:
                 data = await self._read(path, 0, chunk)
             except MISSING:
-                return SampleIndex(None, None, exists=False)
+                return SampleIndex(None, None, exists=False, url=url)
             scanner = LineScanner()
             offset, done = len(data), len(data) < chunk
         assert state is not None
