@@ -172,7 +172,9 @@ class SampleReader:
 
     Args:
         storage: the storage, rooted at the host's store (a fleet reader opens
-            one reader per host with ``storage.child(host)``), or a local directory.
+            one reader per host with ``storage.child(host)``, or passes
+            ``prefix=host`` on a storage without ``child``, such as a local fleet
+            root), or a local directory.
         cache_dir: where the index cache lives (default :func:`default_cache_dir`).
         prefix: the store's prefix inside ``storage`` (``""``: its root).
         chunk_size: bytes per ranged read when streaming a file.
