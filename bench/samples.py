@@ -6,7 +6,7 @@ request round trip), which also counts requests and bytes. The index cache is
 a fresh directory under the scratch space.
 
 - **A big file**: one ``trajectories.jsonl`` of about 1 GiB, 200,000 samples of
-  about 5 KiB (quick: 100 MiB, 20,000), uploaded by appends of 32 MiB. Cases,
+  about 5 KiB (quick: 100 MiB, 20,000), uploaded as one object. Cases,
   each next to today's reader, ``EvalStore.iter_trajectories`` (streams 1 MiB
   ranges and stops when it has what it needs):
   the first page of 50 samples without an index (``SampleReader.ahead``: the
@@ -131,14 +131,10 @@ def _row(
 
 def _upload_big(storage: S3Storage, path: str, count: int) -> int:
     make = _big_lines(count)
-    size = 0
-    step = 6_000  # about 32 MiB per append
-    for lo in range(0, count, step):
-        data = make(lo, min(count, lo + step))
-        storage.append(path, data, offset=size)
-        size += len(data)
-    storage.flush()
-    return size
+    step = 6_000  # about 32 MiB per piece
+    data = b"".join(make(lo, min(count, lo + step)) for lo in range(0, count, step))
+    storage.write(path, data)  # one object (appends to a 1 GB object would copy it each time)
+    return len(data)
 
 
 def _big_cases(bench: Bench, proxy: CountingProxy, count: int) -> list[dict[str, Any]]:

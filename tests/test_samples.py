@@ -488,3 +488,18 @@ def test_export_memory_is_bounded(local_storage: Any, tmp_path: Path) -> None:
         tracemalloc.stop()
     assert summary.rows == 20_000
     assert peak < size / 4, (peak, size)
+
+
+def test_cache_dir_follows_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """$EVALSYNCD_CACHE_DIR wins, then $XDG_CACHE_HOME/evalsyncd, then ~/.cache/evalsyncd."""
+    from evalsyncd.samples import default_cache_dir
+
+    monkeypatch.delenv("EVALSYNCD_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_cache_dir() == tmp_path / "xdg" / "evalsyncd"
+    monkeypatch.setenv("EVALSYNCD_CACHE_DIR", str(tmp_path / "mine"))
+    assert default_cache_dir() == tmp_path / "mine"
+    monkeypatch.delenv("EVALSYNCD_CACHE_DIR")
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert default_cache_dir() == tmp_path / "home" / ".cache" / "evalsyncd"
