@@ -29,6 +29,7 @@ from bench import (
     freshness,
     readback,
     reqrate,
+    samples,
     sdkcpu,
     view,
     wire,
@@ -47,6 +48,7 @@ MEASUREMENTS: dict[str, Callable[[Bench], dict[str, Any]]] = {
     "requests": reqrate.run,
     "sdkcpu": sdkcpu.run,
     "fleet": fleet.run,
+    "samples": samples.run,
     "view": view.run,
 }
 

@@ -561,6 +561,66 @@ def _fleet(res: dict[str, Any], img: Path) -> list[str]:
     return out
 
 
+def _samples(res: dict[str, Any], img: Path) -> list[str]:
+    def secs(x: float | None) -> str:
+        return "-" if x is None else f"{x:.3f} s"
+
+    rows = [
+        [
+            r["case"],
+            secs(r["reference_s"]),
+            secs(r["evalsyncd_s"]),
+            "-" if r["speedup"] is None else f"{r['speedup']:.1f}x",
+            r["target"] if r["ok"] is None else f"{r['target']} {_verdict(r['ok'])}",
+            "-" if r["requests"] is None else _f(r["requests"], 0),
+            "-" if r["mib_fetched"] is None else f"{r['mib_fetched']:,.2f}",
+            r["note"],
+        ]
+        for r in res["rows"]
+    ]
+    out = [
+        f"All reads from S3 through the proxy at {res['rtt_ms']:.0f} ms added RTT.",
+        "",
+        _table(
+            [
+                "case",
+                "today's reader",
+                "evalsyncd.samples",
+                "speedup",
+                "target",
+                "requests",
+                "MiB fetched",
+                "notes",
+            ],
+            rows,
+        ),
+        "",
+    ]
+
+    def draw(ax: Any) -> None:
+        timed = [r for r in res["rows"] if r["reference_s"] is not None]
+        keys = [r["case"][:40] for r in timed]
+        ax.barh(
+            [i + 0.2 for i in range(len(keys))],
+            [r["reference_s"] for r in timed],
+            0.4,
+            label="today's reader",
+        )
+        ax.barh(
+            [i - 0.2 for i in range(len(keys))],
+            [r["evalsyncd_s"] for r in timed],
+            0.4,
+            label="evalsyncd.samples",
+        )
+        ax.set_yticks(range(len(keys)), keys, fontsize=6)
+        ax.set_xscale("log")
+        ax.set_xlabel("seconds (lower is better)")
+        ax.legend()
+
+    _plot(img, draw)
+    return out
+
+
 def _view(res: dict[str, Any], img: Path) -> list[str]:
     fs, live = res["first_screen"], res["live"]
     out = [
@@ -633,7 +693,8 @@ SECTIONS: dict[str, tuple[str, Callable[[dict[str, Any], Path], list[str]]]] = {
     "requests": ("7. Requests by number of growing files", _requests),
     "sdkcpu": ("8. CPU per S3 request, by client", _sdkcpu),
     "fleet": ("9. Reading the fleet: 8 hosts x 40 runs, and one host of 300", _fleet),
-    "view": ("10. evalsyncd view: first screen of a big fleet, live samples", _view),
+    "samples": ("10. Samples: a big file, a 50 MB sample, compare, bulk reads", _samples),
+    "view": ("11. evalsyncd view: first screen of a big fleet, live samples", _view),
 }
 
 

@@ -106,8 +106,12 @@ def test_index_pages_filters_extension_and_rebuild(storage: AnyStorage, tmp_path
         assert index.indexed_bytes == size
         for which in SampleFilter:
             assert index.count(which) == len(_expected(0, 120, which)), which
+        reads = reader.range_reads
         page = await reader.apage("r1", "gsm", 2, 10, SampleFilter.INCORRECT)
         assert [e.idx for e, _ in page] == _expected(0, 120, SampleFilter.INCORRECT)[20:30]
+        assert reader.range_reads == reads + 2  # the index check, the page
+        again = await reader.apage("r1", "gsm", 2, 10, SampleFilter.INCORRECT, refresh=False)
+        assert again == page and reader.range_reads == reads + 3
         assert all(t.idx == e.idx and t.reward <= 0 for e, t in page)
         assert await reader.apage("r1", "gsm", 99, 10) == []
 
@@ -138,8 +142,12 @@ def test_index_pages_filters_extension_and_rebuild(storage: AnyStorage, tmp_path
             0,
             [],
         )
+        assert empty.url.endswith("runs/r1/nothere/trajectories.jsonl")
         with pytest.raises(ValueError, match="benchmark"):
             await reader.aindex("r1", "../x")
+        with pytest.raises(ValueError, match="nope"):
+            index.page(0, 5, "nope")  # type: ignore[arg-type]
+        assert index.count("errors") == index.count(SampleFilter.ERRORS)  # type: ignore[arg-type]
 
     _run(storage, scenario)
 
@@ -238,12 +246,16 @@ def test_reads_see_the_tail_log_on_s3(s3_storage: S3Storage, tmp_path: Path) -> 
 
 def test_previews_cut_long_texts_and_load_the_rest(local_storage: Any, tmp_path: Path) -> None:
     """A long turn is cut in the preview; the rest comes by character ranges."""
-    long = "abcdefghij" * 50_000
+    long = "abcdefghij" * 200_000
     local_storage.write(PATH, _line(0) + _line(1, text=long))
-    reader = SampleReader(local_storage, tmp_path / "cache")
+    reader = SampleReader(local_storage, tmp_path / "cache", chunk_size=100_000)
 
     async def scenario() -> None:
+        await reader.aindex("r1", "gsm")
+        assert reader.range_reads < 2_000_000 // 100_000  # reads grow along a long line
+        reads = reader.range_reads
         preview = await reader.asample_preview("r1", "gsm", 1, max_chars=100)
+        assert reader.range_reads == reads + 1  # the index check; the sample was kept parsed
         assert preview.trajectory.turns[0].content == long[:100]
         assert preview.truncated == {0: len(long)}
         assert await reader.atext("r1", "gsm", 1, 0, 100, 20) == long[100:120]
@@ -476,3 +488,18 @@ def test_export_memory_is_bounded(local_storage: Any, tmp_path: Path) -> None:
         tracemalloc.stop()
     assert summary.rows == 20_000
     assert peak < size / 4, (peak, size)
+
+
+def test_cache_dir_follows_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """$EVALSYNCD_CACHE_DIR wins, then $XDG_CACHE_HOME/evalsyncd, then ~/.cache/evalsyncd."""
+    from evalsyncd.samples import default_cache_dir
+
+    monkeypatch.delenv("EVALSYNCD_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_cache_dir() == tmp_path / "xdg" / "evalsyncd"
+    monkeypatch.setenv("EVALSYNCD_CACHE_DIR", str(tmp_path / "mine"))
+    assert default_cache_dir() == tmp_path / "mine"
+    monkeypatch.delenv("EVALSYNCD_CACHE_DIR")
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert default_cache_dir() == tmp_path / "home" / ".cache" / "evalsyncd"

@@ -31,9 +31,11 @@ the same interval).
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import NamedTuple
 
 from evalsyncd.samples.lines import SampleEntry
 
@@ -66,8 +68,7 @@ class Category(StrEnum):
     ONLY_IN_B = "only_in_b"
 
 
-@dataclass(frozen=True, slots=True)
-class CompareRow:
+class CompareRow(NamedTuple):
     """One example of a comparison.
 
     Attributes:
@@ -202,40 +203,37 @@ def compare(a: Sequence[SampleEntry], b: Sequence[SampleEntry], *, seed: int = 0
         seed: the bootstrap's seed.
     """
     first_a: dict[tuple[str, int], SampleEntry] = {}
-    dup_a = 0
     for e in a:
-        key = (e.example_id, e.idx)
-        if key in first_a:
-            dup_a += 1
-        else:
-            first_a[key] = e
+        first_a.setdefault((e.example_id, e.idx), e)
     first_b: dict[tuple[str, int], SampleEntry] = {}
-    dup_b = 0
     for e in b:
-        key = (e.example_id, e.idx)
-        if key in first_b:
-            dup_b += 1
-        else:
-            first_b[key] = e
+        first_b.setdefault((e.example_id, e.idx), e)
+    table = _TABLE
     rows: list[CompareRow] = []
-    counts = dict.fromkeys(Category, 0)
+    add = rows.append
     diffs: list[float] = []
+    diff = diffs.append
     disc_a = disc_b = 0
+    get = first_b.get
     for key, ea in first_a.items():
-        eb = first_b.get(key)
-        cat = categorize(ea, eb)
-        counts[cat] += 1
-        rows.append(CompareRow(key, cat, ea, eb))
-        if eb is not None:
-            diffs.append(eb.reward - ea.reward)
-            if ea.correct and not eb.correct:
+        eb = get(key)
+        if eb is None:
+            add(CompareRow(key, Category.ONLY_IN_A, ea, None))
+            continue
+        ca, cb = ea.correct, eb.correct
+        add(CompareRow(key, table[ea.error is not None, eb.error is not None, ca, cb], ea, eb))
+        diff(eb.reward - ea.reward)
+        if ca != cb:
+            if ca:
                 disc_a += 1
-            elif eb.correct and not ea.correct:
+            else:
                 disc_b += 1
     for key, eb in first_b.items():
         if key not in first_a:
-            counts[Category.ONLY_IN_B] += 1
-            rows.append(CompareRow(key, Category.ONLY_IN_B, None, eb))
+            add(CompareRow(key, Category.ONLY_IN_B, None, eb))
+    counts = dict.fromkeys(Category, 0)
+    counts.update(Counter(row.category for row in rows))
+    dup_a, dup_b = len(a) - len(first_a), len(b) - len(first_b)
     if not diffs:
         return Comparison(rows, counts, 0, None, None, None, dup_a, dup_b, (0, 0))
     return Comparison(
@@ -249,3 +247,17 @@ def compare(a: Sequence[SampleEntry], b: Sequence[SampleEntry], *, seed: int = 0
         dup_b,
         (disc_a, disc_b),
     )
+
+
+def _entry(error: bool, correct: bool) -> SampleEntry:
+    return SampleEntry(0, 0, 0, 0, "", 1.0 if correct else 0.0, correct, "e" if error else None)
+
+
+_TABLE: dict[tuple[bool, bool, bool, bool], Category] = {
+    (ea, eb, ca, cb): categorize(_entry(ea, ca), _entry(eb, cb))
+    for ea in (False, True)
+    for eb in (False, True)
+    for ca in (False, True)
+    for cb in (False, True)
+}
+"""The category of a matched pair by (A errored, B errored, A correct, B correct)."""

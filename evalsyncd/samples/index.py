@@ -22,6 +22,7 @@ import os
 import sqlite3
 import threading
 from collections.abc import Iterable, Iterator
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -128,7 +129,7 @@ class IndexCache:
         directory.mkdir(parents=True, exist_ok=True)
         self.path = directory / CACHE_FILE
         self._lock = threading.Lock()
-        with self.connect() as db:
+        with closing(self.connect()) as db, db:
             db.executescript(_SCHEMA)
 
     def connect(self) -> sqlite3.Connection:
@@ -140,7 +141,7 @@ class IndexCache:
 
     def state(self, url: str) -> FileState | None:
         """How far ``url`` is indexed, or ``None`` if it never was."""
-        with self._lock, self.connect() as db:
+        with self._lock, closing(self.connect()) as db, db:
             row = db.execute(
                 "SELECT id, url, indexed_bytes, lines, tail_crc, tail_len, complete "
                 "FROM files WHERE url = ?",
@@ -152,7 +153,7 @@ class IndexCache:
 
     def reset(self, url: str) -> FileState:
         """Forget every row of ``url`` and start it afresh (nothing indexed)."""
-        with self._lock, self.connect() as db:
+        with self._lock, closing(self.connect()) as db, db:
             row = db.execute("SELECT id FROM files WHERE url = ?", (url,)).fetchone()
             if row is not None:
                 db.execute("DELETE FROM samples WHERE file = ?", (row[0],))
@@ -170,7 +171,7 @@ class IndexCache:
     def add(self, state: FileState, entries: Iterable[SampleEntry], bad: Iterable[BadLine]) -> None:
         """Add rows of one file and record its new ``state``, in one transaction."""
         fid = state.file_id
-        with self._lock, self.connect() as db:
+        with self._lock, closing(self.connect()) as db, db:
             db.executemany(
                 "INSERT OR REPLACE INTO samples VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
@@ -223,11 +224,16 @@ class SampleIndex:
     """
 
     def __init__(
-        self, cache: IndexCache | None, state: FileState | None, *, exists: bool = True
+        self,
+        cache: IndexCache | None,
+        state: FileState | None,
+        *,
+        exists: bool = True,
+        url: str = "",
     ) -> None:
         self._cache = cache
         self._state = state
-        self.url = state.url if state is not None else ""
+        self.url = state.url if state is not None else url
         self.indexed_bytes = state.indexed_bytes if state is not None else 0
         self.complete = state.complete if state is not None else True
         self.exists = exists
@@ -258,7 +264,7 @@ class SampleIndex:
 
     def count(self, filter: SampleFilter = SampleFilter.ALL) -> int:
         """Number of samples that pass ``filter``, up to :attr:`indexed_bytes`."""
-        sql = f"SELECT count(*) FROM samples WHERE file = ? AND start < ?{_WHERE[filter]}"
+        sql = f"SELECT count(*) FROM samples WHERE file = ? AND start < ?{_WHERE[SampleFilter(filter)]}"
         rows = self._query(sql, (self._fid, self.indexed_bytes))
         return int(rows[0][0]) if rows else 0  # type: ignore[call-overload]
 
@@ -275,11 +281,12 @@ class SampleIndex:
             Up to ``size`` entries in file order; ``[]`` past the last page.
 
         Raises:
-            ValueError: ``number`` is negative or ``size`` is below 1.
+            ValueError: ``number`` is negative, ``size`` is below 1, or ``filter`` is not
+                a :class:`SampleFilter` value.
         """
         if number < 0 or size < 1:
             raise ValueError(f"page number must be >= 0 and size >= 1, not {number}, {size}")
-        return self._entries(filter, size, number * size)
+        return self._entries(SampleFilter(filter), size, number * size)
 
     def _entries(self, filter: SampleFilter, limit: int, offset: int) -> list[SampleEntry]:
         sql = (
@@ -293,11 +300,12 @@ class SampleIndex:
         self, filter: SampleFilter = SampleFilter.ALL, *, batch: int = 10_000
     ) -> Iterator[SampleEntry]:
         """Every sample passing ``filter``, in file order (fetched ``batch`` rows at a time)."""
+        where = _WHERE[SampleFilter(filter)]
         last = -1
         while True:
             sql = (
                 f"SELECT {_COLUMNS} FROM samples WHERE file = ? AND start < ? AND line > ?"
-                f"{_WHERE[filter]} ORDER BY line LIMIT ?"
+                f"{where} ORDER BY line LIMIT ?"
             )
             rows = self._query(sql, (self._fid, self.indexed_bytes, last, batch))
             for row in rows:

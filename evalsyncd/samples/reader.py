@@ -77,7 +77,11 @@ _MERGE_GAP = 256 << 10
 """Samples of a page closer than this many bytes are fetched by one ranged read."""
 
 _BIG_LINE = 1 << 20
-"""Parsed samples at least this long (bytes) are kept for :meth:`SampleReader.atext`."""
+"""Parsed samples at least this long (bytes) are kept in memory (4 at most) for the next
+reads of them (:meth:`SampleReader.asample_preview`, :meth:`SampleReader.atext`)."""
+
+_MAX_READ = 64 << 20
+"""Reads grow up to this size (bytes) while a line longer than a chunk is read."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,7 +172,9 @@ class SampleReader:
 
     Args:
         storage: the storage, rooted at the host's store (a fleet reader opens
-            one reader per host with ``storage.child(host)``), or a local directory.
+            one reader per host with ``storage.child(host)``, or passes
+            ``prefix=host`` on a storage without ``child``, such as a local fleet
+            root), or a local directory.
         cache_dir: where the index cache lives (default :func:`default_cache_dir`).
         prefix: the store's prefix inside ``storage`` (``""``: its root).
         chunk_size: bytes per ranged read when streaming a file.
@@ -211,6 +217,10 @@ class SampleReader:
         self._cache: IndexCache | None = None
         self._locks: dict[str, asyncio.Lock] = {}
         self._big: OrderedDict[tuple[str, int, int], StoredTrajectory] = OrderedDict()
+        self._known: dict[str, FileState] = {}
+        self.range_reads = 0
+        """Ranged reads this reader asked the storage for (a storage may add requests of
+        its own: an S3 or GCS storage reads its tail log's index once a second)."""
 
     def __repr__(self) -> str:
         return f"SampleReader({self.storage.url(self._layout.prefix or '')!r})"
@@ -229,6 +239,7 @@ class SampleReader:
         return self._cache
 
     async def _read(self, path: str, offset: int, length: int) -> bytes:
+        self.range_reads += 1
         return await self._reads.read_range(path, offset, length)
 
     # -- the index -------------------------------------------------------------------
@@ -253,7 +264,17 @@ class SampleReader:
         async with lock:
             return await self._build(path, url)
 
+    async def _index(self, run_id: str, benchmark: str, refresh: bool) -> SampleIndex:
+        """:meth:`aindex`, or without ``refresh`` the last index this reader built of the file."""
+        if not refresh:
+            url = self.url(run_id, benchmark)
+            known = self._known.get(url)
+            if known is not None:
+                return SampleIndex(await self._cache_of(), known)
+        return await self.aindex(run_id, benchmark)
+
     async def _build(self, path: str, url: str) -> SampleIndex:
+        self._known.pop(url, None)
         cache = await self._cache_of()
         state = await asyncio.to_thread(cache.state, url)
         chunk = self.chunk_size
@@ -267,7 +288,7 @@ class SampleReader:
                 head = await self._read(path, state.indexed_bytes - k, k + chunk)
             except MISSING:
                 await asyncio.to_thread(cache.reset, url)
-                return SampleIndex(None, None, exists=False)
+                return SampleIndex(None, None, exists=False, url=url)
             if len(head) >= k and zlib.crc32(head[:k]) == state.tail_crc:
                 scanner = LineScanner(state.indexed_bytes, state.lines, head[:k])
                 data = head[k:]
@@ -276,31 +297,49 @@ class SampleReader:
             else:
                 logger.info("%s changed below its indexed %d bytes: re-indexing", url, k)
         if scanner is None:
+            for key in [k for k in self._big if k[0] == url]:
+                del self._big[key]
             if state is None or state.indexed_bytes > 0:
                 state = await asyncio.to_thread(cache.reset, url)
             try:
                 data = await self._read(path, 0, chunk)
             except MISSING:
-                return SampleIndex(None, None, exists=False)
+                return SampleIndex(None, None, exists=False, url=url)
             scanner = LineScanner()
             offset, done = len(data), len(data) < chunk
         assert state is not None
         cur: FileState = state
+        read_size = chunk
+        big: list[tuple[SampleEntry, StoredTrajectory]] = []
         while True:
-            ingest = asyncio.to_thread(self._ingest, cache, cur, scanner, data, done)
+            for entry, t in big:
+                self._keep_big(url, entry, t)
+            big.clear()
+            ingest = asyncio.to_thread(self._ingest, cache, cur, scanner, data, done, big)
+            if scanner.pending >= read_size:  # a long line: fewer, bigger reads
+                read_size = min(read_size * 2, _MAX_READ)
             if done:
                 cur = await ingest
                 break
-            nxt, cur = await asyncio.gather(self._read(path, offset, chunk), ingest)
+            nxt, cur = await asyncio.gather(self._read(path, offset, read_size), ingest)
             data = nxt
             offset += len(nxt)
-            done = len(nxt) < chunk
+            done = len(nxt) < read_size
+        for entry, t in big:
+            self._keep_big(url, entry, t)
+        self._known[url] = cur
         return SampleIndex(cache, cur)
 
-    @staticmethod
     def _ingest(
-        cache: IndexCache, state: FileState, scanner: LineScanner, data: bytes, done: bool
+        self,
+        cache: IndexCache,
+        state: FileState,
+        scanner: LineScanner,
+        data: bytes,
+        done: bool,
+        big: list[tuple[SampleEntry, StoredTrajectory]],
     ) -> FileState:
+        """Index the lines ``data`` completes (in a worker thread); big samples go to ``big``."""
         entries: list[SampleEntry] = []
         bad: list[BadLine] = []
         for line, start, raw in scanner.feed(data):
@@ -311,6 +350,8 @@ class SampleReader:
                 bad.append(parsed)
                 continue
             entries.append(parsed.entry)
+            if parsed.entry.length >= _BIG_LINE:
+                big.append((parsed.entry, parsed.trajectory))
             if parsed.note is not None:
                 bad.append(parsed.note)
         new = replace(
@@ -323,6 +364,15 @@ class SampleReader:
         )
         cache.add(new, entries, bad)
         return new
+
+    def _keep_big(self, url: str, entry: SampleEntry, t: StoredTrajectory) -> None:
+        """Keep a parsed big sample for the next reads of it (at most 4, newest last)."""
+        if entry.length < _BIG_LINE:
+            return
+        self._big[(url, entry.start, entry.length)] = t
+        self._big.move_to_end((url, entry.start, entry.length))
+        while len(self._big) > 4:
+            self._big.popitem(last=False)
 
     # -- reads without an index ------------------------------------------------------
 
@@ -382,17 +432,21 @@ class SampleReader:
         number: int,
         size: int,
         filter: SampleFilter = SampleFilter.ALL,
+        *,
+        refresh: bool = True,
     ) -> list[tuple[SampleEntry, StoredTrajectory]]:
         """The ``number``-th page (0-based) of ``size`` samples passing ``filter``.
 
-        Extends the index first (:meth:`aindex`), then reads the page's bytes:
-        one ranged read for consecutive samples. ``[]`` past the last page.
+        Extends the index first (:meth:`aindex`; with ``refresh=False`` an index
+        this process built before is used as it is, without that read), then
+        reads the page's bytes: one ranged read for consecutive samples. ``[]``
+        past the last page.
 
         Raises:
             ValueError: invalid name, page number or size.
             StorageError: the storage failed.
         """
-        index = await self.aindex(run_id, benchmark)
+        index = await self._index(run_id, benchmark, refresh)
         entries = index.page(number, size, SampleFilter(filter))
         return await self._records(run_id, benchmark, entries)
 
@@ -452,14 +506,7 @@ class SampleReader:
         entry = index.find(line)
         if entry is None:
             raise SampleNotFoundError(f"{index.url}: no sample at line {line + 1}")
-        key = (index.url, entry.start, entry.length)
-        t = self._big.get(key)
-        if t is None:
-            _, t = (await self._records(run_id, benchmark, [entry]))[0]
-            if entry.length >= _BIG_LINE:
-                self._big[key] = t
-                while len(self._big) > 4:
-                    self._big.popitem(last=False)
+        _, t = (await self._records(run_id, benchmark, [entry]))[0]
         if turn is None:
             text = t.error or ""
         elif 0 <= turn < len(t.turns):
@@ -477,6 +524,11 @@ class SampleReader:
             return []
         path = self.path(run_id, benchmark)
         url = self.storage.url(path)
+        if len(entries) == 1 and (
+            cached := self._big.get((url, entries[0].start, entries[0].length))
+        ):
+            self._big.move_to_end((url, entries[0].start, entries[0].length))
+            return [(entries[0], cached)]
         spans: list[list[SampleEntry]] = [[entries[0]]]
         for e in entries[1:]:
             if 0 <= e.start - spans[-1][-1].end <= _MERGE_GAP:
@@ -502,6 +554,7 @@ class SampleReader:
                     stale = True
                     break
                 out.append((e, parsed.trajectory))
+                self._keep_big(url, e, parsed.trajectory)
         if not stale:
             return out
         if not retry:
