@@ -138,13 +138,13 @@ _MAX_DIGITS: Final = 20
 MAX_HEADER_BYTES: Final = 16 * 1024 * 1024
 """Largest compressed header a reader fetches, bytes (the preamble's length): a
 reader never downloads more than this (plus the preamble) of a tail object at once."""
-MAX_INDEX_BYTES: Final = 16 * 1024 * 1024
+MAX_INDEX_BYTES: Final = 8 * 1024 * 1024
 """Largest inflated header (JSON) a reader accepts, bytes: inflation stops here, so a
 decompression bomb costs at most this much memory before it is refused."""
-MAX_FILES: Final = 50_000
-"""Most files one index may list (a host with this many files pending at once is
-about 10 MiB of index; a daemon promotes idle files within ``compact_idle_s``)."""
-MAX_PIECES: Final = 200_000
+MAX_FILES: Final = 20_000
+"""Most files one index may list (a host with this many files pending at once has
+about 5 MiB of index; a daemon promotes idle files within ``compact_idle_s``)."""
+MAX_PIECES: Final = 100_000
 """Most pieces one index may list, all files together."""
 MAX_OBJECT_BYTES: Final = 5 * 1024**4
 """Largest size, piece position or piece length a header may state, bytes (5 TiB,
@@ -153,6 +153,8 @@ _MAX_CONTAINERS: Final = 2 * MAX_FILES + MAX_PIECES + 16
 """JSON arrays and objects a real index of MAX_FILES files and MAX_PIECES pieces holds."""
 _MAX_QUOTES: Final = 20 * MAX_FILES + 64
 """Double quotes a real index of MAX_FILES files holds (9 strings per entry)."""
+_MAX_COMMAS: Final = 8 * MAX_FILES + 3 * MAX_PIECES + 64
+"""Commas (so JSON values) a real index of MAX_FILES files and MAX_PIECES pieces holds."""
 
 
 class TailConflictError(PermanentStorageError):
@@ -313,15 +315,18 @@ def _inflate(packed: bytes, url: str) -> bytes:
         )
     if not inflater.eof:
         raise CorruptObjectError(f"{url}: damaged tail header: truncated zlib stream", url=url)
-    # json.loads builds every container before we can count them: refuse a header
-    # that holds more than a real index of MAX_FILES files and MAX_PIECES pieces
-    # could (a count of the brackets, strings included, only overestimates)
+    # json.loads builds every value before we can count them: refuse a header that
+    # holds more values than a real index of MAX_FILES files and MAX_PIECES pieces
+    # could (counts of brackets, quotes and commas; inside strings they only
+    # overestimate), so parsing costs a bounded multiple of the limits in memory
     containers = raw.count(b"[") + raw.count(b"{")
     quotes = raw.count(b'"')
-    if containers > _MAX_CONTAINERS or quotes > _MAX_QUOTES:
+    commas = raw.count(b",")
+    if containers > _MAX_CONTAINERS or quotes > _MAX_QUOTES or commas > _MAX_COMMAS:
         raise CorruptObjectError(
-            f"{url}: tail header holds {containers} JSON arrays/objects and {quotes} quotes, "
-            f"more than the limits of {_MAX_CONTAINERS} and {_MAX_QUOTES}",
+            f"{url}: tail header holds {containers} JSON arrays/objects, {quotes} quotes and "
+            f"{commas} commas, more than a header of {MAX_FILES} files and {MAX_PIECES} pieces "
+            f"can (limits {_MAX_CONTAINERS}, {_MAX_QUOTES}, {_MAX_COMMAS})",
             url=url,
         )
     return raw
