@@ -432,3 +432,17 @@ def test_parse_catalog_refuses_deep_nesting_and_bad_run_ids() -> None:
     doc = {"format": "evalsyncd-catalog", "version": 1, "runs": {"a/../b": {}}}
     with pytest.raises(CatalogError, match="invalid run id"):
         parse_catalog(json.dumps(doc).encode(), "u")
+
+
+def test_a_line_longer_than_the_limit_is_dropped_as_it_arrives() -> None:
+    """A JSONL line past max_line_bytes is skipped (warning), holding at most the limit."""
+    from evalsyncd.store.layout import LineSplitter
+
+    lines = LineSplitter("u", max_line_bytes=64)
+    got = list(lines.feed(b'{"a": 1}\n{"pad": "'))
+    for _ in range(100):
+        got += lines.feed(b"x" * 50)
+        assert len(lines._partial) <= 64 + 50
+    got += lines.feed(b'"}\n' + b"y" * 70 + b'\n{"c": 3}\n')
+    lines.close()
+    assert got == [{"a": 1}, {"c": 3}] and lines.lineno == 4

@@ -37,7 +37,9 @@ Parsing is forgiving of what writers leave behind:
   does), so each bad byte becomes U+FFFD, and a warning names the file and line.
   If the line then does not parse as JSON it is skipped like any malformed line.
 - A malformed line (bad JSON, not an object, missing ``idx``/``benchmark``) is
-  skipped with a warning naming the file and the 1-based line number.
+  skipped with a warning naming the file and the 1-based line number; so is a
+  line longer than :data:`MAX_LINE_BYTES`, which is dropped as it arrives
+  (a reader holds at most that much of one line).
 - A ``*.json`` file that does not parse reads as missing (``None``), with a warning.
 - Bounds (a bucket another host wrote may hold anything): a ``*.json`` file of
   more than :data:`MAX_JSON_BYTES` is not read past that limit and raises
@@ -67,6 +69,7 @@ from evalsyncd.store.models import BenchmarkResult, RunMetadata, StoredTrajector
 
 __all__ = [
     "MAX_JSON_BYTES",
+    "MAX_LINE_BYTES",
     "FilterOptions",
     "LineSplitter",
     "Skipped",
@@ -352,22 +355,32 @@ def recency_key(run: RunMetadata) -> tuple[datetime, str]:
 # ── JSONL files ────────────────────────────────────────────────────────────────
 
 
+MAX_LINE_BYTES = 256 * 1024 * 1024
+"""Longest JSONL line a reader parses, bytes: a longer one is skipped with a warning,
+having held at most this much (the daemon mirrors lines of any length; 64 MiB lines
+are tested end to end)."""
+
+
 class LineSplitter:
     """Turns chunks of a JSONL file into parsed records, with the policies above.
 
-    Holds at most one incomplete line between chunks.
+    Holds at most one incomplete line between chunks, of at most ``max_line_bytes``:
+    a longer line is dropped as it arrives and skipped with a warning.
 
     Args:
         where: the file's URL, for warnings.
+        max_line_bytes: the longest line parsed, bytes.
 
     Attributes:
         lineno: 1-based number of the last complete line split off.
     """
 
-    def __init__(self, where: str) -> None:
+    def __init__(self, where: str, max_line_bytes: int = MAX_LINE_BYTES) -> None:
         self.where = where
         self.lineno = 0
+        self.max_line_bytes = max_line_bytes
         self._partial = bytearray()
+        self._dropped = 0  # bytes of the current line dropped (it is too long)
 
     def feed(self, chunk: bytes) -> Iterator[dict[str, Any]]:
         """The records of the lines that ``chunk`` completes (lazily: ``lineno`` follows)."""
@@ -376,7 +389,23 @@ class LineSplitter:
             end = chunk.find(b"\n", start)
             if end < 0:
                 self._partial += chunk[start:]
+                if len(self._partial) > self.max_line_bytes:
+                    self._dropped += len(self._partial)
+                    self._partial.clear()
                 return
+            if self._dropped:
+                self.lineno += 1
+                logger.warning(
+                    "%s line %d: skipping a line of %d bytes, longer than the limit of %d",
+                    self.where,
+                    self.lineno,
+                    self._dropped + len(self._partial) + end - start,
+                    self.max_line_bytes,
+                )
+                self._dropped = 0
+                self._partial.clear()
+                start = end + 1
+                continue
             if self._partial:
                 self._partial += chunk[start:end]
                 line = bytes(self._partial)
@@ -385,12 +414,22 @@ class LineSplitter:
                 line = chunk[start:end]
             start = end + 1
             self.lineno += 1
+            if len(line) > self.max_line_bytes:
+                logger.warning(
+                    "%s line %d: skipping a line of %d bytes, longer than the limit of %d",
+                    self.where,
+                    self.lineno,
+                    len(line),
+                    self.max_line_bytes,
+                )
+                continue
             record = self._parse(line)
             if record is not None:
                 yield record
 
     def close(self) -> None:
         """End of file: drop an unfinished last line (a write in progress)."""
+        self._dropped = 0
         if self._partial.strip():
             logger.debug(
                 "%s: ignoring %d bytes after the last newline (a write in progress)",
