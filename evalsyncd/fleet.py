@@ -264,7 +264,11 @@ class Fleet:
             return listing
 
         async def one(host: str) -> tuple[list[FleetRun], list[HostProblem]]:
-            store = self.store(host)
+            try:
+                store = self.store(host)
+            except ValueError as exc:  # a listed name that is no valid prefix (a//b)
+                url = self.url(host)
+                return [], [HostProblem(host, url, f"skipped {url}: {exc}", kind="skipped")]
             try:
                 runs, skipped = await store.aruns_checked()
                 problems = await _damage(host, store)
@@ -306,7 +310,10 @@ class Fleet:
         hosts = await self.ahosts()
 
         async def one(host: str) -> tuple[FleetRun | None, list[HostProblem]]:
-            store = self.store(host)
+            try:
+                store = self.store(host)
+            except ValueError:  # not a valid prefix name: listed as skipped by alist_runs
+                return None, []
             try:
                 try:
                     m: RunMetadata | None = await store.aread_run(run_id)

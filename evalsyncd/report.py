@@ -222,7 +222,9 @@ def render_report(
         f"{' from ' + ', '.join(_e(s) for s in sources) if sources else ''}</p>",
     ]
     if problems:
-        parts.append('<div class="problems" style="color:#9a3412"><b>Not read, or read in part:</b><ul>')
+        parts.append(
+            '<div class="problems" style="color:#9a3412"><b>Not read, or read in part:</b><ul>'
+        )
         parts.extend(f"<li>{_e(p)}</li>" for p in problems)
         parts.append("</ul></div>")
     parts.append('<h2>Score by checkpoint</h2><div class="plots">')

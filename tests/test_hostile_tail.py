@@ -446,3 +446,24 @@ def test_a_line_longer_than_the_limit_is_dropped_as_it_arrives() -> None:
     got += lines.feed(b'"}\n' + b"y" * 70 + b'\n{"c": 3}\n')
     lines.close()
     assert got == [{"a": 1}, {"c": 3}] and lines.lineno == 4
+
+
+def test_hostile_names_in_a_fleet_are_skipped_and_named(bucket: str) -> None:
+    """A host name that is no valid prefix, a metadata.json whose run_id would escape, a
+    non-run-id name under runs/: each is reported (kind "skipped", URL and reason); the
+    good run is listed."""
+    with MemoryStorage(bucket) as storage:
+        make_host(storage, "good", "r1")
+        evil = {"run_id": "../x", "model_name": "m", "checkpoint_path": None}
+        evil |= {"checkpoint_name": None, "benchmarks": [], "timestamp": "t"}
+        put_raw(bucket, "good/runs/r2/metadata.json", json.dumps(evil).encode())
+        put_raw(bucket, "good/runs/a\\b/metadata.json", b"{}")
+        put_raw(bucket, "a//b/runs/x/metadata.json", b"{}")
+        listing = Fleet(storage).list_runs()
+    assert [(r.host, r.run_id) for r in listing.runs] == [("good", "r1")]
+    reasons = {p.url: p.message for p in listing.skipped}
+    assert (
+        "'run_id' has a wrong type or value" in reasons[storage.url("good/runs/r2/metadata.json")]
+    )
+    assert "not a valid run id" in reasons[storage.url("good/runs/a\\b")]
+    assert all(p.kind == "skipped" for p in listing.skipped) and listing.ok

@@ -79,6 +79,7 @@ __all__ = [
     "check_json_size",
     "check_name",
     "json_problem",
+    "model_problem",
     "parse_json_object",
     "parse_model",
     "recency_key",
@@ -269,6 +270,14 @@ def _is_num(v: object) -> bool:
     return type(v) in (int, float) and math.isfinite(v)  # type: ignore[arg-type]
 
 
+def _is_name(v: str) -> bool:
+    try:
+        check_name("run_id", v)
+    except ValueError:
+        return False
+    return True
+
+
 def _is_opt_str(v: object) -> bool:
     return v is None or isinstance(v, str)
 
@@ -278,7 +287,7 @@ def _shape_problem(model: type, d: dict[str, Any]) -> str | None:
     checks: dict[str, Callable[[Any], bool]]
     if model is RunMetadata:
         checks = {
-            "run_id": lambda v: isinstance(v, str),
+            "run_id": lambda v: isinstance(v, str) and _is_name(v),
             "model_name": lambda v: isinstance(v, str),
             "checkpoint_path": _is_opt_str,
             "checkpoint_name": _is_opt_str,
@@ -305,7 +314,7 @@ def _shape_problem(model: type, d: dict[str, Any]) -> str | None:
         return None
     for name, ok in checks.items():
         if name in d and not ok(d[name]):
-            return f"field {name!r} has the wrong type ({type(d[name]).__name__})"
+            return f"field {name!r} has a wrong type or value ({type(d[name]).__name__})"
     return None
 
 
@@ -339,6 +348,22 @@ def parse_model(model: type[M], d: dict[str, Any] | None, where: str) -> M | Non
     except _BAD_SHAPE as exc:
         logger.warning("ignoring %s: not a %s (%s)", where, model.__name__, exc)
         return None
+
+
+def model_problem(model: type[M], data: bytes) -> str | None:
+    """Why ``data`` does not parse as ``model`` (one line), or ``None`` when it does (no logging)."""
+    problem = json_problem(data)
+    if problem is not None:
+        return problem
+    d = json.loads(data)
+    problem = _shape_problem(model, d)
+    if problem is not None:
+        return f"not a {model.__name__}: {problem}"
+    try:
+        model.from_dict(d)
+    except _BAD_SHAPE as exc:
+        return f"not a {model.__name__}: {exc}"
+    return None
 
 
 def recency_key(run: RunMetadata) -> tuple[datetime, str]:

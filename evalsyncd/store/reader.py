@@ -274,12 +274,10 @@ class EvalStoreReader:
                 return Skipped(where, str(exc).removeprefix(f"{where}: "))
             if data is None:
                 return None
-            problem = layout.json_problem(data)
             run = layout.parse_model(RunMetadata, layout.parse_json_object(data, where), where)
             if run is None:
-                return Skipped(
-                    where, problem or "not a run's metadata (missing or mistyped fields)"
-                )
+                why = layout.model_problem(RunMetadata, data) or "not a run's metadata"
+                return Skipped(where, why)
             return run
 
         runs: list[RunMetadata] = []
