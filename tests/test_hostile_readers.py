@@ -12,6 +12,7 @@ import tracemalloc
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -132,3 +133,34 @@ def test_restore_never_writes_outside_the_root_and_reports_escaping_keys(tmp_pat
         f"memory://{bucket}/h/runs/r1/b/..": "'..' would escape the run directory",
     }
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dest"]
+
+
+def test_verify_names_the_files_it_cannot_check_as_keys(tmp_path: Path) -> None:
+    """A local file whose name is not valid UTF-8 (so no valid key) is listed as skipped with
+    the reason, not a crash; the other files are checked."""
+    import asyncio
+    import os
+
+    from evalsyncd.verify import verify_storage
+
+    root = tmp_path / "root"
+    (root / "runs/r1").mkdir(parents=True)
+    (root / "runs/r1/ok.jsonl").write_bytes(b"{}\n")
+    os.close(os.open(os.fsencode(root / "runs/r1") + b"/bad\xff.jsonl", os.O_CREAT | os.O_WRONLY))
+    bucket = f"hostile-{uuid.uuid4().hex}"
+    try:
+        with MemoryStorage(bucket) as storage:
+            storage.write("runs/r1/ok.jsonl", b"{}\n")
+
+            async def check() -> object:
+                try:
+                    return await verify_storage(storage, root, name="d")
+                finally:
+                    await storage.aclose()
+
+            report: Any = asyncio.run(check())
+    finally:
+        drop_bucket(bucket)
+    assert report.ok and report.checked == 1
+    [skipped] = report.skipped
+    assert skipped.startswith("runs/r1/bad") and "not valid UTF-8" in skipped
