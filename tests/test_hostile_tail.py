@@ -467,3 +467,27 @@ def test_hostile_names_in_a_fleet_are_skipped_and_named(bucket: str) -> None:
     )
     assert "not a valid run id" in reasons[storage.url("good/runs/a\\b")]
     assert all(p.kind == "skipped" for p in listing.skipped) and listing.ok
+
+
+@settings(max_examples=60, **_COMMON)
+@given(data=hostile_bytes, seq=st.integers(0, 60))
+def test_any_tail_object_in_a_bucket_reads_or_raises_from_the_tree(
+    bucket: str, data: bytes, seq: int
+) -> None:
+    """A random or mutated newest tail object under a host with one run: every read of the
+    host (listing, stitched reads, Fleet) returns or raises an error of the tree."""
+    with MemoryStorage(bucket) as storage:
+        make_host(storage, "h", "r")
+        put_raw(bucket, f"h/.evalsyncd/tail/{object_name(seq)}", data)
+        host = storage.child("h")
+        for call in (
+            lambda: host.read("runs/r/metadata.json"),
+            lambda: host.read_range("runs/r/gsm8k/trajectories.jsonl", 0, 10),
+            lambda: host.list_dir("runs"),
+            lambda: host.stat("runs/r/metadata.json"),
+        ):
+            with contextlib.suppress(EvalsyncdError, FileNotFoundError):
+                call()
+        _read_everything(storage)
+        listing = Fleet(storage).list_runs()
+        assert [r.run_id for r in listing.runs] in (["r"], [])
