@@ -328,16 +328,26 @@ def test_damaged_tail_is_read_around_and_reported_by_every_reader(bucket: str) -
         assert [(p.host, p.kind) for p in problems] == [("bad", "damaged")]
 
 
-def test_piece_past_its_object_end_is_a_corrupt_object_error(bucket: str) -> None:
-    """An index placing a piece past the end of its tail object: the read fails naming the object."""
+def test_piece_past_its_object_end_is_read_around_and_reported(bucket: str) -> None:
+    """An index placing a piece past the end of its tail object: that file reads as its plain
+    object, and tail_damage names the tail object and the range."""
     with MemoryStorage(bucket, "h") as storage:
-        index = TailIndex(
-            "w", 0, 1.0, {"runs/r/t.jsonl": FileTail("a", 100, 0, None, 1.0, (Piece(0, 0, 100),))}
-        )
-        data, _ = encode_tail_object(index, b"x" * 10)  # 10 bytes of body, not 100
+        storage.write("runs/r/t.jsonl", b"main\n")
+        storage.write("runs/r/only-in-tail.jsonl", b"")
+        storage.remove("runs/r/only-in-tail.jsonl")
+        files = {
+            "runs/r/t.jsonl": FileTail("a", 105, 5, None, 1.0, (Piece(0, 0, 100),)),
+            "runs/r/only-in-tail.jsonl": FileTail("a", 100, 0, None, 1.0, (Piece(0, 0, 100),)),
+        }
+        data, _ = encode_tail_object(TailIndex("w", 0, 1.0, files), b"x" * 10)  # not 100
         put_raw(bucket, f"h/.evalsyncd/tail/{object_name(0)}", data)
-        with pytest.raises(CorruptObjectError, match=object_name(0)):
-            storage.read("runs/r/t.jsonl")
+        with MemoryStorage(bucket, "h") as reader:
+            assert reader.read("runs/r/t.jsonl") == b"main\n"
+            with pytest.raises(FileNotFoundError):
+                reader.read("runs/r/only-in-tail.jsonl")
+            damage = EvalStore(reader)._reads.sync(tail_damage(reader))
+        assert isinstance(damage, CorruptObjectError)
+        assert object_name(0) in str(damage) and "holds 10 of them" in str(damage)
 
 
 JSON_BYTES = (

@@ -30,7 +30,12 @@ from abc import ABC, abstractmethod
 from contextlib import AsyncExitStack
 from typing import Any, ClassVar, Self
 
-from evalsyncd.errors import InvalidKeyError, ObjectNotFoundError, TransientStorageError
+from evalsyncd.errors import (
+    CorruptObjectError,
+    InvalidKeyError,
+    ObjectNotFoundError,
+    TransientStorageError,
+)
 from evalsyncd.storage._base import StorageStat, check_key
 from evalsyncd.storage._bridge import run_sync
 from evalsyncd.storage._clients import LoopClients
@@ -379,6 +384,8 @@ class CloudStorage(ABC):
                 data = b"".join(await asyncio.gather(*jobs))
                 if len(data) == stop - start:
                     return data
+            except CorruptObjectError:
+                return None  # shorter than its index says: the plain object (reported)
             except ObjectNotFoundError:
                 continue  # a tail object was deleted (promoted) meanwhile
         raise TransientStorageError(

@@ -108,6 +108,7 @@ __all__ = [
     "TailBackend",
     "TailConflictError",
     "TailIndex",
+    "TailPieceMissingError",
     "TailWriter",
     "decode_header",
     "encode_tail_object",
@@ -159,6 +160,15 @@ _MAX_COMMAS: Final = 8 * MAX_FILES + 3 * MAX_PIECES + 64
 
 class TailConflictError(PermanentStorageError):
     """Another writer (a second daemon on the same prefix) writes this tail log."""
+
+
+class TailPieceMissingError(CorruptObjectError, ObjectNotFoundError):
+    """A tail object holds fewer bytes than a piece its index places in it.
+
+    A :class:`CorruptObjectError` (readers read the file's plain object instead)
+    and, as before this class existed, an :class:`ObjectNotFoundError` (the
+    writer treats the piece as gone and stages the bytes again from its file).
+    """
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,6 +236,9 @@ class TailIndex:
         damage: for a reader's index (:func:`read_index`), the error of the newest
             tail object when its header was damaged or past a limit: the index is
             then empty and readers read the plain objects; ``None`` otherwise.
+        damaged_pieces: errors of tail objects found shorter than a piece this
+            index places in them (:func:`read_pieces` adds them, at most 16); the
+            files concerned are read from their plain objects.
     """
 
     writer: str
@@ -235,6 +248,7 @@ class TailIndex:
     token: str = ""
     bodies: Mapping[int, int] = field(default_factory=dict)
     damage: CorruptObjectError | None = None
+    damaged_pieces: list[CorruptObjectError] = field(default_factory=list, compare=False)
 
     def live_seqs(self) -> set[int]:
         """Sequence numbers still referenced (plus this one: the newest is kept)."""
@@ -555,7 +569,10 @@ async def read_index(backend: TailBackend, *, strict: bool = False) -> TailIndex
 
 
 async def tail_damage(storage: object) -> CorruptObjectError | None:
-    """The error of the damaged tail object whose index a reader of ``storage`` ignored.
+    """The error of a damaged tail object that a reader of ``storage`` read around.
+
+    The newest tail object's header (:attr:`TailIndex.damage`), else the first
+    tail object found shorter than its index says (:attr:`TailIndex.damaged_pieces`).
 
     ``None`` when ``storage`` keeps no tail log, does not read it, or its newest
     tail object is sound. Uses the storage's cached index (no request when a read
@@ -565,7 +582,9 @@ async def tail_damage(storage: object) -> CorruptObjectError | None:
     if index_of is None or not getattr(storage, "read_tail", False):
         return None
     index = await index_of()
-    return index.damage if isinstance(index, TailIndex) else None
+    if not isinstance(index, TailIndex):
+        return None
+    return index.damage or (index.damaged_pieces[0] if index.damaged_pieces else None)
 
 
 async def read_header(backend: TailBackend, name: str) -> tuple[TailIndex, int] | None:
@@ -662,9 +681,10 @@ async def read_pieces(
 
     Raises:
         ObjectNotFoundError: a tail object was deleted meanwhile (read the index again).
-        CorruptObjectError: a tail object is shorter than a piece the index places
+        TailPieceMissingError: a tail object is shorter than a piece the index places
             in it (the message names the object, the piece's range and the bytes
-            it holds).
+            it holds; also recorded in ``index.damaged_pieces`` and warned once):
+            readers then read that file's plain object.
     """
 
     async def one(piece: Piece, lo: int, hi: int) -> bytes:
@@ -677,11 +697,15 @@ async def read_pieces(
         data = await backend._tail_get(name, first, last)
         if len(data) != last - first:
             url = backend._tail_url(name)
-            raise CorruptObjectError(
+            exc = TailPieceMissingError(
                 f"{url}: the tail index places bytes [{first}, {last}) in this object, "
                 f"it holds {len(data)} of them",
                 url=url,
             )
+            _warn_once(exc)
+            if len(index.damaged_pieces) < 16:
+                index.damaged_pieces.append(exc)
+            raise exc
         if not whole:
             return data
         if cache is not None:
