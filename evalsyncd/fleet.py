@@ -120,8 +120,8 @@ class HostProblem:
         message: one line naming the URL and what went wrong.
         error: the exception, or ``None`` (an empty host, a refused name).
         kind: ``"unreadable"`` (the host's reads failed: its runs are missing),
-            ``"empty"`` (no runs), ``"damaged"`` (its newest tail object is damaged:
-            its runs were read from the plain objects, which may lack the newest
+            ``"empty"`` (no runs), ``"damaged"`` (a tail object is damaged: the
+            host was read from its plain objects, which may lack the newest
             lines), ``"skipped"`` (one key was refused; the others were read).
             Defaults to ``"unreadable"`` with an ``error``, else ``"empty"``.
     """
@@ -147,7 +147,8 @@ class FleetListing:
         url: the fleet prefix's URL.
         hosts: every host found, sorted.
         runs: runs of every readable host, newest first (then by host).
-        problems: hosts that failed or hold no runs, sorted by host.
+        problems: hosts that failed or hold no runs, damaged tail logs and
+            skipped keys (see :attr:`HostProblem.kind`), in host order.
     """
 
     url: str
