@@ -1,4 +1,4 @@
-"""Command line: ``evalsyncd run | sync --once | status | verify | runs ls|show|report | restore | demo``.
+"""Command line: ``evalsyncd run | sync --once | status | verify | claim | runs ls|show|report | restore | demo``.
 
 The only module that reads config files, configures logging, installs signal
 handlers and starts event loops. Imports are per command: ``runs`` and
@@ -137,6 +137,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="check only this destination (repeatable; default: all)",
     )
     verify.add_argument("--json", action="store_true", help="print one JSON object per mismatch")
+
+    claim = sub.add_parser(
+        "claim",
+        help="show (or take) the owner of each destination's prefix; exit 1 if another host's",
+    )
+    _add_common(claim)
+    claim.add_argument(
+        "--destination",
+        metavar="NAME",
+        action="append",
+        help="only this destination (repeatable; default: all)",
+    )
+    claim.add_argument(
+        "--take-over",
+        action="store_true",
+        help="claim the prefix for this host even if another owns it (a reinstalled host "
+        "whose state directory is gone); needs --destination",
+    )
 
     runs = sub.add_parser(
         "runs", help="read evaluation runs from a directory, s3:// or gs:// (a host or a fleet)"
@@ -330,6 +348,54 @@ async def _verify(settings: Settings, names: list[str] | None, as_json: bool) ->
             file=sys.stderr if as_json else sys.stdout,
         )
         failed = failed or not report.ok
+    return EX_FAILURE if failed else EX_OK
+
+
+async def _claim(settings: Settings, names: list[str] | None, take: bool) -> int:
+    """``evalsyncd claim``: each destination's owner; with ``take``, this host's from now on."""
+    from evalsyncd.config import ensure_state_dir
+    from evalsyncd.errors import PrefixOwnedError
+    from evalsyncd.sync.journal import Journal
+    from evalsyncd.sync.owner import check_claim, record_owner, take_over
+    from evalsyncd.sync.service import JOURNAL_NAME, open_destination_storage
+
+    known = {d.name: d for d in settings.destinations}
+    unknown = [n for n in names or [] if n not in known]
+    if unknown or (take and not names):
+        what = f"unknown destination {', '.join(unknown)}" if unknown else "--take-over needs"
+        print(
+            f"evalsyncd: {what} --destination NAME; configured: {', '.join(known)}", file=sys.stderr
+        )
+        return EX_USAGE
+    state_dir = ensure_state_dir(settings)
+    with Journal(state_dir / JOURNAL_NAME, settings.root) as journal:
+        writer = journal.writer_id()
+    failed = False
+    for name in names or list(known):
+        storage = open_destination_storage(known[name])
+        try:
+            async with storage:
+                if take:
+                    previous, claim = await take_over(storage, writer)
+                    was = (
+                        f"host {previous.host!r} (writer {previous.writer}, since {previous.when()})"
+                        if previous is not None
+                        else "nobody"
+                    )
+                    print(f"{name} ({storage.url()}): taken over from {was}: now this host's")
+                else:
+                    claim = await check_claim(storage, writer, name)
+                    print(
+                        f"{name} ({storage.url()}): owned by this host ({claim.host!r}, "
+                        f"writer {writer}) since {claim.when()}"
+                    )
+                record_owner(state_dir, name, known[name].url, claim, True)
+        except PrefixOwnedError as exc:
+            print(f"{name}: {exc}")
+            failed = True
+        except StorageError as exc:
+            print(f"evalsyncd: {name}: {type(exc).__name__}: {exc}", file=sys.stderr)
+            failed = True
     return EX_FAILURE if failed else EX_OK
 
 
@@ -539,7 +605,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = _settings(args)
     except ConfigError as exc:
         return _config_error(exc)
-    quiet = args.command in ("status", "verify")
+    quiet = args.command in ("status", "verify", "claim")
     configure_logging(settings.log_format, "warning" if quiet else settings.log_level)
     try:
         if args.command == "run":
@@ -550,6 +616,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _status(settings, args.json)
         if args.command == "verify":
             return asyncio.run(_verify(settings, args.destination, args.json))
+        if args.command == "claim":
+            return asyncio.run(_claim(settings, args.destination, args.take_over))
     except ConfigError as exc:  # the state directory cannot be created
         return _config_error(exc)
     except JournalError as exc:
