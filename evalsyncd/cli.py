@@ -318,15 +318,18 @@ async def _verify(settings: Settings, names: list[str] | None, as_json: bool) ->
                 print(json.dumps({"destination": name, **check.__dict__}), flush=True)
             else:
                 size = "-" if check.remote_size is None else check.remote_size
+                view = " (plain object)" if check.view == "plain" else ""
                 print(
-                    f"MISMATCH {name} {check.path}: {check.problem}: {check.detail} "
+                    f"MISMATCH {name} {check.path}{view}: {check.problem}: {check.detail} "
                     f"(local {check.local_size} B, remote {size} B)",
                     flush=True,
                 )
 
         storage = open_destination_storage(dest)
+        plain = open_destination_storage(dest)  # the plain objects, as other tools read them
+        plain.read_tail = False
         try:
-            async with storage:
+            async with storage, plain:
                 report = await verify_storage(
                     storage,
                     settings.root,
@@ -334,6 +337,9 @@ async def _verify(settings: Settings, names: list[str] | None, as_json: bool) ->
                     exclude=(settings.state_dir,),
                     max_concurrency=dest.max_concurrency,
                     on_check=show,
+                    plain=plain,
+                    journal_rows=_journal_rows(settings, name),
+                    max_main_lag_s=dest.max_main_lag_s,
                 )
         except StorageError as exc:
             print(f"evalsyncd: {name}: {type(exc).__name__}: {exc}", file=sys.stderr)
@@ -341,8 +347,14 @@ async def _verify(settings: Settings, names: list[str] | None, as_json: bool) ->
             continue
         for warning in report.warnings:
             print(f"warning {name} {warning}", file=sys.stderr)
+        for note in report.notes:
+            print(f"info {name} {note.path} (plain object): {note.note}", file=sys.stderr)
         methods = ", ".join(f"{n} by {m}" for m, n in sorted(report.methods.items()))
         verdict = "OK" if report.ok else f"{len(report.mismatches)} MISMATCHES"
+        if report.notes:
+            verdict += (
+                f" ({len(report.notes)} plain objects not yet up to date, within their due time)"
+            )
         print(
             f"{name} ({report.url}): {report.checked} files checked ({methods or 'none'}): {verdict}",
             file=sys.stderr if as_json else sys.stdout,
@@ -397,6 +409,18 @@ async def _claim(settings: Settings, names: list[str] | None, take: bool) -> int
             print(f"evalsyncd: {name}: {type(exc).__name__}: {exc}", file=sys.stderr)
             failed = True
     return EX_FAILURE if failed else EX_OK
+
+
+def _journal_rows(settings: Settings, destination: str) -> dict[str, Any] | None:
+    """The destination's journal rows by path (read-only), or ``None`` without a journal."""
+    from evalsyncd.sync.journal import Journal
+    from evalsyncd.sync.service import JOURNAL_NAME
+
+    path = settings.state_dir / JOURNAL_NAME
+    if not path.exists():
+        return None
+    with Journal(path, settings.root, readonly=True) as journal:
+        return dict(journal.entries(destination))
 
 
 def _reader_logging() -> None:
