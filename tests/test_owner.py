@@ -282,3 +282,19 @@ def test_claim_command_usage(rel: RelEnv) -> None:
     done = _cli("claim", "--config", str(cfg))
     assert done.returncode == 0 and "owned by this host" in done.stdout, done.stdout + done.stderr
     assert ".evalsyncd/owner.json" in list_keys(reader, internal=True)
+
+
+def test_a_local_directory_destination_is_claimed_exclusively(tmp_path: Path) -> None:
+    """A local-directory mirror: the claim is a hard link of a complete file (exclusive,
+    never partial); a second writer parks, and no temporary file is left behind."""
+    from evalsyncd.storage import LocalStorage
+
+    mirror = LocalStorage(tmp_path / "mirror")
+
+    async def run() -> None:
+        assert (await check_claim(mirror, A, "file", host="nfs-1")).writer == A
+        with pytest.raises(PrefixOwnedError, match="'nfs-1'"):
+            await check_claim(mirror, B, "file")
+
+    asyncio.run(run())
+    assert sorted(p.name for p in (tmp_path / "mirror/.evalsyncd").iterdir()) == [OWNER_NAME]
