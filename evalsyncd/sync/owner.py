@@ -458,7 +458,10 @@ class Owner:
         return exc
 
     async def _check(self) -> None:
+        started = self.clock()
         async with self._lock:
+            if self._checked_at is not None and self._checked_at >= started and self.confirmed:
+                return  # a concurrent caller just read it: one request for all of them
             try:
                 self.claim = await check_claim(self.storage, self.writer, self.destination)
             except PrefixOwnedError as exc:
