@@ -163,3 +163,27 @@ def test_a_tampered_earlier_version_is_a_mismatch(tmp_path: Path) -> None:
         _check_plain(tampered, tmp_path, "f.jsonl", readers, row, 90.0, time.time())  # type: ignore[arg-type]
     )
     assert not check.ok and check.problem == "content"
+
+
+@pytest.mark.parametrize(
+    ("version", "ok"),
+    [("v-daemon", True), ("v-someone-else", False)],
+    ids=["the daemon's earlier version", "another writer's"],
+)
+def test_a_replaced_json_plain_object_is_fine_only_at_the_daemons_version(
+    tmp_path: Path, version: str, ok: bool
+) -> None:
+    """A replace-on-write file whose new content is still in the tail: its plain object may
+    be the version the journal says the daemon last wrote there, and nothing else."""
+    import asyncio
+    from dataclasses import replace
+
+    (tmp_path / "m.json").write_bytes(b'{"new": 1}')
+    readers = FileCheck("m.json", True, "", 10, 10, "download")
+    row = replace(_row(9, NOW - 5, "v-daemon"), path="m.json")
+    plain = _Plain(b'{"old": 0}', version=version, mtime=NOW - 100)
+    check = asyncio.run(
+        _check_plain(plain, tmp_path, "m.json", readers, row, 90.0, NOW)  # type: ignore[arg-type]
+    )
+    assert check.ok is ok, check
+    assert ("earlier version" in check.note) if ok else check.problem == "content"
