@@ -503,3 +503,18 @@ def test_cache_dir_follows_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert default_cache_dir() == tmp_path / "home" / ".cache" / "evalsyncd"
+
+
+def test_an_unusable_cache_is_a_clear_error(local_storage: Any, tmp_path: Path) -> None:
+    """A cache file that is not SQLite raises OSError naming it; head reads need no cache."""
+    local_storage.write(PATH, _lines(0, 3))
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "samples.sqlite3").write_bytes(b"not a database" * 100)
+    reader = SampleReader(local_storage, tmp_path / "cache")
+
+    async def scenario() -> None:
+        assert len(await reader.ahead("r1", "gsm", 5)) == 3
+        with pytest.raises(OSError, match=r"samples\.sqlite3 is unusable"):
+            await reader.aindex("r1", "gsm")
+
+    _run(local_storage, scenario)

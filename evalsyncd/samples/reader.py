@@ -26,6 +26,7 @@ import asyncio
 import json
 import logging
 import re
+import sqlite3
 import zlib
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
@@ -33,7 +34,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from evalsyncd.errors import SampleError, SampleNotFoundError, SearchPatternError, StorageError
-from evalsyncd.samples.index import FileState, IndexCache, SampleIndex, default_cache_dir
+from evalsyncd.samples.index import (
+    CACHE_FILE,
+    FileState,
+    IndexCache,
+    SampleIndex,
+    default_cache_dir,
+)
 from evalsyncd.samples.lines import (
     BadLine,
     LineScanner,
@@ -235,7 +242,12 @@ class SampleReader:
 
     async def _cache_of(self) -> IndexCache:
         if self._cache is None:
-            self._cache = await asyncio.to_thread(IndexCache, self.cache_dir)
+            try:
+                self._cache = await asyncio.to_thread(IndexCache, self.cache_dir)
+            except sqlite3.Error as exc:
+                raise OSError(
+                    f"sample index cache {self.cache_dir / CACHE_FILE} is unusable: {exc}"
+                ) from exc
         return self._cache
 
     async def _read(self, path: str, offset: int, length: int) -> bytes:
