@@ -354,10 +354,7 @@ class SampleReader:
         """Index the lines ``data`` completes (in a worker thread); big samples go to ``big``."""
         entries: list[SampleEntry] = []
         bad: list[BadLine] = []
-        for line, start, raw in scanner.feed(data):
-            parsed = parse_line(raw, line, start)
-            if parsed is None:
-                continue
+        for parsed in scanner.lines(data):
             if isinstance(parsed, BadLine):
                 bad.append(parsed)
                 continue
@@ -422,11 +419,10 @@ class SampleReader:
                     return []
                 raise
             offset += len(data)
-            for line, start, raw in scanner.feed(data):
-                parsed = parse_line(raw, line, start)
+            for parsed in scanner.lines(data, url):
                 if isinstance(parsed, BadLine):
-                    logger.warning("%s", replace(parsed, url=url))
-                elif parsed is not None and which.keep(parsed.entry):
+                    logger.warning("%s", parsed)
+                elif which.keep(parsed.entry):
                     out.append((parsed.entry, parsed.trajectory))
                     if len(out) >= limit:
                         break
@@ -598,14 +594,10 @@ class SampleReader:
 
         def parse(data: bytes) -> list[ParsedLine | BadLine]:
             out: list[ParsedLine | BadLine] = []
-            for line, start, raw in scanner.feed(data):
-                parsed = parse_line(raw, line, start)
-                if isinstance(parsed, BadLine):
-                    out.append(replace(parsed, url=url))
-                elif parsed is not None:
-                    out.append(parsed)
-                    if parsed.note is not None:
-                        out.append(replace(parsed.note, url=url))
+            for parsed in scanner.lines(data, url):
+                out.append(parsed)
+                if isinstance(parsed, ParsedLine) and parsed.note is not None:
+                    out.append(replace(parsed.note, url=url))
             return out
 
         try:
@@ -675,6 +667,11 @@ class SampleReader:
             """Feed one chunk; True once the page is full and one more match was seen."""
             nonlocal found
             for line, start, raw in scanner.feed(data):
+                if raw is None:
+                    if len(bad) < 100:
+                        length = scanner.offset - start - 1
+                        bad.append(BadLine(line, start, length, "longer than the limit", url))
+                    continue
                 if raw_needle is not None and raw_needle not in raw.lower():
                     continue
                 parsed = parse_line(raw, line, start)
