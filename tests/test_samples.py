@@ -297,6 +297,21 @@ def test_line_scanner_keeps_offsets_across_chunks() -> None:
         assert scanner.tail == data[:10]
 
 
+def test_a_line_past_the_limit_is_dropped_as_it_arrives() -> None:
+    """A too-long line yields None with its true length; memory holds only its end."""
+    data = b"ok\n" + b"x" * 10_000 + b"\nfine\n"
+    for size in (7, 100, 5000, len(data)):
+        scanner = LineScanner(max_line_bytes=1000)
+        got = []
+        for i in range(0, len(data), size):
+            got += scanner.feed(data[i : i + size])
+            assert scanner.pending <= 10_000 and len(scanner._partial) <= 5096
+        assert got == [(0, 0, b"ok"), (1, 3, None), (2, 10_004, b"fine")], size
+        assert scanner.tail == data[-4096:]
+    bad = list(LineScanner(max_line_bytes=10).lines(b'{"idx": 1, "benchmark": "b"}\n', "u"))
+    assert isinstance(bad[0], BadLine) and bad[0].length == 28 and "longer than 10" in bad[0].reason
+
+
 def test_parse_line_table() -> None:
     """Blank lines are nothing, a BOM on line 0 is ignored, errors are cut short."""
     assert parse_line(b"  \r", 3, 0) is None
@@ -474,20 +489,23 @@ def test_export_memory_is_bounded(local_storage: Any, tmp_path: Path) -> None:
     local_storage.append(path, b"".join(_line(i, text="x" * 400) for i in range(20_000)))
     size = local_storage.stat(path).size
     assert size > 9_000_000
-    warm = EvalStore(tmp_path / "warm")  # imports and first-use allocations, not measured
+    warm = EvalStore(tmp_path / "warm")  # the fixed cost: one run of one sample
     warm.write_trajectory(warm.create_run("m", ["gsm"]), "gsm", StoredTrajectory(0, "gsm"))
-    asyncio.run(aexport_samples(warm.storage, "", tmp_path / "warm-out"))
-    tracemalloc.start()
-    try:
-        summary = _run(
-            local_storage,
-            lambda: aexport_samples(local_storage, "", tmp_path / "out", chunk_size=256 << 10),
-        )
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
-    assert summary.rows == 20_000
-    assert peak < size / 4, (peak, size)
+    asyncio.run(aexport_samples(warm.storage, "", tmp_path / "warm-out"))  # imports, caches
+
+    def peak_of(storage: Any, out: str) -> int:
+        tracemalloc.start()
+        try:
+            asyncio.run(aexport_samples(storage, "", tmp_path / out, chunk_size=256 << 10))
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    base = peak_of(warm.storage, "warm-out-2")
+    peak = peak_of(local_storage, "out")
+    with (tmp_path / "out" / "samples.csv").open(newline="") as f:
+        assert sum(1 for _ in csv.reader(f)) == 20_001
+    assert peak - base < size / 8, (peak, base, size)
 
 
 def test_cache_dir_follows_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -503,3 +521,18 @@ def test_cache_dir_follows_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert default_cache_dir() == tmp_path / "home" / ".cache" / "evalsyncd"
+
+
+def test_an_unusable_cache_is_a_clear_error(local_storage: Any, tmp_path: Path) -> None:
+    """A cache file that is not SQLite raises OSError naming it; head reads need no cache."""
+    local_storage.write(PATH, _lines(0, 3))
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "samples.sqlite3").write_bytes(b"not a database" * 100)
+    reader = SampleReader(local_storage, tmp_path / "cache")
+
+    async def scenario() -> None:
+        assert len(await reader.ahead("r1", "gsm", 5)) == 3
+        with pytest.raises(OSError, match=r"samples\.sqlite3 is unusable"):
+            await reader.aindex("r1", "gsm")
+
+    _run(local_storage, scenario)

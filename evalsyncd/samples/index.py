@@ -114,6 +114,32 @@ def _entry(row: tuple[int, int, int, int, str, float, int, str | None]) -> Sampl
     return SampleEntry(line, start, length, idx, example_id, reward, bool(correct), error)
 
 
+_SETTERS = tuple(
+    getattr(SampleEntry, name).__set__
+    for name in ("line", "start", "length", "idx", "example_id", "reward", "correct", "error")
+)
+
+
+def _entries(rows: list[tuple[object, ...]]) -> list[SampleEntry]:
+    """:func:`_entry` of many rows, about twice as fast (the slots set directly)."""
+    new = object.__new__
+    s0, s1, s2, s3, s4, s5, s6, s7 = _SETTERS
+    out: list[SampleEntry] = []
+    add = out.append
+    for line, start, length, idx, example_id, reward, correct, error in rows:
+        e = new(SampleEntry)
+        s0(e, line)
+        s1(e, start)
+        s2(e, length)
+        s3(e, idx)
+        s4(e, example_id)
+        s5(e, reward)
+        s6(e, correct == 1)
+        s7(e, error)
+        add(e)
+    return out
+
+
 class IndexCache:
     """The SQLite file holding every indexed file's rows.
 
@@ -308,8 +334,7 @@ class SampleIndex:
                 f"{where} ORDER BY line LIMIT ?"
             )
             rows = self._query(sql, (self._fid, self.indexed_bytes, last, batch))
-            for row in rows:
-                yield _entry(row)  # type: ignore[arg-type]
+            yield from _entries(rows)
             if len(rows) < batch:
                 return
             last = int(rows[-1][0])  # type: ignore[call-overload]

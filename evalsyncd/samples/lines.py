@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import Any
 
+from evalsyncd.store.layout import MAX_LINE_BYTES
 from evalsyncd.store.models import StoredTrajectory
 
 __all__ = [
@@ -177,54 +178,102 @@ def parse_line(raw: bytes, line: int, start: int) -> ParsedLine | BadLine | None
 class LineScanner:
     """Splits a file's bytes, fed in chunks from ``offset``, into complete lines.
 
+    A line longer than ``max_line_bytes`` is dropped as it arrives (memory stays
+    bounded whatever a hostile file holds) and yields ``raw=None``.
+
     Args:
         offset: byte offset of the first byte fed (the start of a line).
         line: the 0-based number of the line starting there.
+        tail: the :attr:`TAIL_BYTES` bytes before ``offset`` (to go on checking them).
+        max_line_bytes: the longest line kept
+            (:data:`~evalsyncd.store.layout.MAX_LINE_BYTES`, as the store's reads).
 
     Attributes:
         offset: byte offset just past the last complete line (its ``\\n``).
         line: number of the next line.
-        pending: bytes held of an unfinished last line.
+        tail: the last :attr:`TAIL_BYTES` bytes before :attr:`offset`.
     """
 
     TAIL_BYTES = 4096
     """Bytes before :attr:`offset` that :attr:`tail` keeps (to check a file is unchanged)."""
 
-    def __init__(self, offset: int = 0, line: int = 0, tail: bytes = b"") -> None:
+    def __init__(
+        self,
+        offset: int = 0,
+        line: int = 0,
+        tail: bytes = b"",
+        *,
+        max_line_bytes: int = MAX_LINE_BYTES,
+    ) -> None:
         self.offset = offset
         self.line = line
+        self.max_line_bytes = max_line_bytes
         self._partial = bytearray()
+        self._dropping = False  # the current line is too long: _partial keeps only its end
+        self._dropped = 0  # bytes of it seen so far (those in _partial included)
         self.tail = tail[-self.TAIL_BYTES :]
 
     @property
     def pending(self) -> int:
-        """Bytes of an unfinished last line held so far."""
-        return len(self._partial)
+        """Bytes of an unfinished last line seen so far."""
+        return self._dropped if self._dropping else len(self._partial)
 
-    def feed(self, chunk: bytes) -> Iterator[tuple[int, int, bytes]]:
-        """``(line, start, raw)`` of each line ``chunk`` completes (``raw`` without ``\\n``)."""
+    def feed(self, chunk: bytes) -> Iterator[tuple[int, int, bytes | None]]:
+        """``(line, start, raw)`` of each line ``chunk`` completes (``raw`` without its
+        ``\\n``; ``None`` for a line longer than ``max_line_bytes``)."""
         pos = 0
+        keep = self.TAIL_BYTES
         last_nl = chunk.rfind(b"\n")
         if last_nl >= 0:
-            keep = self.TAIL_BYTES
             seg = chunk[max(0, last_nl + 1 - keep) : last_nl + 1]
             if len(seg) < keep:
                 seg = self.tail + bytes(self._partial[-keep:]) + seg
             self.tail = seg[-keep:]
         while True:
             end = chunk.find(b"\n", pos)
+            piece = len(chunk) - pos if end < 0 else end - pos
+            if not self._dropping and len(self._partial) + piece > self.max_line_bytes:
+                self._dropping, self._dropped = True, len(self._partial)
+                del self._partial[:-keep]
             if end < 0:
-                self._partial += chunk[pos:]
+                if self._dropping:
+                    self._dropped += piece
+                    self._partial += chunk[max(pos, len(chunk) - keep) :]
+                    del self._partial[:-keep]
+                else:
+                    self._partial += chunk[pos:]
                 return
-            if self._partial:
+            raw: bytes | None
+            if self._dropping:
+                length = self._dropped + piece
+                raw = None
+                self._dropping, self._dropped = False, 0
+                self._partial.clear()
+            elif self._partial:
                 self._partial += chunk[pos:end]
                 raw = bytes(self._partial)
+                length = len(raw)
                 self._partial.clear()
             else:
                 raw = chunk[pos:end]
+                length = len(raw)
             pos = end + 1
             start = self.offset
-            self.offset += len(raw) + 1
+            self.offset += length + 1
             number = self.line
             self.line += 1
             yield number, start, raw
+
+    def lines(self, chunk: bytes, url: str = "") -> Iterator[ParsedLine | BadLine]:
+        """The samples and bad lines ``chunk`` completes (:func:`parse_line` of each line)."""
+        for line, start, raw in self.feed(chunk):
+            if raw is None:
+                length = self.offset - start - 1
+                reason = f"longer than {self.max_line_bytes} bytes ({length} bytes), skipped"
+                yield BadLine(line, start, length, reason, url)
+                continue
+            parsed = parse_line(raw, line, start)
+            if isinstance(parsed, BadLine) and url:
+                parsed = replace(parsed, url=url)
+            if parsed is not None:
+                yield parsed

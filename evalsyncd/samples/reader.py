@@ -26,6 +26,7 @@ import asyncio
 import json
 import logging
 import re
+import sqlite3
 import zlib
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
@@ -33,7 +34,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from evalsyncd.errors import SampleError, SampleNotFoundError, SearchPatternError, StorageError
-from evalsyncd.samples.index import FileState, IndexCache, SampleIndex, default_cache_dir
+from evalsyncd.samples.index import (
+    CACHE_FILE,
+    FileState,
+    IndexCache,
+    SampleIndex,
+    default_cache_dir,
+)
 from evalsyncd.samples.lines import (
     BadLine,
     LineScanner,
@@ -235,7 +242,12 @@ class SampleReader:
 
     async def _cache_of(self) -> IndexCache:
         if self._cache is None:
-            self._cache = await asyncio.to_thread(IndexCache, self.cache_dir)
+            try:
+                self._cache = await asyncio.to_thread(IndexCache, self.cache_dir)
+            except sqlite3.Error as exc:
+                raise OSError(
+                    f"sample index cache {self.cache_dir / CACHE_FILE} is unusable: {exc}"
+                ) from exc
         return self._cache
 
     async def _read(self, path: str, offset: int, length: int) -> bytes:
@@ -342,10 +354,7 @@ class SampleReader:
         """Index the lines ``data`` completes (in a worker thread); big samples go to ``big``."""
         entries: list[SampleEntry] = []
         bad: list[BadLine] = []
-        for line, start, raw in scanner.feed(data):
-            parsed = parse_line(raw, line, start)
-            if parsed is None:
-                continue
+        for parsed in scanner.lines(data):
             if isinstance(parsed, BadLine):
                 bad.append(parsed)
                 continue
@@ -410,11 +419,10 @@ class SampleReader:
                     return []
                 raise
             offset += len(data)
-            for line, start, raw in scanner.feed(data):
-                parsed = parse_line(raw, line, start)
+            for parsed in scanner.lines(data, url):
                 if isinstance(parsed, BadLine):
-                    logger.warning("%s", replace(parsed, url=url))
-                elif parsed is not None and which.keep(parsed.entry):
+                    logger.warning("%s", parsed)
+                elif which.keep(parsed.entry):
                     out.append((parsed.entry, parsed.trajectory))
                     if len(out) >= limit:
                         break
@@ -586,14 +594,10 @@ class SampleReader:
 
         def parse(data: bytes) -> list[ParsedLine | BadLine]:
             out: list[ParsedLine | BadLine] = []
-            for line, start, raw in scanner.feed(data):
-                parsed = parse_line(raw, line, start)
-                if isinstance(parsed, BadLine):
-                    out.append(replace(parsed, url=url))
-                elif parsed is not None:
-                    out.append(parsed)
-                    if parsed.note is not None:
-                        out.append(replace(parsed.note, url=url))
+            for parsed in scanner.lines(data, url):
+                out.append(parsed)
+                if isinstance(parsed, ParsedLine) and parsed.note is not None:
+                    out.append(replace(parsed.note, url=url))
             return out
 
         try:
@@ -663,6 +667,11 @@ class SampleReader:
             """Feed one chunk; True once the page is full and one more match was seen."""
             nonlocal found
             for line, start, raw in scanner.feed(data):
+                if raw is None:
+                    if len(bad) < 100:
+                        length = scanner.offset - start - 1
+                        bad.append(BadLine(line, start, length, "longer than the limit", url))
+                    continue
                 if raw_needle is not None and raw_needle not in raw.lower():
                     continue
                 parsed = parse_line(raw, line, start)
