@@ -10,6 +10,9 @@ decide on retries by type and never by matching message strings::
     │                                     or of a newer schema (evalsyncd.sync.journal)
     ├── CatalogError                      also ValueError: a run catalog does not parse
     │                                     (evalsyncd.catalog)
+    ├── SampleError                       a read of samples (evalsyncd.samples) failed
+    │   ├── SampleNotFoundError           also LookupError: no sample at that line
+    │   └── SearchPatternError            also ValueError: an invalid search regex
     └── StorageError                      anything a storage backend raises
         ├── ObjectNotFoundError           also FileNotFoundError: the object is missing
         ├── ConflictError                 a precondition failed (HTTP 412, offset mismatch):
@@ -21,7 +24,10 @@ decide on retries by type and never by matching message strings::
             ├── BucketNotFoundError       the bucket itself does not exist
             ├── InvalidRequestError       the server refused the request as malformed
             ├── CorruptObjectError        an object evalsyncd wrote (a tail object) is damaged
-            └── TailConflictError         another writer holds this prefix's tail log
+            │   └── TailPieceMissingError also ObjectNotFoundError: a tail object is shorter
+            │                             than its index says (evalsyncd.storage.tail)
+            ├── TailConflictError         another writer holds this prefix's tail log
+            └── PrefixOwnedError          another evalsyncd owns the destination's prefix
 
 Keys that are empty, absolute or contain ``..`` are refused before any request
 with a plain :class:`ValueError` (:class:`InvalidKeyError` subclasses both).
@@ -46,8 +52,13 @@ __all__ = [
     "JournalError",
     "ObjectNotFoundError",
     "PermanentStorageError",
+    "PrefixOwnedError",
+    "SampleError",
+    "SampleNotFoundError",
+    "SearchPatternError",
     "StorageError",
     "TailConflictError",
+    "TailPieceMissingError",
     "TransientStorageError",
 ]
 
@@ -143,5 +154,54 @@ class CorruptObjectError(PermanentStorageError):
     """
 
 
+class TailPieceMissingError(CorruptObjectError, ObjectNotFoundError):
+    """A tail object holds fewer bytes than a piece its index places in it.
+
+    A :class:`CorruptObjectError` (readers read the file's plain object instead)
+    and, as before this class existed, an :class:`ObjectNotFoundError` (the
+    writer treats the piece as gone and stages the bytes again from its file).
+    """
+
+
 class TailConflictError(PermanentStorageError):
     """Another writer (a second daemon on the same prefix) writes this tail log."""
+
+
+class PrefixOwnedError(PermanentStorageError):
+    """Another evalsyncd owns the prefix (its claim ``.evalsyncd/owner.json``).
+
+    The message names the owner's hostname, when it claimed the prefix and the
+    fix; the daemon writes nothing under the prefix while this holds.
+
+    Attributes:
+        owner_host: the owner's hostname, as its claim says (``None`` when the
+            prefix has no claim but another writer's tail log).
+        owner_writer: the owner's writer id.
+        claimed_at: when the owner claimed the prefix, Unix seconds (``None``: unknown).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        url: str | None = None,
+        owner_host: str | None = None,
+        owner_writer: str = "",
+        claimed_at: float | None = None,
+    ) -> None:
+        super().__init__(message, url=url)
+        self.owner_host = owner_host
+        self.owner_writer = owner_writer
+        self.claimed_at = claimed_at
+
+
+class SampleError(EvalsyncdError):
+    """A read of samples (:mod:`evalsyncd.samples`) cannot be answered."""
+
+
+class SampleNotFoundError(SampleError, LookupError):
+    """No sample at the requested line of a ``trajectories.jsonl`` (the message names its URL)."""
+
+
+class SearchPatternError(SampleError, ValueError):
+    """A search pattern is not a valid regular expression (the message quotes it)."""

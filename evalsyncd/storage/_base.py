@@ -53,6 +53,7 @@ capability                     meaning (local / S3 / GCS / memory)
 ``achecksum(path)``            the checksum the store keeps for a whole file, or ``None``
                                (``None`` / ``None`` / ``crc32c`` / ``crc32c``)
 ``read_internal(name)`` ...    the daemon's own objects, :class:`InternalArea` (and async)
+``acreate_internal(name, b)``  create one of them only if absent (the prefix's owner claim)
 =============================  ===========================================================
 """
 
@@ -63,7 +64,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, Self, runtime_checkable
 
-from evalsyncd.errors import InvalidKeyError
+from evalsyncd.storage._keys import check_key
 
 if TYPE_CHECKING:
     from evalsyncd.storage.tail import TailWriter
@@ -98,42 +99,6 @@ class StorageStat:
     size: int
     mtime: float
     version: str | None = None
-
-
-def check_key(path: str) -> str:
-    """Validate a relative storage path and return it unchanged.
-
-    Args:
-        path: a relative POSIX path such as ``"runs/r1/metadata.json"``.
-
-    Returns:
-        ``path`` itself (no normalisation is applied).
-
-    Raises:
-        InvalidKeyError: (a ``ValueError``) if ``path`` is empty, absolute, has an
-            empty segment (``a//b``), a ``.`` or ``..`` segment (the message of a
-            ``..`` says the key "escapes the storage root", as the reference storage
-            tests expect), a NUL byte, or is not valid UTF-8 (a file name decoded
-            with ``surrogateescape``).
-    """
-    if not isinstance(path, str) or not path:
-        raise InvalidKeyError(f"invalid storage key {path!r}: empty")
-    if path.startswith("/"):
-        raise InvalidKeyError(f"invalid storage key {path!r}: absolute path")
-    if "\x00" in path:
-        raise InvalidKeyError(f"invalid storage key {path!r}: NUL byte")
-    try:
-        path.encode("utf-8")
-    except UnicodeEncodeError:
-        raise InvalidKeyError(f"invalid storage key {path!r}: not valid UTF-8") from None
-    for segment in path.rstrip("/").split("/"):
-        if segment == "..":
-            raise InvalidKeyError(
-                f"invalid storage key {path!r}: escapes the storage root ('..' segment)"
-            )
-        if segment in ("", "."):
-            raise InvalidKeyError(f"invalid storage key {path!r}: {segment or 'empty'!r} segment")
-    return path
 
 
 def storage_join(*parts: str) -> str:
@@ -291,8 +256,9 @@ class InternalArea(Protocol):
     see :func:`internal_area`.
     """
 
-    def read_internal(self, name: str) -> bytes:
-        """The bytes of ``.evalsyncd/{name}``.
+    def read_internal(self, name: str, *, limit: int | None = None) -> bytes:
+        """The bytes of ``.evalsyncd/{name}`` (with ``limit``: at most its first
+        ``limit`` bytes, one ranged read, so a reader bounds what it downloads).
 
         Raises:
             ObjectNotFoundError: (a ``FileNotFoundError``) the object is missing.
@@ -309,7 +275,7 @@ class InternalArea(Protocol):
 class AsyncInternalArea(Protocol):
     """Asynchronous twin of :class:`InternalArea`."""
 
-    async def aread_internal(self, name: str) -> bytes:
+    async def aread_internal(self, name: str, *, limit: int | None = None) -> bytes:
         """See :meth:`InternalArea.read_internal`."""
         ...
 
@@ -377,6 +343,21 @@ class Backend(Storage, AsyncStorage, InternalArea, AsyncInternalArea, Protocol):
 
         Raises:
             NotImplementedError: the backend keeps no tail log (``supports_tail``).
+        """
+        ...
+
+    async def acreate_internal(self, name: str, data: bytes) -> None:
+        """Create ``.evalsyncd/{name}`` with ``data`` only if it does not exist (one request).
+
+        S3 ``PutObject`` with ``If-None-Match: *``, GCS ``ifGenerationMatch=0``, a
+        local directory a hard link of a complete temporary file (``link(2)``
+        fails on an existing name, so a reader never sees a partial object).
+        A server that ignores the precondition overwrites instead: callers that
+        rely on it read the object back (see :mod:`evalsyncd.sync.owner`).
+
+        Raises:
+            ConflictError: the object exists.
+            InvalidKeyError: ``name`` is not a valid key.
         """
         ...
 

@@ -25,6 +25,7 @@ from pathlib import Path
 from evalsyncd.config import DestinationSettings
 from evalsyncd.storage import Backend
 from evalsyncd.sync.journal import Journal
+from evalsyncd.sync.owner import Owner
 from evalsyncd.sync.passes import ByteBudget
 from evalsyncd.sync.perfile import PerFileShipper
 from evalsyncd.sync.plan import Policy
@@ -67,6 +68,7 @@ def shipping_context(
     inflight_bytes: int = INFLIGHT_BYTES,
     clock: Callable[[], float] = time.monotonic,
     wall: Callable[[], float] = time.time,
+    owner: Owner | None = None,
 ) -> Context:
     """The context both shippers of a destination share, from its settings (no I/O)."""
     in_place = storage.append_in_place_min_bytes
@@ -92,6 +94,7 @@ def shipping_context(
         max_upload_bytes_per_s=settings.max_upload_bytes_per_s,
         clock=clock,
         wall=wall,
+        owner=owner,
     )
 
 
@@ -113,6 +116,8 @@ class Destination(Scheduler):
         clock: monotonic clock, seconds (injected for tests).
         wall: Unix time, seconds (injected for tests).
         rng: randomness for the backoff jitter (injected for tests).
+        owner: the prefix's claim, checked before every pass writes (see
+            :mod:`evalsyncd.sync.owner`); ``None``: not checked (unit tests).
     """
 
     def __init__(
@@ -131,8 +136,11 @@ class Destination(Scheduler):
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
         rng: random.Random | None = None,
+        owner: Owner | None = None,
     ) -> None:
         self.settings = settings
+        self.owner = owner
+        """This daemon's claim on the prefix (``None``: not checked)."""
         self.storage = storage
         self.root = root
         self.ctx = shipping_context(
@@ -146,6 +154,7 @@ class Destination(Scheduler):
             inflight_bytes=inflight_bytes,
             clock=clock,
             wall=wall,
+            owner=owner,
         )
         self.files = PerFileShipper(self.ctx)
         """The per-file path: one file straight to its main object."""

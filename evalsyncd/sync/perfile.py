@@ -80,7 +80,14 @@ class PerFileShipper:
         """Sync every path of ``batch``, phase by phase; see :class:`Outcome`."""
         outcome = Outcome()
         self.chunk_bytes = batch.chunk_bytes
+        try:
+            await self.ctx.ensure_owner()  # another daemon's prefix: write nothing
+        except StorageError as exc:
+            outcome.error = exc
+            return outcome
         await self.ship_paths(list(batch.paths), outcome)
+        if outcome.error is not None:
+            outcome.error = await self.ctx.explain(outcome.error)
         return outcome
 
     async def ship_paths(self, paths: list[str], outcome: Outcome) -> None:
@@ -246,6 +253,8 @@ class PerFileShipper:
             log.warning(
                 "append_conflict", destination=ctx.name, key=path, offset=offset, error=str(exc)
             )
+        if ctx.owner is not None:
+            await ctx.owner.confirm()  # a taken-over prefix: park, never rewrite the owner's object
         remote = await ctx.storage.astat(path)
         remote_size = remote.size if remote is not None else 0
         if remote_size <= offset:

@@ -36,6 +36,7 @@ from evalsyncd.sync.offline import (
     open_destination_storage,
     unacked_bytes,
 )
+from evalsyncd.sync.owner import Owner
 from evalsyncd.sync.watcher import Watcher
 from evalsyncd.sync.watchlimit import WatchProbe
 
@@ -138,6 +139,9 @@ class Service:
             flush_interval_s=self.settings.flush_interval_s,
             mirror_deletes=self.settings.mirror_deletes,
             invalid_json_grace_s=self.settings.invalid_json_grace_s,
+            owner=Owner(
+                storage, self.journal.writer_id(), dest.name, state_dir=self.settings.state_dir
+            ),
         )
         d.on_upload = self._on_upload
         self.destinations[dest.name] = d

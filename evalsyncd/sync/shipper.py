@@ -37,6 +37,7 @@ from evalsyncd.errors import InvalidKeyError, StorageError
 from evalsyncd.storage import Backend
 from evalsyncd.sync.journal import Entry, EntryStatus, Journal
 from evalsyncd.sync.lines import blocking, new_entry, read_lines
+from evalsyncd.sync.owner import Owner
 from evalsyncd.sync.passes import ByteBudget, log_failure
 from evalsyncd.sync.plan import NEW_FILE, Action, Do, Observed, Policy, plan
 
@@ -109,6 +110,8 @@ class Context:
         max_upload_bytes_per_s: bandwidth limit, bytes per second (``None``: none).
         clock: monotonic clock, seconds.
         wall: Unix time, seconds (compared with file mtimes; recorded in the journal).
+        owner: the prefix's claim (:mod:`evalsyncd.sync.owner`), checked before a
+            shipper writes and when a write conflicts; ``None``: not checked.
     """
 
     name: str
@@ -122,6 +125,7 @@ class Context:
     max_upload_bytes_per_s: int | None = None
     clock: Callable[[], float] = time.monotonic
     wall: Callable[[], float] = time.time
+    owner: Owner | None = None
     meter: Meter = field(init=False)
     sem: asyncio.Semaphore = field(init=False)
     _limiter: AsyncLimiter | None = field(init=False)
@@ -132,6 +136,21 @@ class Context:
         self._limiter = (
             AsyncLimiter(self.max_upload_bytes_per_s, 1.0) if self.max_upload_bytes_per_s else None
         )
+
+    async def ensure_owner(self) -> None:
+        """Return when this daemon owns the prefix (no request between rechecks).
+
+        Raises:
+            PrefixOwnedError: another daemon owns it: write nothing.
+            StorageError: the claim could not be read or created.
+        """
+        if self.owner is not None:
+            await self.owner.ensure()
+
+    async def explain(self, exc: StorageError) -> StorageError:
+        """The error a failed pass reports: a conflict becomes ``PrefixOwnedError`` when
+        another daemon owns the prefix now (see ``Owner.explain``)."""
+        return exc if self.owner is None else await self.owner.explain(exc)
 
     async def throttle(self, nbytes: int) -> None:
         """Wait until ``nbytes`` may be sent under ``max_upload_bytes_per_s`` (no limit: at once)."""

@@ -47,7 +47,7 @@ from typing import Final
 import crc32c
 import structlog
 
-from evalsyncd.errors import ObjectNotFoundError, StorageError
+from evalsyncd.errors import ObjectNotFoundError, StorageError, TailConflictError
 from evalsyncd.storage import Backend, check_key
 from evalsyncd.storage.tail import FileTail, TailIndex, TailWriter, stitch
 from evalsyncd.sync import lines
@@ -195,6 +195,10 @@ class TailShipper:
         )
         return reset
 
+    def reopen(self) -> None:
+        """Read the index and reconcile again at the next pass (another writer wrote the log)."""
+        self._opened = False
+
     async def _promote_orphan(self, path: str, ft: FileTail) -> None:
         """Write a file that exists only in the tail (deleted locally) to its main object."""
         data = await _remote_bytes(self.ctx.storage, self.writer, path, ft, ft.size)
@@ -234,9 +238,14 @@ class TailShipper:
         self.chunk_bytes = self.files.chunk_bytes = batch.chunk_bytes
         reset: list[str] = []
         try:
+            await self.ctx.ensure_owner()  # another daemon's prefix: write nothing
             await self._ship(batch, outcome, reset)
         except StorageError as exc:
             outcome.error = exc
+        if outcome.error is not None:
+            if isinstance(outcome.error, TailConflictError):
+                self.reopen()  # another writer's tail object: read the log again
+            outcome.error = await self.ctx.explain(outcome.error)
         for path in reset:
             if path not in batch.paths and path not in outcome.done:
                 outcome.again.setdefault(path, False)  # not done: the scheduler keeps it
