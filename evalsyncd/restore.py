@@ -12,6 +12,11 @@ host's daemon then mirrors it like any other run).
 - A local run with the same id is compared file by file: identical means the
   restore is a no-op (idempotent); any difference raises
   :class:`RestoreConflictError` and nothing is written.
+- A run evicted from ``root`` by the daemon's retention (its
+  ``runs/{run_id}/.evicted.json`` marker, :mod:`evalsyncd.evicted`) is brought
+  back in place: each missing file is written atomically (a temporary file,
+  then a rename), the files still on disk must equal the source's, and the
+  marker goes last; an interrupted restore is finished by running it again.
 - The ``runs.jsonl`` line is the source's line as it is (its bytes); when the
   source index lacks the run, a line is made from ``metadata.json`` in the
   format ``create_run`` writes.
@@ -26,6 +31,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from evalsyncd.evicted import MARKER_NAME
 from evalsyncd.store import EvalStore, _check_name
 
 __all__ = ["RestoreConflictError", "RestoreResult", "restore_run"]
@@ -142,7 +148,10 @@ def restore_run(store: EvalStore, run_id: str, root: Path) -> RestoreResult:
     run_dir = root / "runs" / run_id
     total = sum(len(b) for b in contents.values())
     already = run_dir.exists()
-    if already:
+    if (run_dir / MARKER_NAME).exists():
+        already = False
+        _bring_back(run_dir, contents, store.url(f"runs/{run_id}"))
+    elif already:
         _compare(run_dir, contents, store.url(f"runs/{run_id}"))
     else:
         (root / "runs").mkdir(parents=True, exist_ok=True)
@@ -166,6 +175,31 @@ def restore_run(store: EvalStore, run_id: str, root: Path) -> RestoreResult:
             os.close(fd)
         appended = True
     return RestoreResult(run_dir, sorted(contents), total, already, appended)
+
+
+def _bring_back(run_dir: Path, contents: dict[str, bytes], source: str) -> None:
+    """Put the files of an evicted run back in place, then remove its marker.
+
+    Raises:
+        RestoreConflictError: a file still on disk differs from the source's (the
+            marker stays; nothing of that file is overwritten).
+    """
+    for rel, data in sorted(contents.items()):
+        dest = run_dir / rel
+        if dest.exists():
+            if dest.read_bytes() != data:
+                raise RestoreConflictError(
+                    f"{dest} differs from {source}/{rel}: refusing to overwrite the local run"
+                )
+            continue
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, dest)
+    os.unlink(run_dir / MARKER_NAME)
 
 
 def _compare(run_dir: Path, contents: dict[str, bytes], source: str) -> None:
