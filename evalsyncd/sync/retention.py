@@ -719,7 +719,7 @@ class Retention:
             if unhealthy:
                 report.stopped = f"destination {unhealthy[0].name} is {unhealthy[0].state}"
                 break
-            for m in mirrors:
+            for m in mirrors if not dry_run else ():
                 # S3: compact pending segments so the plain objects are whole
                 with contextlib.suppress(StorageError):
                     await m.storage.aflush()
