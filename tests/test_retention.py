@@ -459,3 +459,78 @@ def test_restore_brings_an_evicted_run_back_byte_for_byte(
     asyncio.run(rig.retention().round())
     assert rig.journal.evictions() == {}
     rig.journal.close()
+
+
+def test_cli_evict_dry_run_status_and_evict_on_a_local_mirror(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`evict --dry-run` lists what would go and why and deletes nothing; `status` shows the
+    bytes held, evictable and evicted and why the oldest run is kept; `evict` evicts (a
+    local mirror: compared by download); the mirror then answers the reads."""
+    from evalsyncd.cli import main
+    from evalsyncd.storage import LocalStorage
+    from tests.daemon import write_config
+
+    root, mirror = tmp_path / "root", tmp_path / "mirror"
+    root.mkdir()
+    store = EvalStore(root)
+    old, young = _write_run(store, "old"), _write_run(store, "young")
+    _age(root, old, 2 * DAY)
+    cfg = write_config(
+        tmp_path / "c.toml",
+        root,
+        tmp_path / "state",
+        [{"name": "nfs", "url": mirror.as_uri()}],
+        **{"retention.enabled": True, "retention.min_age_s": 3600.0},
+    )
+    assert main(["sync", "--once", "--config", str(cfg)]) == 0
+    before = _snapshot(store, old)
+    capsys.readouterr()
+    assert main(["evict", "--dry-run", "--config", str(cfg)]) == 0
+    out = capsys.readouterr().out
+    assert f"would evict {old}" in out and f"kept {young}: 5.9 KiB: quiet 0 s" in out
+    assert len(_local_files(root, old)) == 6
+    assert main(["status", "--config", str(cfg)]) == 0
+    out = capsys.readouterr().out
+    assert "retention:" in out and "0 B evicted" in out
+    assert f"oldest finalized run kept: {old}: safe by the journal: evicted by the next" in out
+    assert main(["evict", "--config", str(cfg)]) == 0
+    assert f"evicted {old}" in capsys.readouterr().out
+    assert len(_local_files(root, old)) == 3
+    assert main(["status", "--config", str(cfg)]) == 0
+    out = capsys.readouterr().out
+    assert "(1 runs)" in out and f"oldest finalized run kept: {young}: quiet 0 s" in out
+    assert _snapshot(EvalStore(root, fallback=LocalStorage(mirror)), old) == before
+
+
+def test_reads_of_evicted_runs_cost_few_requests(
+    tmp_path: Path, buckets: list[MemoryStorage]
+) -> None:
+    """list_runs of 300 runs (100 evicted) and read_run/read_summary of an evicted run cost
+    no request to the mirror (metadata.json and summary.json stay on disk); read_result
+    costs one read of the object (and a listing of the tail log, kept for a while)."""
+    from evalsyncd.evicted import EvictionMarker, build_marker
+
+    root = tmp_path / "root"
+    store = EvalStore(root)
+    mirror = buckets[0]
+    for r in range(300):
+        run_id = store.create_run("m", ["b"], run_id=f"r{r:03d}")
+        store.write_result(run_id, BenchmarkResult("b", 1.0, 1, 1))
+        store.write_summary(run_id, {})
+        if r % 3 == 0:  # evicted: the result lives in the mirror only
+            key = f"runs/{run_id}/b/result.json"
+            mirror.write(key, (root / key).read_bytes())
+            (root / key).unlink()
+            marker = EvictionMarker(run_id, 0.0, (mirror.url(),), (key,), 1)
+            (root / "runs" / run_id / MARKER_NAME).write_bytes(build_marker(marker))
+    fallback = MemoryStorage(mirror.bucket, mirror.prefix)
+    reader = EvalStore(root, fallback=fallback)
+    mirror.faults.calls.clear()
+    runs = reader.list_runs()
+    assert len(runs) == 300 and sum(r.evicted for r in runs) == 100
+    assert reader.read_run("r000").run_id == "r000" and reader.read_summary("r000") == {}
+    assert sum(mirror.faults.calls.values()) == 0
+    assert reader.read_result("r000", "b") == BenchmarkResult("b", 1.0, 1, 1)
+    # the object, plus one listing of the tail log (readers stitch pending lines)
+    assert mirror.faults.calls["read"] == 1 and sum(mirror.faults.calls.values()) <= 2

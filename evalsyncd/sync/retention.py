@@ -39,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import os
 import shutil
 import stat as stat_mod
@@ -741,9 +742,15 @@ class Retention:
         report.oldest_kept = None
         for entry in report.runs:
             if entry.finalized and not entry.evicted:
-                if report.stopped is not None and entry.blocker is None:
-                    entry.blocker = report.stopped
-                report.oldest_kept = entry
+                why = (
+                    entry.blocker
+                    or report.stopped
+                    or (
+                        "safe by the journal: evicted by the next round once every "
+                        "destination's objects are checked"
+                    )
+                )
+                report.oldest_kept = dataclasses.replace(entry, blocker=why)
                 return
 
     def _evict(
