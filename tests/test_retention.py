@@ -7,6 +7,7 @@ The real-server, ``kill -9`` test of eviction is in ``tests/test_retention_e2e.p
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sqlite3
 import time
@@ -534,3 +535,116 @@ def test_reads_of_evicted_runs_cost_few_requests(
     assert reader.read_result("r000", "b") == BenchmarkResult("b", 1.0, 1, 1)
     # the object, plus one listing of the tail log (readers stitch pending lines)
     assert mirror.faults.calls["read"] == 1 and sum(mirror.faults.calls.values()) <= 2
+
+
+class Crash(BaseException):
+    """A simulated kill -9 in the middle of an eviction."""
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_adversarial_schedule_never_loses_a_run(
+    tmp_path: Path, buckets: list[MemoryStorage], seed: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A seeded schedule of writes, runs reopened after finalize, syncs through failing
+    destinations and lost answers, objects tampered with, parked destinations, a clock
+    stepped back, and crashes at random points of an eviction (then recovery): after every
+    step each run's bytes are on disk, or the run is marked evicted and every destination
+    holds each missing file as a plain object equal to the bytes written."""
+    import random
+
+    from evalsyncd.sync import retention as ret
+
+    rng = random.Random(seed)
+    rig = Rig(tmp_path, buckets, lag=60.0 if seed % 2 else 0.0)
+    model: dict[str, bytes] = {}  # every file written, its last bytes
+    runs: list[str] = []
+    unlinks = {"left": -1}
+    real_unlink = os.unlink
+
+    def unlink(path: object, *args: object, **kwargs: object) -> None:
+        if unlinks["left"] == 0:
+            raise Crash
+        unlinks["left"] -= 1
+        real_unlink(path)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(ret.os, "unlink", unlink)
+
+    def record(run_id: str) -> None:
+        for p in (rig.root / "runs" / run_id).rglob("*"):
+            if p.is_file() and not p.name.startswith("."):
+                model[p.relative_to(rig.root).as_posix()] = p.read_bytes()
+
+    async def check() -> None:
+        plain = [MemoryStorage(s.bucket, s.prefix) for s in buckets]
+        for s in plain:
+            s.read_tail = False
+        for path, data in model.items():
+            run_dir = rig.root / "/".join(path.split("/")[:2])
+            local = rig.root / path
+            if local.exists():
+                assert local.read_bytes() == data, path
+                continue
+            assert (run_dir / MARKER_NAME).exists(), f"{path} gone, run not marked evicted"
+            for s in plain:
+                assert await s.aread(path) == data, f"{s.url()}: {path}"
+
+    async def step() -> None:
+        what = rng.choice(
+            ["new", "new", "reopen", "sync", "sync", "faulty sync", "tamper", "age", "round",
+             "round", "parked round", "clock back round", "crash round"]
+        )  # fmt: skip
+        if what == "new" or not runs:
+            run_id = _write_run(rig.store, f"run{len(runs)}", n=rng.randrange(1, 30),
+                                finalize=rng.random() < 0.8)  # fmt: skip
+            runs.append(run_id)
+            record(run_id)
+        elif what == "reopen":
+            run_id = rng.choice(runs)
+            with contextlib.suppress(RunEvictedError):
+                rig.store.write_trajectory(
+                    run_id, "math", StoredTrajectory(idx=999, benchmark="math")
+                )
+                record(run_id)
+        elif what in ("sync", "faulty sync"):
+            if what == "faulty sync":
+                s = rng.choice(buckets)
+                op = rng.choice(["write", "append", "internal_create", "checksum"])
+                s.faults.fail(op, times=rng.randrange(1, 4), lost_response=rng.random() < 0.5)
+            with contextlib.suppress(AssertionError):
+                await rig.sync()
+        elif what == "tamper":
+            run_id = rng.choice(runs)
+            key = f"runs/{run_id}/gsm8k/trajectories.jsonl"
+            if (rig.root / key).exists() and not (
+                rig.root / "runs" / run_id / MARKER_NAME
+            ).exists():
+                with contextlib.suppress(TransientStorageError):  # a fault still scripted
+                    await rng.choice(buckets).awrite(key, b'{"idx": 0, "benchmark": "x"}\n')
+        elif what == "age":
+            for run_id in runs:
+                if not (rig.root / "runs" / run_id / MARKER_NAME).exists():
+                    _age(rig.root, run_id, rng.uniform(0, 2 * DAY))
+        else:
+            r = rig.retention()
+            if what == "parked round":
+                rig.dests[0].state = DestinationState.PARKED
+            if what == "clock back round":
+                r.clock = lambda: time.time() - 3 * DAY
+            if what == "crash round":
+                unlinks["left"] = rng.randrange(0, 4)
+            try:
+                await r.round()
+            except Crash:
+                unlinks["left"] = -1
+                recover(rig.root, rig.journal, [s.url() for s in buckets])  # the restart
+            finally:
+                unlinks["left"] = -1
+                rig.dests[0].state = DestinationState.HEALTHY
+
+    async def scenario() -> None:
+        for _ in range(40):
+            await step()
+            await check()
+
+    asyncio.run(scenario())
+    rig.journal.close()
