@@ -510,9 +510,35 @@ def _run_store(uri: str, config: str | None, run_id: str) -> Iterator[tuple[str,
         ConfigError, FileNotFoundError, ValueError: see :func:`_open_reader`.
     """
     storage, prefix = _open_reader(uri, config)
-    with storage:
+    with storage, contextlib.ExitStack() as stack:
         found = _find_one(storage, prefix, run_id, uri)
-        yield None if found is None else (found[1], found[0].store(found[1]))
+        if found is None:
+            yield None
+            return
+        store = found[0].store(found[1])
+        marker = store.eviction_marker(run_id)
+        if marker is not None:  # evicted by retention: read the rest from the mirror
+            store.fallback = stack.enter_context(_mirror_of(config, marker.mirrors))
+        yield found[1], store
+
+
+def _mirror_of(config: str | None, mirrors: Sequence[str]) -> Storage:
+    """The mirror of an evicted run: the first destination of ``config`` (with its client
+    settings), else the first URL its eviction marker names (default client settings).
+
+    Raises:
+        ValueError: no config and a marker that names no mirror.
+    """
+    from evalsyncd.storage.urls import parse_url
+
+    if config:
+        from evalsyncd.config import load_settings
+        from evalsyncd.sync.service import open_destination_storage
+
+        return open_destination_storage(load_settings(config).destinations[0])
+    if not mirrors:
+        raise ValueError("the run was evicted and its marker names no mirror: pass --config")
+    return parse_url(mirrors[0]).open()
 
 
 def _find_one(storage: Storage, prefix: str, run_id: str, uri: str) -> tuple[Any, str] | None:

@@ -648,3 +648,35 @@ def test_adversarial_schedule_never_loses_a_run(
 
     asyncio.run(scenario())
     rig.journal.close()
+
+
+def test_runs_show_reads_an_evicted_run_from_the_mirror_named_by_its_marker(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`evalsyncd runs show ROOT RUN` on an evicted run answers as before the eviction,
+    reading the rest from the mirror (the configuration's first destination, or without
+    --config the URL in the run's marker)."""
+    from evalsyncd.cli import main
+    from tests.daemon import write_config
+
+    root = tmp_path / "root"
+    root.mkdir()
+    run = _write_run(EvalStore(root), "old")
+    _age(root, run, 2 * DAY)
+    cfg = write_config(
+        tmp_path / "c.toml",
+        root,
+        tmp_path / "state",
+        [{"name": "nfs", "url": (tmp_path / "mirror").as_uri()}],
+        **{"retention.enabled": True, "retention.min_age_s": 3600.0},
+    )
+    assert main(["sync", "--once", "--config", str(cfg)]) == 0
+    capsys.readouterr()
+    assert main(["runs", "show", "--json", str(root), run]) == 0
+    before = capsys.readouterr().out
+    assert main(["evict", "--config", str(cfg)]) == 0
+    assert len(_local_files(root, run)) == 3
+    capsys.readouterr()
+    for extra in (["--config", str(cfg)], []):
+        assert main(["runs", "show", "--json", str(root), run, *extra]) == 0
+        assert capsys.readouterr().out == before
