@@ -680,3 +680,22 @@ def test_runs_show_reads_an_evicted_run_from_the_mirror_named_by_its_marker(
     for extra in (["--config", str(cfg)], []):
         assert main(["runs", "show", "--json", str(root), run, *extra]) == 0
         assert capsys.readouterr().out == before
+
+
+def test_retention_metrics_render_the_last_round() -> None:
+    """The retention gauges carry the last round's bytes held, evictable and evicted, and
+    the oldest kept run's quiet time; none before the first round."""
+    from evalsyncd.metrics import _retention_families
+    from evalsyncd.sync.retention import RoundReport, RunReport
+
+    assert list(_retention_families(None)) == []
+    report = RoundReport(local_bytes=10, evictable_bytes=4, evicted_bytes=7, evicted_runs=2)
+    report.oldest_kept = RunReport("r", 4, True, 90.0, blocker="why")
+    got = {m.name: m.samples[0].value for m in _retention_families(report)}
+    assert got == {
+        "evalsyncd_retention_local_bytes": 10,
+        "evalsyncd_retention_evictable_bytes": 4,
+        "evalsyncd_retention_evicted_bytes": 7,
+        "evalsyncd_retention_evicted_runs": 2,
+        "evalsyncd_retention_oldest_kept_seconds": 90.0,
+    }

@@ -501,6 +501,8 @@ class Journal:
         paths = [p for p, _, _ in files]
         with self._lock:
             self._commit_locked()
+            # durable before any file goes, even on power loss (WAL fsync at commit)
+            self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 taken: list[Entry] = []
@@ -525,6 +527,8 @@ class Journal:
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
+            finally:
+                self._db.execute("PRAGMA synchronous=NORMAL")
         return taken
 
     def finish_eviction(self, run_id: str, now: float) -> None:

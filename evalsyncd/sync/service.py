@@ -338,7 +338,7 @@ class Service:
                     d.mark(rel)
             if subtree is None:
                 for rel, e in entries.items():
-                    if rel not in seen and e.status != "deleted":
+                    if rel not in seen and e.status != "deleted" and not self._in_evicted_run(rel):
                         d.mark(rel)
         if subtree is None:
             self.rescans += 1
