@@ -502,6 +502,7 @@ def test_cli_evict_dry_run_status_and_evict_on_a_local_mirror(
     out = capsys.readouterr().out
     assert "(1 runs)" in out and f"oldest finalized run kept: {young}: quiet 0 s" in out
     assert _snapshot(EvalStore(root, fallback=LocalStorage(mirror)), old) == before
+    assert _snapshot(EvalStore(root, fallback=mirror.as_uri()), old) == before  # a URL
 
 
 def test_reads_of_evicted_runs_cost_few_requests(

@@ -36,7 +36,7 @@ from typing import Any, TypedDict, Unpack
 
 from evalsyncd.catalog import Catalog, CatalogError, parse_catalog
 from evalsyncd.evicted import MARKER_NAME, EvictionMarker, parse_marker
-from evalsyncd.storage import LocalStorage, Storage, SupportsChild, parse_url
+from evalsyncd.storage import LocalStorage, Storage, SupportsChild, parse_url, storage_from_uri
 from evalsyncd.store import layout
 from evalsyncd.store.aio import MISSING, Reads, both, bounded_map, reads_of
 from evalsyncd.store.layout import FilterOptions, StoreLayout, TrajectoryFilter
@@ -159,8 +159,10 @@ class EvalStoreReader:
             ``.evalsyncd/catalog.json`` (see :mod:`evalsyncd.catalog`); the
             answer is the same either way, only the number of reads differs.
         fallback: where reads of runs evicted from this (local) store go: the
-            daemon's mirror of it (e.g. ``storage_from_uri("s3://b/evals/host-1")``,
-            opened by the caller), holding the same tree at ``prefix``.
+            daemon's mirror of it, holding the same tree at ``prefix``: a storage
+            (e.g. ``storage_from_uri("s3://b/evals/host-1")``, opened by the caller)
+            or its URL (``s3://``, ``gs://``, a path), opened here with default
+            client settings (:func:`evalsyncd.storage.storage_from_uri`).
 
     Raises:
         ValueError: ``max_concurrency`` or ``chunk_size`` is below 1.
@@ -178,7 +180,7 @@ class EvalStoreReader:
         max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         use_catalog: bool = True,
-        fallback: Storage | None = None,
+        fallback: Storage | str | Path | None = None,
     ) -> None:
         if max_concurrency < 1:
             raise ValueError(f"max_concurrency must be >= 1, not {max_concurrency}")
@@ -193,7 +195,9 @@ class EvalStoreReader:
         self.max_concurrency = max_concurrency
         self.chunk_size = chunk_size
         self.use_catalog = use_catalog
-        self.fallback = fallback
+        self.fallback: Storage | None = (
+            storage_from_uri(fallback) if isinstance(fallback, str | Path) else fallback
+        )
         self._fallback_reader: EvalStoreReader | None = None
         # a local store's evicted runs (never probed on other storages: no request)
         storage = self.storage
@@ -273,6 +277,8 @@ class EvalStoreReader:
         run = layout.parse_model(RunMetadata, await self._aread_json(path), self.storage.url(path))
         if run is None:
             raise FileNotFoundError(f"run {run_id} not found at {self.storage.url(path)}")
+        if self._local_root is not None:
+            run.evicted = (self._local_root / self._layout.run(run_id, MARKER_NAME)).exists()
         return run
 
     def read_summary(self, run_id: str) -> dict[str, Any] | None:

@@ -432,8 +432,11 @@ async def prove(
 
     Returns:
         ``(files, None)``: ``(path, size, CRC32C)`` of each file, proven; or
-        ``(None, why)``: the first destination and file not proven (a failing
-        destination included: a storage error is a "no", never an exception).
+        ``(None, why)``: the first destination and file not proven.
+
+    Raises:
+        StorageError: a destination failed a check (failing or unreachable); the
+            caller stops every eviction of the round.
     """
     proven: list[tuple[str, int, int]] = []
     for f in run.files:
@@ -445,12 +448,18 @@ async def prove(
         for m in mirrors:
             try:
                 same = await _remote_equal(m.storage, f, full, data, crc)
-            except (StorageError, OSError) as exc:
+            except OSError as exc:
                 return None, f"{m.name}: {f.path}: {type(exc).__name__}: {exc}"
+            except StorageError as exc:  # failing or unreachable: stops every eviction
+                raise _Unreachable(f"destination {m.name} failed a check: {exc}") from exc
             if not same:
                 return None, f"{m.name}: {f.path} differs from the local file"
         proven.append((f.path, f.size, crc))
     return proven, None
+
+
+class _Unreachable(StorageError):
+    """A destination failed a check: no eviction in this round."""
 
 
 # -- evicting, journaled -----------------------------------------------------------------
@@ -724,7 +733,11 @@ class Retention:
                 # S3: compact pending segments so the plain objects are whole
                 with contextlib.suppress(StorageError):
                     await m.storage.aflush()
-            proof, why = await prove(self.root, run, mirrors)
+            try:
+                proof, why = await prove(self.root, run, mirrors)
+            except StorageError as exc:
+                entry.blocker = report.stopped = str(exc)
+                break
             if proof is None:
                 entry.blocker = why
                 continue
