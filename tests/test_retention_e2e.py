@@ -129,3 +129,58 @@ def test_kill_9_during_eviction_never_loses_a_run(rel: RelEnv) -> None:
         for run_id, (result, trajectories) in want.items():
             assert reader.read_result(run_id, "gsm8k") == result
             assert reader.read_trajectories(run_id, "gsm8k") == trajectories
+
+
+def test_checks_cost_one_request_per_file_per_destination(
+    tmp_path: Path,
+    cloud_env: dict[str, str],
+    s3_server: object,
+    gcs_server: object,
+    unique_prefix: str,
+) -> None:
+    """Against SeaweedFS and fake-gcs-server behind counting proxies: proving a mirrored
+    run safe costs at most one request per file per destination (GCS: a metadata read)."""
+    import asyncio
+    import urllib.parse
+
+    from evalsyncd.testing.proxy import CountingProxy
+    from evalsyncd.testing.servers import FakeGCSServer, SeaweedS3Server
+    from tests.conftest import GCS_BUCKET, S3_BUCKET
+    from tests.test_retention import Rig
+
+    assert isinstance(s3_server, SeaweedS3Server) and isinstance(gcs_server, FakeGCSServer)
+    ports = [urllib.parse.urlparse(s.endpoint_url).port for s in (s3_server, gcs_server)]
+    with CountingProxy("127.0.0.1", ports[0]) as p3, CountingProxy("127.0.0.1", ports[1]) as pg:
+        s3 = S3Storage(S3_BUCKET, f"{unique_prefix}/s3", endpoint_url=p3.url)
+        gcs = GCSStorage(GCS_BUCKET, f"{unique_prefix}/gcs", endpoint_url=pg.url)
+        rig = Rig(tmp_path, [s3, gcs])  # type: ignore[list-item]
+        store = EvalStore(rig.root)
+        from tests.test_retention import _age, _write_run
+
+        run = _write_run(store, "r", n=50)
+        _age(rig.root, run, 2 * 86400)
+
+        async def scenario() -> dict[str, int]:
+            from evalsyncd.sync.retention import prove, scan_runs
+
+            async with s3, gcs:
+                await rig.sync()
+                for i in range(50, 60):  # appended after the first upload: S3 segments
+                    store.write_trajectory(
+                        run, "math", StoredTrajectory(idx=i, benchmark="math", reward=0)
+                    )
+                _age(rig.root, run, 2 * 86400)
+                await rig.sync()
+                for s in (s3, gcs):
+                    s.read_tail = False
+                    await s.aflush()
+                (r,) = scan_runs(rig.root)
+                p3.reset()
+                pg.reset()
+                proof, why = await prove(rig.root, r, rig.mirrors())
+                assert proof is not None, why
+                return {"files": len(r.files), "s3": p3.requests, "gcs": pg.requests}
+
+        got = asyncio.run(scenario())
+        rig.journal.close()
+    assert got["gcs"] <= got["files"] and got["s3"] <= got["files"], got

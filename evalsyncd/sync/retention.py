@@ -393,9 +393,17 @@ def _local_read(path: Path, st: os.stat_result) -> tuple[bytes | None, int]:
 async def _remote_equal(
     storage: Backend, f: LocalFile, full: Path, data: bytes | None, crc: int
 ) -> bool:
-    """Whether the destination's plain object of ``f`` equals the local bytes: one request
-    on the way to "yes" (the CRC32C the store keeps, else one download; a file above
-    8 MiB without a kept checksum is compared chunk by chunk)."""
+    """Whether the destination's plain object of ``f`` equals the local bytes, in one
+    request on the way to "yes":
+
+    - the store keeps a CRC32C (GCS): that of the whole object, one metadata read;
+    - a local mirror: the whole file, read and compared (no network);
+    - else (S3): one ranged GET of the file's size, compared byte for byte (a file
+      above 8 MiB: one per 8 MiB). S3 keeps no whole-object checksum for objects
+      built by appends, and a GET of exactly the main object's bytes avoids the
+      segment log's requests; bytes the remote holds past the local size are not
+      seen (the journal says the daemon wrote exactly the local size).
+    """
     checksum = await storage.achecksum(f.path)
     if checksum is not None:
         algorithm, value = checksum
@@ -403,17 +411,18 @@ async def _remote_equal(
             return value == base64.b64encode(crc.to_bytes(4, "big")).decode()
     if data is not None:
         try:
-            remote = await storage.aread(f.path)
+            if storage.local_root is not None:
+                return await storage.aread(f.path) == data
+            return await storage.aread_range(f.path, 0, len(data)) == data
         except FileNotFoundError:
             return False
-        return remote == data
     offset = 0
     fd = await asyncio.to_thread(os.open, full, os.O_RDONLY | os.O_CLOEXEC)
     try:
         while offset < f.size:
             n = min(_CHUNK, f.size - offset)
             try:
-                remote = await storage.aread_range(f.path, offset, n + (offset + n == f.size))
+                remote = await storage.aread_range(f.path, offset, n)
             except FileNotFoundError:
                 return False
             if remote != await asyncio.to_thread(os.pread, fd, n, offset):
