@@ -421,7 +421,10 @@ def test_an_interrupted_eviction_is_finished_or_rolled_back(
     )
     for p, _, _ in proof[:deleted]:
         os.unlink(rig.root / p)
+    cut_short = rig.root / "runs" / run / ".evicted.999.tmp"  # a marker write cut short
+    cut_short.write_text("{")
     recover(rig.root, rig.journal, [s.url() for s in buckets])
+    assert not cut_short.exists()
     ev = rig.journal.evictions()
     if deleted == 0:
         assert ev == {} and rig.journal.entries("d0") == rows_before

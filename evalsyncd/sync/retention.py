@@ -285,6 +285,8 @@ def _scan_run(root: Path, run_id: str) -> RunOnDisk:
                         marker = parse_marker(Path(entry.path).read_bytes(), entry.path)
                 elif rel_dir.count("/") == 2 and entry.name in KEPT_NAMES:
                     kept += st.st_size
+                elif rel_dir.count("/") == 2 and entry.name.startswith(_MARKER_TMP):
+                    continue  # a marker write cut short by a crash; recover() removes it
                 elif stat_mod.S_ISREG(st.st_mode) and classify(rel) is not FileKind.IGNORED:
                     files.append(LocalFile(rel, st))
                 else:
@@ -474,9 +476,13 @@ class _Unreachable(StorageError):
 # -- evicting, journaled -----------------------------------------------------------------
 
 
+_MARKER_TMP = ".evicted."
+"""Prefix of the temporary file a marker is written to (then renamed)."""
+
+
 def _write_marker(root: Path, marker: EvictionMarker) -> None:
     path = root / "runs" / marker.run_id / MARKER_NAME
-    tmp = path.with_name(f".evicted.{os.getpid()}.tmp")
+    tmp = path.with_name(f"{_MARKER_TMP}{os.getpid()}.tmp")
     with open(tmp, "wb") as f:
         f.write(build_marker(marker))
         f.flush()
@@ -536,6 +542,9 @@ def recover(root: Path, journal: Journal, mirrors: Sequence[str] = ()) -> list[s
         The ids of the runs whose intent was finished or rolled back.
     """
     done = []
+    for tmp in (root / "runs").glob(f"*/{_MARKER_TMP}*.tmp"):  # a marker write cut short
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
     for run_id, ev in journal.evictions().items():
         if ev.state != "intent":
             continue

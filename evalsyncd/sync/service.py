@@ -34,7 +34,7 @@ from evalsyncd.sync.destination import Destination, DestinationState
 from evalsyncd.sync.files import FileKind, classify, is_run_metadata, scan_tree
 from evalsyncd.sync.journal import Entry, EntryStatus, Journal, JournalError
 from evalsyncd.sync.lines import complete_end, divergence
-from evalsyncd.sync.retention import KEPT_NAMES, Mirror, Retention, recover
+from evalsyncd.sync.retention import KEPT_NAMES, Mirror, Retention, evicted_runs, recover
 from evalsyncd.sync.watcher import Watcher
 from evalsyncd.sync.watchlimit import WatchProbe
 
@@ -231,12 +231,15 @@ class Service:
             for d in self.destinations.values()
         ]
 
-    def _in_evicted_run(self, rel: str) -> bool:
+    def _in_evicted_run(self, rel: str, evicted: set[str] | None = None) -> bool:
         """Whether ``rel`` is a file of a run evicted from the disk (not mirrored again
-        until ``evalsyncd restore`` removes the marker; its kept files are)."""
+        until ``evalsyncd restore`` removes the marker; its kept files are). ``evicted``:
+        the evicted run ids if known (else one ``stat`` of the run's marker)."""
         parts = rel.split("/")
         if len(parts) < 3 or parts[0] != "runs" or (len(parts) == 3 and parts[2] in KEPT_NAMES):
             return False
+        if evicted is not None:
+            return parts[1] in evicted
         return (self.root / "runs" / parts[1] / MARKER_NAME).exists()
 
     async def _retention_loop(self) -> None:
@@ -321,11 +324,12 @@ class Service:
         base = subtree or self.root
         prefix = "" if base == self.root else base.relative_to(self.root).as_posix() + "/"
         started = time.monotonic()
+        evicted = await asyncio.to_thread(evicted_runs, self.root)
         files = await asyncio.to_thread(
             lambda: [
                 (prefix + rel, st)
                 for rel, st in scan_tree(base, self._exclude)
-                if not self._in_evicted_run(prefix + rel)
+                if not self._in_evicted_run(prefix + rel, evicted)
             ]
         )
         seen = {rel for rel, _ in files}
@@ -338,7 +342,11 @@ class Service:
                     d.mark(rel)
             if subtree is None:
                 for rel, e in entries.items():
-                    if rel not in seen and e.status != "deleted" and not self._in_evicted_run(rel):
+                    if (
+                        rel not in seen
+                        and e.status != "deleted"
+                        and not self._in_evicted_run(rel, evicted)
+                    ):
                         d.mark(rel)
         if subtree is None:
             self.rescans += 1
