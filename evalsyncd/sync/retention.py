@@ -688,7 +688,8 @@ class Retention:
         mirrors = self.mirrors()
         rows = {m.name: self.journal.entries(m.name) for m in mirrors}
         held = {m.name: m.held() for m in mirrors}
-        live = [r for r in runs if r.marker is None and r.run_id not in evictions]
+        # a run with nothing to free (no data file) is left alone
+        live = [r for r in runs if r.marker is None and r.run_id not in evictions and r.files]
         report.local_bytes = sum(r.bytes + r.kept_bytes for r in runs)
         by_id = {r.run_id: r for r in live}
         chosen = {
