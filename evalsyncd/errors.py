@@ -6,6 +6,8 @@ decide on retries by type and never by matching message strings::
 
     EvalsyncdError
     ├── ConfigError                       bad settings; the CLI exits 78 (EX_CONFIG)
+    ├── RunEvictedError                   also PermissionError: a write to a run evicted from
+    │                                     the local disk (retention); `evalsyncd restore` it
     └── StorageError                      anything a storage backend raises
         ├── ObjectNotFoundError           also FileNotFoundError: the object is missing
         ├── ConflictError                 a precondition failed (HTTP 412, offset mismatch):
@@ -44,6 +46,7 @@ __all__ = [
     "ObjectNotFoundError",
     "PermanentStorageError",
     "PrefixOwnedError",
+    "RunEvictedError",
     "SampleError",
     "SampleNotFoundError",
     "SearchPatternError",
@@ -58,6 +61,20 @@ class EvalsyncdError(Exception):
 
 class ConfigError(EvalsyncdError):
     """The configuration is invalid. The message names the offending key or file."""
+
+
+class RunEvictedError(EvalsyncdError, PermissionError):
+    """A write to a run whose files were evicted from the local disk (retention).
+
+    The message names the run and how to bring it back (``evalsyncd restore``).
+
+    Attributes:
+        run_id: the run.
+    """
+
+    def __init__(self, message: str, *, run_id: str) -> None:
+        super().__init__(message)
+        self.run_id = run_id
 
 
 class StorageError(EvalsyncdError):
