@@ -27,7 +27,6 @@ from watchdog.events import (
     DirCreatedEvent,
     DirDeletedEvent,
     DirMovedEvent,
-    FileClosedEvent,
     FileCreatedEvent,
     FileDeletedEvent,
     FileModifiedEvent,
@@ -43,7 +42,6 @@ __all__ = ["Watcher"]
 _EVENTS: list[type[FileSystemEvent]] = [
     FileCreatedEvent,
     FileModifiedEvent,
-    FileClosedEvent,
     FileMovedEvent,
     FileDeletedEvent,
     DirCreatedEvent,
@@ -51,8 +49,10 @@ _EVENTS: list[type[FileSystemEvent]] = [
     DirDeletedEvent,
 ]
 """The events that are hints. Left out, so the kernel never reports them (inotify's
-mask): opens and closes without a write (each of the daemon's own reads makes two)
-and directory modifications (one per file created, deleted or moved in it)."""
+mask): opens and closes (each of the daemon's own reads makes two, each line a writer
+appends with open/write/close one more than its write) and directory modifications
+(one per file created, deleted or moved in it). A write through ``mmap`` alone, which
+inotify reports only at its close, is found by the next scan."""
 
 _OVERFLOW_LOGGERS = ("watchdog.observers.inotify_c", "watchdog.observers.inotify")
 
