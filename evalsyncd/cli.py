@@ -1,4 +1,4 @@
-"""Command line: ``evalsyncd run | sync --once | status | verify | runs ls|show|report | restore | demo``.
+"""Command line: ``evalsyncd run | sync --once | status | verify | claim | runs ls|show|report | restore | demo``.
 
 The only module that reads config files, configures logging, installs signal
 handlers and starts event loops. Imports are per command: ``runs`` and
@@ -137,6 +137,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="check only this destination (repeatable; default: all)",
     )
     verify.add_argument("--json", action="store_true", help="print one JSON object per mismatch")
+    _add_allow_skipped(verify)
+
+    claim = sub.add_parser(
+        "claim",
+        help="show (or take) the owner of each destination's prefix; exit 1 if another host's",
+    )
+    _add_common(claim)
+    claim.add_argument(
+        "--destination",
+        metavar="NAME",
+        action="append",
+        help="only this destination (repeatable; default: all)",
+    )
+    claim.add_argument(
+        "--take-over",
+        action="store_true",
+        help="claim the prefix for this host even if another owns it (a reinstalled host "
+        "whose state directory is gone); needs --destination",
+    )
 
     runs = sub.add_parser(
         "runs", help="read evaluation runs from a directory, s3:// or gs:// (a host or a fleet)"
@@ -162,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
             metavar="PATH",
             help="TOML configuration; URI may then be a destination name (its client settings apply)",
         )
+        _add_allow_skipped(p)
     runs_ls.add_argument("uris", metavar="URI", nargs="+", help=uri_help)
     runs_ls.add_argument("--json", action="store_true", help="print one JSON array")
     runs_show.add_argument("uri", metavar="URI", help=uri_help)
@@ -277,7 +297,9 @@ def _status(settings: Settings, as_json: bool) -> int:
     return EX_OK
 
 
-async def _verify(settings: Settings, names: list[str] | None, as_json: bool) -> int:
+async def _verify(
+    settings: Settings, names: list[str] | None, as_json: bool, allow_skipped: bool = False
+) -> int:
     from evalsyncd.sync.service import open_destination_storage
     from evalsyncd.verify import FileCheck, verify_storage
 
@@ -300,15 +322,18 @@ async def _verify(settings: Settings, names: list[str] | None, as_json: bool) ->
                 print(json.dumps({"destination": name, **check.__dict__}), flush=True)
             else:
                 size = "-" if check.remote_size is None else check.remote_size
+                view = " (plain object)" if check.view == "plain" else ""
                 print(
-                    f"MISMATCH {name} {check.path}: {check.problem}: {check.detail} "
+                    f"MISMATCH {name} {check.path}{view}: {check.problem}: {check.detail} "
                     f"(local {check.local_size} B, remote {size} B)",
                     flush=True,
                 )
 
         storage = open_destination_storage(dest)
+        plain = open_destination_storage(dest)  # the plain objects, as other tools read them
+        plain.read_tail = False
         try:
-            async with storage:
+            async with storage, plain:
                 report = await verify_storage(
                     storage,
                     settings.root,
@@ -316,6 +341,9 @@ async def _verify(settings: Settings, names: list[str] | None, as_json: bool) ->
                     exclude=(settings.state_dir,),
                     max_concurrency=dest.max_concurrency,
                     on_check=show,
+                    plain=plain,
+                    journal_rows=_journal_rows(settings, name),
+                    max_main_lag_s=dest.max_main_lag_s,
                 )
         except StorageError as exc:
             print(f"evalsyncd: {name}: {type(exc).__name__}: {exc}", file=sys.stderr)
@@ -323,14 +351,100 @@ async def _verify(settings: Settings, names: list[str] | None, as_json: bool) ->
             continue
         for warning in report.warnings:
             print(f"warning {name} {warning}", file=sys.stderr)
+        for skipped in report.skipped:
+            print(f"skipped {name} {skipped}", file=sys.stderr)
+        failed = failed or (bool(report.skipped) and not allow_skipped)
+        for note in report.notes:
+            print(f"info {name} {note.path} (plain object): {note.note}", file=sys.stderr)
         methods = ", ".join(f"{n} by {m}" for m, n in sorted(report.methods.items()))
         verdict = "OK" if report.ok else f"{len(report.mismatches)} MISMATCHES"
+        if report.notes:
+            verdict += (
+                f" ({len(report.notes)} plain objects not yet up to date, within their due time)"
+            )
         print(
             f"{name} ({report.url}): {report.checked} files checked ({methods or 'none'}): {verdict}",
             file=sys.stderr if as_json else sys.stdout,
         )
         failed = failed or not report.ok
     return EX_FAILURE if failed else EX_OK
+
+
+def _add_allow_skipped(parser: argparse.ArgumentParser) -> None:
+    """``--allow-skipped``: exit 0 although keys were refused or a tail log was damaged."""
+    parser.add_argument(
+        "--allow-skipped",
+        action="store_true",
+        help="exit 0 even when keys were skipped (refused names, oversized or unparseable "
+        "files, a damaged tail log read around); they are still reported on stderr",
+    )
+
+
+def _report_skipped(what: list[str], allow: bool) -> bool:
+    """Print ``evalsyncd: warning: skipped ...`` lines; whether they make the exit status 1."""
+    for line in what:
+        print(f"evalsyncd: warning: {line}", file=sys.stderr)
+    return bool(what) and not allow
+
+
+async def _claim(settings: Settings, names: list[str] | None, take: bool) -> int:
+    """``evalsyncd claim``: each destination's owner; with ``take``, this host's from now on."""
+    from evalsyncd.config import ensure_state_dir
+    from evalsyncd.errors import PrefixOwnedError
+    from evalsyncd.sync.journal import Journal
+    from evalsyncd.sync.owner import check_claim, record_owner, take_over
+    from evalsyncd.sync.service import JOURNAL_NAME, open_destination_storage
+
+    known = {d.name: d for d in settings.destinations}
+    unknown = [n for n in names or [] if n not in known]
+    if unknown or (take and not names):
+        what = f"unknown destination {', '.join(unknown)}" if unknown else "--take-over needs"
+        print(
+            f"evalsyncd: {what} --destination NAME; configured: {', '.join(known)}", file=sys.stderr
+        )
+        return EX_USAGE
+    state_dir = ensure_state_dir(settings)
+    with Journal(state_dir / JOURNAL_NAME, settings.root) as journal:
+        writer = journal.writer_id()
+    failed = False
+    for name in names or list(known):
+        storage = open_destination_storage(known[name])
+        try:
+            async with storage:
+                if take:
+                    previous, claim = await take_over(storage, writer)
+                    was = (
+                        f"host {previous.host!r} (writer {previous.writer}, since {previous.when()})"
+                        if previous is not None
+                        else "nobody"
+                    )
+                    print(f"{name} ({storage.url()}): taken over from {was}: now this host's")
+                else:
+                    claim = await check_claim(storage, writer, name)
+                    print(
+                        f"{name} ({storage.url()}): owned by this host ({claim.host!r}, "
+                        f"writer {writer}) since {claim.when()}"
+                    )
+                record_owner(state_dir, name, known[name].url, claim, True)
+        except PrefixOwnedError as exc:
+            print(f"{name}: {exc}")
+            failed = True
+        except StorageError as exc:
+            print(f"evalsyncd: {name}: {type(exc).__name__}: {exc}", file=sys.stderr)
+            failed = True
+    return EX_FAILURE if failed else EX_OK
+
+
+def _journal_rows(settings: Settings, destination: str) -> dict[str, Any] | None:
+    """The destination's journal rows by path (read-only), or ``None`` without a journal."""
+    from evalsyncd.sync.journal import Journal
+    from evalsyncd.sync.service import JOURNAL_NAME
+
+    path = settings.state_dir / JOURNAL_NAME
+    if not path.exists():
+        return None
+    with Journal(path, settings.root, readonly=True) as journal:
+        return dict(journal.entries(destination))
 
 
 def _reader_logging() -> None:
@@ -393,9 +507,10 @@ def _fail(exc: BaseException, where: str = "") -> None:
 
 
 def _list_fleets(
-    uris: list[str], config: str | None
+    uris: list[str], config: str | None, allow_skipped: bool = False
 ) -> tuple[list[dict[str, Any]], list[str], bool]:
-    """Rows of every URI (a host or a fleet), problem lines, and whether all were read."""
+    """Rows of every URI (a host or a fleet), problem lines, and whether all were read
+    (and, unless ``allow_skipped``, nothing was skipped)."""
     from evalsyncd.fleet import Fleet
 
     rows: list[dict[str, Any]] = []
@@ -412,10 +527,10 @@ def _list_fleets(
             ok = False
             continue
         for p in listing.problems:
-            level = "error" if p.error is not None else "warning"
+            level = "error" if p.kind == "unreadable" else "warning"
             print(f"evalsyncd: {level}: {p.message}", file=sys.stderr)
             problems.append(p.message)
-        ok = ok and listing.ok
+        ok = ok and listing.ok and (allow_skipped or not listing.skipped)
         rows.extend(r.to_dict() for r in listing.runs)
     return rows, problems, ok
 
@@ -426,13 +541,13 @@ def _runs(args: argparse.Namespace) -> int:
     _reader_logging()
     try:
         if args.runs_command == "ls":
-            rows, _, ok = _list_fleets(args.uris, args.config)
+            rows, _, ok = _list_fleets(args.uris, args.config, args.allow_skipped)
             print(json.dumps(rows, indent=2) if args.json else format_runs(rows))
             return EX_OK if ok else EX_FAILURE
         if args.runs_command == "report":
             from evalsyncd.report import render_report
 
-            rows, problems, ok = _list_fleets(args.uris, args.config)
+            rows, problems, ok = _list_fleets(args.uris, args.config, args.allow_skipped)
             page = render_report(rows, title=args.title, sources=args.uris, problems=problems)
             args.output.write_text(page, encoding="utf-8")
             print(f"wrote {args.output} ({len(rows)} runs)", file=sys.stderr)
@@ -440,10 +555,12 @@ def _runs(args: argparse.Namespace) -> int:
         with _run_store(args.uri, args.config, args.run_id) as found:
             if found is None:
                 return EX_FAILURE
-            host, store = found
+            host, store, damaged = found
             details = run_details(store, args.run_id, trajectories=args.trajectories)
             details = {"host": host, **details}
             print(json.dumps(details, indent=2) if args.json else format_run(details))
+            if damaged and not args.allow_skipped:
+                return EX_FAILURE
     except ConfigError as exc:
         return _config_error(exc)
     except (StorageError, OSError, ValueError) as exc:
@@ -453,8 +570,11 @@ def _runs(args: argparse.Namespace) -> int:
 
 
 @contextlib.contextmanager
-def _run_store(uri: str, config: str | None, run_id: str) -> Iterator[tuple[str, EvalStore] | None]:
-    """The host holding ``run_id`` under ``uri`` and its store, open for the ``with`` block;
+def _run_store(
+    uri: str, config: str | None, run_id: str
+) -> Iterator[tuple[str, EvalStore, bool] | None]:
+    """The host holding ``run_id`` under ``uri``, its store (open for the ``with`` block)
+    and whether its tail log is damaged (read from the plain objects; reported);
     ``None`` (after a message) when no single host holds it.
 
     Raises:
@@ -463,17 +583,20 @@ def _run_store(uri: str, config: str | None, run_id: str) -> Iterator[tuple[str,
     storage, prefix = _open_reader(uri, config)
     with storage:
         found = _find_one(storage, prefix, run_id, uri)
-        yield None if found is None else (found[1], found[0].store(found[1]))
+        yield None if found is None else (found[1], found[0].store(found[1]), found[2])
 
 
-def _find_one(storage: Storage, prefix: str, run_id: str, uri: str) -> tuple[Any, str] | None:
-    """The fleet and the one host holding ``run_id``; ``None`` (after a message) otherwise."""
+def _find_one(storage: Storage, prefix: str, run_id: str, uri: str) -> tuple[Any, str, bool] | None:
+    """The fleet, the one host holding ``run_id`` and whether that host's tail log is
+    damaged; ``None`` (after a message) otherwise."""
     from evalsyncd.fleet import Fleet
 
     fleet = Fleet(storage, prefix)
-    found, problems = fleet.find_run(run_id)
-    for p in problems:
-        print(f"evalsyncd: error: {p.message}", file=sys.stderr)
+    found, all_problems = fleet.find_run(run_id)
+    problems = [p for p in all_problems if p.kind == "unreadable"]
+    for p in all_problems:
+        level = "error" if p.kind == "unreadable" else "warning"
+        print(f"evalsyncd: {level}: {p.message}", file=sys.stderr)
     if len(found) > 1:
         print(
             f"evalsyncd: error: run {run_id} is on {len(found)} hosts of {uri}: "
@@ -492,7 +615,8 @@ def _find_one(storage: Storage, prefix: str, run_id: str, uri: str) -> tuple[Any
             "but other hosts could not be checked for the same id",
             file=sys.stderr,
         )
-    return fleet, found[0].host
+    host = found[0].host
+    return fleet, host, any(p.kind == "damaged" and p.host == host for p in all_problems)
 
 
 def _restore(args: argparse.Namespace) -> int:
@@ -504,6 +628,7 @@ def _restore(args: argparse.Namespace) -> int:
             if found is None:
                 return EX_FAILURE
             result = restore_run(found[1], args.run_id, args.root)
+            damaged = found[2]
     except ConfigError as exc:
         return _config_error(exc)
     except RestoreConflictError as exc:
@@ -518,6 +643,11 @@ def _restore(args: argparse.Namespace) -> int:
         verb = f"restored {len(result.files)} files ({result.bytes} bytes)"
     index = "; runs.jsonl line appended" if result.index_appended else ""
     print(f"{args.run_id}: {verb} in {result.run_dir}{index}")
+    skipped = [f"skipped {s}" for s in result.skipped]
+    if skipped:
+        print(f"{args.run_id}: {len(skipped)} keys skipped, not restored", file=sys.stderr)
+    if _report_skipped(skipped, args.allow_skipped) or (damaged and not args.allow_skipped):
+        return EX_FAILURE
     return EX_OK
 
 
@@ -539,7 +669,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = _settings(args)
     except ConfigError as exc:
         return _config_error(exc)
-    quiet = args.command in ("status", "verify")
+    quiet = args.command in ("status", "verify", "claim")
     configure_logging(settings.log_format, "warning" if quiet else settings.log_level)
     try:
         if args.command == "run":
@@ -549,7 +679,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "status":
             return _status(settings, args.json)
         if args.command == "verify":
-            return asyncio.run(_verify(settings, args.destination, args.json))
+            return asyncio.run(_verify(settings, args.destination, args.json, args.allow_skipped))
+        if args.command == "claim":
+            return asyncio.run(_claim(settings, args.destination, args.take_over))
     except ConfigError as exc:  # the state directory cannot be created
         return _config_error(exc)
     except JournalError as exc:

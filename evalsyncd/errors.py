@@ -16,7 +16,8 @@ decide on retries by type and never by matching message strings::
             ├── AccessDeniedError         also PermissionError: 401/403, bad credentials
             ├── BucketNotFoundError       the bucket itself does not exist
             ├── InvalidRequestError       the server refused the request as malformed
-            └── CorruptObjectError        an object evalsyncd wrote (a tail object) is damaged
+            ├── CorruptObjectError        an object evalsyncd wrote (a tail object) is damaged
+            └── PrefixOwnedError          another evalsyncd owns the destination's prefix
 
 Keys that are empty, absolute or contain ``..`` are refused before any request
 with a plain :class:`ValueError` (:class:`InvalidKeyError` subclasses both).
@@ -39,6 +40,7 @@ __all__ = [
     "InvalidRequestError",
     "ObjectNotFoundError",
     "PermanentStorageError",
+    "PrefixOwnedError",
     "StorageError",
     "TransientStorageError",
 ]
@@ -117,3 +119,31 @@ class CorruptObjectError(PermanentStorageError):
 
     The message names the object's URL; retrying the same read will not help.
     """
+
+
+class PrefixOwnedError(PermanentStorageError):
+    """Another evalsyncd owns the prefix (its claim ``.evalsyncd/owner.json``).
+
+    The message names the owner's hostname, when it claimed the prefix and the
+    fix; the daemon writes nothing under the prefix while this holds.
+
+    Attributes:
+        owner_host: the owner's hostname, as its claim says (``None`` when the
+            prefix has no claim but another writer's tail log).
+        owner_writer: the owner's writer id.
+        claimed_at: when the owner claimed the prefix, Unix seconds (``None``: unknown).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        url: str | None = None,
+        owner_host: str | None = None,
+        owner_writer: str = "",
+        claimed_at: float | None = None,
+    ) -> None:
+        super().__init__(message, url=url)
+        self.owner_host = owner_host
+        self.owner_writer = owner_writer
+        self.claimed_at = claimed_at

@@ -31,6 +31,7 @@ from typing import Any
 from evalsyncd.config import Settings
 from evalsyncd.sync.files import FileKind, classify, scan_tree
 from evalsyncd.sync.journal import Entry, Journal
+from evalsyncd.sync.owner import read_owner_records
 from evalsyncd.sync.service import JOURNAL_NAME, unacked_bytes
 
 __all__ = ["DestinationStatus", "StatusReport", "collect_status", "format_bytes", "format_status"]
@@ -53,6 +54,12 @@ class DestinationStatus:
         last_success: Unix time of the last successful upload pass, or ``None``.
         last_error: the last error message, or ``None``.
         last_error_at: Unix time of ``last_error``, or ``None``.
+        owner_host: the hostname in the prefix's owner claim as the daemon last
+            read it (``None``: not read yet, or no claim but another writer's tail).
+        owner_is_this_host: whether that claim is this state directory's
+            (``None``: not read yet).
+        owner_claimed_at: when the owner claimed the prefix, Unix seconds.
+        owner_checked_at: when the daemon last read the claim, Unix seconds.
     """
 
     name: str
@@ -65,6 +72,10 @@ class DestinationStatus:
     last_success: float | None
     last_error: str | None
     last_error_at: float | None
+    owner_host: str | None = None
+    owner_is_this_host: bool | None = None
+    owner_claimed_at: float | None = None
+    owner_checked_at: float | None = None
 
 
 @dataclass(frozen=True)
@@ -115,6 +126,7 @@ def collect_status(settings: Settings, *, now: float | None = None) -> StatusRep
     journal = Journal(journal_path, settings.root, readonly=True) if exists else None
     try:
         records = journal.destinations() if journal else {}
+        owners = read_owner_records(settings.state_dir)
         out = []
         for dest in settings.destinations:
             entries = journal.entries(dest.name) if journal else {}
@@ -128,6 +140,9 @@ def collect_status(settings: Settings, *, now: float | None = None) -> StatusRep
                 if since is not None:
                     oldest = since if oldest is None else min(oldest, since)
             record = records.get(dest.name)
+            owner = (
+                owners.get(dest.name) if owners.get(dest.name, {}).get("url") == dest.url else None
+            )
             out.append(
                 DestinationStatus(
                     name=dest.name,
@@ -140,6 +155,10 @@ def collect_status(settings: Settings, *, now: float | None = None) -> StatusRep
                     last_success=record.last_success if record else None,
                     last_error=record.last_error if record else None,
                     last_error_at=record.last_error_at if record else None,
+                    owner_host=owner.get("host") if owner else None,
+                    owner_is_this_host=owner.get("mine") if owner else None,
+                    owner_claimed_at=owner.get("claimed_at") if owner else None,
+                    owner_checked_at=owner.get("checked_at") if owner else None,
                 )
             )
     finally:
@@ -182,6 +201,18 @@ def _when(ts: float | None, now: float) -> str:
     return f"{iso} ({_duration(max(0.0, now - ts))} ago)"
 
 
+def _owner(d: DestinationStatus, now: float) -> str:
+    """The owner line of a destination (see :mod:`evalsyncd.sync.owner`)."""
+    if d.owner_is_this_host is None:
+        return "not checked yet (the daemon claims the prefix before its first write)"
+    who = f"host {d.owner_host}" if d.owner_host else "another evalsyncd (no claim)"
+    if d.owner_is_this_host:
+        who = f"this host ({d.owner_host})"
+    since = f", claimed {_when(d.owner_claimed_at, now)}" if d.owner_claimed_at else ""
+    tail = "" if d.owner_is_this_host else ": this host writes nothing there"
+    return f"{who}{since}{tail}"
+
+
 def format_status(report: StatusReport, *, now: float | None = None) -> str:
     """Human-readable text of a report, one block per destination."""
     now = time.time() if now is None else now
@@ -199,6 +230,7 @@ def format_status(report: StatusReport, *, now: float | None = None) -> str:
             lines.append("  pending: nothing, in sync")
         if d.invalid_files:
             lines.append(f"  not uploaded: {d.invalid_files} unparseable .json files")
+        lines.append(f"  owner: {_owner(d, now)}")
         lines.append(f"  last success: {_when(d.last_success, now)}")
         if d.last_error:
             lines.append(f"  last error: {d.last_error} at {_when(d.last_error_at, now)}")

@@ -420,6 +420,7 @@ class CountingStorage:
         self.delay_s = delay_s
         self.ranges: list[tuple[int, int | None]] = []
         self.full_reads = 0
+        self.bounded_reads = 0  # ranged reads from offset 0 with a length (JSON files)
         self.in_flight = 0
         self.max_in_flight = 0
         self._lock = threading.Lock()
@@ -431,10 +432,11 @@ class CountingStorage:
         return str(self.inner.url(path))
 
     @contextlib.contextmanager
-    def _track(self) -> Iterator[None]:
+    def _track(self, whole: bool = True) -> Iterator[None]:
         with self._lock:
             self.in_flight += 1
-            self.full_reads += 1
+            if whole:
+                self.full_reads += 1
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
             yield
@@ -453,10 +455,20 @@ class CountingStorage:
             return bytes(await self.inner.aread(path))
 
     def read_range(self, path: str, offset: int, length: int | None = None) -> bytes:
+        if path.endswith(".json"):  # a bounded read of a whole JSON file
+            with self._track(whole=False):
+                self.bounded_reads += 1
+                time.sleep(self.delay_s)
+                return bytes(self.inner.read_range(path, offset, length))
         self.ranges.append((offset, length))
         return bytes(self.inner.read_range(path, offset, length))
 
     async def aread_range(self, path: str, offset: int, length: int | None = None) -> bytes:
+        if path.endswith(".json"):  # a bounded read of a whole JSON file
+            with self._track(whole=False):
+                self.bounded_reads += 1
+                await asyncio.sleep(self.delay_s)
+                return bytes(await self.inner.aread_range(path, offset, length))
         self.ranges.append((offset, length))
         return bytes(await self.inner.aread_range(path, offset, length))
 
@@ -589,8 +601,9 @@ def test_list_runs_fetches_metadata_concurrently(storage: AnyStorage, wrapper: s
     runs = store.list_runs()
     elapsed_s = time.monotonic() - start
     assert len(runs) == n
-    # plus the (absent) run catalog, unless it is looked up through read_internal
-    assert counting.full_reads in (n, n + 1)
+    # plus the (absent) run catalog, unless it is looked up through read_internal;
+    # each metadata.json is one read bounded by MAX_JSON_BYTES (a ranged read)
+    assert counting.full_reads + counting.bounded_reads in (n, n + 1)
     assert 4 <= counting.max_in_flight <= limit
     # Sequential reads would take at least n * delay_s = 2 s.
     assert elapsed_s < n * delay_s / 2, f"{elapsed_s:.2f} s: reads look sequential"
@@ -665,6 +678,11 @@ def test_metadata_read_failure_mid_listing_propagates(local_storage: LocalStorag
             if "run-007" in path:
                 raise TransientStorageError("timeout (injected)")
             return await super().aread(path)
+
+        async def aread_range(self, path: str, offset: int, length: int | None = None) -> bytes:
+            if "run-007" in path:  # metadata.json is read by a bounded (ranged) read
+                raise TransientStorageError("timeout (injected)")
+            return await super().aread_range(path, offset, length)
 
     store = EvalStore(OneBad(local_storage, 0.01))  # type: ignore[arg-type]
     with pytest.raises(TransientStorageError):
@@ -791,3 +809,42 @@ def test_a_cloud_url_string_is_refused_not_read_as_a_directory(tmp_path: Path) -
     assert not (cwd / "s3:").exists() and not (cwd / "gs:").exists()
     store = EvalStore((tmp_path / "s").as_uri())
     assert isinstance(store.storage, LocalStorage) and store.storage.root == tmp_path / "s"
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"checkpoint_name": ".ckpt"},
+        {"run_id": ".hidden"},
+        {"benchmarks": [".gsm8k"]},
+    ],
+    ids=["checkpoint_name", "run_id", "benchmark"],
+)
+def test_create_run_refuses_names_the_daemon_would_not_mirror(
+    tmp_path: Path, kwargs: dict[str, Any]
+) -> None:
+    """A run id or benchmark starting with '.' would be a dot-directory, which evalsyncd
+    never mirrors: create_run refuses it, naming the rule, and writes nothing."""
+    store = EvalStore(str(tmp_path))
+    args: dict[str, Any] = {"model_name": "m", "benchmarks": ["b"], **kwargs}
+    with pytest.raises(ValueError, match=r"starts with '\.'.*does not mirror"):
+        store.create_run(**args)
+    assert not any(tmp_path.rglob("*"))
+
+
+def test_writers_refuse_a_dot_benchmark_and_every_accepted_name_is_mirrored(
+    tmp_path: Path,
+) -> None:
+    """write_trajectory/write_result refuse a '.' benchmark; every path create_run and the
+    writers accept for unusual (non-dot) names is one the daemon mirrors."""
+    from evalsyncd.sync.files import FileKind, classify, scan_tree
+
+    store = EvalStore(str(tmp_path))
+    run_id = store.create_run("m", ["b"], checkpoint_name="step.tmp~")
+    with pytest.raises(ValueError, match="starts with"):
+        store.write_trajectory(run_id, ".b", traj(0))
+    for name in ("b", "x.swp", "a.b", "-dash"):
+        store.write_trajectory(run_id, name, traj(0))
+    paths = [rel for rel, _ in scan_tree(tmp_path)]
+    assert len(paths) == 6  # runs.jsonl, metadata.json, 4 trajectories
+    assert all(classify(p) is not FileKind.IGNORED for p in paths)

@@ -41,7 +41,13 @@ from evalsyncd.catalog import (
 )
 from evalsyncd.storage import Backend
 from evalsyncd.store.aio import MISSING
-from evalsyncd.store.layout import LineSplitter, check_name, parse_json_object, parse_model
+from evalsyncd.store.layout import (
+    LineSplitter,
+    check_name,
+    check_new_name,
+    parse_json_object,
+    parse_model,
+)
 from evalsyncd.store.models import BenchmarkResult, RunMetadata, StoredTrajectory, StoredTurn
 from evalsyncd.store.reader import DEFAULT_CHUNK_SIZE, DEFAULT_MAX_CONCURRENCY, EvalStoreReader
 
@@ -109,15 +115,17 @@ class EvalStore(EvalStoreReader):
             The run id.
 
         Raises:
-            ValueError: the run id or a benchmark name is not a valid path segment
-                (nothing is written).
+            ValueError: the run id or a benchmark name is not a valid path segment,
+                or starts with ``.`` (hidden: never mirrored; see
+                :func:`~evalsyncd.store.layout.check_new_name`); nothing is written.
             StorageError: the storage failed.
         """
         for name in benchmarks:
-            check_name("benchmark", name)
+            check_new_name("benchmark", name)
         if run_id is None:
             ts = _now().strftime("%Y%m%d_%H%M%S")
             run_id = f"{checkpoint_name or 'base'}_{ts}_{_short_id()}"
+        check_new_name("run_id", run_id)
         metadata_path = self._layout.metadata(run_id)
 
         metadata = RunMetadata(
@@ -229,6 +237,7 @@ class EvalStore(EvalStoreReader):
             ValueError: invalid run id or benchmark name (nothing is written).
             StorageError: the storage failed.
         """
+        check_new_name("benchmark", result.name)
         self._write_json(result.to_dict(), self._layout.result(run_id, result.name))
 
     def write_trajectory(self, run_id: str, benchmark: str, traj: StoredTrajectory) -> None:
@@ -241,6 +250,7 @@ class EvalStore(EvalStoreReader):
             ValueError: invalid run id or benchmark name (nothing is written).
             StorageError: the storage failed.
         """
+        check_new_name("benchmark", benchmark)
         self._append_jsonl(traj.to_dict(), self._layout.trajectories(run_id, benchmark))
 
     def write_summary(self, run_id: str, results: dict[str, BenchmarkResult]) -> None:

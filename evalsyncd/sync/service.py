@@ -33,6 +33,7 @@ from evalsyncd.sync.destination import Destination, DestinationState
 from evalsyncd.sync.files import FileKind, classify, is_run_metadata, scan_tree
 from evalsyncd.sync.journal import Entry, EntryStatus, Journal, JournalError
 from evalsyncd.sync.lines import complete_end, divergence
+from evalsyncd.sync.owner import Owner
 from evalsyncd.sync.watcher import Watcher
 from evalsyncd.sync.watchlimit import WatchProbe
 
@@ -200,6 +201,9 @@ class Service:
             flush_interval_s=self.settings.flush_interval_s,
             mirror_deletes=self.settings.mirror_deletes,
             invalid_json_grace_s=self.settings.invalid_json_grace_s,
+            owner=Owner(
+                storage, self.journal.writer_id(), dest.name, state_dir=self.settings.state_dir
+            ),
         )
         d.on_upload = self._on_upload
         self.destinations[dest.name] = d
