@@ -1,4 +1,4 @@
-"""Command line: ``evalsyncd run | sync --once | status | verify | claim | runs ls|show|report | restore | demo``.
+"""Command line: ``evalsyncd run | sync --once | status | verify | claim | runs ls|show|report|export | restore | view | demo``.
 
 The only module that reads config files, configures logging, installs signal
 handlers and starts event loops. Imports are per command: ``runs`` and
@@ -172,10 +172,13 @@ def build_parser() -> argparse.ArgumentParser:
     runs_report = runs_sub.add_parser(
         "report", help="one self-contained HTML page: runs table and score-by-checkpoint plots"
     )
+    runs_export = runs_sub.add_parser(
+        "export", help="every sample of every run as one CSV table (DuckDB, Polars, pandas)"
+    )
     restore = sub.add_parser(
         "restore", help="copy one run from a bucket into a local root, byte for byte"
     )
-    for p in (runs_ls, runs_show, runs_report, restore):
+    for p in (runs_ls, runs_show, runs_report, runs_export, restore):
         p.add_argument(
             "--config",
             metavar="PATH",
@@ -199,11 +202,17 @@ def build_parser() -> argparse.ArgumentParser:
         "-o", "--output", metavar="FILE", required=True, type=Path, help="the HTML file to write"
     )
     runs_report.add_argument("--title", default="Evaluation runs", help="the page title")
+    runs_export.add_argument("uri", metavar="URI", help=uri_help)
+    runs_export.add_argument(
+        "-o", "--output", metavar="DIR", required=True, type=Path, help="writes DIR/samples.csv"
+    )
     restore.add_argument("uri", metavar="URI", help=uri_help)
     restore.add_argument("run_id", metavar="RUN_ID")
     restore.add_argument(
         "--root", metavar="DIR", required=True, type=Path, help="the local EvalStore root"
     )
+
+    _add_view_parser(sub)
 
     demo = sub.add_parser(
         "demo", help="local S3 + GCS servers, a sample writer and the daemon, end to end"
@@ -552,6 +561,8 @@ def _runs(args: argparse.Namespace) -> int:
             args.output.write_text(page, encoding="utf-8")
             print(f"wrote {args.output} ({len(rows)} runs)", file=sys.stderr)
             return EX_OK if ok else EX_FAILURE
+        if args.runs_command == "export":
+            return _export(args)
         with _run_store(args.uri, args.config, args.run_id) as found:
             if found is None:
                 return EX_FAILURE
@@ -567,6 +578,25 @@ def _runs(args: argparse.Namespace) -> int:
         _fail(exc)
         return EX_FAILURE
     return EX_OK
+
+
+def _export(args: argparse.Namespace) -> int:
+    """``runs export``: the samples table of a store or a fleet (evalsyncd.samples.export)."""
+    from evalsyncd.samples.export import aexport_samples
+    from evalsyncd.storage._bridge import run_sync
+
+    storage, prefix = _open_reader(args.uri, args.config)
+    with storage:
+        summary = run_sync(aexport_samples(storage, prefix, args.output))
+    for problem in summary.problems:
+        level = "warning" if problem.startswith("bad line: ") else "error"
+        print(f"evalsyncd: {level}: {problem}", file=sys.stderr)
+    print(
+        f"wrote {summary.path} ({summary.rows} samples from {summary.files} files, "
+        f"{summary.bad_lines} bad lines skipped)",
+        file=sys.stderr,
+    )
+    return EX_OK if summary.ok else EX_FAILURE
 
 
 @contextlib.contextmanager
@@ -651,6 +681,91 @@ def _restore(args: argparse.Namespace) -> int:
     return EX_OK
 
 
+def _add_view_parser(sub: Any) -> None:
+    view = sub.add_parser(
+        "view", help="a read-only local web app over runs, samples and comparisons (until Ctrl-C)"
+    )
+    view.add_argument(
+        "uri",
+        metavar="URI",
+        help="a local root, a host prefix or a fleet prefix (a directory, s3://..., gs://...)",
+    )
+    view.add_argument(
+        "--config",
+        metavar="PATH",
+        help="TOML configuration; URI may then be a destination name (its client settings apply)",
+    )
+    view.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default 127.0.0.1: this machine only)",
+    )
+    view.add_argument(
+        "--port", type=int, default=8765, help="TCP port (default 8765; 0: any free port)"
+    )
+    view.add_argument(
+        "--refresh",
+        type=float,
+        default=1.0,
+        metavar="SECONDS",
+        help="how often open pages look for new runs and samples (default 1)",
+    )
+    view.add_argument(
+        "--allow-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="another name requests may use in their Host header (repeatable)",
+    )
+
+
+def _view(args: argparse.Namespace) -> int:
+    """``evalsyncd view``: serve until SIGINT/SIGTERM; 0 on a clean stop."""
+    import signal
+
+    from evalsyncd.view import serve
+
+    _reader_logging()
+    if not args.refresh > 0:
+        print("evalsyncd: error: --refresh must be > 0", file=sys.stderr)
+        return EX_USAGE
+    try:
+        storage, prefix = _open_reader(args.uri, args.config)
+    except ConfigError as exc:
+        return _config_error(exc)
+    except (StorageError, OSError, ValueError) as exc:
+        _fail(exc, args.uri)
+        return EX_FAILURE
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+
+        def ready(url: str) -> None:
+            print(f"evalsyncd view of {args.uri}: {url}  (Ctrl-C to stop)", flush=True)
+
+        await serve(
+            storage,
+            prefix,
+            host=args.host,
+            port=args.port,
+            refresh_s=args.refresh,
+            allow_hosts=tuple(args.allow_host),
+            stop=stop,
+            on_ready=ready,
+        )
+
+    try:
+        with storage:
+            asyncio.run(run())
+    except OSError as exc:
+        _fail(exc, f"{args.host}:{args.port}")
+        return EX_FAILURE
+    return EX_OK
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit status."""
     args = build_parser().parse_args(argv)
@@ -662,6 +777,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_demo(seconds=args.seconds, keep=Path(args.keep) if args.keep else None)
     if args.command == "restore":
         return _restore(args)
+    if args.command == "view":
+        return _view(args)
     from evalsyncd.logs import configure_logging
     from evalsyncd.sync.journal import JournalError
 

@@ -18,6 +18,9 @@ decide on retries by type and never by matching message strings::
             ├── InvalidRequestError       the server refused the request as malformed
             ├── CorruptObjectError        an object evalsyncd wrote (a tail object) is damaged
             └── PrefixOwnedError          another evalsyncd owns the destination's prefix
+    SampleError                           a read of samples (evalsyncd.samples) failed
+    ├── SampleNotFoundError               also LookupError: no sample at that line
+    └── SearchPatternError                also ValueError: an invalid search regex
 
 Keys that are empty, absolute or contain ``..`` are refused before any request
 with a plain :class:`ValueError` (:class:`InvalidKeyError` subclasses both).
@@ -41,6 +44,9 @@ __all__ = [
     "ObjectNotFoundError",
     "PermanentStorageError",
     "PrefixOwnedError",
+    "SampleError",
+    "SampleNotFoundError",
+    "SearchPatternError",
     "StorageError",
     "TransientStorageError",
 ]
@@ -147,3 +153,15 @@ class PrefixOwnedError(PermanentStorageError):
         self.owner_host = owner_host
         self.owner_writer = owner_writer
         self.claimed_at = claimed_at
+
+
+class SampleError(EvalsyncdError):
+    """A read of samples (:mod:`evalsyncd.samples`) cannot be answered."""
+
+
+class SampleNotFoundError(SampleError, LookupError):
+    """No sample at the requested line of a ``trajectories.jsonl`` (the message names its URL)."""
+
+
+class SearchPatternError(SampleError, ValueError):
+    """A search pattern is not a valid regular expression (the message quotes it)."""
