@@ -126,6 +126,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(status)
     status.add_argument("--json", action="store_true", help="print JSON")
 
+    evict = sub.add_parser(
+        "evict",
+        help="one retention round: evict runs every destination holds (see [retention])",
+    )
+    _add_common(evict)
+    evict.add_argument(
+        "--dry-run", action="store_true", help="list what would go and why; delete nothing"
+    )
+    evict.add_argument("--json", action="store_true", help="print JSON")
+
     verify = sub.add_parser(
         "verify", help="compare every local file with its remote object; exit 1 on mismatches"
     )
@@ -303,6 +313,45 @@ def _status(settings: Settings, as_json: bool) -> int:
         print(json.dumps(report.to_dict(), indent=2))
     else:
         print(format_status(report))
+    return EX_OK
+
+
+async def _evict(settings: Settings, *, dry_run: bool, as_json: bool) -> int:
+    """``evalsyncd evict``: one retention round with the destinations' recorded states."""
+    from contextlib import AsyncExitStack
+    from dataclasses import asdict
+
+    from evalsyncd.config import ensure_state_dir
+    from evalsyncd.status import format_bytes
+    from evalsyncd.sync.journal import Journal
+    from evalsyncd.sync.retention import Mirror, Retention
+    from evalsyncd.sync.service import JOURNAL_NAME, open_destination_storage
+
+    journal = Journal(ensure_state_dir(settings) / JOURNAL_NAME, settings.root)
+    async with AsyncExitStack() as stack:
+        stack.callback(journal.close)
+        records = journal.destinations()
+        mirrors = []
+        for dest in settings.destinations:
+            storage = open_destination_storage(dest)
+            await stack.enter_async_context(storage)
+            storage.read_tail = False  # the plain objects
+            state = records[dest.name].state if dest.name in records else "never run"
+            mirrors.append(Mirror(dest.name, storage, state))
+        report = await Retention(settings.root, settings.retention, journal, lambda: mirrors).round(
+            dry_run=dry_run
+        )
+    if as_json:
+        print(json.dumps(asdict(report), indent=2, default=str))
+        return EX_OK
+    verb = "would evict" if dry_run else "evicted"
+    for r in report.runs:
+        if r.evicted or (dry_run and r.choice and r.blocker is None):
+            print(f"{verb} {r.run_id}: {format_bytes(r.bytes)} ({r.choice})")
+        elif r.choice or r.blocker:
+            print(f"kept {r.run_id}: {format_bytes(r.bytes)}: {r.blocker}")
+    if report.stopped:
+        print(f"nothing evicted: {report.stopped}")
     return EX_OK
 
 
@@ -611,9 +660,35 @@ def _run_store(
         ConfigError, FileNotFoundError, ValueError: see :func:`_open_reader`.
     """
     storage, prefix = _open_reader(uri, config)
-    with storage:
+    with storage, contextlib.ExitStack() as stack:
         found = _find_one(storage, prefix, run_id, uri)
-        yield None if found is None else (found[1], found[0].store(found[1]), found[2])
+        if found is None:
+            yield None
+            return
+        store = found[0].store(found[1])
+        marker = store.eviction_marker(run_id)
+        if marker is not None:  # evicted by retention: read the rest from the mirror
+            store.fallback = stack.enter_context(_mirror_of(config, marker.mirrors))
+        yield found[1], store, found[2]
+
+
+def _mirror_of(config: str | None, mirrors: Sequence[str]) -> Storage:
+    """The mirror of an evicted run: the first destination of ``config`` (with its client
+    settings), else the first URL its eviction marker names (default client settings).
+
+    Raises:
+        ValueError: no config and a marker that names no mirror.
+    """
+    from evalsyncd.storage.urls import parse_url
+
+    if config:
+        from evalsyncd.config import load_settings
+        from evalsyncd.sync.service import open_destination_storage
+
+        return open_destination_storage(load_settings(config).destinations[0])
+    if not mirrors:
+        raise ValueError("the run was evicted and its marker names no mirror: pass --config")
+    return parse_url(mirrors[0]).open()
 
 
 def _find_one(storage: Storage, prefix: str, run_id: str, uri: str) -> tuple[Any, str, bool] | None:
@@ -786,7 +861,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = _settings(args)
     except ConfigError as exc:
         return _config_error(exc)
-    quiet = args.command in ("status", "verify", "claim")
+    quiet = args.command in ("status", "verify", "claim") or getattr(args, "dry_run", False)
     configure_logging(settings.log_format, "warning" if quiet else settings.log_level)
     try:
         if args.command == "run":
@@ -799,6 +874,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(_verify(settings, args.destination, args.json, args.allow_skipped))
         if args.command == "claim":
             return asyncio.run(_claim(settings, args.destination, args.take_over))
+        if args.command == "evict":
+            return asyncio.run(_evict(settings, dry_run=args.dry_run, as_json=args.json))
     except ConfigError as exc:  # the state directory cannot be created
         return _config_error(exc)
     except JournalError as exc:

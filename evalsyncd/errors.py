@@ -13,6 +13,8 @@ decide on retries by type and never by matching message strings::
     ├── SampleError                       a read of samples (evalsyncd.samples) failed
     │   ├── SampleNotFoundError           also LookupError: no sample at that line
     │   └── SearchPatternError            also ValueError: an invalid search regex
+    ├── RunEvictedError                   also PermissionError: a write to a run evicted from
+    │                                     the local disk (retention); `evalsyncd restore` it
     └── StorageError                      anything a storage backend raises
         ├── ObjectNotFoundError           also FileNotFoundError: the object is missing
         ├── ConflictError                 a precondition failed (HTTP 412, offset mismatch):
@@ -53,6 +55,7 @@ __all__ = [
     "ObjectNotFoundError",
     "PermanentStorageError",
     "PrefixOwnedError",
+    "RunEvictedError",
     "SampleError",
     "SampleNotFoundError",
     "SearchPatternError",
@@ -85,6 +88,20 @@ class CatalogError(EvalsyncdError, ValueError):
     def __init__(self, message: str, *, url: str) -> None:
         super().__init__(message)
         self.url = url
+
+
+class RunEvictedError(EvalsyncdError, PermissionError):
+    """A write to a run whose files were evicted from the local disk (retention).
+
+    The message names the run and how to bring it back (``evalsyncd restore``).
+
+    Attributes:
+        run_id: the run.
+    """
+
+    def __init__(self, message: str, *, run_id: str) -> None:
+        super().__init__(message)
+        self.run_id = run_id
 
 
 class StorageError(EvalsyncdError):

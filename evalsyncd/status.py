@@ -34,7 +34,14 @@ from evalsyncd.sync.journal import Entry, Journal
 from evalsyncd.sync.offline import JOURNAL_NAME, unacked_bytes
 from evalsyncd.sync.owner import read_owner_records
 
-__all__ = ["DestinationStatus", "StatusReport", "collect_status", "format_bytes", "format_status"]
+__all__ = [
+    "DestinationStatus",
+    "StatusReport",
+    "collect_status",
+    "format_bytes",
+    "format_status",
+    "retention_status",
+]
 
 
 @dataclass(frozen=True)
@@ -87,6 +94,8 @@ class StatusReport:
     journal_exists: bool
     files: int
     destinations: list[DestinationStatus]
+    retention: dict[str, Any] | None = None
+    """Retention (``[retention]``, see :func:`retention_status`); ``None`` when off."""
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (times as Unix seconds)."""
@@ -124,7 +133,10 @@ def collect_status(settings: Settings, *, now: float | None = None) -> StatusRep
     files = list(scan_tree(settings.root, (settings.state_dir,)))
     exists = journal_path.exists()
     journal = Journal(journal_path, settings.root, readonly=True) if exists else None
+    retention = None
     try:
+        if journal is not None and settings.retention.enabled:
+            retention = retention_status(settings, journal, now)
         records = journal.destinations() if journal else {}
         owners = read_owner_records(settings.state_dir)
         out = []
@@ -170,7 +182,38 @@ def collect_status(settings: Settings, *, now: float | None = None) -> StatusRep
         journal_exists=exists,
         files=len(files),
         destinations=out,
+        retention=retention,
     )
+
+
+def retention_status(settings: Settings, journal: Journal, now: float) -> dict[str, Any]:
+    """Retention as the journal and the disk show it (no request): bytes held locally,
+    evictable, evicted, and why the oldest finalized run still on disk is kept."""
+    from evalsyncd.sync.retention import Mirror, Retention
+    from evalsyncd.sync.service import open_destination_storage
+
+    records = journal.destinations()
+    mirrors = [
+        Mirror(
+            d.name,
+            open_destination_storage(d),
+            records[d.name].state if d.name in records else "unknown",
+        )
+        for d in settings.destinations
+    ]
+    retention = Retention(
+        settings.root, settings.retention, journal, lambda: mirrors, clock=lambda: now
+    )
+    report, _ = retention.assess()
+    kept = report.oldest_kept
+    return {
+        "local_bytes": report.local_bytes,
+        "evictable_bytes": report.evictable_bytes,
+        "evicted_bytes": report.evicted_bytes,
+        "evicted_runs": report.evicted_runs,
+        "used_share": report.usage.share if report.usage is not None else None,
+        "oldest_kept": None if kept is None else {"run_id": kept.run_id, "why": kept.blocker},
+    }
 
 
 def format_bytes(n: int) -> str:
@@ -234,4 +277,14 @@ def format_status(report: StatusReport, *, now: float | None = None) -> str:
         lines.append(f"  last success: {_when(d.last_success, now)}")
         if d.last_error:
             lines.append(f"  last error: {d.last_error} at {_when(d.last_error_at, now)}")
+    r = report.retention
+    if r is not None:
+        lines.append(
+            f"retention: {format_bytes(r['local_bytes'])} held locally, "
+            f"{format_bytes(r['evictable_bytes'])} evictable, "
+            f"{format_bytes(r['evicted_bytes'])} evicted ({r['evicted_runs']} runs)"
+        )
+        if r["oldest_kept"] is not None:
+            kept = r["oldest_kept"]
+            lines.append(f"  oldest finalized run kept: {kept['run_id']}: {kept['why']}")
     return "\n".join(lines)

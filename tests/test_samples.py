@@ -318,6 +318,11 @@ def test_parse_line_table() -> None:
     bom = parse_line(b"\xef\xbb\xbf" + _line(4).rstrip(), 0, 0)
     assert isinstance(bom, ParsedLine) and bom.entry.idx == 4
     assert isinstance(parse_line(b"\xef\xbb\xbf" + _line(4).rstrip(), 1, 0), BadLine)
+    lone = parse_line(
+        b'{"idx": 1, "benchmark": "b", "example_id": "x\\udc80", "error": "\\ud800"}', 0, 0
+    )
+    assert isinstance(lone, ParsedLine)
+    assert (lone.entry.example_id, lone.entry.error) == ("x\ufffd", "\ufffd")
     long_error = parse_line(_line(1, error="e" * 10_000).rstrip(), 0, 0)
     assert isinstance(long_error, ParsedLine) and len(long_error.entry.error or "") == 500
     assert isinstance(parse_line(b"true", 0, 0), BadLine)

@@ -191,10 +191,6 @@ def test_a_lone_surrogate_never_crashes_the_view(tmp_path: Path) -> None:
     assert after.status == 200
 
 
-@pytest.mark.xfail(
-    reason="evalsyncd.samples: the index cache (SQLite) refuses a lone surrogate in "
-    "example_id/error (UnicodeEncodeError), so the whole file cannot be indexed"
-)
 def test_a_lone_surrogate_sample_is_shown(tmp_path: Path) -> None:
     """The sample with a lone surrogate is listed and shown (the character replaced)."""
     run_id = _surrogate_run(tmp_path / "fleet")

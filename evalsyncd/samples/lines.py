@@ -134,6 +134,15 @@ def _record(d: dict[str, Any]) -> StoredTrajectory:
     return t
 
 
+def _storable(text: str) -> str:
+    """``text`` with lone surrogates (JSON ``"\\udc80"``) replaced by U+FFFD: valid UTF-8."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    return text
+
+
 def parse_line(raw: bytes, line: int, start: int) -> ParsedLine | BadLine | None:
     """One line's sample, or why it is not one, or ``None`` for a blank line.
 
@@ -145,7 +154,9 @@ def parse_line(raw: bytes, line: int, start: int) -> ParsedLine | BadLine | None
     A line with invalid UTF-8 is decoded with U+FFFD replacements (as the
     reference does) and, if it then parses, is a sample with a :class:`BadLine`
     note; the same rules as :class:`~evalsyncd.store.layout.TrajectoryParser`
-    otherwise, plus ``idx`` must be an integer and ``reward`` a number.
+    otherwise, plus ``idx`` must be an integer and ``reward`` a number. In the
+    entry, lone surrogates of ``example_id`` and ``error`` become U+FFFD (the
+    index stores valid UTF-8); the trajectory keeps them as parsed.
     """
     text_bytes = raw.strip()
     if line == 0 and text_bytes.startswith(b"\xef\xbb\xbf"):
@@ -169,9 +180,10 @@ def parse_line(raw: bytes, line: int, start: int) -> ParsedLine | BadLine | None
         t = _record(obj)
     except _BAD_SHAPE as exc:
         return BadLine(line, start, len(raw), f"not a trajectory ({type(exc).__name__}: {exc})")
-    error = None if t.error is None else str(t.error)[:ERROR_TEXT_MAX]
+    error = None if t.error is None else _storable(str(t.error)[:ERROR_TEXT_MAX])
     reward = float(t.reward)
-    entry = SampleEntry(line, start, len(raw), t.idx, t.example_id, reward, reward > 0, error)
+    example_id = _storable(t.example_id)
+    entry = SampleEntry(line, start, len(raw), t.idx, example_id, reward, reward > 0, error)
     return ParsedLine(entry, t, note)
 
 
