@@ -28,8 +28,7 @@ import structlog
 from evalsyncd.config import DestinationSettings, Settings, ensure_state_dir
 from evalsyncd.errors import ConfigError
 from evalsyncd.evicted import MARKER_NAME
-from evalsyncd.storage import Backend, parse_url
-from evalsyncd.sync.destination import Destination, DestinationState
+from evalsyncd.sync.destination import Destination
 from evalsyncd.sync.files import FileKind, classify, is_run_metadata, scan_tree
 from evalsyncd.sync.journal import Journal, JournalError
 from evalsyncd.sync.offline import (
