@@ -68,7 +68,7 @@ import os
 import uuid
 from contextlib import AsyncExitStack, suppress
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 import structlog
@@ -159,7 +159,10 @@ class GCSStorage(CloudStorage):
         session = self._new_session()
         stack.push_async_callback(session.close)
         api = _SDKClient(
-            service_file=self.service_file, session=session, api_root=self.endpoint_url
+            # cast: gcloud-aio annotates a requests session when requests is installed
+            service_file=self.service_file,
+            session=cast(Any, session),
+            api_root=self.endpoint_url,
         )
         emulator = self.endpoint_url is not None or bool(os.environ.get("STORAGE_EMULATOR_HOST"))
         # gcloud-aio annotates ``timeout`` as int but hands it to aiohttp, which
