@@ -257,6 +257,7 @@ class Destination:
 
     async def run(self) -> None:
         """Run passes until :meth:`stop` (the pass in progress completes first)."""
+        await self._know_server()
         while not self._stopping.is_set():
             timeout = self._next_deferred_in()
             with contextlib.suppress(TimeoutError):
@@ -281,6 +282,22 @@ class Destination:
             self.tail.drain_all()
             with contextlib.suppress(Exception):
                 await self.run_pass()
+
+    async def _know_server(self) -> None:
+        """Probe the server once (:func:`evalsyncd.storage.probe.aadapt`): fallbacks are set
+        and logged; an unusable server parks the destination; a failed probe is logged
+        and the daemon goes on (every append still checks its post-condition). Then
+        remove old leftovers of failed cleanups (:func:`evalsyncd.storage.reap.areap`)."""
+        from evalsyncd.storage.probe import aadapt
+        from evalsyncd.storage.reap import areap
+
+        try:
+            await aadapt(self.storage)
+            await areap(self.storage)
+        except PermanentStorageError as exc:
+            self._on_failure(exc, permanent=True)
+        except StorageError as exc:
+            log.warning("server_probe_failed", destination=self.name, error=f"{exc}")
 
     def _next_deferred_in(self) -> float | None:
         now = self.clock()

@@ -159,6 +159,8 @@ class S3Server(_Server):
     """``UploadPartCopy`` answers 412 when ``CopySourceIfMatch`` does not match."""
     enforces_if_match_on_complete: ClassVar[bool] = True
     """``CompleteMultipartUpload`` answers 412 when ``If-Match`` does not match."""
+    dates_uploads: ClassVar[bool] = True
+    """``ListMultipartUploads`` gives each upload's true ``Initiated`` time."""
 
     @property
     def endpoint_url(self) -> str:
@@ -212,6 +214,7 @@ class MotoS3Server(S3Server):
     name: ClassVar[str] = "moto"
     enforces_copy_source_if_match: ClassVar[bool] = False
     enforces_if_match_on_complete: ClassVar[bool] = False
+    dates_uploads: ClassVar[bool] = False  # a fixed Initiated date in 2010
 
     def start(self, timeout_s: float = 30.0, *, restart: bool = False) -> Self:
         """Start ``moto_server -H 127.0.0.1 -p PORT`` on a free port; wait until it answers.
