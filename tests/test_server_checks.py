@@ -322,3 +322,38 @@ def test_old_multipart_uploads_under_the_prefix_are_aborted_others_kept(
         )
     finally:
         raw.close()
+
+
+def test_daemon_behind_a_broken_upload_part_copy_falls_back_once_and_mirrors(
+    tmp_path: Path, cloud_env: dict[str, str], s3_server: SeaweedS3Server, unique_prefix: str
+) -> None:
+    """A daemon whose server answers UploadPartCopy with an empty 200 logs the missing feature
+    and its fallback once at start, then mirrors a file growing past 5 MiB byte for byte
+    (whole rewrites), with no traceback in its log."""
+    from tests.daemon import Daemon, wait_mirrored, write_config
+    from tests.reliability import events
+
+    root = tmp_path / "root"
+    big = root / "runs/r1/b/trajectories.jsonl"
+    big.parent.mkdir(parents=True)
+    big.write_bytes(_lines(5 * MiB + 1000))
+    with FaultProxy("127.0.0.1", s3_server.port) as proxy:
+        _rclone_like(proxy)
+        dest = {
+            "name": "rclone-like",
+            "url": f"s3://{S3_BUCKET}/{unique_prefix}",
+            "endpoint_url": proxy.url,
+            "max_main_lag_s": 0.0,
+        }
+        cfg = write_config(tmp_path / "config.toml", root, tmp_path / "state", [dest])
+        reader = S3Storage(S3_BUCKET, unique_prefix, endpoint_url=s3_server.endpoint_url)
+        with Daemon(cfg, tmp_path / "daemon.log") as daemon, reader:
+            wait_mirrored(root, reader, timeout_s=60)
+            with open(big, "ab") as f:
+                f.write(b'{"more": 1}\n' * 100)
+            wait_mirrored(root, reader, timeout_s=60)
+            missing = events(daemon, "server_features_missing")
+    assert len(missing) == 1, missing
+    assert "multipart-copy" in missing[0]["missing"]
+    log = (tmp_path / "daemon.log").read_text()
+    assert "Traceback" not in log and "KeyError" not in log
