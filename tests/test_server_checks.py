@@ -357,3 +357,16 @@ def test_daemon_behind_a_broken_upload_part_copy_falls_back_once_and_mirrors(
     assert "multipart-copy" in missing[0]["missing"]
     log = (tmp_path / "daemon.log").read_text()
     assert "Traceback" not in log and "KeyError" not in log
+
+
+def test_put_answered_without_an_etag_is_a_server_behaviour_error(
+    s3_server: SeaweedS3Server, cloud_env: dict[str, str], unique_prefix: str
+) -> None:
+    """A PutObject answered with an empty 200 (no ETag, which the journal needs as the next
+    If-Match) is a ServerBehaviourError naming PutObject, not a KeyError."""
+    with FaultProxy("127.0.0.1", s3_server.port) as proxy:
+        proxy.add(Rule(action="empty_200", method="PUT", times=1))
+        with S3Storage(S3_BUCKET, unique_prefix, endpoint_url=proxy.url) as storage:
+            with pytest.raises(ServerBehaviourError) as info:
+                storage.write("a.json", b"{}")
+    assert info.value.feature == "PutObject" and "a.json" in str(info.value)

@@ -92,7 +92,15 @@ async def append_multipart(
         upload = await client.create_multipart_upload(
             Bucket=bucket, Key=key, ChecksumAlgorithm="CRC32C", Metadata=metadata
         )
-    upload_id = upload["UploadId"]
+    upload_id = upload.get("UploadId")
+    if not upload_id:
+        answer = "an answer without an UploadId"
+        raise ServerBehaviourError(
+            f"{url}: the server answered CreateMultipartUpload with {answer}",
+            url=url,
+            feature="CreateMultipartUpload",
+            answer=answer,
+        )
     try:
         with boundary(url):
             ranges = copy_ranges(size)

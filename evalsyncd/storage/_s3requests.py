@@ -14,7 +14,7 @@ from typing import Any, Final
 
 import botocore.exceptions as bexc
 
-from evalsyncd.errors import BucketNotFoundError
+from evalsyncd.errors import BucketNotFoundError, ServerBehaviourError
 from evalsyncd.storage._s3errors import BOUNDARY, boundary, error_code, http_status, translate
 
 __all__ = ["S3Requests"]
@@ -120,7 +120,17 @@ class S3Requests:
             resp = await client.put_object(
                 Bucket=self.bucket, Key=key, Body=data, ChecksumAlgorithm="CRC32C", **kwargs
             )
-        return str(resp["ETag"])
+        etag = resp.get("ETag")
+        if not etag:  # S3 always sends one; the journal keeps it as the next If-Match
+            status = resp.get("ResponseMetadata", {}).get("HTTPStatusCode", "?")
+            answer = f"HTTP {status} without an ETag"
+            raise ServerBehaviourError(
+                f"{url}: the server answered PutObject with {answer}",
+                url=url,
+                feature="PutObject",
+                answer=answer,
+            )
+        return str(etag)
 
     async def delete(self, client: Any, keys: list[str], url: str) -> None:
         """Delete objects (missing ones are fine): ``DeleteObject`` for one, else
