@@ -16,7 +16,9 @@ and the internal area's objects (``_list_keys``, ``_delete_keys``,
 - the readers' view of the tail log (:mod:`evalsyncd.storage.tail`): each public
   read stitches the backend's main object (``_main_*`` methods) with the file's
   pending tail pieces, so readers see what the daemon flushed before the main
-  objects catch up;
+  objects catch up, whether the tail log is at this storage's prefix, above it
+  (a sub-prefix of a destination) or below it (a fleet prefix reading a host):
+  see :mod:`evalsyncd.storage._tailfind`;
 - key building: ``{prefix}/{path}``, validated by :func:`check_key`.
 """
 

@@ -81,6 +81,10 @@ class Stats:
     failures: dict[str, int] = field(default_factory=dict)
 
 
+_PROBE_TIMEOUT_S = 30.0
+"""Bound on the server probe at start, seconds (then the daemon goes on without it)."""
+
+
 class Destination:
     """A mirror target and its upload loop.
 
@@ -292,12 +296,13 @@ class Destination:
         from evalsyncd.storage.reap import areap
 
         try:
-            await aadapt(self.storage)
-            await areap(self.storage)
+            async with asyncio.timeout(_PROBE_TIMEOUT_S):  # an unreachable server: go on
+                await aadapt(self.storage)
+                await areap(self.storage)
         except PermanentStorageError as exc:
             self._on_failure(exc, permanent=True)
-        except StorageError as exc:
-            log.warning("server_probe_failed", destination=self.name, error=f"{exc}")
+        except (StorageError, TimeoutError) as exc:
+            log.warning("server_probe_failed", destination=self.name, error=repr(exc))
 
     def _next_deferred_in(self) -> float | None:
         now = self.clock()
