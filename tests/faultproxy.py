@@ -20,7 +20,9 @@ or chunked body), matched against the rules in order, and then:
 - ``"delay"``: forwarded, and the response held back ``Rule.delay_s`` seconds
   (past the client's timeout) before it is relayed;
 - ``"empty_200"``: answered ``200 OK`` with an empty body, not forwarded (how
-  ``rclone serve s3`` answers ``UploadPartCopy``: no ``CopyPartResult``, no ETag).
+  ``rclone serve s3`` answers ``UploadPartCopy``: no ``CopyPartResult``, no ETag);
+- ``"checksum_206"``: forwarded, and a 206 answer gets an ``x-amz-checksum-crc32c``
+  that is not its part's (``rclone serve s3`` sends the whole object's checksum).
 
 ``Rule.header`` matches a request header by name (an ``UploadPartCopy`` is a
 ``PUT ...?partNumber=...&uploadId=...`` with ``x-amz-copy-source``).
@@ -183,6 +185,15 @@ class FaultProxy(LoopbackProxy):
         if action == "delay":
             assert rule is not None
             await asyncio.sleep(rule.delay_s)
+        if action == "checksum_206" and response.startswith(b"HTTP/1.1 206"):
+            head_end = response.index(b"\r\n\r\n")
+            kept = [
+                ln
+                for ln in response[:head_end].split(b"\r\n")
+                if not ln.lower().startswith(b"x-amz-checksum-")
+            ]
+            kept.append(b"x-amz-checksum-crc32c: AAAAAA==")
+            response = b"\r\n".join(kept) + response[head_end:]
         writer.write(response)
         await writer.drain()
         # The upstream answered with Connection: close; so do we (the base closes).

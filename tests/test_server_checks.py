@@ -366,7 +366,26 @@ def test_put_answered_without_an_etag_is_a_server_behaviour_error(
     If-Match) is a ServerBehaviourError naming PutObject, not a KeyError."""
     with FaultProxy("127.0.0.1", s3_server.port) as proxy:
         proxy.add(Rule(action="empty_200", method="PUT", times=1))
-        with S3Storage(S3_BUCKET, unique_prefix, endpoint_url=proxy.url) as storage:
-            with pytest.raises(ServerBehaviourError) as info:
-                storage.write("a.json", b"{}")
+        with (
+            S3Storage(S3_BUCKET, unique_prefix, endpoint_url=proxy.url) as storage,
+            pytest.raises(ServerBehaviourError) as info,
+        ):
+            storage.write("a.json", b"{}")
     assert info.value.feature == "PutObject" and "a.json" in str(info.value)
+
+
+def test_a_ranged_get_with_the_whole_objects_checksum_is_read_whole(
+    s3_server: SeaweedS3Server, cloud_env: dict[str, str], unique_prefix: str
+) -> None:
+    """A 206 carrying a checksum that is not its part's (rclone sends the whole object's) makes
+    botocore refuse the part; the read falls back to a whole GET and returns the right bytes."""
+    data = bytes(range(256)) * 40
+    with S3Storage(S3_BUCKET, unique_prefix, endpoint_url=s3_server.endpoint_url) as direct:
+        direct.write("f.bin", data)
+    with FaultProxy("127.0.0.1", s3_server.port) as proxy:
+        proxy.add(Rule(action="checksum_206", method="GET", header="range", times=None))
+        with S3Storage(S3_BUCKET, unique_prefix, endpoint_url=proxy.url, max_attempts=1) as s:
+            assert s.read_range("f.bin", 100, 50) == data[100:150]
+            assert s.read_range("f.bin", 0, 10) == data[:10]
+            assert s._requests.whole_reads  # botocore did refuse the part: the fallback ran
+        assert proxy.fired("checksum_206") >= 1
