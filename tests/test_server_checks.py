@@ -389,3 +389,17 @@ def test_a_ranged_get_with_the_whole_objects_checksum_is_read_whole(
             assert s.read_range("f.bin", 0, 10) == data[:10]
             assert s._requests.whole_reads  # botocore did refuse the part: the fallback ran
         assert proxy.fired("checksum_206") >= 1
+
+
+def test_a_transient_error_during_the_probe_is_no_missing_feature(
+    s3_server: SeaweedS3Server, cloud_env: dict[str, str], unique_prefix: str
+) -> None:
+    """A 503 in the middle of the probe fails the probe (TransientStorageError: try later); it is
+    never reported as a feature the server lacks."""
+    from evalsyncd.errors import TransientStorageError
+
+    with FaultProxy("127.0.0.1", s3_server.port) as proxy:
+        proxy.add(Rule(action="slowdown", method="PUT", skip=1, times=None))
+        storage = S3Storage(S3_BUCKET, unique_prefix, endpoint_url=proxy.url, max_attempts=1)
+        with storage, pytest.raises(TransientStorageError):
+            probe(storage)

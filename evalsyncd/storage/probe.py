@@ -55,7 +55,7 @@ import aiohttp
 import botocore.exceptions as bexc
 import structlog
 
-from evalsyncd.errors import ConflictError, StorageError
+from evalsyncd.errors import ConflictError, StorageError, TransientStorageError
 from evalsyncd.storage._cloud import CloudStorage
 from evalsyncd.storage._s3errors import BOUNDARY, http_status, translate
 
@@ -186,14 +186,23 @@ def _s3_answer(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-async def _s3_refused(call: Any) -> tuple[bool, str]:
+def _unless_transient(exc: BaseException, url: str) -> None:
+    """Raise a transient failure (5xx, 429, a reset, a timeout) as such: it says nothing
+    about a feature, so the probe fails (and is tried again later) instead."""
+    translated = translate(exc, url)
+    if isinstance(translated, TransientStorageError):
+        raise translated from exc
+
+
+async def _s3_refused(call: Any, url: str) -> tuple[bool, str]:
     """Run a request that must be refused with 412; ``(refused, answer)``."""
     try:
         resp = await call
-    except bexc.ClientError as exc:
+    except BOUNDARY as exc:
+        _unless_transient(exc, url)
+        if not isinstance(exc, bexc.ClientError):
+            raise translate(exc, url) from exc
         return http_status(exc) == 412, _s3_answer(exc)
-    except KeyError as exc:
-        return False, f"an answer without {exc}"
     status = resp.get("ResponseMetadata", {}).get("HTTPStatusCode", "?")
     return False, f"HTTP {status}: accepted"
 
@@ -221,20 +230,20 @@ async def _probe_s3(storage: Any, base: str, report: ProbeReport) -> None:
         out["checksums"] = _result("checksums", True, "CRC32C accepted")
         etag = str(first.get("ETag", ""))
         ok, answer = await _s3_refused(
-            client.put_object(Bucket=bucket, Key=a, Body=b"x", IfNoneMatch="*")
+            client.put_object(Bucket=bucket, Key=a, Body=b"x", IfNoneMatch="*"), url
         )
         out["conditional-create"] = _result("conditional-create", ok, answer)
         ok, answer = await _s3_refused(
-            client.put_object(Bucket=bucket, Key=a, Body=b"x", IfMatch='"0000"')
+            client.put_object(Bucket=bucket, Key=a, Body=b"x", IfMatch='"0000"'), url
         )
         out["if-match"] = _result("if-match", ok, answer)
         head = await client.head_object(Bucket=bucket, Key=a)
         etag = str(head.get("ETag", etag))
-        out["ranged-get"] = await _s3_ranged(client, bucket, a, body)
+        out["ranged-get"] = await _s3_ranged(client, bucket, a, body, url)
         # multipart: UploadPartCopy of a (one part, so no 5 MiB minimum) into b
         await client.put_object(Bucket=bucket, Key=b, Body=b"old")
         b_etag = str((await client.head_object(Bucket=bucket, Key=b)).get("ETag", ""))
-        out.update(await _s3_multipart(client, bucket, a, etag, b, b_etag, c, body))
+        out.update(await _s3_multipart(client, bucket, a, etag, b, b_etag, c, body, url))
     except StorageError:
         raise
     except BOUNDARY as exc:
@@ -245,12 +254,14 @@ async def _probe_s3(storage: Any, base: str, report: ProbeReport) -> None:
     report.results = [out[f] for f in FEATURES if f in out]
 
 
-async def _s3_ranged(client: Any, bucket: str, key: str, body: bytes) -> FeatureResult:
+async def _s3_ranged(client: Any, bucket: str, key: str, body: bytes, url: str) -> FeatureResult:
     try:
         resp = await client.get_object(Bucket=bucket, Key=key, Range="bytes=5-9")
         async with resp["Body"] as stream:
             got = await stream.read()
-    except (bexc.ClientError, *BOUNDARY) as exc:
+    except BOUNDARY as exc:
+        if not isinstance(exc, bexc.FlexibleChecksumError):
+            _unless_transient(exc, url)
         return _result("ranged-get", False, _s3_answer(exc))
     status = resp.get("ResponseMetadata", {}).get("HTTPStatusCode")
     if status != 206 or got != body[5:10]:
@@ -267,6 +278,7 @@ async def _s3_multipart(
     dst_etag: str,
     scratch: str,
     body: bytes,
+    url: str,
 ) -> dict[str, FeatureResult]:
     out: dict[str, FeatureResult] = {}
     # 1. a stale CopySourceIfMatch must be refused; a stale If-Match on Complete too
@@ -280,7 +292,8 @@ async def _s3_multipart(
                 PartNumber=1,
                 CopySource={"Bucket": bucket, "Key": src},
                 CopySourceIfMatch='"0000"',
-            )
+            ),
+            url,
         )
         out["copy-source-if-match"] = _result("copy-source-if-match", ok, answer)
     finally:
@@ -297,7 +310,8 @@ async def _s3_multipart(
                 CopySource={"Bucket": bucket, "Key": src},
                 CopySourceIfMatch=etag,
             )
-        except (bexc.ClientError, *BOUNDARY) as exc:
+        except BOUNDARY as exc:
+            _unless_transient(exc, url)
             out["multipart-copy"] = _result("multipart-copy", False, _s3_answer(exc))
             out["complete-if-match"] = _result("complete-if-match", False, "not reached")
             return out
@@ -313,14 +327,16 @@ async def _s3_multipart(
         ok, answer = await _s3_refused(
             client.complete_multipart_upload(
                 Bucket=bucket, Key=dst, UploadId=upload, MultipartUpload=parts, IfMatch='"0000"'
-            )
+            ),
+            url,
         )
         out["complete-if-match"] = _result("complete-if-match", ok, answer)
         try:
             await client.complete_multipart_upload(
                 Bucket=bucket, Key=dst, UploadId=upload, MultipartUpload=parts, IfMatch=dst_etag
             )
-        except (bexc.ClientError, *BOUNDARY) as exc:
+        except BOUNDARY as exc:
+            _unless_transient(exc, url)
             if not ok:  # the stale Complete went through: dst is already the copy
                 pass
             else:
@@ -352,10 +368,12 @@ async def _abort(client: Any, bucket: str, key: str, upload: str) -> None:
 # -- GCS ------------------------------------------------------------------------------------
 
 
-async def _gcs_refused(call: Any) -> tuple[bool, str]:
+async def _gcs_refused(call: Any, url: str) -> tuple[bool, str]:
     try:
         await call
     except aiohttp.ClientResponseError as exc:
+        if exc.status in (408, 429) or exc.status >= 500:
+            raise TransientStorageError(f"{url}: probe: HTTP {exc.status}", url=url) from exc
         return exc.status == 412, f"HTTP {exc.status}"
     except ConflictError as exc:
         return True, f"HTTP 412 ({exc})"
@@ -372,9 +390,9 @@ async def _probe_gcs(storage: Any, base: str, report: ProbeReport) -> None:
         created = await c.guarded(c.upload(a, body, generation="0"), url=url, target="bucket")
         generation = str(created.get("generation", ""))
         out["checksums"] = _result("checksums", True, "not sent on GCS")
-        ok, answer = await _gcs_refused(c.upload(a, b"x", generation="0"))
+        ok, answer = await _gcs_refused(c.upload(a, b"x", generation="0"), url)
         out["conditional-create"] = _result("conditional-create", ok, answer)
-        ok, answer = await _gcs_refused(c.upload(a, b"x", generation="1"))
+        ok, answer = await _gcs_refused(c.upload(a, b"x", generation="1"), url)
         out["if-match"] = _result("if-match", ok, answer)
         got = await c.download(a, url, start=5, end=10)
         out["ranged-get"] = _result(
@@ -390,7 +408,8 @@ async def _probe_gcs(storage: Any, base: str, report: ProbeReport) -> None:
                 [a, d],
                 params={"ifGenerationMatch": "1"},
                 timeout=c.timeout,
-            )
+            ),
+            url,
         )
         out["copy-source-if-match"] = _result("copy-source-if-match", ok, f"compose: {answer}")
         out["complete-if-match"] = _result("complete-if-match", ok, f"compose: {answer}")
@@ -408,12 +427,19 @@ async def _probe_gcs(storage: Any, base: str, report: ProbeReport) -> None:
             ok = data == want and str(size) == str(len(want))
             answer = "right bytes" if ok else f"{len(data)} bytes, size field {size!r}"
         except aiohttp.ClientResponseError as exc:
+            if exc.status in (408, 429) or exc.status >= 500:
+                raise TransientStorageError(f"{url}: probe: HTTP {exc.status}", url=url) from exc
             ok, answer = False, f"compose: HTTP {exc.status}"
         out["multipart-copy"] = _result("multipart-copy", ok, answer)
     except StorageError:
         raise
     except aiohttp.ClientResponseError as exc:
-        raise StorageError(f"{url}: probe failed: HTTP {exc.status}", url=url) from exc
+        cls = (
+            TransientStorageError if exc.status in (408, 429) or exc.status >= 500 else StorageError
+        )
+        raise cls(f"{url}: probe failed: HTTP {exc.status}", url=url) from exc
+    except (aiohttp.ClientError, OSError) as exc:
+        raise TransientStorageError(f"{url}: probe failed: {exc!r}", url=url) from exc
     finally:
         for key in (a, d, s):
             await c.delete_quietly(key, url)
