@@ -33,7 +33,12 @@ from aiolimiter import AsyncLimiter
 
 from evalsyncd.catalog import CATALOG_PATH, build_catalog
 from evalsyncd.config import DestinationSettings
-from evalsyncd.errors import InvalidKeyError, PermanentStorageError, StorageError
+from evalsyncd.errors import (
+    InvalidKeyError,
+    PermanentStorageError,
+    ServerBehaviourError,
+    StorageError,
+)
 from evalsyncd.storage import Backend
 from evalsyncd.sync.files import is_run_metadata
 from evalsyncd.sync.journal import EntryStatus, Journal
@@ -289,20 +294,27 @@ class Destination:
 
     async def _know_server(self) -> None:
         """Probe the server once (:func:`evalsyncd.storage.probe.aadapt`): fallbacks are set
-        and logged; an unusable server parks the destination; a failed probe is logged
-        and the daemon goes on (every append still checks its post-condition). Then
-        remove old leftovers of failed cleanups (:func:`evalsyncd.storage.reap.areap`)."""
+        and logged; a server without a required feature parks the destination; a probe
+        that fails otherwise (an outage, a permission the probe needs) is logged and the
+        daemon goes on (every append still checks its post-condition). Then remove old
+        leftovers of failed cleanups (:func:`evalsyncd.storage.reap.areap`), best effort."""
         from evalsyncd.storage.probe import aadapt
         from evalsyncd.storage.reap import areap
 
         try:
             async with asyncio.timeout(_PROBE_TIMEOUT_S):  # an unreachable server: go on
                 await aadapt(self.storage)
-                await areap(self.storage)
-        except PermanentStorageError as exc:
+        except ServerBehaviourError as exc:
             self._on_failure(exc, permanent=True)
+            return
         except (StorageError, TimeoutError) as exc:
             log.warning("server_probe_failed", destination=self.name, error=repr(exc))
+            return
+        try:
+            async with asyncio.timeout(_PROBE_TIMEOUT_S):
+                await areap(self.storage)
+        except (StorageError, TimeoutError) as exc:
+            log.warning("leftovers_not_removed", destination=self.name, error=repr(exc))
 
     def _next_deferred_in(self) -> float | None:
         now = self.clock()
