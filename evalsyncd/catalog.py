@@ -52,6 +52,12 @@ Consistency rules (what makes a reader's answer never wrong):
    (one flush), a reader may see the previous metadata of that run; it never
    sees metadata that was never mirrored.
 
+Bound: a reader reads at most :data:`MAX_CATALOG_BYTES` of a catalog (one
+ranged read of that many bytes plus one); a larger catalog is
+:class:`~evalsyncd.errors.CorruptObjectError` (naming its URL, the limit and
+the bytes seen), which readers treat like a corrupt catalog (rule 4). JSON
+nested too deeply is a :class:`CatalogError`.
+
 Reading it through a storage: :func:`read_catalog_bytes` /
 :func:`aread_catalog_bytes`. A cloud backend may reserve ``.evalsyncd/`` at
 the top of its own prefix for the daemon (S3Storage refuses such keys). A
@@ -68,6 +74,7 @@ plain key.
 from __future__ import annotations
 
 import base64
+import inspect
 import json
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -76,7 +83,7 @@ from typing import Any
 
 import crc32c as _crc32c
 
-from evalsyncd.errors import EvalsyncdError, InvalidKeyError
+from evalsyncd.errors import CorruptObjectError, EvalsyncdError, InvalidKeyError
 from evalsyncd.storage._base import (
     AsyncStorage,
     Storage,
@@ -90,6 +97,7 @@ __all__ = [
     "CATALOG_NAME",
     "CATALOG_PATH",
     "CATALOG_VERSION",
+    "MAX_CATALOG_BYTES",
     "Catalog",
     "CatalogEntry",
     "CatalogError",
@@ -113,6 +121,30 @@ CATALOG_FORMAT = "evalsyncd-catalog"
 
 CATALOG_VERSION = 1
 """The format version this module writes and the highest it reads."""
+
+
+MAX_CATALOG_BYTES = 64 * 1024 * 1024
+"""Largest catalog a reader reads, bytes. A catalog holds every run's
+``metadata.json`` (about 1 KiB each), so this is room for some 50,000 runs; a
+larger one is refused and the runs are read one by one."""
+
+
+def _takes_limit(method: Any) -> bool:
+    """Whether an internal area's read takes ``limit=`` (every evalsyncd backend's does)."""
+    try:
+        return "limit" in inspect.signature(method).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _check_size(data: bytes, url: str) -> bytes:
+    if len(data) > MAX_CATALOG_BYTES:
+        raise CorruptObjectError(
+            f"{url}: catalog larger than the limit of {MAX_CATALOG_BYTES} bytes "
+            f"(read {len(data)} bytes and stopped)",
+            url=url,
+        )
+    return data
 
 
 class CatalogError(EvalsyncdError, ValueError):
@@ -225,6 +257,8 @@ def parse_catalog(data: bytes, url: str) -> Catalog:
         doc = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
         raise CatalogError(f"{url}: corrupt catalog: {exc}", url=url) from exc
+    except RecursionError:
+        raise CatalogError(f"{url}: corrupt catalog: JSON nested too deeply", url=url) from None
     if not isinstance(doc, dict) or doc.get("format") != CATALOG_FORMAT:
         raise CatalogError(f"{url}: not an evalsyncd catalog (no format key)", url=url)
     version = doc.get("version")
@@ -240,6 +274,8 @@ def parse_catalog(data: bytes, url: str) -> Catalog:
         raise CatalogError(f"{url}: corrupt catalog: 'runs' is not an object", url=url)
     entries: dict[str, CatalogEntry] = {}
     for run_id, raw in runs.items():
+        if not run_id or "/" in run_id:
+            raise CatalogError(f"{url}: corrupt catalog: invalid run id {run_id!r}", url=url)
         entries[run_id] = _parse_entry(run_id, raw, url)
     return Catalog(version=version, entries=entries)
 
@@ -270,35 +306,51 @@ def _parse_entry(run_id: str, raw: Any, url: str) -> CatalogEntry:
 def read_catalog_bytes(storage: Storage, prefix: str = "") -> bytes | None:
     """The catalog object of the store at ``prefix`` in ``storage``, or ``None`` if there is none.
 
+    One ranged read of at most :data:`MAX_CATALOG_BYTES` + 1 bytes.
+
     Raises:
+        CorruptObjectError: the catalog is larger than :data:`MAX_CATALOG_BYTES`.
         StorageError: the storage failed (anything but "not found").
     """
     area = None if prefix else internal_area(storage)
+    path = storage_join(prefix, CATALOG_PATH)
     try:
         if area is not None:
-            return bytes(area.read_internal(CATALOG_NAME))
-        return storage.read(storage_join(prefix, CATALOG_PATH))
+            if _takes_limit(area.read_internal):
+                data = bytes(area.read_internal(CATALOG_NAME, limit=MAX_CATALOG_BYTES + 1))
+            else:  # another library's area: read whole, then checked
+                data = bytes(area.read_internal(CATALOG_NAME))
+        else:
+            data = storage.read_range(path, 0, MAX_CATALOG_BYTES + 1)
     except (FileNotFoundError, NotADirectoryError):
         return None
     except InvalidKeyError:
         return None  # the storage reserves .evalsyncd/ and has no internal area
+    return _check_size(data, storage.url(path))
 
 
 async def aread_catalog_bytes(storage: AsyncStorage, prefix: str = "") -> bytes | None:
     """Async :func:`read_catalog_bytes`.
 
     Raises:
+        CorruptObjectError: the catalog is larger than :data:`MAX_CATALOG_BYTES`.
         StorageError: the storage failed (anything but "not found").
     """
     area = None if prefix else async_internal_area(storage)
+    path = storage_join(prefix, CATALOG_PATH)
     try:
         if area is not None:
-            return bytes(await area.aread_internal(CATALOG_NAME))
-        return await storage.aread(storage_join(prefix, CATALOG_PATH))
+            if _takes_limit(area.aread_internal):
+                data = bytes(await area.aread_internal(CATALOG_NAME, limit=MAX_CATALOG_BYTES + 1))
+            else:  # another library's area: read whole, then checked
+                data = bytes(await area.aread_internal(CATALOG_NAME))
+        else:
+            data = await storage.aread_range(path, 0, MAX_CATALOG_BYTES + 1)
     except (FileNotFoundError, NotADirectoryError):
         return None
     except InvalidKeyError:
         return None
+    return _check_size(data, storage.url(path))
 
 
 def write_catalog_bytes(storage: Storage, data: bytes, prefix: str = "") -> None:

@@ -137,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="check only this destination (repeatable; default: all)",
     )
     verify.add_argument("--json", action="store_true", help="print one JSON object per mismatch")
+    _add_allow_skipped(verify)
 
     runs = sub.add_parser(
         "runs", help="read evaluation runs from a directory, s3:// or gs:// (a host or a fleet)"
@@ -162,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
             metavar="PATH",
             help="TOML configuration; URI may then be a destination name (its client settings apply)",
         )
+        _add_allow_skipped(p)
     runs_ls.add_argument("uris", metavar="URI", nargs="+", help=uri_help)
     runs_ls.add_argument("--json", action="store_true", help="print one JSON array")
     runs_show.add_argument("uri", metavar="URI", help=uri_help)
@@ -289,7 +291,9 @@ def _status(settings: Settings, as_json: bool) -> int:
     return EX_OK
 
 
-async def _verify(settings: Settings, names: list[str] | None, as_json: bool) -> int:
+async def _verify(
+    settings: Settings, names: list[str] | None, as_json: bool, allow_skipped: bool = False
+) -> int:
     from evalsyncd.sync.service import open_destination_storage
     from evalsyncd.verify import FileCheck, verify_storage
 
@@ -335,6 +339,9 @@ async def _verify(settings: Settings, names: list[str] | None, as_json: bool) ->
             continue
         for warning in report.warnings:
             print(f"warning {name} {warning}", file=sys.stderr)
+        for skipped in report.skipped:
+            print(f"skipped {name} {skipped}", file=sys.stderr)
+        failed = failed or (bool(report.skipped) and not allow_skipped)
         methods = ", ".join(f"{n} by {m}" for m, n in sorted(report.methods.items()))
         verdict = "OK" if report.ok else f"{len(report.mismatches)} MISMATCHES"
         print(
@@ -343,6 +350,23 @@ async def _verify(settings: Settings, names: list[str] | None, as_json: bool) ->
         )
         failed = failed or not report.ok
     return EX_FAILURE if failed else EX_OK
+
+
+def _add_allow_skipped(parser: argparse.ArgumentParser) -> None:
+    """``--allow-skipped``: exit 0 although keys were refused or a tail log was damaged."""
+    parser.add_argument(
+        "--allow-skipped",
+        action="store_true",
+        help="exit 0 even when keys were skipped (refused names, oversized or unparseable "
+        "files, a damaged tail log read around); they are still reported on stderr",
+    )
+
+
+def _report_skipped(what: list[str], allow: bool) -> bool:
+    """Print ``evalsyncd: warning: skipped ...`` lines; whether they make the exit status 1."""
+    for line in what:
+        print(f"evalsyncd: warning: {line}", file=sys.stderr)
+    return bool(what) and not allow
 
 
 def _reader_logging() -> None:
@@ -405,9 +429,10 @@ def _fail(exc: BaseException, where: str = "") -> None:
 
 
 def _list_fleets(
-    uris: list[str], config: str | None
+    uris: list[str], config: str | None, allow_skipped: bool = False
 ) -> tuple[list[dict[str, Any]], list[str], bool]:
-    """Rows of every URI (a host or a fleet), problem lines, and whether all were read."""
+    """Rows of every URI (a host or a fleet), problem lines, and whether all were read
+    (and, unless ``allow_skipped``, nothing was skipped)."""
     from evalsyncd.fleet import Fleet
 
     rows: list[dict[str, Any]] = []
@@ -424,10 +449,10 @@ def _list_fleets(
             ok = False
             continue
         for p in listing.problems:
-            level = "error" if p.error is not None else "warning"
+            level = "error" if p.kind == "unreadable" else "warning"
             print(f"evalsyncd: {level}: {p.message}", file=sys.stderr)
             problems.append(p.message)
-        ok = ok and listing.ok
+        ok = ok and listing.ok and (allow_skipped or not listing.skipped)
         rows.extend(r.to_dict() for r in listing.runs)
     return rows, problems, ok
 
@@ -438,13 +463,13 @@ def _runs(args: argparse.Namespace) -> int:
     _reader_logging()
     try:
         if args.runs_command == "ls":
-            rows, _, ok = _list_fleets(args.uris, args.config)
+            rows, _, ok = _list_fleets(args.uris, args.config, args.allow_skipped)
             print(json.dumps(rows, indent=2) if args.json else format_runs(rows))
             return EX_OK if ok else EX_FAILURE
         if args.runs_command == "report":
             from evalsyncd.report import render_report
 
-            rows, problems, ok = _list_fleets(args.uris, args.config)
+            rows, problems, ok = _list_fleets(args.uris, args.config, args.allow_skipped)
             page = render_report(rows, title=args.title, sources=args.uris, problems=problems)
             args.output.write_text(page, encoding="utf-8")
             print(f"wrote {args.output} ({len(rows)} runs)", file=sys.stderr)
@@ -452,10 +477,12 @@ def _runs(args: argparse.Namespace) -> int:
         with _run_store(args.uri, args.config, args.run_id) as found:
             if found is None:
                 return EX_FAILURE
-            host, store = found
+            host, store, damaged = found
             details = run_details(store, args.run_id, trajectories=args.trajectories)
             details = {"host": host, **details}
             print(json.dumps(details, indent=2) if args.json else format_run(details))
+            if damaged and not args.allow_skipped:
+                return EX_FAILURE
     except ConfigError as exc:
         return _config_error(exc)
     except (StorageError, OSError, ValueError) as exc:
@@ -465,8 +492,11 @@ def _runs(args: argparse.Namespace) -> int:
 
 
 @contextlib.contextmanager
-def _run_store(uri: str, config: str | None, run_id: str) -> Iterator[tuple[str, EvalStore] | None]:
-    """The host holding ``run_id`` under ``uri`` and its store, open for the ``with`` block;
+def _run_store(
+    uri: str, config: str | None, run_id: str
+) -> Iterator[tuple[str, EvalStore, bool] | None]:
+    """The host holding ``run_id`` under ``uri``, its store (open for the ``with`` block)
+    and whether its tail log is damaged (read from the plain objects; reported);
     ``None`` (after a message) when no single host holds it.
 
     Raises:
@@ -475,17 +505,20 @@ def _run_store(uri: str, config: str | None, run_id: str) -> Iterator[tuple[str,
     storage, prefix = _open_reader(uri, config)
     with storage:
         found = _find_one(storage, prefix, run_id, uri)
-        yield None if found is None else (found[1], found[0].store(found[1]))
+        yield None if found is None else (found[1], found[0].store(found[1]), found[2])
 
 
-def _find_one(storage: Storage, prefix: str, run_id: str, uri: str) -> tuple[Any, str] | None:
-    """The fleet and the one host holding ``run_id``; ``None`` (after a message) otherwise."""
+def _find_one(storage: Storage, prefix: str, run_id: str, uri: str) -> tuple[Any, str, bool] | None:
+    """The fleet, the one host holding ``run_id`` and whether that host's tail log is
+    damaged; ``None`` (after a message) otherwise."""
     from evalsyncd.fleet import Fleet
 
     fleet = Fleet(storage, prefix)
-    found, problems = fleet.find_run(run_id)
-    for p in problems:
-        print(f"evalsyncd: error: {p.message}", file=sys.stderr)
+    found, all_problems = fleet.find_run(run_id)
+    problems = [p for p in all_problems if p.kind == "unreadable"]
+    for p in all_problems:
+        level = "error" if p.kind == "unreadable" else "warning"
+        print(f"evalsyncd: {level}: {p.message}", file=sys.stderr)
     if len(found) > 1:
         print(
             f"evalsyncd: error: run {run_id} is on {len(found)} hosts of {uri}: "
@@ -504,7 +537,8 @@ def _find_one(storage: Storage, prefix: str, run_id: str, uri: str) -> tuple[Any
             "but other hosts could not be checked for the same id",
             file=sys.stderr,
         )
-    return fleet, found[0].host
+    host = found[0].host
+    return fleet, host, any(p.kind == "damaged" and p.host == host for p in all_problems)
 
 
 def _restore(args: argparse.Namespace) -> int:
@@ -516,6 +550,7 @@ def _restore(args: argparse.Namespace) -> int:
             if found is None:
                 return EX_FAILURE
             result = restore_run(found[1], args.run_id, args.root)
+            damaged = found[2]
     except ConfigError as exc:
         return _config_error(exc)
     except RestoreConflictError as exc:
@@ -530,6 +565,11 @@ def _restore(args: argparse.Namespace) -> int:
         verb = f"restored {len(result.files)} files ({result.bytes} bytes)"
     index = "; runs.jsonl line appended" if result.index_appended else ""
     print(f"{args.run_id}: {verb} in {result.run_dir}{index}")
+    skipped = [f"skipped {s}" for s in result.skipped]
+    if skipped:
+        print(f"{args.run_id}: {len(skipped)} keys skipped, not restored", file=sys.stderr)
+    if _report_skipped(skipped, args.allow_skipped) or (damaged and not args.allow_skipped):
+        return EX_FAILURE
     return EX_OK
 
 
@@ -617,7 +657,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "status":
             return _status(settings, args.json)
         if args.command == "verify":
-            return asyncio.run(_verify(settings, args.destination, args.json))
+            return asyncio.run(_verify(settings, args.destination, args.json, args.allow_skipped))
     except ConfigError as exc:  # the state directory cannot be created
         return _config_error(exc)
     except JournalError as exc:

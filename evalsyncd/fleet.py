@@ -20,6 +20,14 @@ Failures are per host: a host whose reads fail (unreachable, access denied)
 or that holds no runs is reported in :attr:`FleetListing.problems`, naming its
 URL, and the other hosts are still listed. Only a failure to list the fleet
 prefix itself raises. An outage is never reported as "no runs".
+
+What another host wrote is not trusted (see docs/guarantees.md, "A hostile
+or damaged bucket"): a host whose newest tail object is damaged is read from
+its plain objects and reported (``kind="damaged"``, naming the tail object's
+URL); a key a reader refuses (a name under ``runs/`` that is not a run id, a
+``metadata.json`` that does not parse or is past its size limit) is reported
+by name (``kind="skipped"``). Both are in :attr:`FleetListing.problems` next
+to the host's runs, so every reader built on ``Fleet`` reports them alike.
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ from typing import Any, TypeVar, Unpack
 from evalsyncd.errors import StorageError
 from evalsyncd.storage import Storage, storage_join
 from evalsyncd.storage._bridge import run_sync
+from evalsyncd.storage.tail import tail_damage
 from evalsyncd.store import EvalStore, RunMetadata
 from evalsyncd.store.aio import bounded_map, reads_of
 from evalsyncd.store.layout import recency_key
@@ -39,6 +48,7 @@ from evalsyncd.store.reader import StoreOptions, local_or_storage
 
 __all__ = [
     "DEFAULT_MAX_HOSTS",
+    "PROBLEM_KINDS",
     "AmbiguousRunError",
     "Fleet",
     "FleetListing",
@@ -95,21 +105,38 @@ class FleetRun:
         return {"host": self.host, **self.metadata.to_dict()}
 
 
+PROBLEM_KINDS = ("unreadable", "empty", "damaged", "skipped")
+"""The kinds of :class:`HostProblem`, see :attr:`HostProblem.kind`."""
+
+
 @dataclass(frozen=True)
 class HostProblem:
-    """Why a host's runs are missing from a listing.
+    """Why a host's runs are missing from a listing, or incomplete.
 
     Attributes:
         host: the host prefix's name.
-        url: the host prefix's URL (or the key that failed).
+        url: the host prefix's URL, or the object concerned (the damaged tail
+            object, the skipped key).
         message: one line naming the URL and what went wrong.
-        error: the exception, or ``None`` when the host simply holds no runs.
+        error: the exception, or ``None`` (an empty host, a refused name).
+        kind: ``"unreadable"`` (the host's reads failed: its runs are missing),
+            ``"empty"`` (no runs), ``"damaged"`` (a tail object is damaged: the
+            host was read from its plain objects, which may lack the newest
+            lines), ``"skipped"`` (one key was refused; the others were read).
+            Defaults to ``"unreadable"`` with an ``error``, else ``"empty"``.
     """
 
     host: str
     url: str
     message: str
     error: BaseException | None = None
+    kind: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.kind:
+            object.__setattr__(self, "kind", "unreadable" if self.error is not None else "empty")
+        if self.kind not in PROBLEM_KINDS:
+            raise ValueError(f"unknown problem kind {self.kind!r}")
 
 
 @dataclass
@@ -120,7 +147,8 @@ class FleetListing:
         url: the fleet prefix's URL.
         hosts: every host found, sorted.
         runs: runs of every readable host, newest first (then by host).
-        problems: hosts that failed or hold no runs, sorted by host.
+        problems: hosts that failed or hold no runs, damaged tail logs and
+            skipped keys (see :attr:`HostProblem.kind`), in host order.
     """
 
     url: str
@@ -130,12 +158,17 @@ class FleetListing:
 
     @property
     def failed(self) -> list[HostProblem]:
-        """The problems that are errors (not merely an empty host)."""
-        return [p for p in self.problems if p.error is not None]
+        """The hosts that could not be read (``kind="unreadable"``)."""
+        return [p for p in self.problems if p.kind == "unreadable"]
+
+    @property
+    def skipped(self) -> list[HostProblem]:
+        """What was read around: damaged tail logs and refused keys."""
+        return [p for p in self.problems if p.kind in ("damaged", "skipped")]
 
     @property
     def ok(self) -> bool:
-        """Whether every host was read (empty hosts do not count as failures)."""
+        """Whether every host was read (empty hosts and :attr:`skipped` do not count)."""
         return not self.failed
 
 
@@ -231,23 +264,29 @@ class Fleet:
             )
             return listing
 
-        async def one(host: str) -> list[FleetRun] | HostProblem:
-            store = self.store(host)
+        async def one(host: str) -> tuple[list[FleetRun], list[HostProblem]]:
             try:
-                runs = await store.alist_runs()
+                store = self.store(host)
+            except ValueError as exc:  # a listed name that is no valid prefix (a//b)
+                url = self.url(host)
+                return [], [HostProblem(host, url, f"skipped {url}: {exc}", kind="skipped")]
+            try:
+                runs, skipped = await store.aruns_checked()
+                problems = await _damage(host, store)
             except (StorageError, OSError) as exc:
-                return HostProblem(
-                    host, store.url(), f"{store.url()}: {type(exc).__name__}: {exc}", exc
-                )
+                return [], [
+                    HostProblem(
+                        host, store.url(), f"{store.url()}: {type(exc).__name__}: {exc}", exc
+                    )
+                ]
+            problems += [HostProblem(host, s.url, f"skipped {s}", kind="skipped") for s in skipped]
             if not runs:
-                return HostProblem(host, store.url(), f"{store.url('runs')}/: no runs")
-            return [FleetRun(host, m, store.url(f"runs/{m.run_id}")) for m in runs]
+                problems.append(HostProblem(host, store.url(), f"{store.url('runs')}/: no runs"))
+            return [FleetRun(host, m, store.url(f"runs/{m.run_id}")) for m in runs], problems
 
-        for result in await self._per_host(hosts, one):
-            if isinstance(result, HostProblem):
-                listing.problems.append(result)
-            else:
-                listing.runs.extend(result)
+        for runs, problems in await self._per_host(hosts, one):
+            listing.problems.extend(problems)
+            listing.runs.extend(runs)
         listing.runs.sort(key=lambda r: (recency_key(r.metadata), r.host), reverse=True)
         return listing
 
@@ -262,7 +301,8 @@ class Fleet:
 
         Returns:
             ``(found, problems)``: the hosts holding the run, sorted by host, and
-            the hosts that could not be read.
+            the hosts that could not be read (``kind="unreadable"``) or whose
+            tail log is damaged (``kind="damaged"``: read from the plain objects).
 
         Raises:
             ValueError: invalid run id.
@@ -270,25 +310,32 @@ class Fleet:
         """
         hosts = await self.ahosts()
 
-        async def one(host: str) -> FleetRun | HostProblem | None:
-            store = self.store(host)
+        async def one(host: str) -> tuple[FleetRun | None, list[HostProblem]]:
             try:
-                m = await store.aread_run(run_id)
-            except FileNotFoundError:
-                return None
+                store = self.store(host)
+            except ValueError:  # not a valid prefix name: listed as skipped by alist_runs
+                return None, []
+            try:
+                try:
+                    m: RunMetadata | None = await store.aread_run(run_id)
+                except FileNotFoundError:
+                    m = None
+                damaged = await _damage(host, store)
             except (StorageError, OSError) as exc:
-                return HostProblem(
-                    host, store.url(), f"{store.url()}: {type(exc).__name__}: {exc}", exc
-                )
-            return FleetRun(host, m, store.url(f"runs/{run_id}"))
+                return None, [
+                    HostProblem(
+                        host, store.url(), f"{store.url()}: {type(exc).__name__}: {exc}", exc
+                    )
+                ]
+            run = None if m is None else FleetRun(host, m, store.url(f"runs/{run_id}"))
+            return run, damaged
 
         found: list[FleetRun] = []
         problems: list[HostProblem] = []
-        for result in await self._per_host(hosts, one):
-            if isinstance(result, FleetRun):
-                found.append(result)
-            elif isinstance(result, HostProblem):
-                problems.append(result)
+        for run, host_problems in await self._per_host(hosts, one):
+            if run is not None:
+                found.append(run)
+            problems.extend(host_problems)
         return found, problems
 
     def read_run(self, run_id: str) -> FleetRun:
@@ -311,6 +358,23 @@ class Fleet:
         if found:
             return found[0]
         for p in problems:
-            if p.error is not None:
+            if p.kind == "unreadable" and p.error is not None:
                 raise p.error
         raise FileNotFoundError(f"run {run_id} not found on any host of {self.url()}")
+
+
+async def _damage(host: str, store: EvalStore) -> list[HostProblem]:
+    """The host's damaged tail object, as a problem (none when sound; no request)."""
+    exc = await tail_damage(store.storage)
+    if exc is None:
+        return []
+    return [
+        HostProblem(
+            host,
+            exc.url or store.url(),
+            f"{store.url()}: read from the plain objects (they may lack the newest lines), "
+            f"the tail log is damaged: {exc}",
+            exc,
+            kind="damaged",
+        )
+    ]

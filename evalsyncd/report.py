@@ -199,7 +199,9 @@ def render_report(
         rows: run dicts, as ``evalsyncd runs ls --json`` prints them.
         title: the page title.
         sources: the URIs read (listed under the title).
-        problems: one line per host that could not be read (shown as a warning).
+        problems: one line per problem (shown as a warning): a host that could not
+            be read, a host read from its plain objects because its tail log is
+            damaged, a key that was skipped (each line names its URL).
 
     Returns:
         The HTML document (UTF-8 text, self-contained).
@@ -220,7 +222,9 @@ def render_report(
         f"{' from ' + ', '.join(_e(s) for s in sources) if sources else ''}</p>",
     ]
     if problems:
-        parts.append('<div class="problems" style="color:#9a3412"><b>Not read:</b><ul>')
+        parts.append(
+            '<div class="problems" style="color:#9a3412"><b>Not read, or read in part:</b><ul>'
+        )
         parts.extend(f"<li>{_e(p)}</li>" for p in problems)
         parts.append("</ul></div>")
     parts.append('<h2>Score by checkpoint</h2><div class="plots">')

@@ -18,7 +18,9 @@ exact prefix of the local file it is reported as ``behind`` (the daemon has
 not caught up), otherwise as ``content``. Files that change while being
 checked are checked a second time before a mismatch is reported. ``*.json``
 files that do not parse are not uploaded by design; they are listed as
-warnings, not mismatches.
+warnings, not mismatches. A file whose path the destination refuses as a key
+(:class:`~evalsyncd.errors.InvalidKeyError`) is not checked: it is listed in
+:attr:`VerifyReport.skipped`, by path and reason.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from pathlib import Path
 
 import crc32c
 
-from evalsyncd.errors import ObjectNotFoundError, StorageError
+from evalsyncd.errors import InvalidKeyError, ObjectNotFoundError, StorageError
 from evalsyncd.storage import Backend
 from evalsyncd.sync.files import FileKind, classify, scan_tree
 from evalsyncd.sync.lines import complete_end
@@ -72,7 +74,12 @@ class FileCheck:
 
 @dataclass
 class VerifyReport:
-    """All checks of one destination."""
+    """All checks of one destination.
+
+    Attributes:
+        skipped: ``"{path}: {reason}"`` per file not checked because its path is
+            not a valid key of the destination.
+    """
 
     destination: str
     url: str
@@ -80,6 +87,7 @@ class VerifyReport:
     mismatches: list[FileCheck] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     methods: dict[str, int] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -229,6 +237,9 @@ async def verify_storage(
                 check = FileCheck(rel, False, "missing", 0, None, detail=str(exc))
             except FileNotFoundError:
                 return None  # deleted locally while checking
+            except InvalidKeyError as exc:
+                report.skipped.append(f"{rel}: {exc}")
+                return None
             except (StorageError, OSError) as exc:
                 check = FileCheck(
                     rel, False, "error", 0, None, detail=f"{type(exc).__name__}: {exc}"

@@ -420,6 +420,7 @@ class CountingStorage:
         self.delay_s = delay_s
         self.ranges: list[tuple[int, int | None]] = []
         self.full_reads = 0
+        self.bounded_reads = 0  # ranged reads from offset 0 with a length (JSON files)
         self.in_flight = 0
         self.max_in_flight = 0
         self._lock = threading.Lock()
@@ -431,10 +432,11 @@ class CountingStorage:
         return str(self.inner.url(path))
 
     @contextlib.contextmanager
-    def _track(self) -> Iterator[None]:
+    def _track(self, whole: bool = True) -> Iterator[None]:
         with self._lock:
             self.in_flight += 1
-            self.full_reads += 1
+            if whole:
+                self.full_reads += 1
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
             yield
@@ -453,10 +455,20 @@ class CountingStorage:
             return bytes(await self.inner.aread(path))
 
     def read_range(self, path: str, offset: int, length: int | None = None) -> bytes:
+        if path.endswith(".json"):  # a bounded read of a whole JSON file
+            with self._track(whole=False):
+                self.bounded_reads += 1
+                time.sleep(self.delay_s)
+                return bytes(self.inner.read_range(path, offset, length))
         self.ranges.append((offset, length))
         return bytes(self.inner.read_range(path, offset, length))
 
     async def aread_range(self, path: str, offset: int, length: int | None = None) -> bytes:
+        if path.endswith(".json"):  # a bounded read of a whole JSON file
+            with self._track(whole=False):
+                self.bounded_reads += 1
+                await asyncio.sleep(self.delay_s)
+                return bytes(await self.inner.aread_range(path, offset, length))
         self.ranges.append((offset, length))
         return bytes(await self.inner.aread_range(path, offset, length))
 
@@ -589,8 +601,9 @@ def test_list_runs_fetches_metadata_concurrently(storage: AnyStorage, wrapper: s
     runs = store.list_runs()
     elapsed_s = time.monotonic() - start
     assert len(runs) == n
-    # plus the (absent) run catalog, unless it is looked up through read_internal
-    assert counting.full_reads in (n, n + 1)
+    # plus the (absent) run catalog, unless it is looked up through read_internal;
+    # each metadata.json is one read bounded by MAX_JSON_BYTES (a ranged read)
+    assert counting.full_reads + counting.bounded_reads in (n, n + 1)
     assert 4 <= counting.max_in_flight <= limit
     # Sequential reads would take at least n * delay_s = 2 s.
     assert elapsed_s < n * delay_s / 2, f"{elapsed_s:.2f} s: reads look sequential"
@@ -665,6 +678,11 @@ def test_metadata_read_failure_mid_listing_propagates(local_storage: LocalStorag
             if "run-007" in path:
                 raise TransientStorageError("timeout (injected)")
             return await super().aread(path)
+
+        async def aread_range(self, path: str, offset: int, length: int | None = None) -> bytes:
+            if "run-007" in path:  # metadata.json is read by a bounded (ranged) read
+                raise TransientStorageError("timeout (injected)")
+            return await super().aread_range(path, offset, length)
 
     store = EvalStore(OneBad(local_storage, 0.01))  # type: ignore[arg-type]
     with pytest.raises(TransientStorageError):

@@ -291,8 +291,9 @@ class InternalArea(Protocol):
     see :func:`internal_area`.
     """
 
-    def read_internal(self, name: str) -> bytes:
-        """The bytes of ``.evalsyncd/{name}``.
+    def read_internal(self, name: str, *, limit: int | None = None) -> bytes:
+        """The bytes of ``.evalsyncd/{name}`` (with ``limit``: at most its first
+        ``limit`` bytes, one ranged read, so a reader bounds what it downloads).
 
         Raises:
             ObjectNotFoundError: (a ``FileNotFoundError``) the object is missing.
@@ -309,7 +310,7 @@ class InternalArea(Protocol):
 class AsyncInternalArea(Protocol):
     """Asynchronous twin of :class:`InternalArea`."""
 
-    async def aread_internal(self, name: str) -> bytes:
+    async def aread_internal(self, name: str, *, limit: int | None = None) -> bytes:
         """See :meth:`InternalArea.read_internal`."""
         ...
 

@@ -30,7 +30,12 @@ from abc import ABC, abstractmethod
 from contextlib import AsyncExitStack
 from typing import Any, ClassVar, Self
 
-from evalsyncd.errors import InvalidKeyError, ObjectNotFoundError, TransientStorageError
+from evalsyncd.errors import (
+    CorruptObjectError,
+    InvalidKeyError,
+    ObjectNotFoundError,
+    TransientStorageError,
+)
 from evalsyncd.storage._base import StorageStat, check_key
 from evalsyncd.storage._bridge import run_sync
 from evalsyncd.storage._clients import LoopClients
@@ -270,15 +275,16 @@ class CloudStorage(ABC):
         """Delete tail objects (missing ones are fine)."""
         await self._delete_keys([self._tail_key(n) for n in names], self._tail_url())
 
-    async def aread_internal(self, name: str) -> bytes:
-        """Read ``{prefix}/.evalsyncd/{name}`` (the daemon's own objects, such as the catalog).
+    async def aread_internal(self, name: str, *, limit: int | None = None) -> bytes:
+        """Read ``{prefix}/.evalsyncd/{name}`` (the daemon's own objects, such as the catalog);
+        with ``limit``, at most its first ``limit`` bytes (one ranged GET).
 
         Raises:
             ObjectNotFoundError: the object is missing.
         """
         check_key(name)
         key = self._internal_key(name)
-        return await self._internal_get(key, f"{self.scheme}://{self.bucket}/{key}", 0, None)
+        return await self._internal_get(key, f"{self.scheme}://{self.bucket}/{key}", 0, limit)
 
     async def awrite_internal(self, name: str, data: bytes) -> None:
         """Replace ``{prefix}/.evalsyncd/{name}`` with ``data`` (one PUT)."""
@@ -286,9 +292,9 @@ class CloudStorage(ABC):
         key = self._internal_key(name)
         await self._internal_put(key, f"{self.scheme}://{self.bucket}/{key}", data, create=False)
 
-    def read_internal(self, name: str) -> bytes:
+    def read_internal(self, name: str, *, limit: int | None = None) -> bytes:
         """See :meth:`aread_internal`."""
-        return run_sync(self.aread_internal(name))
+        return run_sync(self.aread_internal(name, limit=limit))
 
     def write_internal(self, name: str, data: bytes) -> None:
         """See :meth:`awrite_internal`."""
@@ -429,6 +435,8 @@ class CloudStorage(ABC):
                 data = b"".join(await asyncio.gather(*jobs))
                 if len(data) == stop - start:
                     return data
+            except CorruptObjectError:
+                return None  # shorter than its index says: the plain object (reported)
             except ObjectNotFoundError:
                 continue  # a tail object was deleted (promoted) meanwhile
         raise TransientStorageError(

@@ -223,16 +223,21 @@ class LocalStorage:
 
     # -- async: the sync methods in a worker thread ----------------------------------
 
-    async def aread_internal(self, name: str) -> bytes:
-        """Read ``.evalsyncd/{name}`` under the root (the daemon's own files, such as the catalog)."""
+    async def aread_internal(self, name: str, *, limit: int | None = None) -> bytes:
+        """Read ``.evalsyncd/{name}`` under the root (the daemon's own files, such as the
+        catalog); with ``limit``, at most its first ``limit`` bytes."""
+        if limit is not None:
+            return await self.aread_range(f"{INTERNAL_DIR}/{name}", 0, limit)
         return await self.aread(f"{INTERNAL_DIR}/{name}")
 
     async def awrite_internal(self, name: str, data: bytes) -> None:
         """Replace ``.evalsyncd/{name}`` under the root, atomically."""
         await self.awrite(f"{INTERNAL_DIR}/{name}", data)
 
-    def read_internal(self, name: str) -> bytes:
+    def read_internal(self, name: str, *, limit: int | None = None) -> bytes:
         """See :meth:`aread_internal`."""
+        if limit is not None:
+            return self.read_range(f"{INTERNAL_DIR}/{name}", 0, limit)
         return self.read(f"{INTERNAL_DIR}/{name}")
 
     def write_internal(self, name: str, data: bytes) -> None:

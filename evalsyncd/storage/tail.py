@@ -75,6 +75,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import math
 import secrets
 import threading
 import time
@@ -90,9 +92,15 @@ from evalsyncd.errors import (
     ObjectNotFoundError,
     PermanentStorageError,
 )
+from evalsyncd.storage._base import check_key
 
 __all__ = [
     "HEADER_PROBE_BYTES",
+    "MAX_FILES",
+    "MAX_HEADER_BYTES",
+    "MAX_INDEX_BYTES",
+    "MAX_OBJECT_BYTES",
+    "MAX_PIECES",
     "TAIL_DIR",
     "FileTail",
     "Piece",
@@ -100,6 +108,7 @@ __all__ = [
     "TailBackend",
     "TailConflictError",
     "TailIndex",
+    "TailPieceMissingError",
     "TailWriter",
     "decode_header",
     "encode_tail_object",
@@ -108,7 +117,10 @@ __all__ = [
     "read_index",
     "read_pieces",
     "seq_of",
+    "tail_damage",
 ]
+
+logger = logging.getLogger("evalsyncd.storage")
 
 TAIL_DIR: Final = "tail"
 """Directory of the tail objects under the storage's ``.evalsyncd/`` area."""
@@ -116,10 +128,47 @@ _MAGIC: Final = b"evalsyncd-tail 1 "
 HEADER_PROBE_BYTES: Final = 64 * 1024
 """Bytes a reader fetches first: the preamble and, almost always, the whole header."""
 _MAX_SEQ: Final = 2**64 - 1
+_MAX_DIGITS: Final = 20
+
+# Bounds on what a reader accepts from a tail header. A writer (a daemon) stays far
+# below them: its index lists only files with bytes not yet in their main objects,
+# each with at most ``tail_max_pieces`` (<= 1000, default 32) pieces. A header past
+# one of them is treated as damaged (see ``read_index``): readers read the plain
+# objects instead. Measured worst case of a hostile header at these limits: see
+# docs/guarantees.md ("A hostile or damaged bucket").
+MAX_HEADER_BYTES: Final = 16 * 1024 * 1024
+"""Largest compressed header a reader fetches, bytes (the preamble's length): a
+reader never downloads more than this (plus the preamble) of a tail object at once."""
+MAX_INDEX_BYTES: Final = 8 * 1024 * 1024
+"""Largest inflated header (JSON) a reader accepts, bytes: inflation stops here, so a
+decompression bomb costs at most this much memory before it is refused."""
+MAX_FILES: Final = 20_000
+"""Most files one index may list (a host with this many files pending at once has
+about 5 MiB of index; a daemon promotes idle files within ``compact_idle_s``)."""
+MAX_PIECES: Final = 100_000
+"""Most pieces one index may list, all files together."""
+MAX_OBJECT_BYTES: Final = 5 * 1024**4
+"""Largest size, piece position or piece length a header may state, bytes (5 TiB,
+the largest S3 object)."""
+_MAX_CONTAINERS: Final = 2 * MAX_FILES + MAX_PIECES + 16
+"""JSON arrays and objects a real index of MAX_FILES files and MAX_PIECES pieces holds."""
+_MAX_QUOTES: Final = 20 * MAX_FILES + 64
+"""Double quotes a real index of MAX_FILES files holds (9 strings per entry)."""
+_MAX_COMMAS: Final = 8 * MAX_FILES + 3 * MAX_PIECES + 64
+"""Commas (so JSON values) a real index of MAX_FILES files and MAX_PIECES pieces holds."""
 
 
 class TailConflictError(PermanentStorageError):
     """Another writer (a second daemon on the same prefix) writes this tail log."""
+
+
+class TailPieceMissingError(CorruptObjectError, ObjectNotFoundError):
+    """A tail object holds fewer bytes than a piece its index places in it.
+
+    A :class:`CorruptObjectError` (readers read the file's plain object instead)
+    and, as before this class existed, an :class:`ObjectNotFoundError` (the
+    writer treats the piece as gone and stages the bytes again from its file).
+    """
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,6 +233,12 @@ class TailIndex:
         token: the write attempt's random id.
         bodies: seq -> byte offset where that tail object's body starts (this
             object's own included once it is written or read).
+        damage: for a reader's index (:func:`read_index`), the error of the newest
+            tail object when its header was damaged or past a limit: the index is
+            then empty and readers read the plain objects; ``None`` otherwise.
+        damaged_pieces: errors of tail objects found shorter than a piece this
+            index places in them (:func:`read_pieces` adds them, at most 16); the
+            files concerned are read from their plain objects.
     """
 
     writer: str
@@ -192,6 +247,8 @@ class TailIndex:
     files: Mapping[str, FileTail] = field(default_factory=dict)
     token: str = ""
     bodies: Mapping[int, int] = field(default_factory=dict)
+    damage: CorruptObjectError | None = None
+    damaged_pieces: list[CorruptObjectError] = field(default_factory=list, compare=False)
 
     def live_seqs(self) -> set[int]:
         """Sequence numbers still referenced (plus this one: the newest is kept)."""
@@ -257,8 +314,107 @@ def encode_tail_object(index: TailIndex, body: bytes | Sequence[bytes]) -> tuple
     return b"".join((head, *parts)), len(head)
 
 
+def _inflate(packed: bytes, url: str) -> bytes:
+    """The inflated header, never more than :data:`MAX_INDEX_BYTES` of it (a bomb stops there)."""
+    inflater = zlib.decompressobj()
+    try:
+        raw = inflater.decompress(packed, MAX_INDEX_BYTES + 1)
+    except zlib.error as exc:
+        raise CorruptObjectError(f"{url}: damaged tail header: {exc}", url=url) from exc
+    if len(raw) > MAX_INDEX_BYTES or inflater.unconsumed_tail:
+        raise CorruptObjectError(
+            f"{url}: tail header inflates to more than the limit of {MAX_INDEX_BYTES} bytes "
+            f"({len(packed)} compressed bytes; stopped at {len(raw)})",
+            url=url,
+        )
+    if not inflater.eof:
+        raise CorruptObjectError(f"{url}: damaged tail header: truncated zlib stream", url=url)
+    # json.loads builds every value before we can count them: refuse a header that
+    # holds more values than a real index of MAX_FILES files and MAX_PIECES pieces
+    # could (counts of brackets, quotes and commas; inside strings they only
+    # overestimate), so parsing costs a bounded multiple of the limits in memory
+    containers = raw.count(b"[") + raw.count(b"{")
+    quotes = raw.count(b'"')
+    commas = raw.count(b",")
+    if containers > _MAX_CONTAINERS or quotes > _MAX_QUOTES or commas > _MAX_COMMAS:
+        raise CorruptObjectError(
+            f"{url}: tail header holds {containers} JSON arrays/objects, {quotes} quotes and "
+            f"{commas} commas, more than a header of {MAX_FILES} files and {MAX_PIECES} pieces "
+            f"can (limits {_MAX_CONTAINERS}, {_MAX_QUOTES}, {_MAX_COMMAS})",
+            url=url,
+        )
+    return raw
+
+
+def _int(value: object, what: str, lo: int = 0, hi: int = _MAX_SEQ) -> int:
+    """``value`` if it is an int in ``[lo, hi]`` (not a bool, not a float); else ``ValueError``."""
+    if type(value) is not int or not lo <= value <= hi:
+        raise ValueError(f"{what} is {value!r}, not an integer in [{lo}, {hi}]")
+    return value
+
+
+def _num(value: object, what: str) -> float:
+    """``value`` as a finite float if it is an int or float (not a bool); else ``ValueError``."""
+    if type(value) not in (int, float) or not math.isfinite(value):  # type: ignore[arg-type]
+        raise ValueError(f"{what} is {value!r}, not a finite number")
+    return float(value)  # type: ignore[arg-type]
+
+
+def _str(value: object, what: str, *, none: bool = False) -> str | None:
+    if value is None and none:
+        return None
+    if not isinstance(value, str):
+        raise ValueError(f"{what} is {value!r}, not a string")
+    return value
+
+
+def _dict(value: object, what: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ValueError(f"{what} is a {type(value).__name__}, not an object")
+    return value
+
+
+def _file_tail(path: str, f: object, seq: int) -> FileTail:
+    """One ``files`` entry, every field checked (shape, type, range)."""
+    f = _dict(f, "the entry")
+    kind = f.get("k")
+    if kind not in ("a", "r"):
+        raise ValueError(f"kind is {kind!r}, not 'a' or 'r'")
+    size = _int(f.get("size"), "size", 0, MAX_OBJECT_BYTES)
+    base = _int(f.get("base"), "base", 0, size)
+    raw_pieces = f.get("p")
+    if not isinstance(raw_pieces, list):
+        raise ValueError(f"pieces are a {type(raw_pieces).__name__}, not a list")
+    pieces = []
+    for raw in raw_pieces:
+        if not isinstance(raw, list) or len(raw) != 3:
+            raise ValueError(f"piece {raw!r} is not [seq, pos, len]")
+        pieces.append(
+            Piece(
+                _int(raw[0], "a piece's seq", 0, seq),
+                _int(raw[1], "a piece's position", 0, MAX_OBJECT_BYTES),
+                _int(raw[2], "a piece's length", 0, MAX_OBJECT_BYTES),
+            )
+        )
+    return FileTail(
+        kind=kind,
+        size=size,
+        base=base,
+        main_version=_str(f.get("mv"), "mv", none=True),
+        mtime=_num(f.get("mtime"), "mtime"),
+        pieces=tuple(pieces),
+    )
+
+
 def decode_header(data: bytes, url: str) -> tuple[TailIndex, int] | int:
-    """Parse the header at the start of a tail object.
+    """Parse the header at the start of a tail object, checking every bound.
+
+    Every number is checked against its limit (:data:`MAX_HEADER_BYTES`,
+    :data:`MAX_INDEX_BYTES`, :data:`MAX_FILES`, :data:`MAX_PIECES`,
+    :data:`MAX_OBJECT_BYTES`) and every field against its type before anything
+    is built from it, so a damaged or hostile header costs at most about
+    :data:`MAX_INDEX_BYTES` times a small constant of memory, and ends in
+    :class:`CorruptObjectError`, never another exception.
 
     Args:
         data: the object's first bytes (at least :data:`HEADER_PROBE_BYTES`, or all).
@@ -266,51 +422,75 @@ def decode_header(data: bytes, url: str) -> tuple[TailIndex, int] | int:
 
     Returns:
         ``(index, body_offset)``, or, when ``data`` is too short to hold the whole
-        header, the number of bytes needed.
+        header, the number of bytes needed (at most ``MAX_HEADER_BYTES`` plus the
+        preamble).
 
     Raises:
-        CorruptObjectError: not a tail object, or a damaged header.
+        CorruptObjectError: not a tail object, a damaged header, or one past a
+            limit (the message names ``url``, the limit and the size seen).
     """
     if not data.startswith(_MAGIC):
+        if len(data) < len(_MAGIC) and _MAGIC.startswith(data) and data:
+            return len(_MAGIC) + _MAX_DIGITS + 1
         raise CorruptObjectError(f"{url}: not an evalsyncd tail object (bad preamble)", url=url)
-    nl = data.find(b"\n", len(_MAGIC))
-    if nl < 0 or not data[len(_MAGIC) : nl].isdigit():
-        if len(data) < len(_MAGIC) + 21:
-            return len(_MAGIC) + 21
+    nl = data.find(b"\n", len(_MAGIC), len(_MAGIC) + _MAX_DIGITS + 1)
+    digits = data[len(_MAGIC) : nl]
+    if nl < 0 or not digits.isdigit() or not digits.isascii():
+        if nl < 0 and len(data) < len(_MAGIC) + _MAX_DIGITS + 1:
+            return len(_MAGIC) + _MAX_DIGITS + 1
         raise CorruptObjectError(f"{url}: damaged tail preamble", url=url)
-    length = int(data[len(_MAGIC) : nl])
+    length = int(digits)
+    if length > MAX_HEADER_BYTES:
+        raise CorruptObjectError(
+            f"{url}: tail header of {length} bytes is larger than the limit of "
+            f"{MAX_HEADER_BYTES} bytes",
+            url=url,
+        )
     end = nl + 1 + length
     if len(data) < end:
         return end
     try:
-        raw = json.loads(zlib.decompress(data[nl + 1 : end]))
-        files = {
-            str(path): FileTail(
-                kind=str(f["k"]),
-                size=int(f["size"]),
-                base=int(f["base"]),
-                main_version=None if f["mv"] is None else str(f["mv"]),
-                mtime=float(f["mtime"]),
-                pieces=tuple(Piece(int(s), int(pos), int(n)) for s, pos, n in f["p"]),
+        raw = json.loads(_inflate(data[nl + 1 : end], url))
+        raw = _dict(raw, "the header")
+        seq = _int(raw.get("seq"), "seq")
+        raw_files = _dict(raw.get("files"), "files")
+        if len(raw_files) > MAX_FILES:
+            raise ValueError(f"{len(raw_files)} files, more than the limit of {MAX_FILES}")
+        files: dict[str, FileTail] = {}
+        n_pieces = 0
+        for path, f in raw_files.items():
+            try:
+                check_key(path)
+                files[path] = ft = _file_tail(path, f, seq)
+            except ValueError as exc:
+                raise ValueError(f"entry {path!r}: {exc}") from None
+            n_pieces += len(ft.pieces)
+            if n_pieces > MAX_PIECES:
+                raise ValueError(f"more than the limit of {MAX_PIECES} pieces")
+        bodies = {}
+        for k, v in _dict(raw.get("bodies", {}), "bodies").items():
+            if not k.isdigit() or not k.isascii() or len(k) > _MAX_DIGITS:
+                raise ValueError(f"bodies key {k!r} is not a seq")
+            bodies[_int(int(k), "a bodies seq", 0, seq)] = _int(
+                v, "a body offset", 0, MAX_HEADER_BYTES + len(_MAGIC) + _MAX_DIGITS + 1
             )
-            for path, f in raw["files"].items()
-        }
-        seq = int(raw["seq"])
-        bodies = {int(k): int(v) for k, v in raw.get("bodies", {}).items()}
         bodies[seq] = end
         index = TailIndex(
-            writer=str(raw["writer"]),
+            writer=str(_str(raw.get("writer"), "writer")),
             seq=seq,
-            created=float(raw["created"]),
+            created=_num(raw.get("created"), "created"),
             files=files,
-            token=str(raw.get("token", "")),
+            token=str(_str(raw.get("token", ""), "token")),
             bodies=bodies,
         )
-    except (ValueError, KeyError, TypeError, zlib.error) as exc:
-        raise CorruptObjectError(f"{url}: damaged tail header: {exc}", url=url) from exc
+    except (ValueError, RecursionError) as exc:
+        # ValueError: the checks above, JSONDecodeError, UnicodeDecodeError;
+        # RecursionError: JSON nested deeper than the interpreter's stack
+        why = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise CorruptObjectError(f"{url}: damaged tail header: {why}", url=url) from exc
     for path, ft in files.items():
         if (
-            ft.kind not in ("a", "r")
+            (ft.kind == "r" and ft.base != 0)
             or sum(p.length for p in ft.pieces) != ft.size - ft.base
             or any(p.seq not in bodies for p in ft.pieces)
         ):
@@ -342,25 +522,81 @@ class TailBackend(Protocol):
         ...
 
 
-async def read_index(backend: TailBackend) -> TailIndex:
+_warned: OrderedDict[str, None] = OrderedDict()
+_WARNED_MAX: Final = 256
+
+
+def _warn_once(exc: CorruptObjectError) -> None:
+    """One warning per damaged tail object per process (readers re-read the index often)."""
+    key = str(exc)
+    if key in _warned:
+        return
+    _warned[key] = None
+    while len(_warned) > _WARNED_MAX:
+        _warned.popitem(last=False)
+    logger.warning("reading the plain objects, the tail log is damaged: %s", exc)
+
+
+async def read_index(backend: TailBackend, *, strict: bool = False) -> TailIndex:
     """The newest tail object's index, or an empty one: one LIST and one or two GETs.
 
+    A reader's policy for a damaged tail (``strict=False``): when the newest tail
+    object's header is damaged or past a limit (see :func:`decode_header`), the
+    index is empty and carries the error in :attr:`TailIndex.damage`, so reads
+    fall back to the plain (main) objects, which every other tool reads and which
+    are exact prefixes of the files, at most ``max_main_lag_s`` behind; a warning
+    names the object (once per process). A writer (``strict=True``) must not
+    build on it, and gets the error.
+
     Raises:
-        CorruptObjectError: the newest tail object is damaged.
+        CorruptObjectError: ``strict`` and the newest tail object is damaged.
         StorageError: the backend failed.
     """
     for _attempt in range(3):
         names = await backend._tail_list(limit=1)
         if not names:
             return EMPTY
-        index = await read_header(backend, names[0])
+        try:
+            index = await read_header(backend, names[0])
+        except CorruptObjectError as exc:
+            if strict:
+                raise
+            _warn_once(exc)
+            return replace(EMPTY, damage=exc)
         if index is not None:
             return index[0]
     return EMPTY
 
 
+async def tail_damage(storage: object) -> CorruptObjectError | None:
+    """The error of a damaged tail object that a reader of ``storage`` read around.
+
+    The newest tail object's header (:attr:`TailIndex.damage`), else the first
+    tail object found shorter than its index says (:attr:`TailIndex.damaged_pieces`).
+
+    ``None`` when ``storage`` keeps no tail log, does not read it, or its newest
+    tail object is sound. Uses the storage's cached index (no request when a read
+    was made within its ``tail_refresh_s``; else one LIST and one GET).
+    """
+    index_of = getattr(storage, "_tail_index", None)
+    if index_of is None or not getattr(storage, "read_tail", False):
+        return None
+    index = await index_of()
+    if not isinstance(index, TailIndex):
+        return None
+    return index.damage or (index.damaged_pieces[0] if index.damaged_pieces else None)
+
+
 async def read_header(backend: TailBackend, name: str) -> tuple[TailIndex, int] | None:
-    """The header of one tail object, or ``None`` if it was deleted meanwhile."""
+    """The header of one tail object, or ``None`` if it was deleted meanwhile.
+
+    At most two ranged GETs, of at most :data:`HEADER_PROBE_BYTES` and then of
+    the header's stated length (at most :data:`MAX_HEADER_BYTES`).
+
+    Raises:
+        CorruptObjectError: a damaged header, one past a limit, or one whose seq
+            is not the one its name encodes.
+    """
     url = backend._tail_url(name)
     try:
         data = await backend._tail_get(name, 0, HEADER_PROBE_BYTES)
@@ -369,9 +605,17 @@ async def read_header(backend: TailBackend, name: str) -> tuple[TailIndex, int] 
             data = await backend._tail_get(name, 0, parsed)
             parsed = decode_header(data, url)
             if isinstance(parsed, int):
-                raise CorruptObjectError(f"{url}: truncated tail header", url=url)
+                raise CorruptObjectError(
+                    f"{url}: truncated tail header ({len(data)} bytes, the preamble says {parsed})",
+                    url=url,
+                )
     except ObjectNotFoundError:
         return None
+    named = seq_of(name)
+    if named is not None and named != parsed[0].seq:
+        raise CorruptObjectError(
+            f"{url}: the header says seq {parsed[0].seq}, its name says {named}", url=url
+        )
     return parsed
 
 
@@ -437,17 +681,35 @@ async def read_pieces(
 
     Raises:
         ObjectNotFoundError: a tail object was deleted meanwhile (read the index again).
+        TailPieceMissingError: a tail object is shorter than a piece the index places
+            in it (the message names the object, the piece's range and the bytes
+            it holds; also recorded in ``index.damaged_pieces`` and warned once):
+            readers then read that file's plain object.
     """
 
     async def one(piece: Piece, lo: int, hi: int) -> bytes:
         at = index.bodies[piece.seq] + piece.pos
-        if cache is None or piece.length > cache.max_piece_bytes:
-            return await backend._tail_get(object_name(piece.seq), at + lo, at + hi)
-        data = cache.get(piece)
-        if data is None:
-            data = await backend._tail_get(object_name(piece.seq), at, at + piece.length)
-            if len(data) == piece.length:
-                cache.put(piece, data)
+        name = object_name(piece.seq)
+        whole = cache is not None and piece.length <= cache.max_piece_bytes
+        if whole and cache is not None and (cached := cache.get(piece)) is not None:
+            return cached[lo:hi]
+        first, last = (at, at + piece.length) if whole else (at + lo, at + hi)
+        data = await backend._tail_get(name, first, last)
+        if len(data) != last - first:
+            url = backend._tail_url(name)
+            exc = TailPieceMissingError(
+                f"{url}: the tail index places bytes [{first}, {last}) in this object, "
+                f"it holds {len(data)} of them",
+                url=url,
+            )
+            _warn_once(exc)
+            if len(index.damaged_pieces) < 16:
+                index.damaged_pieces.append(exc)
+            raise exc
+        if not whole:
+            return data
+        if cache is not None:
+            cache.put(piece, data)
         return data[lo:hi]
 
     jobs = []
@@ -495,7 +757,7 @@ class TailWriter:
             The recovered index (possibly another writer's: a host's state moved;
             a *live* second writer is detected on the next commit).
         """
-        self.index = await read_index(self.backend)
+        self.index = await read_index(self.backend, strict=True)
         return self.index
 
     @property

@@ -37,8 +37,17 @@ Parsing is forgiving of what writers leave behind:
   does), so each bad byte becomes U+FFFD, and a warning names the file and line.
   If the line then does not parse as JSON it is skipped like any malformed line.
 - A malformed line (bad JSON, not an object, missing ``idx``/``benchmark``) is
-  skipped with a warning naming the file and the 1-based line number.
+  skipped with a warning naming the file and the 1-based line number; so is a
+  line longer than :data:`MAX_LINE_BYTES`, which is dropped as it arrives
+  (a reader holds at most that much of one line).
 - A ``*.json`` file that does not parse reads as missing (``None``), with a warning.
+- Bounds (a bucket another host wrote may hold anything): a ``*.json`` file of
+  more than :data:`MAX_JSON_BYTES` is not read past that limit and raises
+  :class:`~evalsyncd.errors.CorruptObjectError` naming its URL, the limit and
+  the bytes seen (``list_runs`` skips such a run and reports it); JSON nested
+  deeper than the interpreter can parse reads as not parsing; a
+  ``metadata.json`` or ``result.json`` whose fields have the wrong types
+  (``scores`` not a mapping of numbers, ...) reads as not that model.
 
 Warnings go to the stdlib logger ``evalsyncd.store``; nothing here does I/O.
 """
@@ -47,28 +56,77 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable, Iterator
+import math
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol, Self, TypedDict, TypeVar
 
 from evalsyncd.catalog import CATALOG_PATH
+from evalsyncd.errors import CorruptObjectError
 from evalsyncd.storage import storage_join
-from evalsyncd.store.models import RunMetadata, StoredTrajectory
+from evalsyncd.store.models import BenchmarkResult, RunMetadata, StoredTrajectory
 
 __all__ = [
+    "MAX_JSON_BYTES",
+    "MAX_LINE_BYTES",
     "FilterOptions",
     "LineSplitter",
+    "Skipped",
     "StoreLayout",
     "TrajectoryFilter",
     "TrajectoryParser",
+    "check_json_size",
     "check_name",
+    "json_problem",
+    "model_problem",
     "parse_json_object",
     "parse_model",
     "recency_key",
 ]
 
 logger = logging.getLogger("evalsyncd.store")
+
+MAX_JSON_BYTES = 4 * 1024 * 1024
+"""Largest ``metadata.json``, ``result.json`` or ``summary.json`` a reader reads, bytes.
+
+EvalStore writes kilobytes; parsing JSON costs up to about 20 times its size
+in memory, so this bounds what one such file costs a reader (~100 MB)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Skipped:
+    """A key a reader refused, and why.
+
+    Attributes:
+        url: the object's (or the listed name's) URL.
+        reason: one line: what is wrong with it.
+    """
+
+    url: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.url}: {self.reason}"
+
+
+def check_json_size(data: bytes, where: str, limit: int = MAX_JSON_BYTES) -> bytes:
+    """``data`` if it is at most ``limit`` bytes.
+
+    Readers fetch ``limit + 1`` bytes with one ranged read, so ``data`` longer
+    than ``limit`` means the object is larger than the limit.
+
+    Raises:
+        CorruptObjectError: ``data`` is longer than ``limit`` (names ``where``,
+            the limit and the bytes seen).
+    """
+    if len(data) > limit:
+        raise CorruptObjectError(
+            f"{where}: larger than the limit of {limit} bytes for this file "
+            f"(read {len(data)} bytes and stopped)",
+            url=where,
+        )
+    return data
 
 
 def check_name(kind: str, name: object) -> str:
@@ -174,15 +232,90 @@ def parse_json_object(data: bytes | None, where: str) -> dict[str, Any] | None:
     """
     if data is None:
         return None
-    try:
-        obj = json.loads(data)
-    except (UnicodeDecodeError, ValueError) as exc:
-        logger.warning("ignoring %s: not valid JSON (%s)", where, exc)
+    obj = _loads(data, where)
+    if obj is _BAD:
         return None
     if not isinstance(obj, dict):
         logger.warning("ignoring %s: JSON is a %s, not an object", where, type(obj).__name__)
         return None
     return obj
+
+
+_BAD = object()
+
+
+def _loads(data: bytes, where: str) -> Any:
+    """``json.loads(data)``, or ``_BAD`` (with a warning) for invalid or too deeply nested JSON."""
+    try:
+        return json.loads(data)
+    except (UnicodeDecodeError, ValueError) as exc:
+        logger.warning("ignoring %s: not valid JSON (%s)", where, exc)
+    except RecursionError:
+        logger.warning("ignoring %s: JSON nested too deeply", where)
+    return _BAD
+
+
+def json_problem(data: bytes) -> str | None:
+    """Why ``data`` is not a JSON object, or ``None`` when it is one (no logging)."""
+    try:
+        obj = json.loads(data)
+    except (UnicodeDecodeError, ValueError) as exc:
+        return f"not valid JSON ({exc})"
+    except RecursionError:
+        return "JSON nested too deeply"
+    return None if isinstance(obj, dict) else f"JSON is a {type(obj).__name__}, not an object"
+
+
+def _is_num(v: object) -> bool:
+    return type(v) in (int, float) and math.isfinite(v)  # type: ignore[arg-type]
+
+
+def _is_name(v: str) -> bool:
+    try:
+        check_name("run_id", v)
+    except ValueError:
+        return False
+    return True
+
+
+def _is_opt_str(v: object) -> bool:
+    return v is None or isinstance(v, str)
+
+
+def _shape_problem(model: type, d: dict[str, Any]) -> str | None:
+    """Why ``d`` has the wrong field types for ``model`` (readers format these fields)."""
+    checks: dict[str, Callable[[Any], bool]]
+    if model is RunMetadata:
+        checks = {
+            "run_id": lambda v: isinstance(v, str) and _is_name(v),
+            "model_name": lambda v: isinstance(v, str),
+            "checkpoint_path": _is_opt_str,
+            "checkpoint_name": _is_opt_str,
+            "timestamp": lambda v: isinstance(v, str),
+            "benchmarks": lambda v: isinstance(v, list) and all(isinstance(b, str) for b in v),
+            "config": lambda v: isinstance(v, dict),
+            "scores": lambda v: (
+                isinstance(v, dict) and all(isinstance(k, str) and _is_num(x) for k, x in v.items())
+            ),
+        }
+    elif model is BenchmarkResult:
+        checks = {
+            "name": lambda v: isinstance(v, str),
+            "score": _is_num,
+            "num_examples": _is_num,
+            "num_correct": _is_num,
+            "num_errors": _is_num,
+            "num_truncated": _is_num,
+            "metrics": lambda v: isinstance(v, dict),
+            "time_seconds": _is_num,
+            "pass_at_k": lambda v: isinstance(v, dict),
+        }
+    else:
+        return None
+    for name, ok in checks.items():
+        if name in d and not ok(d[name]):
+            return f"field {name!r} has a wrong type or value ({type(d[name]).__name__})"
+    return None
 
 
 class _Model(Protocol):
@@ -206,11 +339,31 @@ def parse_model(model: type[M], d: dict[str, Any] | None, where: str) -> M | Non
     """
     if d is None:
         return None
+    problem = _shape_problem(model, d)
+    if problem is not None:
+        logger.warning("ignoring %s: not a %s (%s)", where, model.__name__, problem)
+        return None
     try:
         return model.from_dict(d)
     except _BAD_SHAPE as exc:
         logger.warning("ignoring %s: not a %s (%s)", where, model.__name__, exc)
         return None
+
+
+def model_problem(model: type[M], data: bytes) -> str | None:
+    """Why ``data`` does not parse as ``model`` (one line), or ``None`` when it does (no logging)."""
+    problem = json_problem(data)
+    if problem is not None:
+        return problem
+    d = json.loads(data)
+    problem = _shape_problem(model, d)
+    if problem is not None:
+        return f"not a {model.__name__}: {problem}"
+    try:
+        model.from_dict(d)
+    except _BAD_SHAPE as exc:
+        return f"not a {model.__name__}: {exc}"
+    return None
 
 
 def recency_key(run: RunMetadata) -> tuple[datetime, str]:
@@ -227,22 +380,32 @@ def recency_key(run: RunMetadata) -> tuple[datetime, str]:
 # ── JSONL files ────────────────────────────────────────────────────────────────
 
 
+MAX_LINE_BYTES = 256 * 1024 * 1024
+"""Longest JSONL line a reader parses, bytes: a longer one is skipped with a warning,
+having held at most this much (the daemon mirrors lines of any length; 64 MiB lines
+are tested end to end)."""
+
+
 class LineSplitter:
     """Turns chunks of a JSONL file into parsed records, with the policies above.
 
-    Holds at most one incomplete line between chunks.
+    Holds at most one incomplete line between chunks, of at most ``max_line_bytes``:
+    a longer line is dropped as it arrives and skipped with a warning.
 
     Args:
         where: the file's URL, for warnings.
+        max_line_bytes: the longest line parsed, bytes.
 
     Attributes:
         lineno: 1-based number of the last complete line split off.
     """
 
-    def __init__(self, where: str) -> None:
+    def __init__(self, where: str, max_line_bytes: int = MAX_LINE_BYTES) -> None:
         self.where = where
         self.lineno = 0
+        self.max_line_bytes = max_line_bytes
         self._partial = bytearray()
+        self._dropped = 0  # bytes of the current line dropped (it is too long)
 
     def feed(self, chunk: bytes) -> Iterator[dict[str, Any]]:
         """The records of the lines that ``chunk`` completes (lazily: ``lineno`` follows)."""
@@ -251,7 +414,23 @@ class LineSplitter:
             end = chunk.find(b"\n", start)
             if end < 0:
                 self._partial += chunk[start:]
+                if len(self._partial) > self.max_line_bytes:
+                    self._dropped += len(self._partial)
+                    self._partial.clear()
                 return
+            if self._dropped:
+                self.lineno += 1
+                logger.warning(
+                    "%s line %d: skipping a line of %d bytes, longer than the limit of %d",
+                    self.where,
+                    self.lineno,
+                    self._dropped + len(self._partial) + end - start,
+                    self.max_line_bytes,
+                )
+                self._dropped = 0
+                self._partial.clear()
+                start = end + 1
+                continue
             if self._partial:
                 self._partial += chunk[start:end]
                 line = bytes(self._partial)
@@ -260,12 +439,22 @@ class LineSplitter:
                 line = chunk[start:end]
             start = end + 1
             self.lineno += 1
+            if len(line) > self.max_line_bytes:
+                logger.warning(
+                    "%s line %d: skipping a line of %d bytes, longer than the limit of %d",
+                    self.where,
+                    self.lineno,
+                    len(line),
+                    self.max_line_bytes,
+                )
+                continue
             record = self._parse(line)
             if record is not None:
                 yield record
 
     def close(self) -> None:
         """End of file: drop an unfinished last line (a write in progress)."""
+        self._dropped = 0
         if self._partial.strip():
             logger.debug(
                 "%s: ignoring %d bytes after the last newline (a write in progress)",
@@ -291,6 +480,9 @@ class LineSplitter:
             obj = json.loads(text)
         except ValueError as exc:
             logger.warning("%s line %d: skipping malformed JSON (%s)", self.where, self.lineno, exc)
+            return None
+        except RecursionError:
+            logger.warning("%s line %d: skipping JSON nested too deeply", self.where, self.lineno)
             return None
         if not isinstance(obj, dict):
             logger.warning(

@@ -27,10 +27,18 @@ from pathlib import Path
 from typing import Any, TypedDict, Unpack
 
 from evalsyncd.catalog import Catalog, CatalogError, parse_catalog
+from evalsyncd.errors import CorruptObjectError
 from evalsyncd.storage import LocalStorage, Storage, SupportsChild, parse_url
 from evalsyncd.store import layout
 from evalsyncd.store.aio import MISSING, Reads, both, bounded_map, reads_of
-from evalsyncd.store.layout import FilterOptions, StoreLayout, TrajectoryFilter
+from evalsyncd.store.layout import (
+    MAX_JSON_BYTES,
+    FilterOptions,
+    Skipped,
+    StoreLayout,
+    TrajectoryFilter,
+    check_json_size,
+)
 from evalsyncd.store.models import BenchmarkResult, RunMetadata, StoredTrajectory
 
 __all__ = [
@@ -219,22 +227,66 @@ class EvalStoreReader:
         Raises:
             StorageError: the storage failed (never reported as "no runs").
         """
+        runs, _skipped = await self.aruns_checked()
+        return runs
+
+    def runs_checked(self) -> tuple[list[RunMetadata], list[Skipped]]:
+        """:meth:`list_runs`, and the runs it left out; see :meth:`aruns_checked`."""
+        return self._reads.sync(self.aruns_checked())
+
+    async def aruns_checked(self) -> tuple[list[RunMetadata], list[Skipped]]:
+        """:meth:`alist_runs`, and what it refused, by name and why.
+
+        Returns:
+            ``(runs, skipped)``: the runs, newest first, and one
+            :class:`~evalsyncd.store.layout.Skipped` per name under ``runs/``
+            that is not a valid run id, and per ``metadata.json`` that does not
+            parse, is not a run's metadata, or is larger than
+            :data:`~evalsyncd.store.layout.MAX_JSON_BYTES`. A run directory
+            without ``metadata.json`` (a run being mirrored) is neither.
+
+        Raises:
+            StorageError: the storage failed (never reported as "no runs").
+        """
         listing = self._reads.list_dir(self._layout.runs_dir())
         if self.use_catalog:
             listed, catalog = await both(listing, self._aread_catalog())
         else:
             listed, catalog = await listing, None
+        valid = StoreLayout.runs_in(listed)
+        skipped = [
+            Skipped(self.storage.url(self._layout.path("runs", name)), "not a valid run id")
+            for name in listed
+            if name not in valid
+        ]
 
-        async def one(run_id: str) -> RunMetadata | None:
+        async def one(run_id: str) -> RunMetadata | Skipped | None:
             path = self._layout.metadata(run_id)
-            data = self._from_catalog(catalog, run_id)
-            if data is None:
-                data = await self._reads.read_or_none(path)
             where = self.storage.url(path)
-            return layout.parse_model(RunMetadata, layout.parse_json_object(data, where), where)
+            data = self._from_catalog(catalog, run_id)
+            try:
+                if data is None:
+                    data = await self._aread_bounded(path)
+                else:
+                    check_json_size(data, where)
+            except CorruptObjectError as exc:
+                logger.warning("ignoring %s", exc)
+                return Skipped(where, str(exc).removeprefix(f"{where}: "))
+            if data is None:
+                return None
+            run = layout.parse_model(RunMetadata, layout.parse_json_object(data, where), where)
+            if run is None:
+                why = layout.model_problem(RunMetadata, data) or "not a run's metadata"
+                return Skipped(where, why)
+            return run
 
-        runs = await bounded_map(one, StoreLayout.runs_in(listed), self.max_concurrency)
-        return sorted((r for r in runs if r is not None), key=layout.recency_key, reverse=True)
+        runs: list[RunMetadata] = []
+        for r in await bounded_map(one, valid, self.max_concurrency):
+            if isinstance(r, Skipped):
+                skipped.append(r)
+            elif r is not None:
+                runs.append(r)
+        return sorted(runs, key=layout.recency_key, reverse=True), skipped
 
     def read_run(self, run_id: str) -> RunMetadata:
         """The metadata of one run; see :meth:`aread_run`."""
@@ -246,6 +298,8 @@ class EvalStoreReader:
         Raises:
             FileNotFoundError: no (parseable) ``metadata.json``.
             ValueError: invalid run id.
+            CorruptObjectError: ``metadata.json`` is larger than
+                :data:`~evalsyncd.store.layout.MAX_JSON_BYTES` (a ``StorageError``).
             StorageError: the storage failed.
         """
         path = self._layout.metadata(run_id)
@@ -263,6 +317,7 @@ class EvalStoreReader:
 
         Raises:
             ValueError: invalid run id.
+            CorruptObjectError: larger than :data:`~evalsyncd.store.layout.MAX_JSON_BYTES`.
             StorageError: the storage failed.
         """
         return await self._aread_json(self._layout.summary(run_id))
@@ -300,6 +355,7 @@ class EvalStoreReader:
 
         Raises:
             ValueError: invalid run id or benchmark name.
+            CorruptObjectError: larger than :data:`~evalsyncd.store.layout.MAX_JSON_BYTES`.
             StorageError: the storage failed.
         """
         path = self._layout.result(run_id, benchmark)
@@ -392,12 +448,29 @@ class EvalStoreReader:
 
     # -- JSON files and the run catalog ----------------------------------------------
 
+    async def _aread_bounded(self, path: str, limit: int = MAX_JSON_BYTES) -> bytes | None:
+        """The file's bytes, or ``None`` if missing: one ranged read of ``limit + 1`` bytes.
+
+        Raises:
+            CorruptObjectError: the file is larger than ``limit`` bytes.
+            StorageError: the storage failed.
+        """
+        try:
+            data = await self._reads.read_range(path, 0, limit + 1)
+        except MISSING:
+            return None
+        return check_json_size(data, self.storage.url(path), limit)
+
     async def _aread_json(self, path: str) -> dict[str, Any] | None:
         where = self.storage.url(path)
-        return layout.parse_json_object(await self._reads.read_or_none(path), where)
+        return layout.parse_json_object(await self._aread_bounded(path), where)
 
     async def _aread_catalog(self) -> Catalog | None:
-        data = await self._reads.read_catalog(self.prefix)
+        try:
+            data = await self._reads.read_catalog(self.prefix)
+        except CorruptObjectError as exc:  # past its size limit
+            logger.warning("ignoring the run catalog, reading each run instead: %s", exc)
+            return None
         if data is None:
             return None
         try:
