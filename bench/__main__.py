@@ -22,7 +22,19 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench import backfill, fleet, footprint, freshness, readback, reqrate, sdkcpu, wire, writer
+from bench import (
+    backfill,
+    fleet,
+    footprint,
+    freshness,
+    readback,
+    reqrate,
+    samples,
+    sdkcpu,
+    view,
+    wire,
+    writer,
+)
 from bench.common import Bench
 from bench.report import write_report
 
@@ -36,6 +48,8 @@ MEASUREMENTS: dict[str, Callable[[Bench], dict[str, Any]]] = {
     "requests": reqrate.run,
     "sdkcpu": sdkcpu.run,
     "fleet": fleet.run,
+    "samples": samples.run,
+    "view": view.run,
 }
 
 

@@ -561,6 +561,128 @@ def _fleet(res: dict[str, Any], img: Path) -> list[str]:
     return out
 
 
+def _samples(res: dict[str, Any], img: Path) -> list[str]:
+    def secs(x: float | None) -> str:
+        return "-" if x is None else f"{x:.3f} s"
+
+    rows = [
+        [
+            r["case"],
+            secs(r["reference_s"]),
+            secs(r["evalsyncd_s"]),
+            "-" if r["speedup"] is None else f"{r['speedup']:.1f}x",
+            r["target"] if r["ok"] is None else f"{r['target']} {_verdict(r['ok'])}",
+            "-" if r["requests"] is None else _f(r["requests"], 0),
+            "-" if r["mib_fetched"] is None else f"{r['mib_fetched']:,.2f}",
+            r["note"],
+        ]
+        for r in res["rows"]
+    ]
+    out = [
+        f"All reads from S3 through the proxy at {res['rtt_ms']:.0f} ms added RTT.",
+        "",
+        _table(
+            [
+                "case",
+                "today's reader",
+                "evalsyncd.samples",
+                "speedup",
+                "target",
+                "requests",
+                "MiB fetched",
+                "notes",
+            ],
+            rows,
+        ),
+        "",
+    ]
+
+    def draw(ax: Any) -> None:
+        timed = [r for r in res["rows"] if r["reference_s"] is not None]
+        keys = [r["case"][:40] for r in timed]
+        ax.barh(
+            [i + 0.2 for i in range(len(keys))],
+            [r["reference_s"] for r in timed],
+            0.4,
+            label="today's reader",
+        )
+        ax.barh(
+            [i - 0.2 for i in range(len(keys))],
+            [r["evalsyncd_s"] for r in timed],
+            0.4,
+            label="evalsyncd.samples",
+        )
+        ax.set_yticks(range(len(keys)), keys, fontsize=6)
+        ax.set_xscale("log")
+        ax.set_xlabel("seconds (lower is better)")
+        ax.legend()
+
+    _plot(img, draw)
+    return out
+
+
+def _view(res: dict[str, Any], img: Path) -> list[str]:
+    fs, live = res["first_screen"], res["live"]
+    out = [
+        f"First screen: `evalsyncd view` of a fleet of {fs['hosts']} hosts x "
+        f"{fs['runs'] // fs['hosts']} runs, `GET /` until its HTML (first 200 rows) is received, "
+        "fresh server each time (median of 3); the reference EvalStore lists host after host "
+        f"(measured on {fs['reference_measured_hosts']} hosts, {fs['reference_measured_s']:.2f} s, "
+        "scaled to the fleet).",
+        "",
+        _table(
+            ["case @ 20 ms RTT", "reference EvalStore", "evalsyncd view", "speedup", "target"],
+            [
+                [
+                    "first screen",
+                    f"{fs['reference_s']:.2f} s",
+                    f"{fs['evalsyncd_s']:.3f} s",
+                    f"{fs['speedup']:.0f}x",
+                    f"<= {fs['target_s']} s {_verdict(fs['evalsyncd_s'] <= fs['target_s'])}",
+                ],
+                [
+                    "requests",
+                    _f(fs["reference_requests"], 0),
+                    f"{_f(fs['evalsyncd_requests'], 0)} ({fs['evalsyncd_requests_per_host']:.2f} per host"
+                    " + 2 for the fleet prefix)",
+                    "-",
+                    f"<= {fs['target_requests_per_host']:.0f} per host "
+                    f"{_verdict(fs['evalsyncd_requests_per_host'] <= fs['target_requests_per_host'])}",
+                ],
+            ],
+        ),
+        "",
+        f"Live: a sample written on a host under a running daemon (flush_interval_s = "
+        f"{live['flush_interval_s']} s, through the 20 ms proxy) shows in an open samples page "
+        f"(its live fragment polled every {live.get('poll_s', live['refresh_s'])} s, as `view.js` "
+        "does in a samples page).",
+        "",
+        _table(
+            ["samples", "missing", "p50", "p95", "max", "target (p95)"],
+            [
+                [
+                    live["samples"],
+                    live["missing"],
+                    f"{live['p50_s']:.2f} s",
+                    f"{live['p95_s']:.2f} s",
+                    f"{live['max_s']:.2f} s",
+                    f"<= {live['target_s']:.1f} s {_verdict(live['ok'])}",
+                ]
+            ],
+        ),
+        "",
+    ]
+
+    def draw(ax: Any) -> None:
+        labels = ["reference EvalStore (scaled)", "evalsyncd view"]
+        ax.barh(labels, [fs["reference_s"], fs["evalsyncd_s"]])
+        ax.set_xscale("log")
+        ax.set_xlabel(f"first screen of {fs['runs']} runs, seconds (lower is better)")
+
+    _plot(img, draw)
+    return out
+
+
 SECTIONS: dict[str, tuple[str, Callable[[dict[str, Any], Path], list[str]]]] = {
     "wire": ("1. Bytes on the wire per appended byte", _wire),
     "freshness": ("2. Freshness: write to visible in the bucket", _fresh),
@@ -571,6 +693,8 @@ SECTIONS: dict[str, tuple[str, Callable[[dict[str, Any], Path], list[str]]]] = {
     "requests": ("7. Requests by number of growing files", _requests),
     "sdkcpu": ("8. CPU per S3 request, by client", _sdkcpu),
     "fleet": ("9. Reading the fleet: 8 hosts x 40 runs, and one host of 300", _fleet),
+    "samples": ("10. Samples: a big file, a 50 MB sample, compare, bulk reads", _samples),
+    "view": ("11. evalsyncd view: first screen of a big fleet, live samples", _view),
 }
 
 

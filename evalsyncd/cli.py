@@ -1,4 +1,4 @@
-"""Command line: ``evalsyncd run | sync --once | status | verify | runs ls|show|report | restore | demo``.
+"""Command line: ``evalsyncd run | sync --once | status | verify | claim | runs ls|show|report|export | restore | view | demo``.
 
 The only module that reads config files, configures logging, installs signal
 handlers and starts event loops. Imports are per command: ``runs`` and
@@ -126,6 +126,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(status)
     status.add_argument("--json", action="store_true", help="print JSON")
 
+    evict = sub.add_parser(
+        "evict",
+        help="one retention round: evict runs every destination holds (see [retention])",
+    )
+    _add_common(evict)
+    evict.add_argument(
+        "--dry-run", action="store_true", help="list what would go and why; delete nothing"
+    )
+    evict.add_argument("--json", action="store_true", help="print JSON")
+
     verify = sub.add_parser(
         "verify", help="compare every local file with its remote object; exit 1 on mismatches"
     )
@@ -138,6 +148,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     verify.add_argument("--json", action="store_true", help="print one JSON object per mismatch")
     _add_allow_skipped(verify)
+
+    claim = sub.add_parser(
+        "claim",
+        help="show (or take) the owner of each destination's prefix; exit 1 if another host's",
+    )
+    _add_common(claim)
+    claim.add_argument(
+        "--destination",
+        metavar="NAME",
+        action="append",
+        help="only this destination (repeatable; default: all)",
+    )
+    claim.add_argument(
+        "--take-over",
+        action="store_true",
+        help="claim the prefix for this host even if another owns it (a reinstalled host "
+        "whose state directory is gone); needs --destination",
+    )
 
     runs = sub.add_parser(
         "runs", help="read evaluation runs from a directory, s3:// or gs:// (a host or a fleet)"
@@ -154,10 +182,13 @@ def build_parser() -> argparse.ArgumentParser:
     runs_report = runs_sub.add_parser(
         "report", help="one self-contained HTML page: runs table and score-by-checkpoint plots"
     )
+    runs_export = runs_sub.add_parser(
+        "export", help="every sample of every run as one CSV table (DuckDB, Polars, pandas)"
+    )
     restore = sub.add_parser(
         "restore", help="copy one run from a bucket into a local root, byte for byte"
     )
-    for p in (runs_ls, runs_show, runs_report, restore):
+    for p in (runs_ls, runs_show, runs_report, runs_export, restore):
         p.add_argument(
             "--config",
             metavar="PATH",
@@ -181,6 +212,10 @@ def build_parser() -> argparse.ArgumentParser:
         "-o", "--output", metavar="FILE", required=True, type=Path, help="the HTML file to write"
     )
     runs_report.add_argument("--title", default="Evaluation runs", help="the page title")
+    runs_export.add_argument("uri", metavar="URI", help=uri_help)
+    runs_export.add_argument(
+        "-o", "--output", metavar="DIR", required=True, type=Path, help="writes DIR/samples.csv"
+    )
     restore.add_argument("uri", metavar="URI", help=uri_help)
     restore.add_argument("run_id", metavar="RUN_ID")
     restore.add_argument(
@@ -198,6 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="TOML configuration; URL may then be a destination name (its client settings apply)",
     )
     check.add_argument("--json", action="store_true", help="print JSON")
+    _add_view_parser(sub)
 
     demo = sub.add_parser(
         "demo", help="local S3 + GCS servers, a sample writer and the daemon, end to end"
@@ -291,6 +327,45 @@ def _status(settings: Settings, as_json: bool) -> int:
     return EX_OK
 
 
+async def _evict(settings: Settings, *, dry_run: bool, as_json: bool) -> int:
+    """``evalsyncd evict``: one retention round with the destinations' recorded states."""
+    from contextlib import AsyncExitStack
+    from dataclasses import asdict
+
+    from evalsyncd.config import ensure_state_dir
+    from evalsyncd.status import format_bytes
+    from evalsyncd.sync.journal import Journal
+    from evalsyncd.sync.retention import Mirror, Retention
+    from evalsyncd.sync.service import JOURNAL_NAME, open_destination_storage
+
+    journal = Journal(ensure_state_dir(settings) / JOURNAL_NAME, settings.root)
+    async with AsyncExitStack() as stack:
+        stack.callback(journal.close)
+        records = journal.destinations()
+        mirrors = []
+        for dest in settings.destinations:
+            storage = open_destination_storage(dest)
+            await stack.enter_async_context(storage)
+            storage.read_tail = False  # the plain objects
+            state = records[dest.name].state if dest.name in records else "never run"
+            mirrors.append(Mirror(dest.name, storage, state))
+        report = await Retention(settings.root, settings.retention, journal, lambda: mirrors).round(
+            dry_run=dry_run
+        )
+    if as_json:
+        print(json.dumps(asdict(report), indent=2, default=str))
+        return EX_OK
+    verb = "would evict" if dry_run else "evicted"
+    for r in report.runs:
+        if r.evicted or (dry_run and r.choice and r.blocker is None):
+            print(f"{verb} {r.run_id}: {format_bytes(r.bytes)} ({r.choice})")
+        elif r.choice or r.blocker:
+            print(f"kept {r.run_id}: {format_bytes(r.bytes)}: {r.blocker}")
+    if report.stopped:
+        print(f"nothing evicted: {report.stopped}")
+    return EX_OK
+
+
 async def _verify(
     settings: Settings, names: list[str] | None, as_json: bool, allow_skipped: bool = False
 ) -> int:
@@ -316,15 +391,18 @@ async def _verify(
                 print(json.dumps({"destination": name, **check.__dict__}), flush=True)
             else:
                 size = "-" if check.remote_size is None else check.remote_size
+                view = " (plain object)" if check.view == "plain" else ""
                 print(
-                    f"MISMATCH {name} {check.path}: {check.problem}: {check.detail} "
+                    f"MISMATCH {name} {check.path}{view}: {check.problem}: {check.detail} "
                     f"(local {check.local_size} B, remote {size} B)",
                     flush=True,
                 )
 
         storage = open_destination_storage(dest)
+        plain = open_destination_storage(dest)  # the plain objects, as other tools read them
+        plain.read_tail = False
         try:
-            async with storage:
+            async with storage, plain:
                 report = await verify_storage(
                     storage,
                     settings.root,
@@ -332,6 +410,9 @@ async def _verify(
                     exclude=(settings.state_dir,),
                     max_concurrency=dest.max_concurrency,
                     on_check=show,
+                    plain=plain,
+                    journal_rows=_journal_rows(settings, name),
+                    max_main_lag_s=dest.max_main_lag_s,
                 )
         except StorageError as exc:
             print(f"evalsyncd: {name}: {type(exc).__name__}: {exc}", file=sys.stderr)
@@ -342,8 +423,14 @@ async def _verify(
         for skipped in report.skipped:
             print(f"skipped {name} {skipped}", file=sys.stderr)
         failed = failed or (bool(report.skipped) and not allow_skipped)
+        for note in report.notes:
+            print(f"info {name} {note.path} (plain object): {note.note}", file=sys.stderr)
         methods = ", ".join(f"{n} by {m}" for m, n in sorted(report.methods.items()))
         verdict = "OK" if report.ok else f"{len(report.mismatches)} MISMATCHES"
+        if report.notes:
+            verdict += (
+                f" ({len(report.notes)} plain objects not yet up to date, within their due time)"
+            )
         print(
             f"{name} ({report.url}): {report.checked} files checked ({methods or 'none'}): {verdict}",
             file=sys.stderr if as_json else sys.stdout,
@@ -367,6 +454,66 @@ def _report_skipped(what: list[str], allow: bool) -> bool:
     for line in what:
         print(f"evalsyncd: warning: {line}", file=sys.stderr)
     return bool(what) and not allow
+
+
+async def _claim(settings: Settings, names: list[str] | None, take: bool) -> int:
+    """``evalsyncd claim``: each destination's owner; with ``take``, this host's from now on."""
+    from evalsyncd.config import ensure_state_dir
+    from evalsyncd.errors import PrefixOwnedError
+    from evalsyncd.sync.journal import Journal
+    from evalsyncd.sync.owner import check_claim, record_owner, take_over
+    from evalsyncd.sync.service import JOURNAL_NAME, open_destination_storage
+
+    known = {d.name: d for d in settings.destinations}
+    unknown = [n for n in names or [] if n not in known]
+    if unknown or (take and not names):
+        what = f"unknown destination {', '.join(unknown)}" if unknown else "--take-over needs"
+        print(
+            f"evalsyncd: {what} --destination NAME; configured: {', '.join(known)}", file=sys.stderr
+        )
+        return EX_USAGE
+    state_dir = ensure_state_dir(settings)
+    with Journal(state_dir / JOURNAL_NAME, settings.root) as journal:
+        writer = journal.writer_id()
+    failed = False
+    for name in names or list(known):
+        storage = open_destination_storage(known[name])
+        try:
+            async with storage:
+                if take:
+                    previous, claim = await take_over(storage, writer)
+                    was = (
+                        f"host {previous.host!r} (writer {previous.writer}, since {previous.when()})"
+                        if previous is not None
+                        else "nobody"
+                    )
+                    print(f"{name} ({storage.url()}): taken over from {was}: now this host's")
+                else:
+                    claim = await check_claim(storage, writer, name)
+                    print(
+                        f"{name} ({storage.url()}): owned by this host ({claim.host!r}, "
+                        f"writer {writer}) since {claim.when()}"
+                    )
+                record_owner(state_dir, name, known[name].url, claim, True)
+        except PrefixOwnedError as exc:
+            print(f"{name}: {exc}")
+            failed = True
+        except StorageError as exc:
+            print(f"evalsyncd: {name}: {type(exc).__name__}: {exc}", file=sys.stderr)
+            failed = True
+    return EX_FAILURE if failed else EX_OK
+
+
+def _journal_rows(settings: Settings, destination: str) -> dict[str, Any] | None:
+    """The destination's journal rows by path (read-only), or ``None`` without a journal."""
+    from evalsyncd.sync.journal import Journal
+    from evalsyncd.sync.service import JOURNAL_NAME
+
+    path = settings.state_dir / JOURNAL_NAME
+    if not path.exists():
+        return None
+    with Journal(path, settings.root, readonly=True) as journal:
+        return dict(journal.entries(destination))
 
 
 def _reader_logging() -> None:
@@ -474,6 +621,8 @@ def _runs(args: argparse.Namespace) -> int:
             args.output.write_text(page, encoding="utf-8")
             print(f"wrote {args.output} ({len(rows)} runs)", file=sys.stderr)
             return EX_OK if ok else EX_FAILURE
+        if args.runs_command == "export":
+            return _export(args)
         with _run_store(args.uri, args.config, args.run_id) as found:
             if found is None:
                 return EX_FAILURE
@@ -491,6 +640,25 @@ def _runs(args: argparse.Namespace) -> int:
     return EX_OK
 
 
+def _export(args: argparse.Namespace) -> int:
+    """``runs export``: the samples table of a store or a fleet (evalsyncd.samples.export)."""
+    from evalsyncd.samples.export import aexport_samples
+    from evalsyncd.storage._bridge import run_sync
+
+    storage, prefix = _open_reader(args.uri, args.config)
+    with storage:
+        summary = run_sync(aexport_samples(storage, prefix, args.output))
+    for problem in summary.problems:
+        level = "warning" if problem.startswith("bad line: ") else "error"
+        print(f"evalsyncd: {level}: {problem}", file=sys.stderr)
+    print(
+        f"wrote {summary.path} ({summary.rows} samples from {summary.files} files, "
+        f"{summary.bad_lines} bad lines skipped)",
+        file=sys.stderr,
+    )
+    return EX_OK if summary.ok else EX_FAILURE
+
+
 @contextlib.contextmanager
 def _run_store(
     uri: str, config: str | None, run_id: str
@@ -503,9 +671,35 @@ def _run_store(
         ConfigError, FileNotFoundError, ValueError: see :func:`_open_reader`.
     """
     storage, prefix = _open_reader(uri, config)
-    with storage:
+    with storage, contextlib.ExitStack() as stack:
         found = _find_one(storage, prefix, run_id, uri)
-        yield None if found is None else (found[1], found[0].store(found[1]), found[2])
+        if found is None:
+            yield None
+            return
+        store = found[0].store(found[1])
+        marker = store.eviction_marker(run_id)
+        if marker is not None:  # evicted by retention: read the rest from the mirror
+            store.fallback = stack.enter_context(_mirror_of(config, marker.mirrors))
+        yield found[1], store, found[2]
+
+
+def _mirror_of(config: str | None, mirrors: Sequence[str]) -> Storage:
+    """The mirror of an evicted run: the first destination of ``config`` (with its client
+    settings), else the first URL its eviction marker names (default client settings).
+
+    Raises:
+        ValueError: no config and a marker that names no mirror.
+    """
+    from evalsyncd.storage.urls import parse_url
+
+    if config:
+        from evalsyncd.config import load_settings
+        from evalsyncd.sync.service import open_destination_storage
+
+        return open_destination_storage(load_settings(config).destinations[0])
+    if not mirrors:
+        raise ValueError("the run was evicted and its marker names no mirror: pass --config")
+    return parse_url(mirrors[0]).open()
 
 
 def _find_one(storage: Storage, prefix: str, run_id: str, uri: str) -> tuple[Any, str, bool] | None:
@@ -627,6 +821,91 @@ def _open_check_target(uri: str, config: str | None) -> Storage:
     return parse_url(uri).open()
 
 
+def _add_view_parser(sub: Any) -> None:
+    view = sub.add_parser(
+        "view", help="a read-only local web app over runs, samples and comparisons (until Ctrl-C)"
+    )
+    view.add_argument(
+        "uri",
+        metavar="URI",
+        help="a local root, a host prefix or a fleet prefix (a directory, s3://..., gs://...)",
+    )
+    view.add_argument(
+        "--config",
+        metavar="PATH",
+        help="TOML configuration; URI may then be a destination name (its client settings apply)",
+    )
+    view.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default 127.0.0.1: this machine only)",
+    )
+    view.add_argument(
+        "--port", type=int, default=8765, help="TCP port (default 8765; 0: any free port)"
+    )
+    view.add_argument(
+        "--refresh",
+        type=float,
+        default=1.0,
+        metavar="SECONDS",
+        help="how often open pages look for new runs and samples (default 1)",
+    )
+    view.add_argument(
+        "--allow-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="another name requests may use in their Host header (repeatable)",
+    )
+
+
+def _view(args: argparse.Namespace) -> int:
+    """``evalsyncd view``: serve until SIGINT/SIGTERM; 0 on a clean stop."""
+    import signal
+
+    from evalsyncd.view import serve
+
+    _reader_logging()
+    if not args.refresh > 0:
+        print("evalsyncd: error: --refresh must be > 0", file=sys.stderr)
+        return EX_USAGE
+    try:
+        storage, prefix = _open_reader(args.uri, args.config)
+    except ConfigError as exc:
+        return _config_error(exc)
+    except (StorageError, OSError, ValueError) as exc:
+        _fail(exc, args.uri)
+        return EX_FAILURE
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+
+        def ready(url: str) -> None:
+            print(f"evalsyncd view of {args.uri}: {url}  (Ctrl-C to stop)", flush=True)
+
+        await serve(
+            storage,
+            prefix,
+            host=args.host,
+            port=args.port,
+            refresh_s=args.refresh,
+            allow_hosts=tuple(args.allow_host),
+            stop=stop,
+            on_ready=ready,
+        )
+
+    try:
+        with storage:
+            asyncio.run(run())
+    except OSError as exc:
+        _fail(exc, f"{args.host}:{args.port}")
+        return EX_FAILURE
+    return EX_OK
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit status."""
     args = build_parser().parse_args(argv)
@@ -640,6 +919,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _restore(args)
     if args.command == "check":
         return _check(args)
+    if args.command == "view":
+        return _view(args)
     from evalsyncd.logs import configure_logging
     from evalsyncd.sync.journal import JournalError
 
@@ -647,7 +928,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = _settings(args)
     except ConfigError as exc:
         return _config_error(exc)
-    quiet = args.command in ("status", "verify")
+    quiet = args.command in ("status", "verify", "claim") or getattr(args, "dry_run", False)
     configure_logging(settings.log_format, "warning" if quiet else settings.log_level)
     try:
         if args.command == "run":
@@ -658,6 +939,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _status(settings, args.json)
         if args.command == "verify":
             return asyncio.run(_verify(settings, args.destination, args.json, args.allow_skipped))
+        if args.command == "claim":
+            return asyncio.run(_claim(settings, args.destination, args.take_over))
+        if args.command == "evict":
+            return asyncio.run(_evict(settings, dry_run=args.dry_run, as_json=args.json))
     except ConfigError as exc:  # the state directory cannot be created
         return _config_error(exc)
     except JournalError as exc:

@@ -61,6 +61,7 @@ __all__ = [
     "DestinationSettings",
     "GCSDestinationSettings",
     "LocalDestinationSettings",
+    "RetentionSettings",
     "RetrySettings",
     "S3DestinationSettings",
     "Settings",
@@ -340,6 +341,49 @@ def for_scheme(dest: DestinationSettings) -> DestinationSettings:
     return dest if type(dest) is cls else cls.model_validate(dest.model_dump())
 
 
+class RetentionSettings(BaseModel):
+    """Eviction of mirrored runs from the local disk (``[retention]``; off by default).
+
+    A run may be evicted once it is finalized (``summary.json`` present) and quiet
+    for ``min_age_s``, and only after every destination was proven to hold every
+    file of it (see :mod:`evalsyncd.sync.retention` and ``docs/operations.md``).
+    Runs go oldest first when one reaches ``max_age_s``, or while the filesystem's
+    used share is above ``high_water`` until it is below ``low_water``.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = Field(False, description="evict mirrored runs from the local disk")
+    min_age_s: float = Field(
+        3600.0, ge=0, description="a finalized run must be quiet this long, seconds"
+    )
+    abandoned_after_s: float | None = Field(
+        None,
+        gt=0,
+        description="an open run (no summary.json) quiet this long counts as abandoned and "
+        "may be evicted (still only when every byte is safe), seconds; unset: never",
+    )
+    max_age_s: float | None = Field(
+        None, gt=0, description="evict eligible runs quiet this long, seconds; unset: by space only"
+    )
+    high_water: float | None = Field(
+        None, gt=0, lt=1, description="used share of the filesystem that starts eviction (0-1)"
+    )
+    low_water: float | None = Field(
+        None, gt=0, lt=1, description="used share eviction brings the filesystem down to (0-1)"
+    )
+    interval_s: float = Field(30.0, gt=0, description="time between two eviction rounds, seconds")
+
+    @model_validator(mode="after")
+    def _marks(self) -> RetentionSettings:
+        if (self.high_water is None) != (self.low_water is None):
+            raise ValueError("high_water and low_water go together: set both or neither")
+        high, low = self.high_water, self.low_water
+        if high is not None and low is not None and low >= high:
+            raise ValueError(f"low_water ({low}) must be below high_water ({high})")
+        return self
+
+
 class Settings(BaseSettings):
     """The whole configuration of one daemon (one watched root)."""
 
@@ -373,6 +417,7 @@ class Settings(BaseSettings):
         None, description="host:port of the Prometheus endpoint; off when unset"
     )
     destinations: list[AnyDestinationSettings] = Field(min_length=1)
+    retention: RetentionSettings = Field(default_factory=RetentionSettings)  # type: ignore[arg-type]
 
     @field_validator("root")
     @classmethod

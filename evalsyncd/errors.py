@@ -6,6 +6,8 @@ decide on retries by type and never by matching message strings::
 
     EvalsyncdError
     ├── ConfigError                       bad settings; the CLI exits 78 (EX_CONFIG)
+    ├── RunEvictedError                   also PermissionError: a write to a run evicted from
+    │                                     the local disk (retention); `evalsyncd restore` it
     └── StorageError                      anything a storage backend raises
         ├── ObjectNotFoundError           also FileNotFoundError: the object is missing
         ├── ConflictError                 a precondition failed (HTTP 412, offset mismatch):
@@ -17,9 +19,13 @@ decide on retries by type and never by matching message strings::
             ├── BucketNotFoundError       the bucket itself does not exist
             ├── InvalidRequestError       the server refused the request as malformed
             ├── CorruptObjectError        an object evalsyncd wrote (a tail object) is damaged
-            └── ServerBehaviourError      the server's answer breaks the S3/GCS contract (a
-                                          missing ETag, a wrong size after an append): a
-                                          feature evalsyncd relies on is missing or broken
+            ├── ServerBehaviourError      the server's answer breaks the S3/GCS contract (a
+            │                             missing ETag, a wrong size after an append): a
+            │                             feature evalsyncd relies on is missing or broken
+            └── PrefixOwnedError          another evalsyncd owns the destination's prefix
+    SampleError                           a read of samples (evalsyncd.samples) failed
+    ├── SampleNotFoundError               also LookupError: no sample at that line
+    └── SearchPatternError                also ValueError: an invalid search regex
 
 Keys that are empty, absolute or contain ``..`` are refused before any request
 with a plain :class:`ValueError` (:class:`InvalidKeyError` subclasses both).
@@ -42,6 +48,11 @@ __all__ = [
     "InvalidRequestError",
     "ObjectNotFoundError",
     "PermanentStorageError",
+    "PrefixOwnedError",
+    "RunEvictedError",
+    "SampleError",
+    "SampleNotFoundError",
+    "SearchPatternError",
     "ServerBehaviourError",
     "StorageError",
     "TransientStorageError",
@@ -54,6 +65,20 @@ class EvalsyncdError(Exception):
 
 class ConfigError(EvalsyncdError):
     """The configuration is invalid. The message names the offending key or file."""
+
+
+class RunEvictedError(EvalsyncdError, PermissionError):
+    """A write to a run whose files were evicted from the local disk (retention).
+
+    The message names the run and how to bring it back (``evalsyncd restore``).
+
+    Attributes:
+        run_id: the run.
+    """
+
+    def __init__(self, message: str, *, run_id: str) -> None:
+        super().__init__(message)
+        self.run_id = run_id
 
 
 class StorageError(EvalsyncdError):
@@ -140,3 +165,43 @@ class ServerBehaviourError(PermanentStorageError):
         super().__init__(message, url=url)
         self.feature = feature
         self.answer = answer
+
+
+class PrefixOwnedError(PermanentStorageError):
+    """Another evalsyncd owns the prefix (its claim ``.evalsyncd/owner.json``).
+
+    The message names the owner's hostname, when it claimed the prefix and the
+    fix; the daemon writes nothing under the prefix while this holds.
+
+    Attributes:
+        owner_host: the owner's hostname, as its claim says (``None`` when the
+            prefix has no claim but another writer's tail log).
+        owner_writer: the owner's writer id.
+        claimed_at: when the owner claimed the prefix, Unix seconds (``None``: unknown).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        url: str | None = None,
+        owner_host: str | None = None,
+        owner_writer: str = "",
+        claimed_at: float | None = None,
+    ) -> None:
+        super().__init__(message, url=url)
+        self.owner_host = owner_host
+        self.owner_writer = owner_writer
+        self.claimed_at = claimed_at
+
+
+class SampleError(EvalsyncdError):
+    """A read of samples (:mod:`evalsyncd.samples`) cannot be answered."""
+
+
+class SampleNotFoundError(SampleError, LookupError):
+    """No sample at the requested line of a ``trajectories.jsonl`` (the message names its URL)."""
+
+
+class SearchPatternError(SampleError, ValueError):
+    """A search pattern is not a valid regular expression (the message quotes it)."""

@@ -17,6 +17,14 @@ the upload latency histogram is fed as uploads happen, through the service's
     evalsyncd_destination_state{destination,state}         gauge, 1 for the current state
     evalsyncd_rescans_total                                counter, full scans
     evalsyncd_inotify_overflows_total                      counter, kernel queue overflows
+    evalsyncd_retention_local_bytes                        gauge, bytes of run files on disk
+    evalsyncd_retention_evictable_bytes                    gauge, bytes of runs safe to evict
+    evalsyncd_retention_evicted_bytes                      gauge, bytes evicted (held remotely only)
+    evalsyncd_retention_evicted_runs                       gauge, runs evicted
+    evalsyncd_retention_oldest_kept_seconds                gauge, quiet time of the oldest
+                                                           finalized run still on disk
+
+The retention gauges are those of the last retention round (absent before the first).
 
 Counters restart from zero with the daemon (and for a destination changed by a
 reload), which Prometheus' ``rate()`` handles.
@@ -35,6 +43,7 @@ from prometheus_client import CollectorRegistry, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from evalsyncd.sync.destination import DestinationState
+from evalsyncd.sync.retention import RoundReport
 from evalsyncd.sync.service import Service
 
 __all__ = ["Metrics", "MetricsServer", "parse_address"]
@@ -66,6 +75,7 @@ class _Snapshot:
     rescans: int = 0
     overflows: int = 0
     destinations: list[_DestinationSnapshot] = field(default_factory=list)
+    retention: RoundReport | None = None
 
 
 def _take_snapshot(service: Service) -> _Snapshot:
@@ -88,7 +98,8 @@ def _take_snapshot(service: Service) -> _Snapshot:
                 last_success=record.last_success if record else None,
             )
         )
-    return _Snapshot(service.rescans, service.overflows, dests)
+    last = service.retention.last if service.retention is not None else None
+    return _Snapshot(service.rescans, service.overflows, dests, last)
 
 
 class Metrics:
@@ -169,6 +180,30 @@ class Metrics:
         families["rescans"].add_metric([], snap.rescans)
         families["overflows"].add_metric([], snap.overflows)
         yield from families.values()
+        yield from _retention_families(snap.retention)
+
+
+def _retention_families(report: RoundReport | None) -> Iterator[Metric]:
+    """The retention gauges of the last round (none before the first)."""
+    if report is None:
+        return
+    oldest = report.oldest_kept.quiet_s if report.oldest_kept is not None else 0.0
+    for name, doc, value in (
+        ("local_bytes", "Bytes of run files on the local disk.", report.local_bytes),
+        ("evictable_bytes", "Bytes of runs safe to evict now.", report.evictable_bytes),
+        (
+            "evicted_bytes",
+            "Bytes of runs evicted, held by the destinations only.",
+            report.evicted_bytes,
+        ),
+        ("evicted_runs", "Runs evicted from the local disk.", report.evicted_runs),
+        (
+            "oldest_kept_seconds",
+            "Quiet time of the oldest finalized run still on disk, seconds.",
+            max(0.0, oldest),
+        ),
+    ):
+        yield GaugeMetricFamily(f"evalsyncd_retention_{name}", doc, value=value)
 
 
 _D = ("destination",)

@@ -22,10 +22,10 @@ from __future__ import annotations
 import html
 import math
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-__all__ = ["checkpoint_sort_key", "render_report"]
+__all__ = ["checkpoint_sort_key", "render_report", "score_figures"]
 
 PALETTE = (
     "#1f77b4",
@@ -113,7 +113,18 @@ def _nice_range(lo: float, hi: float) -> tuple[float, float]:
     return lo - pad, hi + pad
 
 
-def _plot(benchmark: str, rows: Sequence[Mapping[str, Any]], colors: Mapping[str, str]) -> str:
+def _plot(
+    benchmark: str,
+    rows: Sequence[Mapping[str, Any]],
+    colors: Mapping[str, str],
+    href: Callable[[str, str | None], str | None] | None = None,
+) -> str:
+    """One benchmark's score-by-checkpoint SVG figure.
+
+    ``href(model, checkpoint)``, when given, is the (already quoted) URL each
+    point links to (``evalsyncd view`` opens the run); ``None`` leaves a point
+    unlinked.
+    """
     checkpoints, means = _series(rows, benchmark)
     width, height = 420, 270
     left, right, top, bottom = 48, 12, 14, 64
@@ -169,11 +180,13 @@ def _plot(benchmark: str, rows: Sequence[Mapping[str, Any]], colors: Mapping[str
             f'stroke="{color}" stroke-width="2"/>'
         )
         for px, py, c, v in pts:
-            out.append(
+            link = href(model, c) if href is not None else None
+            point = (
                 f'<circle cx="{px:.1f}" cy="{py:.1f}" r="3.5" fill="{color}" '
                 f'data-model="{_e(model)}" data-checkpoint="{_e(c)}" data-score="{v!r}">'
                 f"<title>{_e(model)} @ {_e(c or 'base')}: {v:.3f}</title></circle>"
             )
+            out.append(f'<a href="{_e(link)}">{point}</a>' if link else point)
         out.append("</g>")
     out.append('<g class="legend">')
     for k, model in enumerate(sorted(means)):
@@ -184,6 +197,27 @@ def _plot(benchmark: str, rows: Sequence[Mapping[str, Any]], colors: Mapping[str
         )
     out.append("</g></svg></figure>")
     return "".join(out)
+
+
+def _colors(rows: Sequence[Mapping[str, Any]]) -> dict[str, str]:
+    colors: dict[str, str] = {}
+    for r in sorted(rows, key=lambda r: str(r.get("model_name"))):
+        colors.setdefault(str(r.get("model_name")), PALETTE[len(colors) % len(PALETTE)])
+    return colors
+
+
+def score_figures(
+    rows: Sequence[Mapping[str, Any]],
+    *,
+    href: Callable[[str, str | None], str | None] | None = None,
+) -> list[tuple[str, str]]:
+    """Per benchmark (sorted), its score-by-checkpoint ``<figure>`` (HTML, escaped).
+
+    The same plots as :func:`render_report`'s; ``href(model, checkpoint)``
+    gives the URL a point links to (``None``: no link).
+    """
+    colors = _colors(rows)
+    return [(b, _plot(b, rows, colors, href)) for b in _benchmarks(rows)]
 
 
 def render_report(
@@ -207,9 +241,7 @@ def render_report(
         The HTML document (UTF-8 text, self-contained).
     """
     benchmarks = _benchmarks(rows)
-    colors: dict[str, str] = {}
-    for r in sorted(rows, key=lambda r: str(r.get("model_name"))):
-        colors.setdefault(str(r.get("model_name")), PALETTE[len(colors) % len(PALETTE)])
+    colors = _colors(rows)
     hosts = sorted({str(r.get("host", "")) for r in rows})
     parts = [
         "<!DOCTYPE html>",

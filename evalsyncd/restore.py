@@ -12,6 +12,11 @@ host's daemon then mirrors it like any other run).
 - A local run with the same id is compared file by file: identical means the
   restore is a no-op (idempotent); any difference raises
   :class:`RestoreConflictError` and nothing is written.
+- A run evicted from ``root`` by the daemon's retention (its
+  ``runs/{run_id}/.evicted.json`` marker, :mod:`evalsyncd.evicted`) is brought
+  back in place: each missing file is written atomically (a temporary file,
+  then a rename), the files still on disk must equal the source's, and the
+  marker goes last; an interrupted restore is finished by running it again.
 - The ``runs.jsonl`` line is the source's line as it is (its bytes); when the
   source index lacks the run, a line is made from ``metadata.json`` in the
   format ``create_run`` writes.
@@ -42,6 +47,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from evalsyncd.evicted import MARKER_NAME
 from evalsyncd.store import EvalStore, _check_name
 from evalsyncd.store.layout import MAX_JSON_BYTES, Skipped, check_json_size, json_problem
 
@@ -237,7 +243,11 @@ def restore_run(store: EvalStore, run_id: str, root: Path) -> RestoreResult:
         total += len(metadata)
         files = sorted({*rel_paths, "metadata.json"})
         already = run_dir.exists()
-        if already:
+        if (run_dir / MARKER_NAME).exists():  # evicted by retention: back in place
+            already = False
+            _bring_back(run_dir, tmp, files, store.url(f"runs/{run_id}"))
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif already:
             _compare(run_dir, tmp, files, store.url(f"runs/{run_id}"))
             shutil.rmtree(tmp, ignore_errors=True)
         else:
@@ -256,6 +266,29 @@ def restore_run(store: EvalStore, run_id: str, root: Path) -> RestoreResult:
             os.close(fd)
         appended = True
     return RestoreResult(run_dir, files, total, already, appended, skipped)
+
+
+def _bring_back(run_dir: Path, fetched: Path, files: list[str], source: str) -> None:
+    """Put the files of an evicted run back in place from ``fetched`` (a directory on
+    the same filesystem), then remove its marker.
+
+    Raises:
+        RestoreConflictError: a file still on disk differs from the source's (the
+            marker stays; nothing of that file is overwritten).
+    """
+    for rel in files:
+        dest, new = run_dir / rel, fetched / rel
+        if dest.exists():
+            if not filecmp.cmp(dest, new, shallow=False):
+                raise RestoreConflictError(
+                    f"{dest} differs from {source}/{rel}: refusing to overwrite the local run"
+                )
+            continue
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with open(new, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(new, dest)
+    os.unlink(run_dir / MARKER_NAME)
 
 
 def _compare(run_dir: Path, fetched: Path, files: list[str], source: str) -> None:

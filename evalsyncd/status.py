@@ -31,9 +31,17 @@ from typing import Any
 from evalsyncd.config import Settings
 from evalsyncd.sync.files import FileKind, classify, scan_tree
 from evalsyncd.sync.journal import Entry, Journal
+from evalsyncd.sync.owner import read_owner_records
 from evalsyncd.sync.service import JOURNAL_NAME, unacked_bytes
 
-__all__ = ["DestinationStatus", "StatusReport", "collect_status", "format_bytes", "format_status"]
+__all__ = [
+    "DestinationStatus",
+    "StatusReport",
+    "collect_status",
+    "format_bytes",
+    "format_status",
+    "retention_status",
+]
 
 
 @dataclass(frozen=True)
@@ -53,6 +61,12 @@ class DestinationStatus:
         last_success: Unix time of the last successful upload pass, or ``None``.
         last_error: the last error message, or ``None``.
         last_error_at: Unix time of ``last_error``, or ``None``.
+        owner_host: the hostname in the prefix's owner claim as the daemon last
+            read it (``None``: not read yet, or no claim but another writer's tail).
+        owner_is_this_host: whether that claim is this state directory's
+            (``None``: not read yet).
+        owner_claimed_at: when the owner claimed the prefix, Unix seconds.
+        owner_checked_at: when the daemon last read the claim, Unix seconds.
     """
 
     name: str
@@ -65,6 +79,10 @@ class DestinationStatus:
     last_success: float | None
     last_error: str | None
     last_error_at: float | None
+    owner_host: str | None = None
+    owner_is_this_host: bool | None = None
+    owner_claimed_at: float | None = None
+    owner_checked_at: float | None = None
 
 
 @dataclass(frozen=True)
@@ -76,6 +94,8 @@ class StatusReport:
     journal_exists: bool
     files: int
     destinations: list[DestinationStatus]
+    retention: dict[str, Any] | None = None
+    """Retention (``[retention]``, see :func:`retention_status`); ``None`` when off."""
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (times as Unix seconds)."""
@@ -113,8 +133,12 @@ def collect_status(settings: Settings, *, now: float | None = None) -> StatusRep
     files = list(scan_tree(settings.root, (settings.state_dir,)))
     exists = journal_path.exists()
     journal = Journal(journal_path, settings.root, readonly=True) if exists else None
+    retention = None
     try:
+        if journal is not None and settings.retention.enabled:
+            retention = retention_status(settings, journal, now)
         records = journal.destinations() if journal else {}
+        owners = read_owner_records(settings.state_dir)
         out = []
         for dest in settings.destinations:
             entries = journal.entries(dest.name) if journal else {}
@@ -128,6 +152,9 @@ def collect_status(settings: Settings, *, now: float | None = None) -> StatusRep
                 if since is not None:
                     oldest = since if oldest is None else min(oldest, since)
             record = records.get(dest.name)
+            owner = (
+                owners.get(dest.name) if owners.get(dest.name, {}).get("url") == dest.url else None
+            )
             out.append(
                 DestinationStatus(
                     name=dest.name,
@@ -140,6 +167,10 @@ def collect_status(settings: Settings, *, now: float | None = None) -> StatusRep
                     last_success=record.last_success if record else None,
                     last_error=record.last_error if record else None,
                     last_error_at=record.last_error_at if record else None,
+                    owner_host=owner.get("host") if owner else None,
+                    owner_is_this_host=owner.get("mine") if owner else None,
+                    owner_claimed_at=owner.get("claimed_at") if owner else None,
+                    owner_checked_at=owner.get("checked_at") if owner else None,
                 )
             )
     finally:
@@ -151,7 +182,38 @@ def collect_status(settings: Settings, *, now: float | None = None) -> StatusRep
         journal_exists=exists,
         files=len(files),
         destinations=out,
+        retention=retention,
     )
+
+
+def retention_status(settings: Settings, journal: Journal, now: float) -> dict[str, Any]:
+    """Retention as the journal and the disk show it (no request): bytes held locally,
+    evictable, evicted, and why the oldest finalized run still on disk is kept."""
+    from evalsyncd.sync.retention import Mirror, Retention
+    from evalsyncd.sync.service import open_destination_storage
+
+    records = journal.destinations()
+    mirrors = [
+        Mirror(
+            d.name,
+            open_destination_storage(d),
+            records[d.name].state if d.name in records else "unknown",
+        )
+        for d in settings.destinations
+    ]
+    retention = Retention(
+        settings.root, settings.retention, journal, lambda: mirrors, clock=lambda: now
+    )
+    report, _ = retention.assess()
+    kept = report.oldest_kept
+    return {
+        "local_bytes": report.local_bytes,
+        "evictable_bytes": report.evictable_bytes,
+        "evicted_bytes": report.evicted_bytes,
+        "evicted_runs": report.evicted_runs,
+        "used_share": report.usage.share if report.usage is not None else None,
+        "oldest_kept": None if kept is None else {"run_id": kept.run_id, "why": kept.blocker},
+    }
 
 
 def format_bytes(n: int) -> str:
@@ -182,6 +244,18 @@ def _when(ts: float | None, now: float) -> str:
     return f"{iso} ({_duration(max(0.0, now - ts))} ago)"
 
 
+def _owner(d: DestinationStatus, now: float) -> str:
+    """The owner line of a destination (see :mod:`evalsyncd.sync.owner`)."""
+    if d.owner_is_this_host is None:
+        return "not checked yet (the daemon claims the prefix before its first write)"
+    who = f"host {d.owner_host}" if d.owner_host else "another evalsyncd (no claim)"
+    if d.owner_is_this_host:
+        who = f"this host ({d.owner_host})"
+    since = f", claimed {_when(d.owner_claimed_at, now)}" if d.owner_claimed_at else ""
+    tail = "" if d.owner_is_this_host else ": this host writes nothing there"
+    return f"{who}{since}{tail}"
+
+
 def format_status(report: StatusReport, *, now: float | None = None) -> str:
     """Human-readable text of a report, one block per destination."""
     now = time.time() if now is None else now
@@ -199,7 +273,18 @@ def format_status(report: StatusReport, *, now: float | None = None) -> str:
             lines.append("  pending: nothing, in sync")
         if d.invalid_files:
             lines.append(f"  not uploaded: {d.invalid_files} unparseable .json files")
+        lines.append(f"  owner: {_owner(d, now)}")
         lines.append(f"  last success: {_when(d.last_success, now)}")
         if d.last_error:
             lines.append(f"  last error: {d.last_error} at {_when(d.last_error_at, now)}")
+    r = report.retention
+    if r is not None:
+        lines.append(
+            f"retention: {format_bytes(r['local_bytes'])} held locally, "
+            f"{format_bytes(r['evictable_bytes'])} evictable, "
+            f"{format_bytes(r['evicted_bytes'])} evicted ({r['evicted_runs']} runs)"
+        )
+        if r["oldest_kept"] is not None:
+            kept = r["oldest_kept"]
+            lines.append(f"  oldest finalized run kept: {kept['run_id']}: {kept['why']}")
     return "\n".join(lines)

@@ -76,7 +76,7 @@ DAMAGE: dict[str, tuple[Callable[[Path], None], str]] = {
     "meta page damaged": (_overwrite_meta_page, "malformed"),
     "schema 999": (
         _execute("UPDATE meta SET value = '999' WHERE key = 'schema_version'"),
-        "journal schema 999, this evalsyncd knows 2",
+        "journal schema 999, this evalsyncd knows 3",
     ),
     "another root": (
         _execute("UPDATE meta SET value = '/elsewhere' WHERE key = 'root'"),
@@ -144,7 +144,7 @@ def test_a_new_journal_is_complete_for_readers_and_read_only_reads_it(tmp_path: 
     con = sqlite3.connect(db)
     meta = dict(con.execute("SELECT key, value FROM meta").fetchall())
     con.close()
-    assert meta["schema_version"] == "2" and meta["root"] == str(root)
+    assert meta["schema_version"] == "3" and meta["root"] == str(root)
     for reader_root in (root, None):
         with Journal(db, reader_root, readonly=True) as j:
             assert set(j.entries("d")) == {"a.jsonl"} and j.destinations() == {}

@@ -809,3 +809,42 @@ def test_a_cloud_url_string_is_refused_not_read_as_a_directory(tmp_path: Path) -
     assert not (cwd / "s3:").exists() and not (cwd / "gs:").exists()
     store = EvalStore((tmp_path / "s").as_uri())
     assert isinstance(store.storage, LocalStorage) and store.storage.root == tmp_path / "s"
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"checkpoint_name": ".ckpt"},
+        {"run_id": ".hidden"},
+        {"benchmarks": [".gsm8k"]},
+    ],
+    ids=["checkpoint_name", "run_id", "benchmark"],
+)
+def test_create_run_refuses_names_the_daemon_would_not_mirror(
+    tmp_path: Path, kwargs: dict[str, Any]
+) -> None:
+    """A run id or benchmark starting with '.' would be a dot-directory, which evalsyncd
+    never mirrors: create_run refuses it, naming the rule, and writes nothing."""
+    store = EvalStore(str(tmp_path))
+    args: dict[str, Any] = {"model_name": "m", "benchmarks": ["b"], **kwargs}
+    with pytest.raises(ValueError, match=r"starts with '\.'.*does not mirror"):
+        store.create_run(**args)
+    assert not any(tmp_path.rglob("*"))
+
+
+def test_writers_refuse_a_dot_benchmark_and_every_accepted_name_is_mirrored(
+    tmp_path: Path,
+) -> None:
+    """write_trajectory/write_result refuse a '.' benchmark; every path create_run and the
+    writers accept for unusual (non-dot) names is one the daemon mirrors."""
+    from evalsyncd.sync.files import FileKind, classify, scan_tree
+
+    store = EvalStore(str(tmp_path))
+    run_id = store.create_run("m", ["b"], checkpoint_name="step.tmp~")
+    with pytest.raises(ValueError, match="starts with"):
+        store.write_trajectory(run_id, ".b", traj(0))
+    for name in ("b", "x.swp", "a.b", "-dash"):
+        store.write_trajectory(run_id, name, traj(0))
+    paths = [rel for rel, _ in scan_tree(tmp_path)]
+    assert len(paths) == 6  # runs.jsonl, metadata.json, 4 trajectories
+    assert all(classify(p) is not FileKind.IGNORED for p in paths)

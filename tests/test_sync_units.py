@@ -361,3 +361,43 @@ def test_byte_budget_bounds_bytes_in_flight() -> None:
     asyncio.run(main())
     assert peak <= 100
     assert budget.free == 100
+
+
+def test_watcher_hints_writes_not_reads(tmp_path: Path) -> None:
+    """With its event filter (inotify mask), the native watcher still hints writes,
+    creations, renames, deletions and new directories, and never reads."""
+
+    async def scenario() -> None:
+        from evalsyncd.sync.watcher import Watcher
+
+        quiet = tmp_path / "read-only.jsonl"
+        quiet.write_bytes(b"old\n")
+        hints: list[tuple[str, bool, str]] = []
+        loop = asyncio.get_running_loop()
+        watcher = Watcher(tmp_path, loop, lambda *h: hints.append(h), lambda: None, lambda _m: None)
+        assert watcher.start()
+        try:
+            assert quiet.read_bytes() == b"old\n"  # opened, read, closed: no write
+            (tmp_path / "a.jsonl").write_bytes(b"x\n")
+            (tmp_path / "sub").mkdir()
+            (tmp_path / "a.jsonl").rename(tmp_path / "b.jsonl")
+            (tmp_path / "b.jsonl").unlink()
+            (tmp_path / "last.json").write_bytes(b"{}")
+
+            async def seen(path: Path) -> None:
+                for _ in range(600):
+                    if any(h[0] == str(path) for h in hints):
+                        return
+                    await asyncio.sleep(0.05)
+                raise AssertionError(f"no hint for {path}: {hints}")
+
+            await seen(tmp_path / "last.json")  # events arrive in order: the rest came before
+            for path in ("a.jsonl", "b.jsonl", "sub"):
+                await seen(tmp_path / path)
+            assert (str(tmp_path / "sub"), True, "created") in hints
+            assert not any(h[0] == str(quiet) for h in hints), hints
+            assert not any(h[1] and h[0] == str(tmp_path) for h in hints), hints
+        finally:
+            watcher.stop()
+
+    asyncio.run(scenario())

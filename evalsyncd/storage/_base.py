@@ -53,6 +53,7 @@ capability                     meaning (local / S3 / GCS / memory)
 ``achecksum(path)``            the checksum the store keeps for a whole file, or ``None``
                                (``None`` / ``None`` / ``crc32c`` / ``crc32c``)
 ``read_internal(name)`` ...    the daemon's own objects, :class:`InternalArea` (and async)
+``acreate_internal(name, b)``  create one of them only if absent (the prefix's owner claim)
 =============================  ===========================================================
 """
 
@@ -378,6 +379,21 @@ class Backend(Storage, AsyncStorage, InternalArea, AsyncInternalArea, Protocol):
 
         Raises:
             NotImplementedError: the backend keeps no tail log (``supports_tail``).
+        """
+        ...
+
+    async def acreate_internal(self, name: str, data: bytes) -> None:
+        """Create ``.evalsyncd/{name}`` with ``data`` only if it does not exist (one request).
+
+        S3 ``PutObject`` with ``If-None-Match: *``, GCS ``ifGenerationMatch=0``, a
+        local directory a hard link of a complete temporary file (``link(2)``
+        fails on an existing name, so a reader never sees a partial object).
+        A server that ignores the precondition overwrites instead: callers that
+        rely on it read the object back (see :mod:`evalsyncd.sync.owner`).
+
+        Raises:
+            ConflictError: the object exists.
+            InvalidKeyError: ``name`` is not a valid key.
         """
         ...
 

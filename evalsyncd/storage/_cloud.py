@@ -292,6 +292,16 @@ class CloudStorage(ABC):
         key = self._internal_key(name)
         await self._internal_put(key, f"{self.scheme}://{self.bucket}/{key}", data, create=False)
 
+    async def acreate_internal(self, name: str, data: bytes) -> None:
+        """See :meth:`Backend.acreate_internal`: one conditional PUT.
+
+        Raises:
+            ConflictError: the object exists.
+        """
+        check_key(name)
+        key = self._internal_key(name)
+        await self._internal_put(key, f"{self.scheme}://{self.bucket}/{key}", data, create=True)
+
     def read_internal(self, name: str, *, limit: int | None = None) -> bytes:
         """See :meth:`aread_internal`."""
         return run_sync(self.aread_internal(name, limit=limit))

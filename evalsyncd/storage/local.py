@@ -234,6 +234,34 @@ class LocalStorage:
         """Replace ``.evalsyncd/{name}`` under the root, atomically."""
         await self.awrite(f"{INTERNAL_DIR}/{name}", data)
 
+    async def acreate_internal(self, name: str, data: bytes) -> None:
+        """See :meth:`Backend.acreate_internal`: a complete temporary file, hard-linked.
+
+        Raises:
+            ConflictError: ``.evalsyncd/{name}`` exists.
+        """
+        await asyncio.to_thread(self._create_exclusive, f"{INTERNAL_DIR}/{name}", data)
+
+    def _create_exclusive(self, path: str, data: bytes) -> None:
+        full = self._resolve(path)
+        full.parent.mkdir(parents=True, exist_ok=True)
+        tmp = full.with_name(f".{full.name}.{os.getpid()}.{id(data):x}.tmp")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                os.link(tmp, full)  # atomic and exclusive, NFS included (unlike O_EXCL on old NFS)
+            except FileExistsError:
+                raise ConflictError(
+                    f"{self.url(path)}: the file exists", url=self.url(path)
+                ) from None
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        self._fsync_dir(full.parent)
+
     def read_internal(self, name: str, *, limit: int | None = None) -> bytes:
         """See :meth:`aread_internal`."""
         if limit is not None:

@@ -39,9 +39,17 @@ from evalsyncd.catalog import (
     read_catalog_bytes,
     write_catalog_bytes,
 )
+from evalsyncd.errors import RunEvictedError
+from evalsyncd.evicted import MARKER_NAME
 from evalsyncd.storage import Backend
 from evalsyncd.store.aio import MISSING
-from evalsyncd.store.layout import LineSplitter, check_name, parse_json_object, parse_model
+from evalsyncd.store.layout import (
+    LineSplitter,
+    check_name,
+    check_new_name,
+    parse_json_object,
+    parse_model,
+)
 from evalsyncd.store.models import BenchmarkResult, RunMetadata, StoredTrajectory, StoredTurn
 from evalsyncd.store.reader import DEFAULT_CHUNK_SIZE, DEFAULT_MAX_CONCURRENCY, EvalStoreReader
 
@@ -109,16 +117,19 @@ class EvalStore(EvalStoreReader):
             The run id.
 
         Raises:
-            ValueError: the run id or a benchmark name is not a valid path segment
-                (nothing is written).
+            ValueError: the run id or a benchmark name is not a valid path segment,
+                or starts with ``.`` (hidden: never mirrored; see
+                :func:`~evalsyncd.store.layout.check_new_name`); nothing is written.
             StorageError: the storage failed.
         """
         for name in benchmarks:
-            check_name("benchmark", name)
+            check_new_name("benchmark", name)
         if run_id is None:
             ts = _now().strftime("%Y%m%d_%H%M%S")
             run_id = f"{checkpoint_name or 'base'}_{ts}_{_short_id()}"
+        check_new_name("run_id", run_id)
         metadata_path = self._layout.metadata(run_id)
+        self._check_not_evicted(run_id)
 
         metadata = RunMetadata(
             run_id=run_id,
@@ -173,6 +184,7 @@ class EvalStore(EvalStoreReader):
             StorageError: the storage failed.
         """
         path = self._layout.metadata(run_id)
+        self._check_not_evicted(run_id)
         metadata = parse_model(RunMetadata, self._read_json_here(path), self.storage.url(path))
         if metadata is None:
             raise FileNotFoundError(f"run {run_id} not found at {self.storage.url(path)}")
@@ -218,6 +230,7 @@ class EvalStore(EvalStoreReader):
             storage.remove(result_path)
             storage.remove(traj_path)
             storage.remove_dir(layout.benchmark(run_id, name))
+        storage.remove(layout.run(run_id, MARKER_NAME))  # an evicted run's marker
         storage.remove_dir(layout.run(run_id))
 
     # -- writes (for the eval runner) -----------------------------------------------------
@@ -227,9 +240,13 @@ class EvalStore(EvalStoreReader):
 
         Raises:
             ValueError: invalid run id or benchmark name (nothing is written).
+            RunEvictedError: the run was evicted from the local disk (restore it first).
             StorageError: the storage failed.
         """
-        self._write_json(result.to_dict(), self._layout.result(run_id, result.name))
+        check_new_name("benchmark", result.name)
+        path = self._layout.result(run_id, result.name)
+        self._check_not_evicted(run_id)
+        self._write_json(result.to_dict(), path)
 
     def write_trajectory(self, run_id: str, benchmark: str, traj: StoredTrajectory) -> None:
         """Append one line to the benchmark's ``trajectories.jsonl``.
@@ -239,17 +256,23 @@ class EvalStore(EvalStoreReader):
 
         Raises:
             ValueError: invalid run id or benchmark name (nothing is written).
+            RunEvictedError: the run was evicted from the local disk (restore it first).
             StorageError: the storage failed.
         """
-        self._append_jsonl(traj.to_dict(), self._layout.trajectories(run_id, benchmark))
+        check_new_name("benchmark", benchmark)
+        path = self._layout.trajectories(run_id, benchmark)
+        self._check_not_evicted(run_id)
+        self._append_jsonl(traj.to_dict(), path)
 
     def write_summary(self, run_id: str, results: dict[str, BenchmarkResult]) -> None:
         """Write ``summary.json``: per benchmark, score and example counts.
 
         Raises:
             ValueError: invalid run id.
+            RunEvictedError: the run was evicted from the local disk (restore it first).
             StorageError: the storage failed.
         """
+        self._check_not_evicted(run_id)
         summary = {
             name: {
                 "score": r.score,
@@ -262,6 +285,28 @@ class EvalStore(EvalStoreReader):
         self._write_json(summary, self._layout.summary(run_id))
 
     # -- raw I/O of the write path (in this thread) ---------------------------------------
+
+    def _check_not_evicted(self, run_id: str) -> None:
+        """Refuse a write to a run evicted from the local disk (one local ``stat``).
+
+        Raises:
+            RunEvictedError: names the run, its mirrors and ``evalsyncd restore``.
+        """
+        if self._local_root is None:
+            return
+        if not (self._local_root / self._layout.run(run_id, MARKER_NAME)).exists():
+            return
+        try:
+            marker = self.eviction_marker(run_id)
+            mirrors = ", ".join(marker.mirrors) if marker is not None else "its mirror"
+        except ValueError:
+            mirrors = "its mirror"
+        raise RunEvictedError(
+            f"run {run_id} was evicted from the local disk ({self.url()}); its files are in "
+            f"{mirrors}. Bring it back before writing to it: "
+            f"evalsyncd restore MIRROR {run_id} --root {self._local_root}",
+            run_id=run_id,
+        )
 
     def _write_json(self, data: dict[str, Any], path: str) -> None:
         self.storage.write(path, json.dumps(data, indent=2).encode("utf-8"))

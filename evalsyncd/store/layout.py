@@ -78,6 +78,7 @@ __all__ = [
     "TrajectoryParser",
     "check_json_size",
     "check_name",
+    "check_new_name",
     "json_problem",
     "model_problem",
     "parse_json_object",
@@ -147,6 +148,31 @@ def check_name(kind: str, name: object) -> str:
     for bad in ("/", "\\", "\x00"):
         if bad in name:
             raise ValueError(f"invalid {kind} {name!r}: contains {bad!r}")
+    return name
+
+
+def check_new_name(kind: str, name: object) -> str:
+    """Return ``name`` if a writer may create it: :func:`check_name`, and no leading ``.``.
+
+    A name starting with ``.`` is hidden by convention: atomic-write temporaries
+    (``.metadata.json.1234.tmp``) and the ``.evalsyncd/`` area live in that
+    namespace, so mirrors (evalsyncd mirrors no dot-file or dot-directory) and
+    listings skip it. A run written under such a name would stay on this disk
+    only, silently; writers refuse it instead (readers still read one).
+
+    Raises:
+        ValueError: the :func:`check_name` cases, or ``name`` starts with ``.``
+            (the message names the rule).
+    """
+    check_name(kind, name)
+    assert isinstance(name, str)
+    if name.startswith("."):
+        raise ValueError(
+            f"invalid {kind} {name!r}: starts with '.'; names starting with '.' are hidden "
+            "(temporaries of atomic writes, the .evalsyncd/ area): evalsyncd does not mirror "
+            "them and listings skip them"
+            + ("; use a checkpoint_name that does not start with '.'" if kind == "run_id" else "")
+        )
     return name
 
 

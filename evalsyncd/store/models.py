@@ -46,19 +46,26 @@ class RunMetadata:
     timestamp: str
     config: dict[str, Any] = field(default_factory=dict)
     scores: dict[str, float] = field(default_factory=dict)
+    evicted: bool = field(default=False, compare=False)
+    """Set by ``list_runs`` of a local store: the run's files were evicted from the
+    local disk and are read from the mirror (never part of ``metadata.json``)."""
 
     def to_dict(self) -> dict[str, Any]:
-        """Serialize to a JSON-compatible dict, in field order."""
-        return asdict(self)
+        """Serialize to a JSON-compatible dict, in field order (``evicted`` is left out)."""
+        d = asdict(self)
+        del d["evicted"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RunMetadata:
-        """Deserialize, ignoring unknown fields (forward compatibility).
+        """Deserialize, ignoring unknown fields (forward compatibility) and ``evicted``.
 
         Raises:
             TypeError: a required field is missing.
         """
-        return cls(**_known_fields(cls, d))
+        known = _known_fields(cls, d)
+        known.pop("evicted", None)
+        return cls(**known)
 
 
 @dataclass

@@ -12,6 +12,14 @@ to "one call, one bridge trip": :meth:`EvalStoreReader.iter_trajectories` and
 chunks in the caller's thread (parsing a large file on the bridge loop would
 hold up every other thread's requests).
 
+Runs evicted from a local store by the daemon's retention (a
+``runs/{run_id}/.evicted.json`` marker, :mod:`evalsyncd.evicted`) keep their
+``metadata.json`` and ``summary.json`` on disk; every other read of such a run
+goes to the ``fallback`` storage (the mirror), with the same answers as before
+the eviction. Without a ``fallback`` those reads raise ``FileNotFoundError``
+naming the mirrors. ``list_runs`` of a local store marks evicted runs
+(``RunMetadata.evicted``), one local ``stat`` per run, no remote request.
+
 Reading is strict about outages: only "not found" means missing; every other
 storage error, transient or permanent, propagates, so an outage is never
 reported as "no runs". What counts as bad input, and how it is skipped, is in
@@ -28,7 +36,8 @@ from typing import Any, TypedDict, Unpack
 
 from evalsyncd.catalog import Catalog, CatalogError, parse_catalog
 from evalsyncd.errors import CorruptObjectError
-from evalsyncd.storage import LocalStorage, Storage, SupportsChild, parse_url
+from evalsyncd.evicted import MARKER_NAME, EvictionMarker, parse_marker
+from evalsyncd.storage import LocalStorage, Storage, SupportsChild, parse_url, storage_from_uri
 from evalsyncd.store import layout
 from evalsyncd.store.aio import MISSING, Reads, both, bounded_map, reads_of
 from evalsyncd.store.layout import (
@@ -157,6 +166,11 @@ class EvalStoreReader:
         use_catalog: let ``list_runs`` read the run catalog the daemon keeps at
             ``.evalsyncd/catalog.json`` (see :mod:`evalsyncd.catalog`); the
             answer is the same either way, only the number of reads differs.
+        fallback: where reads of runs evicted from this (local) store go: the
+            daemon's mirror of it, holding the same tree at ``prefix``: a storage
+            (e.g. ``storage_from_uri("s3://b/evals/host-1")``, opened by the caller)
+            or its URL (``s3://``, ``gs://``, a path), opened here with default
+            client settings (:func:`evalsyncd.storage.storage_from_uri`).
 
     Raises:
         ValueError: ``max_concurrency`` or ``chunk_size`` is below 1.
@@ -174,6 +188,7 @@ class EvalStoreReader:
         max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         use_catalog: bool = True,
+        fallback: Storage | str | Path | None = None,
     ) -> None:
         if max_concurrency < 1:
             raise ValueError(f"max_concurrency must be >= 1, not {max_concurrency}")
@@ -188,6 +203,13 @@ class EvalStoreReader:
         self.max_concurrency = max_concurrency
         self.chunk_size = chunk_size
         self.use_catalog = use_catalog
+        self.fallback: Storage | None = (
+            storage_from_uri(fallback) if isinstance(fallback, str | Path) else fallback
+        )
+        self._fallback_reader: EvalStoreReader | None = None
+        # a local store's evicted runs (never probed on other storages: no request)
+        storage = self.storage
+        self._local_root = storage.local_root if isinstance(storage, LocalStorage) else None
 
     @property
     def prefix(self) -> str:
@@ -278,6 +300,8 @@ class EvalStoreReader:
             if run is None:
                 why = layout.model_problem(RunMetadata, data) or "not a run's metadata"
                 return Skipped(where, why)
+            if self._local_root is not None:
+                run.evicted = (self._local_root / self._layout.run(run_id, MARKER_NAME)).exists()
             return run
 
         runs: list[RunMetadata] = []
@@ -306,6 +330,8 @@ class EvalStoreReader:
         run = layout.parse_model(RunMetadata, await self._aread_json(path), self.storage.url(path))
         if run is None:
             raise FileNotFoundError(f"run {run_id} not found at {self.storage.url(path)}")
+        if self._local_root is not None:
+            run.evicted = (self._local_root / self._layout.run(run_id, MARKER_NAME)).exists()
         return run
 
     def read_summary(self, run_id: str) -> dict[str, Any] | None:
@@ -338,6 +364,9 @@ class EvalStoreReader:
             ValueError: invalid run id.
             StorageError: the storage failed.
         """
+        remote = self._evicted_source(run_id)
+        if remote is not None:
+            return await remote.alist_benchmarks(run_id)
         names = StoreLayout.benchmarks_in(await self._reads.list_dir(self._layout.run(run_id)))
 
         async def has_result(name: str) -> bool:
@@ -359,6 +388,9 @@ class EvalStoreReader:
             StorageError: the storage failed.
         """
         path = self._layout.result(run_id, benchmark)
+        remote = self._evicted_source(run_id)
+        if remote is not None:
+            return await remote.aread_result(run_id, benchmark)
         return layout.parse_model(
             BenchmarkResult, await self._aread_json(path), self.storage.url(path)
         )
@@ -443,8 +475,56 @@ class EvalStoreReader:
 
     def _stream(self, run_id: str, benchmark: str, which: FilterOptions) -> _TrajectoryStream:
         path = self._layout.trajectories(run_id, benchmark)
+        remote = self._evicted_source(run_id)
+        if remote is not None:
+            return remote._stream(run_id, benchmark, which)
         where, keep = self.storage.url(path), TrajectoryFilter(**which)
         return _TrajectoryStream(self._reads, path, where, self.chunk_size, keep)
+
+    # -- runs evicted from a local store ----------------------------------------------
+
+    def eviction_marker(self, run_id: str) -> EvictionMarker | None:
+        """The eviction marker of ``run_id`` in a local store (``None``: not evicted, or
+        the store is not local). One local ``open``, no remote request.
+
+        Raises:
+            ValueError: invalid run id, or a marker that does not parse (names the file).
+        """
+        if self._local_root is None:
+            return None
+        path = self._local_root / self._layout.run(run_id, MARKER_NAME)
+        try:
+            data = path.read_bytes()
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        return parse_marker(data, str(path))
+
+    def _evicted_source(self, run_id: str) -> EvalStoreReader | None:
+        """The reader of the mirror for an evicted run, or ``None`` to read locally.
+
+        Raises:
+            FileNotFoundError: the run is evicted and no ``fallback`` was given (the
+                message names the mirrors and the two ways out).
+        """
+        marker = self.eviction_marker(run_id)
+        if marker is None:
+            return None
+        if self.fallback is None:
+            raise FileNotFoundError(
+                f"run {run_id} was evicted from {self.url()} and is read from its mirror "
+                f"({', '.join(marker.mirrors) or 'unknown'}): pass "
+                "EvalStore(root, fallback=storage_from_uri(MIRROR)), or bring it back with "
+                f"`evalsyncd restore MIRROR {run_id} --root ROOT`"
+            )
+        if self._fallback_reader is None:
+            self._fallback_reader = EvalStoreReader(
+                self.fallback,
+                self.prefix,
+                max_concurrency=self.max_concurrency,
+                chunk_size=self.chunk_size,
+                use_catalog=self.use_catalog,
+            )
+        return self._fallback_reader
 
     # -- JSON files and the run catalog ----------------------------------------------
 

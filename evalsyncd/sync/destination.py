@@ -40,8 +40,10 @@ from evalsyncd.errors import (
     StorageError,
 )
 from evalsyncd.storage import Backend
+from evalsyncd.storage.tail import TailConflictError
 from evalsyncd.sync.files import is_run_metadata
 from evalsyncd.sync.journal import EntryStatus, Journal
+from evalsyncd.sync.owner import Owner
 from evalsyncd.sync.passes import ByteBudget, by_phase, log_failure, release_frames, worst_error
 from evalsyncd.sync.perfile import NotReady, PerFile
 from evalsyncd.sync.plan import Policy
@@ -107,6 +109,8 @@ class Destination:
         inflight_bytes: see :data:`INFLIGHT_BYTES`, bytes.
         clock: monotonic clock (injected for tests).
         rng: randomness for the backoff jitter (injected for tests).
+        owner: the prefix's claim, checked before every pass writes (see
+            :mod:`evalsyncd.sync.owner`); ``None``: not checked (unit tests).
     """
 
     def __init__(
@@ -124,6 +128,7 @@ class Destination:
         inflight_bytes: int = INFLIGHT_BYTES,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
+        owner: Owner | None = None,
     ) -> None:
         self.name = settings.name
         self.settings = settings
@@ -181,6 +186,8 @@ class Destination:
         if storage.supports_tail and settings.max_main_lag_s > 0:
             storage.read_tail = False  # the daemon reconciles against main objects
             self.tail = TailMode(self, storage.tail_writer(journal.writer_id()))
+        self.owner = owner
+        """This daemon's claim on the prefix (``None``: not checked)."""
         self.journal.set_destination_state(self.name, self.state.value)
 
     def stop(self) -> None:
@@ -297,10 +304,16 @@ class Destination:
         and logged; a server without a required feature parks the destination; a probe
         that fails otherwise (an outage, a permission the probe needs) is logged and the
         daemon goes on (every append still checks its post-condition). Then remove old
-        leftovers of failed cleanups (:func:`evalsyncd.storage.reap.areap`), best effort."""
+        leftovers of failed cleanups (:func:`evalsyncd.storage.reap.areap`), best effort.
+        Only on a prefix this daemon owns: the probe writes under ``.evalsyncd/probe/``."""
         from evalsyncd.storage.probe import aadapt
         from evalsyncd.storage.reap import areap
 
+        if self.owner is not None:
+            try:
+                await self.owner.ensure()
+            except StorageError:
+                return  # another daemon's prefix, or no answer: the first pass reports it
         try:
             async with asyncio.timeout(_PROBE_TIMEOUT_S):  # an unreachable server: go on
                 await aadapt(self.storage)
@@ -346,11 +359,17 @@ class Destination:
         batch = {p: d.seq for p, d in self._dirty.items() if d.not_before <= now}
         uploads, sent = self.stats.objects_uploaded, self.stats.bytes_uploaded
         try:
+            if self.owner is not None:
+                await self.owner.ensure()  # another daemon's prefix: write nothing, park
             if self.tail is not None:
                 await self.tail.run_pass(batch)
             else:
                 await self.sync_paths(list(batch), batch)
         except StorageError as exc:  # transient, permanent, conflicts that survived reconciliation
+            if self.tail is not None and isinstance(exc, TailConflictError):
+                self.tail.reopen()  # another writer's tail object: read the log again
+            if self.owner is not None:
+                exc = await self.owner.explain(exc)  # a conflict because another daemon owns it?
             self._on_failure(exc, permanent=isinstance(exc, PermanentStorageError))
             return False
         if any(is_run_metadata(p) for p in batch):

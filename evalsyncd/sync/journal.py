@@ -1,9 +1,9 @@
 """The journal: what each destination has acknowledged, in SQLite (WAL).
 
-File ``{state_dir}/journal.sqlite3``. Schema (version 2)::
+File ``{state_dir}/journal.sqlite3``. Schema (version 3)::
 
     meta(key TEXT PRIMARY KEY, value TEXT)
-        schema_version = "2", root = the watched root it belongs to,
+        schema_version = "3", root = the watched root it belongs to,
         tail_writer = this state directory's writer id in tail logs
     entries(                      one row per (destination, file)
         destination TEXT, path TEXT,            -- relative POSIX path under the root
@@ -22,12 +22,25 @@ File ``{state_dir}/journal.sqlite3``. Schema (version 2)::
         PRIMARY KEY (destination, path))
     destinations(name TEXT PRIMARY KEY, state TEXT, last_success REAL,
                  last_error TEXT, last_error_at REAL, updated_at REAL)
+    evictions(                    one row per run evicted from the local disk (retention)
+        run_id TEXT PRIMARY KEY,
+        state TEXT,                             -- 'intent' (deleting), 'evicted' (done)
+        files TEXT,                             -- JSON [[path, size, crc32c], ...]: the files
+                                                --   proven safe, that the eviction deletes
+        rows TEXT,                              -- JSON: their entries rows, taken out of
+                                                --   `entries` with the intent (for a rollback)
+        bytes INTEGER,                          -- their total size, bytes
+        reason TEXT,                            -- why the run went ('max_age_s', 'high_water')
+        started_at REAL, evicted_at REAL)       -- Unix times, seconds
 
 Rules (``docs/design.md``, "The journal"): an offset advances only after the
 destination acknowledged the write, in the same transaction as the version it
 returned: ``tail_offset`` when a tail object holding the bytes was created,
 ``acked_offset`` when the main object holds them. Version 1 journals are
-upgraded in place (``tail_offset = acked_offset``). Acknowledgements are grouped: :meth:`Journal.ack` writes into an open
+upgraded in place (``tail_offset = acked_offset``), and version 2 ones by adding
+the ``evictions`` table (:mod:`evalsyncd.sync.retention` says how it is used:
+an ``intent`` row is written, with the run's ``entries`` rows taken out, in one
+transaction before any local byte of the run is deleted). Acknowledgements are grouped: :meth:`Journal.ack` writes into an open
 transaction that :meth:`Journal.commit` ends (the daemon commits after every
 upload phase, and ``ack`` itself commits once 256 rows or 0.5 s are pending).
 Losing uncommitted acknowledgements (``kill -9``, power loss with
@@ -41,6 +54,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import json
 import os
 import secrets
 import sqlite3
@@ -51,11 +65,18 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Self
 
-__all__ = ["DestinationRecord", "Entry", "EntryStatus", "Journal", "JournalError"]
+__all__ = [
+    "DestinationRecord",
+    "Entry",
+    "EntryStatus",
+    "Eviction",
+    "Journal",
+    "JournalError",
+]
 
-SCHEMA_VERSION = "2"
+SCHEMA_VERSION = "3"
 
-_TABLES = ("meta", "entries", "destinations")
+_TABLES = ("meta", "entries", "destinations", "evictions")
 
 # One transaction: a reader never sees some tables without the others, or the
 # tables without a schema version (a version-1 journal keeps its "1").
@@ -86,6 +107,16 @@ CREATE TABLE IF NOT EXISTS destinations (
     last_error TEXT,
     last_error_at REAL,
     updated_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS evictions (
+    run_id TEXT PRIMARY KEY,
+    state TEXT NOT NULL,
+    files TEXT NOT NULL,
+    rows TEXT NOT NULL,
+    bytes INTEGER NOT NULL,
+    reason TEXT NOT NULL,
+    started_at REAL NOT NULL,
+    evicted_at REAL
 );
 INSERT OR IGNORE INTO meta VALUES ('schema_version', '{SCHEMA_VERSION}');
 COMMIT;
@@ -160,6 +191,31 @@ class DestinationRecord:
     updated_at: float
 
 
+@dataclass(frozen=True, slots=True)
+class Eviction:
+    """One row of ``evictions``: a run being, or already, evicted from the local disk.
+
+    Attributes:
+        run_id: the run.
+        state: ``"intent"`` (its files are being deleted) or ``"evicted"``.
+        files: ``(path, size in bytes, CRC32C)`` of each file proven safe and deleted.
+        rows: the run's ``entries`` rows taken out with the intent (restored by a rollback).
+        bytes: total size of ``files``, bytes.
+        reason: why the run went (``"max_age_s"``, ``"high_water"``, ``"abandoned"``, ...).
+        started_at: Unix time of the intent, seconds.
+        evicted_at: Unix time the last file went, seconds (``None`` while an intent).
+    """
+
+    run_id: str
+    state: str
+    files: tuple[tuple[str, int, int], ...]
+    rows: tuple[Entry, ...]
+    bytes: int
+    reason: str
+    started_at: float
+    evicted_at: float | None
+
+
 _ENTRY_FIELDS = tuple(f.name for f in fields(Entry))
 _ENTRY_COLUMNS = ", ".join(_ENTRY_FIELDS)
 _ENTRY_MARKS = ", ".join("?" for _ in _ENTRY_FIELDS)
@@ -197,6 +253,7 @@ class Journal:
         self._lock = threading.Lock()
         self._pending_rows = 0
         self._pending_since = 0.0
+        self._has_evictions = True
         try:
             if readonly:
                 self._db = sqlite3.connect(
@@ -237,6 +294,10 @@ class Journal:
                 "UPDATE meta SET value = ? WHERE key = 'schema_version'", (SCHEMA_VERSION,)
             )
             self._db.execute("COMMIT")
+        elif version == "2":  # the evictions table was created by _SCHEMA's IF NOT EXISTS
+            self._db.execute(
+                "UPDATE meta SET value = ? WHERE key = 'schema_version'", (SCHEMA_VERSION,)
+            )
         elif version != SCHEMA_VERSION:
             raise self._unknown_schema(version)
         if root is not None:
@@ -251,7 +312,9 @@ class Journal:
         schema version and (given ``root``) the root; a version-1 journal is refused
         until the daemon upgrades it (its rows lack the tail columns)."""
         names = {row[0] for row in self._db.execute("SELECT name FROM sqlite_master")}
-        missing = [t for t in _TABLES if t not in names]
+        # a version-2 journal (not yet upgraded by the daemon) has no evictions table
+        self._has_evictions = "evictions" in names
+        missing = [t for t in _TABLES if t not in names and t != "evictions"]
         if missing:
             raise JournalError(
                 f"{self.path}: not an evalsyncd journal, or damaged: no table {', '.join(missing)}"
@@ -263,7 +326,7 @@ class Journal:
                 f"{self.path}: journal schema 1, not yet upgraded to {SCHEMA_VERSION}; "
                 "start the daemon once (evalsyncd run or sync --once) to upgrade it"
             )
-        if version != SCHEMA_VERSION:
+        if version not in ("2", SCHEMA_VERSION):
             raise self._unknown_schema(version)
         known = meta.get("root")
         if root is not None and known is not None:
@@ -406,3 +469,119 @@ class Journal:
         with self._reading() as db:
             rows = db.execute(f"SELECT {_RECORD_COLUMNS} FROM destinations").fetchall()
         return {row["name"]: DestinationRecord(**_by_name(row)) for row in rows}
+
+    # -- evictions (retention) -----------------------------------------------------------
+
+    def evictions(self) -> dict[str, Eviction]:
+        """Every eviction row (intents and evicted runs), by run id."""
+        if not self._has_evictions:
+            return {}
+        with self._reading() as db:
+            rows = db.execute(
+                "SELECT run_id, state, files, rows, bytes, reason, started_at, evicted_at "
+                "FROM evictions"
+            ).fetchall()
+        return {row["run_id"]: _eviction_of(row) for row in rows}
+
+    def begin_eviction(
+        self, run_id: str, files: list[tuple[str, int, int]], reason: str, now: float
+    ) -> list[Entry]:
+        """Write the intent to evict ``run_id`` and take its files' rows out of ``entries``,
+        in one transaction (committed before this returns).
+
+        Args:
+            run_id: the run.
+            files: ``(relative path, size, CRC32C)`` of each file to delete.
+            reason: why (for status and logs).
+            now: Unix time, seconds.
+
+        Returns:
+            The rows taken out (every destination's), kept in the intent for a rollback.
+        """
+        paths = [p for p, _, _ in files]
+        with self._lock:
+            self._commit_locked()
+            # durable before any file goes, even on power loss (WAL fsync at commit)
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                taken: list[Entry] = []
+                for path in paths:
+                    rows = self._db.execute(
+                        f"SELECT {_ENTRY_COLUMNS} FROM entries WHERE path = ?", (path,)
+                    ).fetchall()
+                    taken.extend(Entry(**_by_name(r)) for r in rows)
+                    self._db.execute("DELETE FROM entries WHERE path = ?", (path,))
+                self._db.execute(
+                    "INSERT OR REPLACE INTO evictions VALUES (?, 'intent', ?, ?, ?, ?, ?, NULL)",
+                    (
+                        run_id,
+                        json.dumps(files),
+                        json.dumps([[getattr(e, n) for n in _ENTRY_FIELDS] for e in taken]),
+                        sum(size for _, size, _ in files),
+                        reason,
+                        now,
+                    ),
+                )
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            finally:
+                self._db.execute("PRAGMA synchronous=NORMAL")
+        return taken
+
+    def finish_eviction(self, run_id: str, now: float) -> None:
+        """Mark the intent of ``run_id`` done: every file of it is deleted (committed)."""
+        with self._lock:
+            self._commit_locked()
+            self._db.execute(
+                "UPDATE evictions SET state = 'evicted', evicted_at = ? WHERE run_id = ?",
+                (now, run_id),
+            )
+
+    def rollback_eviction(self, run_id: str) -> None:
+        """Undo the intent of ``run_id``: put its rows back (unless newer ones exist) and
+        delete the intent, in one transaction. No-op for an evicted run."""
+        with self._lock:
+            self._commit_locked()
+            row = self._db.execute(
+                "SELECT run_id, state, files, rows, bytes, reason, started_at, evicted_at "
+                "FROM evictions WHERE run_id = ?",
+                (run_id,),
+            ).fetchone()
+            if row is None or row["state"] != "intent":
+                return
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                for e in _eviction_of(row).rows:
+                    self._db.execute(
+                        f"INSERT OR IGNORE INTO entries ({_ENTRY_COLUMNS}) VALUES ({_ENTRY_MARKS})",
+                        tuple(getattr(e, name) for name in _ENTRY_FIELDS),
+                    )
+                self._db.execute("DELETE FROM evictions WHERE run_id = ?", (run_id,))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def forget_eviction(self, run_id: str) -> None:
+        """Delete the eviction row of ``run_id`` (the run was restored)."""
+        with self._lock:
+            self._commit_locked()
+            self._db.execute("DELETE FROM evictions WHERE run_id = ?", (run_id,))
+
+
+def _eviction_of(row: sqlite3.Row) -> Eviction:
+    files = tuple((str(p), int(n), int(c)) for p, n, c in json.loads(row["files"]))
+    rows = tuple(Entry(**dict(zip(_ENTRY_FIELDS, r, strict=True))) for r in json.loads(row["rows"]))
+    return Eviction(
+        run_id=row["run_id"],
+        state=row["state"],
+        files=files,
+        rows=rows,
+        bytes=int(row["bytes"]),
+        reason=row["reason"],
+        started_at=float(row["started_at"]),
+        evicted_at=row["evicted_at"],
+    )

@@ -255,6 +255,8 @@ class PerFile:
             log.warning(
                 "append_conflict", destination=d.name, key=path, offset=offset, error=str(exc)
             )
+        if d.owner is not None:
+            await d.owner.confirm()  # a taken-over prefix: park, never rewrite the owner's object
         remote = await d.storage.astat(path)
         remote_size = remote.size if remote is not None else 0
         if remote_size <= offset:

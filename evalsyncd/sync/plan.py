@@ -54,6 +54,7 @@ __all__ = [
     "MainFacts",
     "Observed",
     "Policy",
+    "in_place_soon",
     "main_due",
     "observe",
     "plan",
@@ -235,8 +236,12 @@ def main_due(row: Entry, facts: MainFacts, now: float, policy: Policy) -> str | 
     long ago, or the wall clock now reads earlier than when it did), ``idle`` (quiet for ``compact_idle_s``; a main object that must
     be rewritten whole, S3 below 5 MiB, only once the pending bytes reach its
     size, so that its wire bytes stay near the appended bytes),
-    ``tail_max_pieces``, ``pending_bytes``, ``in_place_size`` (it crossed the
-    size from which later deltas can go straight to it), ``run_finalized``.
+    ``tail_max_pieces`` (deferred, up to twice that many pieces, for an append-only
+    file below the in-place size that reaches it within ``tail_max_pieces`` more
+    pieces at the pace of its pending ones: the whole rewrite it would cost is
+    superseded by the one at that size, see :func:`in_place_soon`),
+    ``pending_bytes``, ``in_place_size`` (it crossed the size from which later
+    deltas can go straight to it), ``run_finalized``.
 
     Args:
         row: the file's journal row (``tail_since`` set: behind the tail).
@@ -257,7 +262,7 @@ def main_due(row: Entry, facts: MainFacts, now: float, policy: Policy) -> str | 
         row.acked_offset >= in_place or kind is FileKind.REPLACE or pending >= row.acked_offset
     ):
         return "idle"
-    if facts.pieces >= policy.tail_max_pieces:
+    if facts.pieces >= policy.tail_max_pieces and not in_place_soon(row, facts, policy):
         return "tail_max_pieces"
     if pending >= policy.promote_bytes:
         return "pending_bytes"
@@ -266,6 +271,26 @@ def main_due(row: Entry, facts: MainFacts, now: float, policy: Policy) -> str | 
     if facts.finalized:
         return "run_finalized"
     return None
+
+
+def in_place_soon(row: Entry, facts: MainFacts, policy: Policy) -> bool:
+    """Whether an append-only file's main object, below the in-place size (S3: 5 MiB,
+    rewritten whole), reaches that size within ``tail_max_pieces`` more pieces of the
+    average size of its pending ones, while it has fewer than twice ``tail_max_pieces``.
+
+    A rewrite then would be superseded by the one at the in-place size (``in_place_size``),
+    so skipping it saves up to that size in wire bytes; the index and a cold read stay
+    bounded by twice ``tail_max_pieces`` pieces.
+    """
+    in_place = policy.in_place_min_bytes
+    if (
+        classify(row.path) is not FileKind.APPEND
+        or row.acked_offset >= in_place
+        or facts.pieces >= 2 * policy.tail_max_pieces
+    ):
+        return False
+    pace = (row.tail_offset - row.acked_offset) / max(facts.pieces, 1)
+    return in_place - row.tail_offset <= pace * policy.tail_max_pieces
 
 
 @dataclass(slots=True)

@@ -28,11 +28,14 @@ import structlog
 
 from evalsyncd.config import DestinationSettings, Settings, ensure_state_dir, for_scheme
 from evalsyncd.errors import ConfigError
+from evalsyncd.evicted import MARKER_NAME
 from evalsyncd.storage import Backend, parse_url
 from evalsyncd.sync.destination import Destination, DestinationState
 from evalsyncd.sync.files import FileKind, classify, is_run_metadata, scan_tree
 from evalsyncd.sync.journal import Entry, EntryStatus, Journal, JournalError
 from evalsyncd.sync.lines import complete_end, divergence
+from evalsyncd.sync.owner import Owner
+from evalsyncd.sync.retention import KEPT_NAMES, Mirror, Retention, evicted_runs, recover
 from evalsyncd.sync.watcher import Watcher
 from evalsyncd.sync.watchlimit import WatchProbe
 
@@ -158,6 +161,8 @@ class Service:
         self._exclude: tuple[Path, ...] = (settings.state_dir,)
         self._stack = AsyncExitStack()
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self.retention: Retention | None = None
+        """Retention (``[retention]``): set by :meth:`open`, rounds only when enabled."""
 
     # -- setup ----------------------------------------------------------------------------
 
@@ -184,6 +189,9 @@ class Service:
         self._stack.callback(self.journal.close)
         for dest in self.settings.destinations:
             await self._add_destination(dest)
+        # -- retention (evalsyncd.sync.retention): finish evictions a crash interrupted
+        self.retention = Retention(self.root, self.settings.retention, self.journal, self.mirrors)
+        await asyncio.to_thread(recover, self.root, self.journal, self.retention.urls())
 
     async def _add_destination(self, dest: DestinationSettings) -> Destination:
         assert self.journal is not None
@@ -200,6 +208,9 @@ class Service:
             flush_interval_s=self.settings.flush_interval_s,
             mirror_deletes=self.settings.mirror_deletes,
             invalid_json_grace_s=self.settings.invalid_json_grace_s,
+            owner=Owner(
+                storage, self.journal.writer_id(), dest.name, state_dir=self.settings.state_dir
+            ),
         )
         d.on_upload = self._on_upload
         self.destinations[dest.name] = d
@@ -209,6 +220,41 @@ class Service:
     async def close(self) -> None:
         """Close storage clients and the journal."""
         await self._stack.aclose()
+
+    # -- retention: a step after the passes (evalsyncd.sync.retention) ----------------------
+
+    def mirrors(self) -> list[Mirror]:
+        """The destinations as retention sees them: state and the paths they hold work on."""
+
+        def held(d: Destination) -> set[str]:
+            tail = set(d.tail.writer.index.files) if d.tail is not None else set()
+            return set(d.pending_paths()) | tail
+
+        return [
+            Mirror(d.name, d.storage, d.state.value, held=lambda d=d: held(d))  # type: ignore[misc]
+            for d in self.destinations.values()
+        ]
+
+    def _in_evicted_run(self, rel: str, evicted: set[str] | None = None) -> bool:
+        """Whether ``rel`` is a file of a run evicted from the disk (not mirrored again
+        until ``evalsyncd restore`` removes the marker; its kept files are). ``evicted``:
+        the evicted run ids if known (else one ``stat`` of the run's marker)."""
+        parts = rel.split("/")
+        if len(parts) < 3 or parts[0] != "runs" or (len(parts) == 3 and parts[2] in KEPT_NAMES):
+            return False
+        if evicted is not None:
+            return parts[1] in evicted
+        return (self.root / "runs" / parts[1] / MARKER_NAME).exists()
+
+    async def _retention_loop(self) -> None:
+        """Retention rounds every ``retention.interval_s`` (only when enabled)."""
+        assert self.retention is not None
+        while self.settings.retention.enabled:
+            await asyncio.sleep(self.settings.retention.interval_s)
+            try:
+                await self.retention.round()
+            except Exception as exc:  # never kills the daemon; the next round tries again
+                log.exception("retention_failed", error=f"{type(exc).__name__}: {exc}")
 
     # -- intake -------------------------------------------------------------------------------
 
@@ -226,6 +272,12 @@ class Service:
         """A watchdog event (on the loop thread): mark the file, or scan a new directory."""
         rel = self._relative(abs_path)
         if rel is None:
+            return
+        if rel.endswith("/" + MARKER_NAME) and event_type == "deleted":  # a restored run
+            self._subtrees.add((self.root / rel).parent)
+            self._scan_now.set()
+            return
+        if self._in_evicted_run(rel):
             return
         if is_directory:
             if event_type in ("created", "moved"):
@@ -276,8 +328,13 @@ class Service:
         base = subtree or self.root
         prefix = "" if base == self.root else base.relative_to(self.root).as_posix() + "/"
         started = time.monotonic()
+        evicted = await asyncio.to_thread(evicted_runs, self.root)
         files = await asyncio.to_thread(
-            lambda: [(prefix + rel, st) for rel, st in scan_tree(base, self._exclude)]
+            lambda: [
+                (prefix + rel, st)
+                for rel, st in scan_tree(base, self._exclude)
+                if not self._in_evicted_run(prefix + rel, evicted)
+            ]
         )
         seen = {rel for rel, _ in files}
         assert self.journal is not None
@@ -289,7 +346,11 @@ class Service:
                     d.mark(rel)
             if subtree is None:
                 for rel, e in entries.items():
-                    if rel not in seen and e.status != "deleted":
+                    if (
+                        rel not in seen
+                        and e.status != "deleted"
+                        and not self._in_evicted_run(rel, evicted)
+                    ):
                         d.mark(rel)
         if subtree is None:
             self.rescans += 1
@@ -397,6 +458,7 @@ class Service:
             scanner = asyncio.create_task(self._scanner(), name="scanner")
             self._scan_now.set()  # the startup scan
             heartbeat = asyncio.create_task(self._heartbeat(), name="heartbeat")
+            retention = asyncio.create_task(self._retention_loop(), name="retention")
             # READY=1 once watching and the startup scan has begun (or a stop came first).
             started = asyncio.ensure_future(self.first_scan_started.wait())
             stopped = asyncio.ensure_future(stop.wait())
@@ -421,6 +483,7 @@ class Service:
             self._watcher.stop()
             scanner.cancel()
             heartbeat.cancel()
+            retention.cancel()
             await self._drain(list(self.destinations))
         finally:
             if self._watcher is not None:

@@ -148,6 +148,10 @@ class TailMode:
             reset=len(reset),
         )
 
+    def reopen(self) -> None:
+        """Read the index and reconcile again at the next pass (another writer wrote the log)."""
+        self._opened = False
+
     async def _promote_orphan(self, path: str, ft: FileTail) -> None:
         """Write a file that exists only in the tail (deleted locally) to its main object."""
         data = await _remote_bytes(self.d.storage, self.writer, path, ft, ft.size)

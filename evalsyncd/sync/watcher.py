@@ -23,11 +23,36 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.events import (
+    DirCreatedEvent,
+    DirDeletedEvent,
+    DirMovedEvent,
+    FileCreatedEvent,
+    FileDeletedEvent,
+    FileModifiedEvent,
+    FileMovedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
 from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
 
 __all__ = ["Watcher"]
+
+_EVENTS: list[type[FileSystemEvent]] = [
+    FileCreatedEvent,
+    FileModifiedEvent,
+    FileMovedEvent,
+    FileDeletedEvent,
+    DirCreatedEvent,
+    DirMovedEvent,
+    DirDeletedEvent,
+]
+"""The events that are hints. Left out, so the kernel never reports them (inotify's
+mask): opens and closes (each of the daemon's own reads makes two, each line a writer
+appends with open/write/close one more than its write) and directory modifications
+(one per file created, deleted or moved in it). A write through ``mmap`` alone, which
+inotify reports only at its close, is found by the next scan."""
 
 _OVERFLOW_LOGGERS = ("watchdog.observers.inotify_c", "watchdog.observers.inotify")
 
@@ -131,7 +156,7 @@ class Watcher:
         observer.name = "evalsyncd-watcher"
         observer.daemon = True
         try:
-            observer.schedule(_Handler(self), str(self.root), recursive=True)
+            observer.schedule(_Handler(self), str(self.root), recursive=True, event_filter=_EVENTS)
             observer.start()
         except OSError as exc:
             self.on_failure(f"cannot watch {self.root}: {exc}")

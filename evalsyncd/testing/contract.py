@@ -358,6 +358,20 @@ class StorageContract:
             crc = crc32c.crc32c(b'{"checked": true}').to_bytes(4, "big")
             assert present == ("crc32c", base64.b64encode(crc).decode())
 
+    def test_create_internal_only_if_absent(self, storage: Backend) -> None:
+        """acreate_internal creates once; a second create conflicts and keeps the first bytes."""
+
+        async def run() -> bytes:
+            try:
+                await storage.acreate_internal("claim.json", b'{"first": true}')
+                with pytest.raises(ConflictError):
+                    await storage.acreate_internal("claim.json", b'{"second": true}')
+                return await storage.aread_internal("claim.json")
+            finally:
+                await storage.aclose()
+
+        assert asyncio.run(run()) == b'{"first": true}'
+
     def test_internal_area_roundtrip(self, storage: Backend) -> None:
         """write_internal/read_internal keep the daemon's objects, hidden from list_dir."""
         with pytest.raises(FileNotFoundError):
