@@ -19,6 +19,9 @@ decide on retries by type and never by matching message strings::
             ├── BucketNotFoundError       the bucket itself does not exist
             ├── InvalidRequestError       the server refused the request as malformed
             ├── CorruptObjectError        an object evalsyncd wrote (a tail object) is damaged
+            ├── ServerBehaviourError      the server's answer breaks the S3/GCS contract (a
+            │                             missing ETag, a wrong size after an append): a
+            │                             feature evalsyncd relies on is missing or broken
             └── PrefixOwnedError          another evalsyncd owns the destination's prefix
     SampleError                           a read of samples (evalsyncd.samples) failed
     ├── SampleNotFoundError               also LookupError: no sample at that line
@@ -50,6 +53,7 @@ __all__ = [
     "SampleError",
     "SampleNotFoundError",
     "SearchPatternError",
+    "ServerBehaviourError",
     "StorageError",
     "TransientStorageError",
 ]
@@ -142,6 +146,25 @@ class CorruptObjectError(PermanentStorageError):
 
     The message names the object's URL; retrying the same read will not help.
     """
+
+
+class ServerBehaviourError(PermanentStorageError):
+    """The server answered in a way the S3 or GCS contract rules out.
+
+    Examples: an ``UploadPartCopy`` answered 200 without a part ETag, an append
+    whose resulting object has another size than the old size plus the delta,
+    an object resource without a generation. Retrying the same request will
+    not help; ``evalsyncd check URL`` tells which feature the server lacks.
+
+    Attributes:
+        feature: the feature concerned (``"UploadPartCopy"``, ``"multipart append"``...).
+        answer: what the server answered, in one line.
+    """
+
+    def __init__(self, message: str, *, url: str | None = None, feature: str, answer: str):
+        super().__init__(message, url=url)
+        self.feature = feature
+        self.answer = answer
 
 
 class PrefixOwnedError(PermanentStorageError):

@@ -33,7 +33,12 @@ from aiolimiter import AsyncLimiter
 
 from evalsyncd.catalog import CATALOG_PATH, build_catalog
 from evalsyncd.config import DestinationSettings
-from evalsyncd.errors import InvalidKeyError, PermanentStorageError, StorageError
+from evalsyncd.errors import (
+    InvalidKeyError,
+    PermanentStorageError,
+    ServerBehaviourError,
+    StorageError,
+)
 from evalsyncd.storage import Backend
 from evalsyncd.storage.tail import TailConflictError
 from evalsyncd.sync.files import is_run_metadata
@@ -81,6 +86,10 @@ class Stats:
     bytes_uploaded: int = 0
     objects_uploaded: int = 0
     failures: dict[str, int] = field(default_factory=dict)
+
+
+_PROBE_TIMEOUT_S = 30.0
+"""Bound on the server probe at start, seconds (then the daemon goes on without it)."""
 
 
 class Destination:
@@ -264,6 +273,7 @@ class Destination:
 
     async def run(self) -> None:
         """Run passes until :meth:`stop` (the pass in progress completes first)."""
+        await self._know_server()
         while not self._stopping.is_set():
             timeout = self._next_deferred_in()
             with contextlib.suppress(TimeoutError):
@@ -288,6 +298,36 @@ class Destination:
             self.tail.drain_all()
             with contextlib.suppress(Exception):
                 await self.run_pass()
+
+    async def _know_server(self) -> None:
+        """Probe the server once (:func:`evalsyncd.storage.probe.aadapt`): fallbacks are set
+        and logged; a server without a required feature parks the destination; a probe
+        that fails otherwise (an outage, a permission the probe needs) is logged and the
+        daemon goes on (every append still checks its post-condition). Then remove old
+        leftovers of failed cleanups (:func:`evalsyncd.storage.reap.areap`), best effort.
+        Only on a prefix this daemon owns: the probe writes under ``.evalsyncd/probe/``."""
+        from evalsyncd.storage.probe import aadapt
+        from evalsyncd.storage.reap import areap
+
+        if self.owner is not None:
+            try:
+                await self.owner.ensure()
+            except StorageError:
+                return  # another daemon's prefix, or no answer: the first pass reports it
+        try:
+            async with asyncio.timeout(_PROBE_TIMEOUT_S):  # an unreachable server: go on
+                await aadapt(self.storage)
+        except ServerBehaviourError as exc:
+            self._on_failure(exc, permanent=True)
+            return
+        except (StorageError, TimeoutError) as exc:
+            log.warning("server_probe_failed", destination=self.name, error=repr(exc))
+            return
+        try:
+            async with asyncio.timeout(_PROBE_TIMEOUT_S):
+                await areap(self.storage)
+        except (StorageError, TimeoutError) as exc:
+            log.warning("leftovers_not_removed", destination=self.name, error=repr(exc))
 
     def _next_deferred_in(self) -> float | None:
         now = self.clock()
