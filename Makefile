@@ -9,7 +9,10 @@ PYTEST_ARGS ?=
 $(BIN)/evalsyncd: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -e .
+	@# moto[server] (tests) pulls boto3, which pins botocore: keep the botocore aiobotocore chose
+	$(BIN)/pip freeze | grep -iE '^(aiobotocore|botocore)==' > $(VENV)/constraints.txt
+	$(BIN)/pip install --quiet -c $(VENV)/constraints.txt -e '.[test]'
 	touch $@
 
 install: $(BIN)/evalsyncd  ## create .venv with evalsyncd, the local servers and the test tools

@@ -222,6 +222,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--root", metavar="DIR", required=True, type=Path, help="the local EvalStore root"
     )
 
+    check = sub.add_parser(
+        "check",
+        help="probe a bucket's server for the features evalsyncd relies on (exit 1: unusable)",
+    )
+    check.add_argument("uri", metavar="URL", help="s3://bucket/prefix or gs://bucket/prefix")
+    check.add_argument(
+        "--config",
+        metavar="PATH",
+        help="TOML configuration; URL may then be a destination name (its client settings apply)",
+    )
+    check.add_argument("--json", action="store_true", help="print JSON")
     _add_view_parser(sub)
 
     demo = sub.add_parser(
@@ -756,6 +767,60 @@ def _restore(args: argparse.Namespace) -> int:
     return EX_OK
 
 
+def _check(args: argparse.Namespace) -> int:
+    """``evalsyncd check URL``: probe the server (see :mod:`evalsyncd.storage.probe`).
+
+    Exit 0 when the server is usable (missing features are printed with the
+    fallback evalsyncd takes), 1 when it is not or the probe failed, 78 on a
+    configuration error.
+    """
+    from evalsyncd.storage import GCSStorage, S3Storage
+    from evalsyncd.storage.probe import probe
+
+    _reader_logging()
+    try:
+        storage = _open_check_target(args.uri, args.config)
+    except ConfigError as exc:
+        return _config_error(exc)
+    except (ValueError, StorageError) as exc:
+        _fail(exc, args.uri)
+        return 1
+    if not isinstance(storage, S3Storage | GCSStorage):
+        _fail(ValueError("only s3:// and gs:// URLs have a server to probe"), args.uri)
+        return 1
+    try:
+        with storage:
+            report = probe(storage)
+    except StorageError as exc:
+        _fail(exc, args.uri)
+        return 1
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        print(f"{report.url}:")
+        width = max(len(r.feature) for r in report.results)
+        for r in report.results:
+            mark = "ok" if r.ok else "MISSING"
+            line = f"  {r.feature:<{width}}  {mark:<7}  {r.answer}"
+            print(line + (f"\n  {'':<{width}}           -> {r.consequence}" if not r.ok else ""))
+        print("usable" if report.usable else "NOT usable")
+    return EX_OK if report.usable else 1
+
+
+def _open_check_target(uri: str, config: str | None) -> Storage:
+    """The storage ``check`` probes: a destination of ``config`` by name, or a URL."""
+    if config:
+        from evalsyncd.config import load_settings
+        from evalsyncd.sync.service import open_destination_storage
+
+        for dest in load_settings(config).destinations:
+            if uri == dest.name:
+                return open_destination_storage(dest)
+    from evalsyncd.storage.urls import parse_url
+
+    return parse_url(uri).open()
+
+
 def _add_view_parser(sub: Any) -> None:
     view = sub.add_parser(
         "view", help="a read-only local web app over runs, samples and comparisons (until Ctrl-C)"
@@ -852,6 +917,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_demo(seconds=args.seconds, keep=Path(args.keep) if args.keep else None)
     if args.command == "restore":
         return _restore(args)
+    if args.command == "check":
+        return _check(args)
     if args.command == "view":
         return _view(args)
     from evalsyncd.logs import configure_logging

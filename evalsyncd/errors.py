@@ -29,6 +29,9 @@ decide on retries by type and never by matching message strings::
             │   └── TailPieceMissingError also ObjectNotFoundError: a tail object is shorter
             │                             than its index says (evalsyncd.storage.tail)
             ├── TailConflictError         another writer holds this prefix's tail log
+            ├── ServerBehaviourError      the server's answer breaks the S3/GCS contract (a
+            │                             missing ETag, a wrong size after an append): a
+            │                             feature evalsyncd relies on is missing or broken
             └── PrefixOwnedError          another evalsyncd owns the destination's prefix
 
 Keys that are empty, absolute or contain ``..`` are refused before any request
@@ -59,6 +62,7 @@ __all__ = [
     "SampleError",
     "SampleNotFoundError",
     "SearchPatternError",
+    "ServerBehaviourError",
     "StorageError",
     "TailConflictError",
     "TailPieceMissingError",
@@ -182,6 +186,25 @@ class TailPieceMissingError(CorruptObjectError, ObjectNotFoundError):
 
 class TailConflictError(PermanentStorageError):
     """Another writer (a second daemon on the same prefix) writes this tail log."""
+
+
+class ServerBehaviourError(PermanentStorageError):
+    """The server answered in a way the S3 or GCS contract rules out.
+
+    Examples: an ``UploadPartCopy`` answered 200 without a part ETag, an append
+    whose resulting object has another size than the old size plus the delta,
+    an object resource without a generation. Retrying the same request will
+    not help; ``evalsyncd check URL`` tells which feature the server lacks.
+
+    Attributes:
+        feature: the feature concerned (``"UploadPartCopy"``, ``"multipart append"``...).
+        answer: what the server answered, in one line.
+    """
+
+    def __init__(self, message: str, *, url: str | None = None, feature: str, answer: str):
+        super().__init__(message, url=url)
+        self.feature = feature
+        self.answer = answer
 
 
 class PrefixOwnedError(PermanentStorageError):

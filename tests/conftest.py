@@ -18,7 +18,7 @@ import pytest
 
 from evalsyncd.storage import AnyStorage, GCSStorage, LocalStorage, S3Storage
 from evalsyncd.storage.memory import MemoryStorage, drop_bucket
-from evalsyncd.testing.servers import FakeGCSServer, SeaweedS3Server
+from evalsyncd.testing.servers import FakeGCSServer, MotoS3Server, SeaweedS3Server
 from tests.helpers import wait_for
 
 S3_BUCKET = "evalsyncd-test"
@@ -45,6 +45,17 @@ if TYPE_CHECKING:
 def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3Server]:
     """A SeaweedFS S3 server for the session, with bucket ``evalsyncd-test``."""
     server = SeaweedS3Server(tmp_path_factory.mktemp("servers") / "seaweed").start()
+    try:
+        server.create_bucket(S3_BUCKET)
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def moto_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoS3Server]:
+    """moto's S3 server for the session (a second, laxer S3), with bucket ``evalsyncd-test``."""
+    server = MotoS3Server(tmp_path_factory.mktemp("servers") / "moto").start()
     try:
         server.create_bucket(S3_BUCKET)
         yield server
@@ -110,6 +121,16 @@ def s3_storage(
 ) -> Iterator[S3Storage]:
     """An ``S3Storage`` on the test server under a fresh prefix."""
     storage = S3Storage(S3_BUCKET, unique_prefix, endpoint_url=s3_server.endpoint_url)
+    with storage:
+        yield storage
+
+
+@pytest.fixture
+def moto_storage(
+    cloud_env: dict[str, str], moto_server: MotoS3Server, unique_prefix: str
+) -> Iterator[S3Storage]:
+    """An ``S3Storage`` on moto's server under a fresh prefix."""
+    storage = S3Storage(S3_BUCKET, unique_prefix, endpoint_url=moto_server.endpoint_url)
     with storage:
         yield storage
 

@@ -18,7 +18,14 @@ or chunked body), matched against the rules in order, and then:
   connection is reset: the server applied the request but the client never
   learns it (the "lost response" case);
 - ``"delay"``: forwarded, and the response held back ``Rule.delay_s`` seconds
-  (past the client's timeout) before it is relayed.
+  (past the client's timeout) before it is relayed;
+- ``"empty_200"``: answered ``200 OK`` with an empty body, not forwarded (how
+  ``rclone serve s3`` answers ``UploadPartCopy``: no ``CopyPartResult``, no ETag);
+- ``"checksum_206"``: forwarded, and a 206 answer gets an ``x-amz-checksum-crc32c``
+  that is not its part's (``rclone serve s3`` sends the whole object's checksum).
+
+``Rule.header`` matches a request header by name (an ``UploadPartCopy`` is a
+``PUT ...?partNumber=...&uploadId=...`` with ``x-amz-copy-source``).
 
 The ``Host`` header and the body are forwarded unchanged, so SigV4 signatures
 stay valid. The proxy runs its own event loop in a daemon thread, so it serves
@@ -61,6 +68,7 @@ class Rule:
         status: the status of ``"status"`` answers (429, 503, ...).
         delay_s: how long ``"delay"`` holds a response back, seconds.
         probability: chance that a matching request (past ``skip``) gets the action.
+        header: a request header name (any case) the request must carry.
     """
 
     action: str
@@ -72,11 +80,14 @@ class Rule:
     status: int = 503
     delay_s: float = 5.0
     probability: float = 1.0
+    header: str | None = None
     fired: int = field(default=0, init=False)
     seen: int = field(default=0, init=False)
 
-    def matches(self, method: str, target: str) -> bool:
+    def matches(self, method: str, target: str, head: bytes = b"") -> bool:
         if self.method is not None and method != self.method:
+            return False
+        if self.header is not None and f"\r\n{self.header.lower()}:".encode() not in head.lower():
             return False
         if self.path_contains is not None and self.path_contains not in target:
             return False
@@ -119,10 +130,10 @@ class FaultProxy(LoopbackProxy):
         with self._lock:
             return sum(1 for _m, _t, a in self.log if a != "pass" and (action in (None, a)))
 
-    def _decide(self, method: str, target: str) -> Rule | None:
+    def _decide(self, method: str, target: str, head: bytes = b"") -> Rule | None:
         with self._lock:
             for rule in self.rules:
-                if not rule.matches(method, target):
+                if not rule.matches(method, target, head):
                     continue
                 rule.seen += 1
                 if rule.seen <= rule.skip:
@@ -149,8 +160,12 @@ class FaultProxy(LoopbackProxy):
             return
         request_line = head.split(b"\r\n", 1)[0].decode("latin-1")
         method, target, _version = request_line.split(" ", 2)
-        rule = self._decide(method, target)
+        rule = self._decide(method, target, head)
         action = rule.action if rule is not None else "pass"
+        if action == "empty_200":
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            await writer.drain()
+            return
         if action == "reset_before":
             _reset(writer)
             return
@@ -170,6 +185,15 @@ class FaultProxy(LoopbackProxy):
         if action == "delay":
             assert rule is not None
             await asyncio.sleep(rule.delay_s)
+        if action == "checksum_206" and response.startswith(b"HTTP/1.1 206"):
+            head_end = response.index(b"\r\n\r\n")
+            kept = [
+                ln
+                for ln in response[:head_end].split(b"\r\n")
+                if not ln.lower().startswith(b"x-amz-checksum-")
+            ]
+            kept.append(b"x-amz-checksum-crc32c: AAAAAA==")
+            response = b"\r\n".join(kept) + response[head_end:]
         writer.write(response)
         await writer.drain()
         # The upstream answered with Connection: close; so do we (the base closes).

@@ -234,7 +234,8 @@ def test_catalog_makes_list_runs_two_requests_on_s3(
     cloud_env: dict[str, str], s3_server: SeaweedS3Server, unique_prefix: str
 ) -> None:
     """On S3 with a catalog, list_runs costs one listing, one look at the tail log and one
-    catalog read, whatever the runs."""
+    catalog read, whatever the runs; this host has no tail log, so the first reader also looks
+    once at each prefix above it (where a destination's tail log could be)."""
     with S3Storage(S3_BUCKET, unique_prefix, endpoint_url=s3_server.endpoint_url) as direct:
         make_runs(EvalStore(direct, H), 12)
         write_catalog(direct, H)
@@ -250,8 +251,12 @@ def test_catalog_makes_list_runs_two_requests_on_s3(
         proxy.reset()
         without = _dicts(EvalStore(storage, H, use_catalog=False))
         assert with_catalog == without and len(without) == 12
-        assert cost == 3, cost  # LIST runs/, LIST .evalsyncd/tail/, GET the catalog
-        assert proxy.requests == 14  # a new store: LIST runs/, LIST .evalsyncd/tail/, 12 GETs
+        above = unique_prefix.count("/") + 2  # t/{test}, t, the bucket's root
+        # LIST runs/, LIST .evalsyncd/tail/, GET the catalog; LIST the tail log of each level above
+        assert cost == 3 + above, cost
+        # a new store on the same storage: LIST runs/ and 12 GETs (what the first store
+        # learned about tail logs is shared, and fresh for tail_refresh_s)
+        assert proxy.requests == 13
 
 
 def test_outage_with_catalog_raises_never_no_runs(

@@ -1,7 +1,7 @@
 """The storage contract (evalsyncd.storage._base), run against every backend.
 
 The tests are :class:`evalsyncd.testing.contract.StorageContract`; each class
-here gives it one backend: ``LocalStorage``, ``S3Storage`` against SeaweedFS,
+here gives it one backend: ``LocalStorage``, ``S3Storage`` against SeaweedFS and moto's server,
 ``GCSStorage`` against fake-gcs-server, and ``MemoryStorage``.
 """
 
@@ -28,6 +28,14 @@ class TestS3Storage(StorageContract):
     @pytest.fixture
     def storage(self, s3_storage: S3Storage) -> S3Storage:
         return s3_storage
+
+
+class TestS3StorageOnMoto(StorageContract):
+    """The contract on S3 (moto's server on loopback: a second, laxer S3 implementation)."""
+
+    @pytest.fixture
+    def storage(self, moto_storage: S3Storage) -> S3Storage:
+        return moto_storage
 
 
 class TestGCSStorage(StorageContract):

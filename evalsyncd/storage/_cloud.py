@@ -16,16 +16,15 @@ and the internal area's objects (``_list_keys``, ``_delete_keys``,
 - the readers' view of the tail log (:mod:`evalsyncd.storage.tail`): each public
   read stitches the backend's main object (``_main_*`` methods) with the file's
   pending tail pieces, so readers see what the daemon flushed before the main
-  objects catch up;
+  objects catch up, whether the tail log is at this storage's prefix, above it
+  (a sub-prefix of a destination) or below it (a fleet prefix reading a host):
+  see :mod:`evalsyncd.storage._tailfind`;
 - key building: ``{prefix}/{path}``, validated by :func:`check_key`.
 """
 
 from __future__ import annotations
 
-import asyncio
 import copy
-import threading
-import time
 from abc import ABC, abstractmethod
 from contextlib import AsyncExitStack
 from typing import Any, ClassVar, Self
@@ -39,6 +38,7 @@ from evalsyncd.errors import (
 from evalsyncd.storage._base import StorageStat, check_key
 from evalsyncd.storage._bridge import run_sync
 from evalsyncd.storage._clients import LoopClients
+from evalsyncd.storage._tailfind import INTERNAL_DIR, LevelCache, search_levels
 from evalsyncd.storage.tail import (
     TAIL_DIR,
     FileTail,
@@ -52,12 +52,11 @@ from evalsyncd.storage.tail import (
 
 __all__ = ["INTERNAL_DIR", "CloudStorage"]
 
-INTERNAL_DIR = ".evalsyncd"
-"""Name of the area under the prefix where the daemon keeps short-lived objects
-(the tail log, S3 append segments, GCS compose deltas). Readers and
-``list_dir`` hide it."""
+# INTERNAL_DIR (".evalsyncd"): the area under a destination's prefix where the daemon
+# keeps its objects (the tail log, the catalog, S3 append segments, GCS compose
+# deltas). Readers and ``list_dir`` hide it at every level.
 
-_RUNTIME_ATTRS = ("_clients", "_tail_lock", "_tail_cache", "_pieces")
+_RUNTIME_ATTRS = ("_clients", "_levels", "_pieces")
 
 
 class CloudStorage(ABC):
@@ -87,6 +86,12 @@ class CloudStorage(ABC):
     it reconciles against main objects)."""
     tail_refresh_s: float = 1.0
     """How long a read reuses the tail log's index before reading it again, seconds."""
+    tail_probe_ttl_s: float = 5.0
+    """How long a read trusts that a prefix above or below this storage's own holds no
+    tail log, seconds (see :mod:`evalsyncd.storage._tailfind`)."""
+    tail_search_depth: int = 1
+    """How many levels below this storage's prefix may hold a destination's tail log
+    (1: a fleet prefix reading ``{host}/...``); every level above is always searched."""
 
     def __init__(self, bucket: str, prefix: str = "") -> None:
         if not bucket or "/" in bucket:
@@ -105,11 +110,8 @@ class CloudStorage(ABC):
 
     def _init_runtime(self) -> None:
         self._clients = LoopClients(self._open_client)
-        self._tail_lock = threading.Lock()
         self._pieces = PieceCache()
-        self._tail_cache: dict[
-            asyncio.AbstractEventLoop, tuple[float, asyncio.Task[TailIndex]]
-        ] = {}
+        self._levels = LevelCache()
 
     # -- configuration, keys -------------------------------------------------------
 
@@ -150,18 +152,22 @@ class CloudStorage(ABC):
     def child(self, path: str) -> Self:
         """The same bucket at ``{prefix}/{path}``, sharing this instance's SDK clients.
 
-        A store under a sub-prefix (a host of a fleet) must be read through a
-        storage rooted at it: its tail log lives at ``{its prefix}/.evalsyncd/``.
         The child opens no client of its own: it uses and, when closed, closes
-        the parent's (which reopens one on its next use).
+        the parent's (which reopens one on its next use). It also shares what
+        the parent learned about where tail logs are (one probe per level for both).
         """
         sub = path.strip("/")
         if not sub:
             return self
         check_key(sub)
+        return self._rooted_at(self._join(sub))
+
+    def _rooted_at(self, prefix: str) -> Self:
+        """A storage of the same bucket at ``prefix``, sharing clients and the level cache."""
         new = copy.copy(self)  # configuration only (see __getstate__): fresh runtime state
-        new.prefix = self._join(sub)
+        new.prefix = prefix
         new._clients = self._clients
+        new._levels = self._levels
         return new
 
     # -- clients (see evalsyncd.storage._clients) --------------------------------------
@@ -325,35 +331,79 @@ class CloudStorage(ABC):
         return TailWriter(self, writer)
 
     async def _tail_index(self, *, refresh: bool = False) -> TailIndex:
-        """The tail log's newest index, cached for :attr:`tail_refresh_s` seconds.
+        """The tail log's newest index at this storage's prefix, cached for
+        :attr:`tail_refresh_s` seconds.
 
         Concurrent callers on one loop share one fetch (one LIST and one GET).
         """
-        loop = asyncio.get_running_loop()
-        now = time.monotonic()
-        with self._tail_lock:
-            cached = self._tail_cache.get(loop)
-            fresh = cached is not None and (
-                not cached[1].done()
-                or (
-                    not refresh
-                    and now - cached[0] < self.tail_refresh_s
-                    and not cached[1].cancelled()
-                    and cached[1].exception() is None
-                )
-            )
-            if cached is not None and fresh:
-                task = cached[1]
-            else:
-                task = loop.create_task(read_index(self))
-                self._tail_cache[loop] = (now, task)
-        return await asyncio.shield(task)
+        return await self._level_index(self.prefix, refresh=refresh)
 
-    async def _tail_entry(self, path: str) -> FileTail | None:
+    async def _level_index(self, level: str, *, refresh: bool = False) -> TailIndex:
+        """The tail index of the prefix ``level`` (seq -1: no tail log there), cached."""
+        view = self._view(level)
+        absent_s = self.tail_refresh_s
+        if level != self.prefix:
+            absent_s = max(absent_s, self.tail_probe_ttl_s)
+        return await self._levels.index(
+            level,
+            lambda: read_index(view),
+            max_age_s=self.tail_refresh_s,
+            absent_max_age_s=absent_s,
+            refresh=refresh,
+        )
+
+    def _view(self, level: str) -> CloudStorage:
+        """The storage rooted at ``level`` that reads a tail log there (this one at its own)."""
+        if level == self.prefix:
+            return self
+        view: CloudStorage = self._levels.view(level, lambda: self._rooted_at(level))
+        view.read_tail = self.read_tail
+        view.tail_refresh_s = self.tail_refresh_s
+        view.tail_probe_ttl_s = self.tail_probe_ttl_s
+        view.tail_search_depth = 0
+        return view
+
+    async def _tail_root(self, directory: str, *, likely: str | None = None) -> str | None:
+        """The prefix whose tail log holds the files of ``directory`` (relative to this
+        storage), or ``None``: see :mod:`evalsyncd.storage._tailfind` for the search.
+
+        Args:
+            directory: a directory relative to this storage (``""``: its root).
+            likely: a level to probe first (a listing showed a ``.evalsyncd/`` there).
+
+        Cost: nothing beyond this prefix's own index read when the tail log is here;
+        else one LIST per level searched, at first use, cached.
+        """
         if not self.read_tail:
             return None
+        full = self._join(directory) if directory else self.prefix
+        levels = search_levels(self.prefix, full, self.tail_search_depth)
+        if likely is not None and likely in levels:
+            levels.remove(likely)
+            levels.insert(0, likely)
+        for level in levels:
+            if (await self._level_index(level)).seq >= 0:
+                return level
+        return None
+
+    async def _locate(self, path: str) -> tuple[CloudStorage, str]:
+        """``(storage, path there)`` that reads ``path`` with its tail log: this storage,
+        or one rooted at the prefix of the destination whose tail log covers ``path``."""
         check_key(path)
-        return (await self._tail_index()).files.get(path)
+        if not self.read_tail or INTERNAL_DIR in path.split("/"):
+            return self, path
+        level = await self._tail_root(path.rpartition("/")[0])
+        if level is None or level == self.prefix:
+            return self, path
+        full = self._join(path)
+        return self._view(level), full[len(level) + 1 :] if level else full
+
+    async def _tail_entry(self, path: str) -> FileTail | None:
+        """What the tail log covering ``path`` holds of it, or ``None``."""
+        if not self.read_tail:
+            return None
+        where, rel = await self._locate(path)
+        return (await where._tail_index()).files.get(rel)
 
     async def _stitched(self, path: str, start: int, end: int | None) -> bytes | None:
         """Bytes ``[start, end)`` of main object + tail pieces, or ``None`` when the tail
@@ -407,7 +457,12 @@ class CloudStorage(ABC):
         Cost: the main object's GET; when the tail log is read (:attr:`read_tail`),
         one LIST and one GET of its newest index per :attr:`tail_refresh_s`, and for
         a file with pending pieces a HEAD and one ranged GET per tail object holding them.
+        The tail log may be at another prefix than this storage's (a destination above
+        or, one level down, below it): see :meth:`_tail_root`.
         """
+        where, rel = await self._locate(path)
+        if where is not self:
+            return await where.aread(rel)
         if await self._tail_entry(path) is not None:
             data = await self._stitched(path, 0, None)
             if data is not None:
@@ -418,6 +473,9 @@ class CloudStorage(ABC):
         """See :meth:`Storage.read_range` and :meth:`aread`."""
         if offset < 0 or (length is not None and length < 0):
             raise ValueError(f"negative offset or length: {offset}, {length}")
+        where, rel = await self._locate(path)
+        if where is not self:
+            return await where.aread_range(rel, offset, length)
         if await self._tail_entry(path) is not None:
             data = await self._stitched(path, offset, None if length is None else offset + length)
             if data is not None:
@@ -429,6 +487,9 @@ class CloudStorage(ABC):
 
         The version is the main object's (``None`` while the file exists only in the tail).
         """
+        where, rel = await self._locate(path)
+        if where is not self:
+            return await where.astat(rel)
         ft = await self._tail_entry(path)
         if ft is not None and (ft.kind == "r" or ft.base == 0):
             return StorageStat(size=ft.size, mtime=ft.mtime, version=None)  # the tail alone
@@ -443,21 +504,37 @@ class CloudStorage(ABC):
 
     async def aexists(self, path: str) -> bool:
         """See :meth:`Storage.exists`."""
+        where, rel = await self._locate(path)
+        if where is not self:
+            return await where.aexists(rel)
         if await self._tail_entry(path) is not None:
             return True
         return await self._main_exists(path)
 
     async def alist_dir(self, prefix: str) -> list[str]:
-        """See :meth:`Storage.list_dir`: main objects plus files pending in the tail."""
+        """See :meth:`Storage.list_dir`: main objects plus files pending in the tail log
+        covering ``prefix`` (found as :meth:`_tail_root` says); ``.evalsyncd`` is hidden
+        at every level."""
+        top = prefix.strip("/")
+        if top:
+            check_key(top)
         names = set(await self._main_list_dir(prefix))
-        if self.read_tail:
-            top = prefix.strip("/")
-            if top:
-                check_key(top)
-            lead = f"{top}/" if top else ""
-            for path in (await self._tail_index()).files:
-                if path.startswith(lead):
-                    names.add(path[len(lead) :].split("/", 1)[0])
+        full = self._join(top) if top else self.prefix
+        likely = None
+        if top and INTERNAL_DIR not in top.split("/"):
+            if INTERNAL_DIR in names:
+                likely = full  # a destination's area: its tail log, most likely
+            else:
+                self._levels.learn_absent(full)  # no tail log there: no probe
+        names.discard(INTERNAL_DIR)
+        if self.read_tail and INTERNAL_DIR not in top.split("/"):
+            level = await self._tail_root(top, likely=likely)
+            if level is not None:
+                rel = full[len(level) :].strip("/")
+                lead = f"{rel}/" if rel else ""
+                for path in (await self._level_index(level)).files:
+                    if path.startswith(lead):
+                        names.add(path[len(lead) :].split("/", 1)[0])
         return sorted(names)
 
     async def aremove_dir(self, path: str) -> None:

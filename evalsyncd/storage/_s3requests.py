@@ -13,11 +13,14 @@ from __future__ import annotations
 from typing import Any, Final
 
 import botocore.exceptions as bexc
+import structlog
 
-from evalsyncd.errors import BucketNotFoundError
+from evalsyncd.errors import BucketNotFoundError, ServerBehaviourError
 from evalsyncd.storage._s3errors import BOUNDARY, boundary, error_code, http_status, translate
 
 __all__ = ["S3Requests"]
+
+log = structlog.get_logger("evalsyncd.storage")
 
 _DELETE_BATCH: Final = 1000
 """Keys per ``DeleteObjects`` request (S3's limit)."""
@@ -34,6 +37,8 @@ class S3Requests:
         self.bucket = bucket
         self.bucket_ok = False
         """Whether a request proved the bucket exists (a 404 then means the object)."""
+        self.whole_reads = False
+        """Whether a ranged GET met the whole object's checksum on a part (then logged once)."""
 
     async def ensure_bucket(self, client: Any, url: str) -> None:
         """Tell a missing object from a missing bucket after a 404 without a body (HEAD).
@@ -97,16 +102,30 @@ class S3Requests:
         with boundary(url):
             try:
                 resp: dict[str, Any] = await client.get_object(**kwargs)
+                async with resp["Body"] as body:
+                    data: bytes = await body.read()
             except bexc.ClientError as exc:
                 if http_status(exc) != 416:
                     raise
                 headers = exc.response.get("ResponseMetadata", {}).get("HTTPHeaders", {})
                 total = str(headers.get("content-range", "")).rpartition("/")[2]
                 return b"", {"Size": int(total) if total.isdigit() else None}
-            async with resp["Body"] as body:
-                data: bytes = await body.read()
+            except bexc.FlexibleChecksumError:
+                if "Range" not in kwargs:
+                    raise
+                # The server sent the whole object's checksum with a part of it (as
+                # ``rclone serve s3`` does on a 206): read it whole, which that checksum
+                # validates, and keep the range (the code below slices).
+                if not self.whole_reads:
+                    self.whole_reads = True
+                    log.warning("s3_ranged_get_checksum_mismatch", url=url, fallback="whole GETs")
+                del kwargs["Range"]
+                resp = await client.get_object(**kwargs)
+                async with resp["Body"] as body:
+                    data = await body.read()
+                resp.pop("ContentRange", None)
         self.bucket_ok = True
-        if start and "ContentRange" not in resp:  # the server ignored Range
+        if (start or end is not None) and "ContentRange" not in resp:  # Range ignored or dropped
             data = data[start:] if end is None else data[start:end]
         return data, resp
 
@@ -120,7 +139,17 @@ class S3Requests:
             resp = await client.put_object(
                 Bucket=self.bucket, Key=key, Body=data, ChecksumAlgorithm="CRC32C", **kwargs
             )
-        return str(resp["ETag"])
+        etag = resp.get("ETag")
+        if not etag:  # S3 always sends one; the journal keeps it as the next If-Match
+            status = resp.get("ResponseMetadata", {}).get("HTTPStatusCode", "?")
+            answer = f"HTTP {status} without an ETag"
+            raise ServerBehaviourError(
+                f"{url}: the server answered PutObject with {answer}",
+                url=url,
+                feature="PutObject",
+                answer=answer,
+            )
+        return str(etag)
 
     async def delete(self, client: Any, keys: list[str], url: str) -> None:
         """Delete objects (missing ones are fine): ``DeleteObject`` for one, else

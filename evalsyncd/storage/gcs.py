@@ -68,13 +68,13 @@ import os
 import uuid
 from contextlib import AsyncExitStack, suppress
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 import structlog
 from gcloud.aio.storage import Storage as _SDKClient
 
-from evalsyncd.errors import ConflictError, ObjectNotFoundError
+from evalsyncd.errors import ConflictError, ObjectNotFoundError, ServerBehaviourError
 from evalsyncd.storage._base import StorageStat
 from evalsyncd.storage._cloud import INTERNAL_DIR, CloudStorage
 from evalsyncd.storage._gcsclient import GCSClient, PreconditionFailed, translate_error
@@ -87,10 +87,34 @@ _APPEND_AREA = "gcs-append"
 _MAX_APPEND_ATTEMPTS = 5
 
 
-def _stat_of(meta: dict[str, Any]) -> StorageStat:
+def _size(meta: dict[str, Any]) -> int:
+    """An object resource's ``size``, bytes; absent means 0 (Google's testbench omits it
+    for an empty object, where GCS sends ``"0"``)."""
+    return int(meta.get("size") or 0)
+
+
+def _generation(meta: dict[str, Any], url: str, call: str = "the object's metadata") -> str:
+    """An object resource's ``generation``; every GCS answer carries one.
+
+    Raises:
+        ServerBehaviourError: it is missing.
+    """
+    value = meta.get("generation")
+    if value in (None, ""):
+        answer = f"an object resource without generation (fields: {', '.join(sorted(meta))})"
+        raise ServerBehaviourError(
+            f"{url}: the server answered {call} with {answer}",
+            url=url,
+            feature="generation",
+            answer=answer,
+        )
+    return str(value)
+
+
+def _stat_of(meta: dict[str, Any], url: str = "") -> StorageStat:
     updated = meta.get("updated") or meta.get("timeCreated")
     mtime = datetime.fromisoformat(updated).timestamp() if updated else 0.0
-    return StorageStat(size=int(meta["size"]), mtime=mtime, version=str(meta["generation"]))
+    return StorageStat(size=_size(meta), mtime=mtime, version=_generation(meta, url))
 
 
 class GCSStorage(CloudStorage):
@@ -159,7 +183,10 @@ class GCSStorage(CloudStorage):
         session = self._new_session()
         stack.push_async_callback(session.close)
         api = _SDKClient(
-            service_file=self.service_file, session=session, api_root=self.endpoint_url
+            # cast: gcloud-aio annotates a requests session when requests is installed
+            service_file=self.service_file,
+            session=cast(Any, session),
+            api_root=self.endpoint_url,
         )
         emulator = self.endpoint_url is not None or bool(os.environ.get("STORAGE_EMULATOR_HOST"))
         # gcloud-aio annotates ``timeout`` as int but hands it to aiohttp, which
@@ -201,7 +228,7 @@ class GCSStorage(CloudStorage):
         key = self._key(path)
         c = await self._gcs()
         meta = await c.guarded(c.upload(key, data), url=self.url(path), target="bucket")
-        return str(meta["generation"])
+        return _generation(meta, self.url(path), "an upload")
 
     async def aappend(self, path: str, data: bytes, *, offset: int | None = None) -> str | None:
         """See :meth:`Storage.append` and the module docstring (compose with preconditions).
@@ -248,9 +275,9 @@ class GCSStorage(CloudStorage):
                     actual_size=0,
                 )
             created = await c.conditional_upload(key, url, data, generation="0")
-            return str(created["generation"])
+            return _generation(created, url, "an upload")
 
-        size, generation = int(meta["size"]), str(meta["generation"])
+        size, generation = _size(meta), _generation(meta, url)
         if offset is not None and size != offset:
             end = offset + len(data)
             if data and size == end and await c.download(key, url, start=offset, end=end) == data:
@@ -264,10 +291,10 @@ class GCSStorage(CloudStorage):
             return generation
         if size == 0:
             replaced = await c.conditional_upload(key, url, data, generation=generation)
-            return str(replaced["generation"])
+            return _generation(replaced, url, "an upload")
 
         composed = await self._compose_append(c, key, url, data, meta)
-        new_size = int(composed["size"])
+        new_size = _size(composed)  # a compose answer without size: 0, caught just below
         if new_size != size + len(data):
             # Only possible where compose ignores ifGenerationMatch (emulators).
             raise ConflictError(
@@ -276,7 +303,7 @@ class GCSStorage(CloudStorage):
                 url=url,
                 actual_size=new_size,
             )
-        return str(composed["generation"])
+        return _generation(composed, url, "compose")
 
     async def _compose_append(
         self, c: GCSClient, key: str, url: str, data: bytes, meta: dict[str, Any]
@@ -293,7 +320,7 @@ class GCSStorage(CloudStorage):
                         key,
                         [key, delta],
                         content_type=meta.get("contentType") or None,
-                        params={"ifGenerationMatch": str(meta["generation"])},
+                        params={"ifGenerationMatch": _generation(meta, url)},
                         timeout=c.timeout,
                     )
                 except aiohttp.ClientResponseError as exc:
@@ -351,7 +378,7 @@ class GCSStorage(CloudStorage):
         key = self._key(path)
         c = await self._gcs()
         meta = await c.metadata(key, self.url(path))
-        return None if meta is None else _stat_of(meta)
+        return None if meta is None else _stat_of(meta, self.url(path))
 
     async def achecksum(self, path: str) -> tuple[str, str] | None:
         """The checksum GCS keeps for the whole object: ``("crc32c", base64 of the

@@ -159,6 +159,13 @@ class S3Storage(CloudStorage):
         self.cache_max_bytes = cache_max_bytes
         super().__init__(bucket, prefix)
 
+    multipart_copy: bool = True
+    """Capability of the server: ``UploadPartCopy`` works, so appends to objects of
+    ``multipart_threshold`` and more copy the old bytes on the server. ``False``
+    (a server that lacks it, found by :mod:`evalsyncd.storage.probe`): such appends
+    go to the segment log, whose compaction rewrites the whole object with
+    ``If-Match`` (correct; about the object's size on the wire per compaction)."""
+
     # -- runtime state (never pickled) -------------------------------------------------
 
     def _init_runtime(self) -> None:
@@ -415,7 +422,7 @@ class S3Storage(CloudStorage):
             return etag
         if not data:
             return view.etag
-        if view.epoch is None and view.size < self.multipart_threshold:
+        if view.epoch is None and (view.size < self.multipart_threshold or not self.multipart_copy):
             # No epoch yet (written by write() or another tool): rewrite to start one.
             content = await segments.content(client, path, view) + data
             epoch = new_epoch()
@@ -424,7 +431,7 @@ class S3Storage(CloudStorage):
             )
             segments.cache.put(path, epoch, content)
             return etag
-        if view.main_size >= self.multipart_threshold and not view.chain:
+        if view.main_size >= self.multipart_threshold and not view.chain and self.multipart_copy:
             return await self._append_multipart(client, path, key, view, data)
         return await segments.append(client, path, view, data)
 

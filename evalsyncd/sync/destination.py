@@ -17,12 +17,16 @@ use (``mark``, ``run``, ``run_pass``, ``state``, ``stats``).
 
 from __future__ import annotations
 
+import asyncio
 import random
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+import structlog
+
 from evalsyncd.config import DestinationSettings
+from evalsyncd.errors import ServerBehaviourError, StorageError
 from evalsyncd.storage import Backend
 from evalsyncd.sync.journal import Journal
 from evalsyncd.sync.owner import Owner
@@ -46,6 +50,11 @@ __all__ = [
     "backoff_delay",
     "shipping_context",
 ]
+
+log = structlog.get_logger("evalsyncd.sync")
+
+_PROBE_TIMEOUT_S = 30.0
+"""Bound on the server probe at start, seconds (then the daemon goes on without it)."""
 
 PROMOTE_MIN_BYTES = 1024 * 1024
 """Pending bytes of one file from which its main object is due in the tail mode (at
@@ -187,6 +196,42 @@ class Destination(Scheduler):
     @on_upload.setter
     def on_upload(self, hook: Callable[[str, str, int, float], None] | None) -> None:
         self.ctx.meter.on_upload = hook
+
+    async def run(self) -> None:
+        """Probe the server once (a step before the first pass), then run the scheduler's
+        passes until :meth:`stop`."""
+        await self._know_server()
+        await super().run()
+
+    async def _know_server(self) -> None:
+        """Probe the server once (:func:`evalsyncd.storage.probe.aadapt`): fallbacks are set
+        and logged; a server without a required feature parks the destination; a probe
+        that fails otherwise (an outage, a permission the probe needs) is logged and the
+        daemon goes on (every append still checks its post-condition). Then remove old
+        leftovers of failed cleanups (:func:`evalsyncd.storage.reap.areap`), best effort.
+        Only on a prefix this daemon owns: the probe writes under ``.evalsyncd/probe/``."""
+        from evalsyncd.storage.probe import aadapt
+        from evalsyncd.storage.reap import areap
+
+        if self.owner is not None:
+            try:
+                await self.owner.ensure()
+            except StorageError:
+                return  # another daemon's prefix, or no answer: the first pass reports it
+        try:
+            async with asyncio.timeout(_PROBE_TIMEOUT_S):  # an unreachable server: go on
+                await aadapt(self.storage)
+        except ServerBehaviourError as exc:
+            self._on_failure(exc, permanent=True)
+            return
+        except (StorageError, TimeoutError) as exc:
+            log.warning("server_probe_failed", destination=self.name, error=repr(exc))
+            return
+        try:
+            async with asyncio.timeout(_PROBE_TIMEOUT_S):
+                await areap(self.storage)
+        except (StorageError, TimeoutError) as exc:
+            log.warning("leftovers_not_removed", destination=self.name, error=repr(exc))
 
     async def throttle(self, nbytes: int) -> None:
         """Wait until ``nbytes`` may be sent under ``max_upload_bytes_per_s``."""

