@@ -28,7 +28,7 @@ typecheck: install
 	$(BIN)/mypy
 
 unit: install
-	$(BIN)/pytest -m "not slow" $(PYTEST_ARGS)
+	$(BIN)/pytest -m "not slow" --durations=15 $(PYTEST_ARGS)
 
 test: lint typecheck unit  ## everything CI runs
 

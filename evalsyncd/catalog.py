@@ -83,7 +83,7 @@ from typing import Any
 
 import crc32c as _crc32c
 
-from evalsyncd.errors import CorruptObjectError, EvalsyncdError, InvalidKeyError
+from evalsyncd.errors import CatalogError, CorruptObjectError, InvalidKeyError
 from evalsyncd.storage._base import (
     AsyncStorage,
     Storage,
@@ -145,18 +145,6 @@ def _check_size(data: bytes, url: str) -> bytes:
             url=url,
         )
     return data
-
-
-class CatalogError(EvalsyncdError, ValueError):
-    """A catalog object does not parse or has an unsupported version.
-
-    Attributes:
-        url: the catalog's URL (also in the message).
-    """
-
-    def __init__(self, message: str, *, url: str) -> None:
-        super().__init__(message)
-        self.url = url
 
 
 def metadata_crc32c(data: bytes) -> str:

@@ -369,7 +369,7 @@ async def _evict(settings: Settings, *, dry_run: bool, as_json: bool) -> int:
 async def _verify(
     settings: Settings, names: list[str] | None, as_json: bool, allow_skipped: bool = False
 ) -> int:
-    from evalsyncd.sync.service import open_destination_storage
+    from evalsyncd.sync.offline import open_destination_storage
     from evalsyncd.verify import FileCheck, verify_storage
 
     known = {d.name: d for d in settings.destinations}
@@ -461,8 +461,8 @@ async def _claim(settings: Settings, names: list[str] | None, take: bool) -> int
     from evalsyncd.config import ensure_state_dir
     from evalsyncd.errors import PrefixOwnedError
     from evalsyncd.sync.journal import Journal
+    from evalsyncd.sync.offline import JOURNAL_NAME, open_destination_storage
     from evalsyncd.sync.owner import check_claim, record_owner, take_over
-    from evalsyncd.sync.service import JOURNAL_NAME, open_destination_storage
 
     known = {d.name: d for d in settings.destinations}
     unknown = [n for n in names or [] if n not in known]
@@ -507,7 +507,7 @@ async def _claim(settings: Settings, names: list[str] | None, take: bool) -> int
 def _journal_rows(settings: Settings, destination: str) -> dict[str, Any] | None:
     """The destination's journal rows by path (read-only), or ``None`` without a journal."""
     from evalsyncd.sync.journal import Journal
-    from evalsyncd.sync.service import JOURNAL_NAME
+    from evalsyncd.sync.offline import JOURNAL_NAME
 
     path = settings.state_dir / JOURNAL_NAME
     if not path.exists():
@@ -546,7 +546,7 @@ def _open_reader(uri: str, config: str | None) -> tuple[Storage, str]:
     """
     if config:
         from evalsyncd.config import load_settings
-        from evalsyncd.sync.service import open_destination_storage
+        from evalsyncd.sync.offline import open_destination_storage
 
         for dest in load_settings(config).destinations:
             if uri == dest.name:

@@ -6,6 +6,13 @@ decide on retries by type and never by matching message strings::
 
     EvalsyncdError
     ├── ConfigError                       bad settings; the CLI exits 78 (EX_CONFIG)
+    ├── JournalError                      the daemon's journal is damaged, of another root,
+    │                                     or of a newer schema (evalsyncd.sync.journal)
+    ├── CatalogError                      also ValueError: a run catalog does not parse
+    │                                     (evalsyncd.catalog)
+    ├── SampleError                       a read of samples (evalsyncd.samples) failed
+    │   ├── SampleNotFoundError           also LookupError: no sample at that line
+    │   └── SearchPatternError            also ValueError: an invalid search regex
     ├── RunEvictedError                   also PermissionError: a write to a run evicted from
     │                                     the local disk (retention); `evalsyncd restore` it
     └── StorageError                      anything a storage backend raises
@@ -19,13 +26,13 @@ decide on retries by type and never by matching message strings::
             ├── BucketNotFoundError       the bucket itself does not exist
             ├── InvalidRequestError       the server refused the request as malformed
             ├── CorruptObjectError        an object evalsyncd wrote (a tail object) is damaged
+            │   └── TailPieceMissingError also ObjectNotFoundError: a tail object is shorter
+            │                             than its index says (evalsyncd.storage.tail)
+            ├── TailConflictError         another writer holds this prefix's tail log
             ├── ServerBehaviourError      the server's answer breaks the S3/GCS contract (a
             │                             missing ETag, a wrong size after an append): a
             │                             feature evalsyncd relies on is missing or broken
             └── PrefixOwnedError          another evalsyncd owns the destination's prefix
-    SampleError                           a read of samples (evalsyncd.samples) failed
-    ├── SampleNotFoundError               also LookupError: no sample at that line
-    └── SearchPatternError                also ValueError: an invalid search regex
 
 Keys that are empty, absolute or contain ``..`` are refused before any request
 with a plain :class:`ValueError` (:class:`InvalidKeyError` subclasses both).
@@ -40,12 +47,14 @@ from __future__ import annotations
 __all__ = [
     "AccessDeniedError",
     "BucketNotFoundError",
+    "CatalogError",
     "ConfigError",
     "ConflictError",
     "CorruptObjectError",
     "EvalsyncdError",
     "InvalidKeyError",
     "InvalidRequestError",
+    "JournalError",
     "ObjectNotFoundError",
     "PermanentStorageError",
     "PrefixOwnedError",
@@ -55,6 +64,8 @@ __all__ = [
     "SearchPatternError",
     "ServerBehaviourError",
     "StorageError",
+    "TailConflictError",
+    "TailPieceMissingError",
     "TransientStorageError",
 ]
 
@@ -65,6 +76,22 @@ class EvalsyncdError(Exception):
 
 class ConfigError(EvalsyncdError):
     """The configuration is invalid. The message names the offending key or file."""
+
+
+class JournalError(EvalsyncdError):
+    """The journal cannot be opened or read: corrupt, from another root, or a newer schema."""
+
+
+class CatalogError(EvalsyncdError, ValueError):
+    """A catalog object does not parse or has an unsupported version.
+
+    Attributes:
+        url: the catalog's URL (also in the message).
+    """
+
+    def __init__(self, message: str, *, url: str) -> None:
+        super().__init__(message)
+        self.url = url
 
 
 class RunEvictedError(EvalsyncdError, PermissionError):
@@ -146,6 +173,19 @@ class CorruptObjectError(PermanentStorageError):
 
     The message names the object's URL; retrying the same read will not help.
     """
+
+
+class TailPieceMissingError(CorruptObjectError, ObjectNotFoundError):
+    """A tail object holds fewer bytes than a piece its index places in it.
+
+    A :class:`CorruptObjectError` (readers read the file's plain object instead)
+    and, as before this class existed, an :class:`ObjectNotFoundError` (the
+    writer treats the piece as gone and stages the bytes again from its file).
+    """
+
+
+class TailConflictError(PermanentStorageError):
+    """Another writer (a second daemon on the same prefix) writes this tail log."""
 
 
 class ServerBehaviourError(PermanentStorageError):

@@ -31,8 +31,8 @@ from typing import Any
 from evalsyncd.config import Settings
 from evalsyncd.sync.files import FileKind, classify, scan_tree
 from evalsyncd.sync.journal import Entry, Journal
+from evalsyncd.sync.offline import JOURNAL_NAME, unacked_bytes
 from evalsyncd.sync.owner import read_owner_records
-from evalsyncd.sync.service import JOURNAL_NAME, unacked_bytes
 
 __all__ = [
     "DestinationStatus",

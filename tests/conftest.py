@@ -166,15 +166,33 @@ def storage(request: pytest.FixtureRequest) -> AnyStorage:
     return fixture
 
 
+def _lives_with_the_process(t: threading.Thread) -> bool:
+    """The storage bridge's loop thread and its worker threads (``asyncio_N``, daemon
+    threads as the bridge that starts them) live as long as the process, by design."""
+    return t.name == "evalsyncd-storage-bridge" or (t.daemon and t.name.startswith("asyncio_"))
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--sim-seed",
+        type=int,
+        default=None,
+        help="replay one seed of the simulation (tests/test_simulation.py)",
+    )
+
+
 @pytest.fixture(autouse=True)
 def _no_thread_leaks() -> Iterator[None]:
-    """A test must not leave non-daemon threads behind."""
+    """A test must not leave threads behind, daemon threads included (the watcher's, a
+    proxy's, a test's own helpers); only the process-wide storage bridge may outlive it."""
     before = set(threading.enumerate())
     yield
 
     def leaked() -> list[threading.Thread]:
         return [
-            t for t in threading.enumerate() if t not in before and t.is_alive() and not t.daemon
+            t
+            for t in threading.enumerate()
+            if t not in before and t.is_alive() and not _lives_with_the_process(t)
         ]
 
     try:

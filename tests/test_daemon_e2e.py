@@ -138,18 +138,33 @@ def test_partial_line_waits_for_its_newline(env: Env) -> None:
     reader = env.add("gcs")
     path = env.root / "runs/r/b/trajectories.jsonl"
     path.parent.mkdir(parents=True)
+    marker = env.root / "runs/r/b/marker.jsonl"
     with env.daemon():
         with open(path, "ab") as f:
             f.write(b'{"line": 1}\n{"line": 2, "par')
             f.flush()
             wait_for(lambda: reader.exists("runs/r/b/trajectories.jsonl"), 30)
-            for piece in (b't": "a', b"b", b'c"}'):
+            for i, piece in enumerate((b't": "a', b"b", b'c"}')):
                 f.write(piece)
                 f.flush()
+                # a later change of another file reaching the bucket proves the daemon
+                # has passed over the partial line since it was written
+                with open(marker, "ab") as m:
+                    m.write(b'{"marker": %d}\n' % i)
+                want = marker.read_bytes()
+                wait_for(
+                    lambda want=want: _read_or_none(reader, "runs/r/b/marker.jsonl") == want, 30
+                )
                 assert reader.read("runs/r/b/trajectories.jsonl") == b'{"line": 1}\n'
-                time.sleep(0.3)  # let the daemon see the partial line; it must not upload it
             f.write(b"\n")
         wait_mirrored(env.root, reader)
+
+
+def _read_or_none(reader: AnyStorage, path: str) -> bytes | None:
+    try:
+        return reader.read(path)
+    except FileNotFoundError:
+        return None
 
 
 def test_growing_file_past_5mib_costs_about_the_delta(env: Env, s3_server: SeaweedS3Server) -> None:

@@ -176,15 +176,41 @@ def test_observe_reads_only_what_plan_needs(tmp_path: Path) -> None:
     asyncio.run(scenario())
 
 
-@pytest.mark.parametrize("old", list(DestinationState))
-@pytest.mark.parametrize("new", list(DestinationState))
-def test_transitions_follow_the_edges(old: DestinationState, new: DestinationState) -> None:
-    """A transition is allowed exactly when EDGES lists it; any other raises TransitionError."""
-    if new in EDGES[old]:
+H, B, P = DestinationState.HEALTHY, DestinationState.BACKOFF, DestinationState.PARKED
+TRANSITIONS = [
+    # old, new, allowed: the lifecycle of docs/design.md section 9, written out by hand
+    (H, B, True),  # a transient error
+    (H, P, True),  # a permanent error
+    (B, H, True),  # a pass succeeded
+    (B, P, True),  # a permanent error while backing off
+    (P, H, True),  # the periodic retry of a parked destination succeeded
+    (P, B, True),  # that retry met a transient error
+    (H, H, False),  # staying is not a transition
+    (B, B, False),
+    (P, P, False),
+]
+
+
+@pytest.mark.parametrize(("old", "new", "allowed"), TRANSITIONS)
+def test_transitions_follow_the_edges(
+    old: DestinationState, new: DestinationState, allowed: bool
+) -> None:
+    """Each transition is allowed or refused as the hand-written table says, and EDGES says
+    the same; a refused one raises TransitionError naming it."""
+    assert (new in EDGES[old]) is allowed
+    if allowed:
         check_transition(old, new)
     else:
         with pytest.raises(TransitionError, match=f"{old.value} -> {new.value}"):
             check_transition(old, new)
+
+
+def test_the_transition_table_covers_every_pair() -> None:
+    """The table above names every (old, new) pair of states once."""
+    pairs = [(old, new) for old, new, _ in TRANSITIONS]
+    assert sorted(pairs, key=str) == sorted(
+        ((o, n) for o in DestinationState for n in DestinationState), key=str
+    )
 
 
 def test_after_failure_returns_a_time_not_a_sleep() -> None:

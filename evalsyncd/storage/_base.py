@@ -64,7 +64,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, Self, runtime_checkable
 
-from evalsyncd.errors import InvalidKeyError
+from evalsyncd.storage._keys import check_key
 
 if TYPE_CHECKING:
     from evalsyncd.storage.tail import TailWriter
@@ -99,42 +99,6 @@ class StorageStat:
     size: int
     mtime: float
     version: str | None = None
-
-
-def check_key(path: str) -> str:
-    """Validate a relative storage path and return it unchanged.
-
-    Args:
-        path: a relative POSIX path such as ``"runs/r1/metadata.json"``.
-
-    Returns:
-        ``path`` itself (no normalisation is applied).
-
-    Raises:
-        InvalidKeyError: (a ``ValueError``) if ``path`` is empty, absolute, has an
-            empty segment (``a//b``), a ``.`` or ``..`` segment (the message of a
-            ``..`` says the key "escapes the storage root", as the reference storage
-            tests expect), a NUL byte, or is not valid UTF-8 (a file name decoded
-            with ``surrogateescape``).
-    """
-    if not isinstance(path, str) or not path:
-        raise InvalidKeyError(f"invalid storage key {path!r}: empty")
-    if path.startswith("/"):
-        raise InvalidKeyError(f"invalid storage key {path!r}: absolute path")
-    if "\x00" in path:
-        raise InvalidKeyError(f"invalid storage key {path!r}: NUL byte")
-    try:
-        path.encode("utf-8")
-    except UnicodeEncodeError:
-        raise InvalidKeyError(f"invalid storage key {path!r}: not valid UTF-8") from None
-    for segment in path.rstrip("/").split("/"):
-        if segment == "..":
-            raise InvalidKeyError(
-                f"invalid storage key {path!r}: escapes the storage root ('..' segment)"
-            )
-        if segment in ("", "."):
-            raise InvalidKeyError(f"invalid storage key {path!r}: {segment or 'empty'!r} segment")
-    return path
 
 
 def storage_join(*parts: str) -> str:

@@ -24,7 +24,6 @@ and the internal area's objects (``_list_keys``, ``_delete_keys``,
 
 from __future__ import annotations
 
-import asyncio
 import copy
 from abc import ABC, abstractmethod
 from contextlib import AsyncExitStack
@@ -48,6 +47,7 @@ from evalsyncd.storage.tail import (
     TailWriter,
     read_index,
     read_pieces,
+    stitch,
 )
 
 __all__ = ["INTERNAL_DIR", "CloudStorage"]
@@ -435,14 +435,10 @@ class CloudStorage(ABC):
                 stop = size if end is None else min(end, size)
                 if start >= stop:
                     return b""
-                jobs = []
-                if start < min(stop, main.size):
-                    jobs.append(self._main_read_range(path, start, min(stop, main.size) - start))
-                if stop > main.size:
-                    jobs.append(
-                        read_pieces(self, index, ft, max(start, main.size), stop, self._pieces)
-                    )
-                data = b"".join(await asyncio.gather(*jobs))
+                data = await stitch(
+                    self, index, ft, start, stop, main.size,
+                    lambda at, n: self._main_read_range(path, at, n), self._pieces,
+                )  # fmt: skip
                 if len(data) == stop - start:
                     return data
             except CorruptObjectError:

@@ -82,7 +82,7 @@ import threading
 import time
 import zlib
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Final, Protocol
 
@@ -90,9 +90,11 @@ from evalsyncd.errors import (
     ConflictError,
     CorruptObjectError,
     ObjectNotFoundError,
-    PermanentStorageError,
+    StorageError,
+    TailConflictError,
+    TailPieceMissingError,
 )
-from evalsyncd.storage._base import check_key
+from evalsyncd.storage._keys import check_key
 
 __all__ = [
     "HEADER_PROBE_BYTES",
@@ -117,6 +119,7 @@ __all__ = [
     "read_index",
     "read_pieces",
     "seq_of",
+    "stitch",
     "tail_damage",
 ]
 
@@ -156,19 +159,6 @@ _MAX_QUOTES: Final = 20 * MAX_FILES + 64
 """Double quotes a real index of MAX_FILES files holds (9 strings per entry)."""
 _MAX_COMMAS: Final = 8 * MAX_FILES + 3 * MAX_PIECES + 64
 """Commas (so JSON values) a real index of MAX_FILES files and MAX_PIECES pieces holds."""
-
-
-class TailConflictError(PermanentStorageError):
-    """Another writer (a second daemon on the same prefix) writes this tail log."""
-
-
-class TailPieceMissingError(CorruptObjectError, ObjectNotFoundError):
-    """A tail object holds fewer bytes than a piece its index places in it.
-
-    A :class:`CorruptObjectError` (readers read the file's plain object instead)
-    and, as before this class existed, an :class:`ObjectNotFoundError` (the
-    writer treats the piece as gone and stages the bytes again from its file).
-    """
 
 
 @dataclass(frozen=True, slots=True)
@@ -726,6 +716,41 @@ async def read_pieces(
     return data
 
 
+async def stitch(
+    backend: TailBackend,
+    index: TailIndex,
+    ft: FileTail,
+    start: int,
+    stop: int,
+    main_size: int,
+    read_main: Callable[[int, int], Awaitable[bytes]],
+    cache: PieceCache | None = None,
+) -> bytes:
+    """Bytes ``[start, stop)`` of a file as readers see it: the main object's below
+    ``main_size``, the tail pieces of ``ft`` above it, fetched concurrently.
+
+    The one stitching of main object and tail pieces, for readers (which learn
+    ``main_size`` from a HEAD) and the daemon (which knows it from its index).
+
+    Args:
+        backend: the tail log's storage.
+        index: the index ``ft`` comes from.
+        ft: the file's entry.
+        start, stop: the byte range wanted.
+        main_size: bytes taken from the main object, through ``read_main(offset, length)``.
+        cache: pieces already fetched.
+
+    Raises:
+        ObjectNotFoundError: a tail object was deleted meanwhile (read the index again).
+    """
+    jobs = []
+    if start < min(stop, main_size):
+        jobs.append(read_main(start, min(stop, main_size) - start))
+    if stop > main_size:
+        jobs.append(read_pieces(backend, index, ft, max(start, main_size), stop, cache))
+    return b"".join(await asyncio.gather(*jobs))
+
+
 class TailWriter:
     """The writing side of a tail log: stage pieces, commit one object per flush.
 
@@ -749,6 +774,7 @@ class TailWriter:
         self._staged: dict[str, FileTail | None] = {}
         self._body: list[bytes] = []
         self._body_len = 0
+        self._unsure = False  # a commit failed without a definite answer
 
     async def open(self) -> TailIndex:
         """Read the newest index (the log's state after a restart). One LIST, one GET.
@@ -909,6 +935,9 @@ class TailWriter:
                     files = _repoint(files, seq, seq + 1)
                     body = [data[body_at:]]
                     continue
+                except StorageError:
+                    self._unsure = True  # the object may exist: see settle()
+                    raise
                 live = new.live_seqs()
                 bodies = {s: o for s, o in self.index.bodies.items() if s in live}
                 bodies[seq] = body_at
@@ -917,6 +946,33 @@ class TailWriter:
             raise ConflictError("tail commit kept colliding with earlier attempts")
         finally:
             self.discard()
+
+    async def settle(self) -> set[str]:
+        """After a commit that failed without a definite answer: if its object exists
+        (the answer was lost on the way back), readers see it, so its index becomes
+        this writer's. One GET of the header, and only after such a failure.
+
+        Returns:
+            The files whose entries that object changed (their journal does not know
+            it: the caller stages them again before anything else touches them).
+
+        Raises:
+            StorageError: the backend failed (settled at the next call).
+        """
+        if not self._unsure:
+            return set()
+        found = await read_header(self.backend, object_name(self.index.seq + 1))
+        self._unsure = False
+        if found is None or found[0].writer != self.writer:
+            return set()  # never written (or another writer's: the next commit says so)
+        new = found[0]
+        old = self.index.files
+        changed = {p for p in {*old, *new.files} if old.get(p) != new.files.get(p)}
+        live = new.live_seqs()
+        self.index = replace(
+            new, bodies={s: o for s, o in new.bodies.items() if s in live or s == new.seq}
+        )
+        return changed
 
     async def collect(self) -> int:
         """Delete tail objects that no entry of the index refers to (never the newest).

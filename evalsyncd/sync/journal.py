@@ -65,6 +65,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Self
 
+from evalsyncd.errors import JournalError
+
 __all__ = [
     "DestinationRecord",
     "Entry",
@@ -132,10 +134,6 @@ class EntryStatus(enum.StrEnum):
     OK = "ok"
     INVALID = "invalid"
     DELETED = "deleted"
-
-
-class JournalError(Exception):
-    """The journal cannot be opened or read: corrupt, from another root, or a newer schema."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -371,6 +369,14 @@ class Journal:
         """Commit what is pending and close the connection."""
         self.commit()
         with self._lock:
+            self._db.close()
+
+    def abandon(self) -> None:
+        """Close without committing: pending acknowledgements are lost, as under ``kill -9``
+        (for crash simulations; the daemon itself always calls :meth:`close`)."""
+        with self._lock:
+            if self._db.in_transaction:
+                self._db.rollback()
             self._db.close()
 
     def _write(self, sql: str, params: tuple[object, ...]) -> None:

@@ -1,78 +1,122 @@
-"""Syncing one file straight to its main object: what :func:`~evalsyncd.sync.plan.plan` decided, done.
+"""The per-file shipper: each file straight to its main object.
 
 ::
 
-    observe --> plan --> APPEND/REWRITE  complete lines, at most chunk_bytes a request,
-                                         each a conditional append (or a write at 0)
-                         UPLOAD          the whole content, one write
-                         RECORD/INVALID  journal only
-                         DELETED/REMOVE  journal (and the remote object, mirror_deletes)
-                         WAIT            NotReady(after_s): the destination retries later
+    Batch --by phase--> observe --> plan --> dispatch (sync/shipper.py)
+                        APPEND/REWRITE  complete lines, at most chunk_bytes a request,
+                                        each a conditional append (or a write at 0)
+                        UPLOAD          the whole content, one write
+                        DELETED/REMOVE  journal (and the remote object, mirror_deletes)
+                        RECORD/INVALID  journal only (done by the dispatch)
+                        WAIT            deferred in the outcome: the scheduler retries later
 
 Every acknowledgement goes to the journal after the storage confirmed the
 write, with the version it returned. A conflict (someone else changed the
 object, or a write applied before a crash was never journaled) is reconciled
 by reading the remote size and comparing bytes: never a blind append
-(:meth:`PerFile.append`).
+(:meth:`PerFileShipper.append`). Used alone (local destinations,
+``max_main_lag_s = 0``) and by the tail shipper for big deltas.
 """
 
 from __future__ import annotations
 
-import os
-import time
+import contextlib
 from dataclasses import replace
-from typing import TYPE_CHECKING
 
 import structlog
 
-from evalsyncd.errors import ConflictError, ObjectNotFoundError
+from evalsyncd.errors import ConflictError, ObjectNotFoundError, StorageError
 from evalsyncd.storage import check_key
 from evalsyncd.sync.files import FileKind, classify
 from evalsyncd.sync.journal import Entry, EntryStatus
-from evalsyncd.sync.lines import (
-    RemoteAhead,
-    RemoteDiverged,
-    blocking,
-    fingerprint_at,
-    new_entry,
-    read_lines,
+from evalsyncd.sync.lines import RemoteAhead, RemoteDiverged, fingerprint_at, new_entry
+from evalsyncd.sync.passes import by_phase, release_frames, worst_error
+from evalsyncd.sync.plan import Action, Do, Observed, observe
+from evalsyncd.sync.shipper import (
+    Batch,
+    Context,
+    NotReady,
+    Outcome,
+    Reporter,
+    dispatch,
+    settle,
 )
-from evalsyncd.sync.plan import NEW_FILE, Action, Do, Observed, Policy, observe, plan
 
-if TYPE_CHECKING:
-    from evalsyncd.sync.destination import Destination
-
-__all__ = ["NotReady", "PerFile"]
+__all__ = ["NotReady", "PerFileShipper"]
 
 log = structlog.get_logger("evalsyncd.sync")
 
 
-class NotReady(Exception):
-    """The file is not ready (partial JSON, still changing); try again in ``after_s`` seconds."""
-
-    def __init__(self, after_s: float) -> None:
-        super().__init__(after_s)
-        self.after_s = after_s
-
-
-class PerFile:
+class PerFileShipper:
     """The per-file path of one destination; see the module docstring.
 
     Args:
-        dest: the destination (its journal, storage, byte budget and counters).
-        policy: the settings :func:`~evalsyncd.sync.plan.plan` follows.
+        ctx: the destination's shipping context.
+        reporter: who logs a file's error once (shared with the tail shipper).
     """
 
-    def __init__(self, dest: Destination, policy: Policy) -> None:
-        self.d = dest
-        self.policy = policy
-        self._reported: set[str] = set()
+    def __init__(self, ctx: Context, reporter: Reporter | None = None) -> None:
+        self.ctx = ctx
+        self.reporter = reporter or Reporter(ctx.name)
+        self.chunk_bytes = 8 * 1024 * 1024
+        """Most file bytes one request carries (set from each :class:`Batch`), bytes."""
+        self._appended = False
 
-    def report_once(self, path: str, event: str, **fields: object) -> None:
-        """Log an error about a file once, until it syncs again."""
-        if path not in self._reported:
-            self._reported.add(path)
-            log.error(event, destination=self.d.name, key=path, **fields)
+    # -- the Shipper protocol --------------------------------------------------------------
+
+    @property
+    def behind(self) -> int:
+        """Always 0: every acknowledged byte is in its main object."""
+        return 0
+
+    def next_due_in(self) -> float | None:
+        """Always ``None``: nothing is due but dirty files."""
+        return None
+
+    def drain_all(self) -> None:
+        """Nothing to drain: main objects are exact after each pass."""
+
+    async def ship(self, batch: Batch) -> Outcome:
+        """Sync every path of ``batch``, phase by phase; see :class:`Outcome`."""
+        outcome = Outcome()
+        self.chunk_bytes = batch.chunk_bytes
+        try:
+            await self.ctx.ensure_owner()  # another daemon's prefix: write nothing
+        except StorageError as exc:
+            outcome.error = exc
+            return outcome
+        await self.ship_paths(list(batch.paths), outcome)
+        if outcome.error is not None:
+            outcome.error = await self.ctx.explain(outcome.error)
+        return outcome
+
+    async def ship_paths(self, paths: list[str], outcome: Outcome) -> None:
+        """Sync ``paths`` one request (or a few) per file, phase by phase, into ``outcome``.
+
+        The first failed phase sets ``outcome.error`` (a permanent error first);
+        later phases are not started.
+        """
+        self._appended = False
+        async with contextlib.aclosing(by_phase(paths, str, self._guarded)) as phases:
+            async for results in phases:
+                self.ctx.journal.commit()
+                error = worst_error(results)
+                for path, result in results:
+                    if result is None:
+                        outcome.done.append(path)
+                    elif not isinstance(result, StorageError):
+                        settle(self.ctx.name, self.reporter, outcome, path, result)
+                    if result is not None and result is not error:
+                        release_frames(result)
+                del results
+                if error is not None:
+                    outcome.error = error
+                    break
+        outcome.appended = outcome.appended or self._appended
+
+    async def _guarded(self, path: str) -> None:
+        async with self.ctx.sem:
+            await self.sync_file(path)
 
     async def sync_file(self, path: str) -> None:
         """Bring the main object of ``path`` up to date with the local file.
@@ -86,123 +130,67 @@ class PerFile:
         if classify(path) is FileKind.IGNORED:
             return
         check_key(path)  # InvalidKeyError for names that cannot be keys (not UTF-8)
-        d = self.d
-        row = d.journal.get(d.name, path)
-        async with observe(d.root, path, row, d.budget.hold) as seen:
-            await self.execute(seen, row, self.decide(seen, row))
+        ctx = self.ctx
+        row = ctx.journal.get(ctx.name, path)
+        async with observe(ctx.root, path, row, ctx.budget.hold) as seen:
+            await dispatch(ctx, self.reporter, seen, row, self)
 
-    def decide(self, seen: Observed, row: Entry | None) -> Action:
-        """:func:`~evalsyncd.sync.plan.plan` at the current time, logging a rewrite's reason.
+    # -- the Sender protocol ---------------------------------------------------------------
 
-        Raises:
-            NotReady: the plan is WAIT.
-        """
-        action = plan(seen.facts, row, time.time(), self.policy)
-        if action.do is Do.WAIT:
-            raise NotReady(action.after_s)
-        if action.do in (Do.UPLOAD, Do.RECORD):
-            self._reported.discard(seen.facts.path)  # valid again: report it if it breaks again
-        if action.do is Do.UNREADABLE:
-            log.warning(
-                "file_unreadable", destination=self.d.name, key=seen.facts.path, error=action.reason
-            )
-        if action.do is Do.REWRITE and action.reason != NEW_FILE and row is not None:
-            st = seen.facts.st
-            log.warning(
-                "file_changed_rewriting",
-                destination=self.d.name,
-                key=seen.facts.path,
-                reason=action.reason,
-                acked_offset=row.tail_offset,
-                size=st.st_size if st is not None else 0,
-            )
-        return action
-
-    async def execute(self, seen: Observed, row: Entry | None, action: Action) -> None:
-        """Carry out ``action`` for the file ``seen`` describes (see :meth:`sync_file`)."""
-        path, st = seen.facts.path, seen.facts.st
-        if action.do in (Do.DELETED, Do.REMOVE):
-            assert row is not None
-            await self.deleted(path, row, remove=action.do is Do.REMOVE)
-        elif action.do is Do.INVALID:
-            assert st is not None
-            self.record_invalid(seen, row, action)
-        elif action.do in (Do.APPEND, Do.REWRITE):
-            assert seen.fd is not None and st is not None
-            await self._send_lines(path, seen.fd, st, row, action)
-        elif action.do in (Do.UPLOAD, Do.RECORD):
-            assert seen.data is not None and st is not None
-            version = row.remote_version if row is not None else None
-            if action.do is Do.UPLOAD:
-                version = await self.timed_write(path, seen.data, 0, "write")
-            self.d.journal.ack(
-                new_entry(
-                    self.d.name,
-                    path,
-                    st,
-                    acked_offset=len(seen.data),
-                    content_crc=seen.facts.crc,
-                    remote_version=version,
-                )
-            )
-
-    def record_invalid(self, seen: Observed, row: Entry | None, action: Action) -> None:
-        """Report an unparseable ``*.json`` once and journal it as invalid (not uploaded)."""
-        d, path, st = self.d, seen.facts.path, seen.facts.st
-        assert st is not None
-        self.report_once(
-            path,
-            "invalid_json_not_uploaded",
-            file=str(d.root / path),
-            error=action.reason,
-            size=st.st_size,
-        )
-        base = row or new_entry(d.name, path, st)
-        d.journal.ack(
-            replace(
-                base,
-                status=EntryStatus.INVALID,
-                seen_size=st.st_size,
-                seen_mtime_ns=st.st_mtime_ns,
-                dev=st.st_dev,
-                ino=st.st_ino,
+    async def send_whole(self, seen: Observed, row: Entry | None) -> None:
+        """UPLOAD: the whole content in one write, then its row."""
+        st = seen.facts.st
+        assert seen.data is not None and st is not None
+        if row is not None and row.content_crc is not None:
+            # The write may land and its acknowledgement be lost (a crash before the
+            # journal commits): forget the CRC of the content sent before, or the file
+            # going back to that content would be taken as sent (RECORD) while the
+            # object holds this one. Only for a file sent before: a backfill pays nothing.
+            self.ctx.journal.ack(replace(row, content_crc=None))
+            self.ctx.journal.commit()
+        version = await self.ctx.timed_write(seen.facts.path, seen.data, 0, "write")
+        self.ctx.journal.ack(
+            new_entry(
+                self.ctx.name,
+                seen.facts.path,
+                st,
+                acked_offset=len(seen.data),
+                content_crc=seen.facts.crc,
+                remote_version=version,
             )
         )
 
-    async def deleted(self, path: str, row: Entry, *, remove: bool) -> None:
+    async def send_deleted(self, path: str, row: Entry, *, remove: bool) -> None:
         """A file deleted locally: remove its main object (``remove``) or mark its row."""
-        d = self.d
+        ctx = self.ctx
         if remove:
-            await d.storage.aremove(path)
-            d.journal.forget(d.name, path)
-            log.info("delete_mirrored", destination=d.name, key=path)
+            await ctx.storage.aremove(path)
+            ctx.journal.forget(ctx.name, path)
+            log.info("delete_mirrored", destination=ctx.name, key=path)
         else:
-            d.journal.ack(replace(row, status=EntryStatus.DELETED))
-            log.info("local_file_deleted", destination=d.name, key=path, remote="kept")
+            ctx.journal.ack(replace(row, status=EntryStatus.DELETED))
+            log.info("local_file_deleted", destination=ctx.name, key=path, remote="kept")
 
-    async def _send_lines(
-        self, path: str, fd: int, st: os.stat_result, row: Entry | None, action: Action
-    ) -> None:
-        d = self.d
+    async def send_lines(self, seen: Observed, row: Entry | None, action: Action) -> None:
+        """APPEND/REWRITE: the complete lines from the action's offset, a chunk a request."""
+        ctx, path, fd, st = self.ctx, seen.facts.path, seen.fd, seen.facts.st
+        assert fd is not None and st is not None
         rewrite = action.do is Do.REWRITE
         offset = action.offset
         version = row.remote_version if row is not None and not rewrite else None
         while True:
-            async with d.budget.hold(min(st.st_size - offset, d.chunk_bytes)):
-                data = await blocking(
-                    st.st_size - offset, read_lines, fd, offset, st.st_size, d.chunk_bytes
-                )
+            async with ctx.read_delta(fd, offset, st.st_size, self.chunk_bytes) as data:
                 if not data:
                     break
                 end = offset + len(data)
                 try:
                     if rewrite and offset == 0:
-                        version = await self.timed_write(path, data, offset, "write")
+                        version = await ctx.timed_write(path, data, offset, "write")
                     else:
                         version = await self.append(path, data, offset)
                 except RemoteDiverged:
                     log.warning(
-                        "remote_diverged_rewriting", destination=d.name, key=path, offset=offset
+                        "remote_diverged_rewriting", destination=ctx.name, key=path, offset=offset
                     )
                     rewrite, offset = True, 0
                     continue
@@ -210,31 +198,41 @@ class PerFile:
                     end, version = adv.remote_size, adv.version
                 finally:
                     data = b""  # the budget covers the bytes only while held
-            d.appended()
-            d.journal.ack(
-                new_entry(
-                    d.name,
-                    path,
-                    st,
-                    acked_offset=end,
-                    fingerprint=fingerprint_at(fd, end),  # one read of at most 4 KiB
-                    remote_version=version,
-                )
+            self._appended = True
+            row = new_entry(
+                ctx.name,
+                path,
+                st,
+                acked_offset=end,
+                fingerprint=fingerprint_at(fd, end),  # one read of at most 4 KiB
+                remote_version=version,
             )
+            # Not the file's stat yet: until its last chunk is acknowledged (below), a scan
+            # must find it changed, or a failure after this chunk would leave it behind
+            # until the file changes again.
+            ctx.journal.ack(replace(row, seen_size=-1))
             offset = end
             rewrite = False
-        current = d.journal.get(d.name, path)
-        if current is None or (current.seen_size, current.seen_mtime_ns) != (
+        current = ctx.journal.get(ctx.name, path)
+        if rewrite and offset == 0 and current is not None:
+            # Replaced or truncated with no complete line: the remote holds an older
+            # file. Empty it (the first complete line follows as an append).
+            version = await ctx.timed_write(path, b"", 0, "write")
+            current = new_entry(ctx.name, path, st, remote_version=version)
+            ctx.journal.ack(current)
+        elif current is None or (current.seen_size, current.seen_mtime_ns) != (
             st.st_size,
             st.st_mtime_ns,
         ):
             # Nothing complete to send (an empty file or a partial line): remember the stat
             # so scans do not mark it again until it changes.
             if current is None and st.st_size == 0:
-                version = await self.timed_write(path, b"", 0, "write")
-                current = new_entry(d.name, path, st, remote_version=version)
+                version = await ctx.timed_write(path, b"", 0, "write")
+                current = new_entry(ctx.name, path, st, remote_version=version)
             if current is not None:
-                d.journal.ack(replace(current, seen_size=st.st_size, seen_mtime_ns=st.st_mtime_ns))
+                ctx.journal.ack(
+                    replace(current, seen_size=st.st_size, seen_mtime_ns=st.st_mtime_ns)
+                )
 
     async def append(self, path: str, data: bytes, offset: int) -> str | None:
         """Conditional append at ``offset``, with reconciliation on conflict.
@@ -248,16 +246,16 @@ class PerFile:
             RemoteDiverged: the remote holds bytes that are not a prefix of the file.
             StorageError: the storage failed.
         """
-        d = self.d
+        ctx = self.ctx
         try:
-            return await self.timed_write(path, data, offset, "append")
+            return await ctx.timed_write(path, data, offset, "append")
         except (ConflictError, ObjectNotFoundError) as exc:
             log.warning(
-                "append_conflict", destination=d.name, key=path, offset=offset, error=str(exc)
+                "append_conflict", destination=ctx.name, key=path, offset=offset, error=str(exc)
             )
-        if d.owner is not None:
-            await d.owner.confirm()  # a taken-over prefix: park, never rewrite the owner's object
-        remote = await d.storage.astat(path)
+        if ctx.owner is not None:
+            await ctx.owner.confirm()  # a taken-over prefix: park, never rewrite the owner's object
+        remote = await ctx.storage.astat(path)
         remote_size = remote.size if remote is not None else 0
         if remote_size <= offset:
             raise RemoteDiverged
@@ -266,42 +264,11 @@ class PerFile:
             # The remote is ahead of this delta; only a byte comparison against the
             # local file could confirm it, and this chunk does not cover it.
             raise RemoteDiverged
-        remote_bytes = await d.storage.aread_range(path, offset, remote_size - offset)
+        remote_bytes = await ctx.storage.aread_range(path, offset, remote_size - offset)
         if remote_bytes != data[: remote_size - offset]:
             raise RemoteDiverged
-        log.info("append_reconciled", destination=d.name, key=path, remote_size=remote_size)
+        log.info("append_reconciled", destination=ctx.name, key=path, remote_size=remote_size)
         if remote_size == local_end:
             raise RemoteAhead(remote_size, remote.version if remote else None)
         rest = data[remote_size - offset :]
-        return await self.timed_write(path, rest, remote_size, "append")
-
-    async def timed_write(self, path: str, data: bytes, offset: int, op: str) -> str | None:
-        """One write (``op="write"``, at offset 0) or append (``"append"``) of ``data``,
-        paced, counted and reported to ``on_upload``.
-
-        Returns:
-            The object's new version token.
-
-        Raises:
-            StorageError: the storage failed.
-        """
-        d = self.d
-        await d.throttle(len(data))
-        started = d.clock()
-        if op == "write":
-            version = await d.storage.awrite(path, data)
-        else:
-            version = await d.storage.aappend(path, data, offset=offset)
-        duration_s = d.clock() - started
-        d.count_upload(op, len(data), duration_s)
-        log.debug(
-            "upload_succeeded",
-            destination=d.name,
-            key=path,
-            op=op,
-            start=offset,
-            end=offset + len(data),
-            bytes=len(data),
-            duration_s=round(duration_s, 4),
-        )
-        return version
+        return await ctx.timed_write(path, rest, remote_size, "append")

@@ -21,19 +21,22 @@ import os
 import time
 from collections.abc import Callable
 from contextlib import AsyncExitStack
-from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
 
-from evalsyncd.config import DestinationSettings, Settings, ensure_state_dir, for_scheme
+from evalsyncd.config import DestinationSettings, Settings, ensure_state_dir
 from evalsyncd.errors import ConfigError
 from evalsyncd.evicted import MARKER_NAME
-from evalsyncd.storage import Backend, parse_url
-from evalsyncd.sync.destination import Destination, DestinationState
+from evalsyncd.sync.destination import Destination
 from evalsyncd.sync.files import FileKind, classify, is_run_metadata, scan_tree
-from evalsyncd.sync.journal import Entry, EntryStatus, Journal, JournalError
-from evalsyncd.sync.lines import complete_end, divergence
+from evalsyncd.sync.journal import Journal, JournalError
+from evalsyncd.sync.offline import (
+    JOURNAL_NAME,
+    Backlog,
+    open_destination_storage,
+    unacked_bytes,
+)
 from evalsyncd.sync.owner import Owner
 from evalsyncd.sync.retention import KEPT_NAMES, Mirror, Retention, evicted_runs, recover
 from evalsyncd.sync.watcher import Watcher
@@ -50,73 +53,8 @@ __all__ = [
 
 log = structlog.get_logger("evalsyncd.sync")
 
-JOURNAL_NAME = "journal.sqlite3"
 STATUS_INTERVAL_S = 2.0
 """Period of systemd ``STATUS=`` lines, seconds."""
-
-
-def open_destination_storage(dest: DestinationSettings) -> Backend:
-    """The storage backend of a destination, configured from its settings (no I/O).
-
-    The URL's scheme picks the backend (:data:`evalsyncd.storage.urls.SCHEMES`)
-    and its settings class (:data:`evalsyncd.config.DESTINATION_SETTINGS`), whose
-    :meth:`~evalsyncd.config.DestinationSettings.storage_options` are the
-    backend's constructor arguments.
-    """
-    return parse_url(dest.url, strict=True).open(**for_scheme(dest).storage_options())
-
-
-def unacked_bytes(full: Path, kind: FileKind, st: os.stat_result, entry: Entry | None) -> int:
-    """Bytes of one file its destination has not acknowledged yet, as the daemon will send them.
-
-    The one count of the service's backlog (metrics, ``STATUS=``) and of ``evalsyncd status``.
-
-    Args:
-        full: the file's absolute path.
-        kind: its kind (:func:`~evalsyncd.sync.files.classify`).
-        st: its stat.
-        entry: its journal row at the destination, or ``None``.
-
-    Returns:
-        An append-only file: the bytes of its complete lines past the acknowledged
-        offset (from 0 when it was replaced, truncated or rewritten in place, by
-        :func:`~evalsyncd.sync.lines.divergence`, the daemon's own check; a partial
-        last line is not counted until its ``\\n`` comes). A replace-on-write file: its whole size.
-    """
-    if kind is not FileKind.APPEND:
-        return st.st_size
-    try:
-        fd = os.open(full, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-    except OSError:
-        return 0
-    try:
-        start = 0
-        if (
-            entry is not None
-            and entry.status is not EntryStatus.DELETED
-            and divergence(fd, st, entry) is None
-        ):
-            start = entry.tail_offset
-        return complete_end(fd, st.st_size, start) - start
-    finally:
-        os.close(fd)
-
-
-@dataclass(frozen=True)
-class Backlog:
-    """What a destination still has to upload: its dirty files compared with the journal.
-
-    Attributes:
-        files: files whose remote object is behind (or missing).
-        bytes: bytes not yet acknowledged, by :func:`unacked_bytes` (append-only:
-            complete lines past the acknowledged offset; replace-on-write: the
-            whole size), as ``evalsyncd status`` counts them.
-        oldest_s: age in seconds of the oldest unsynced change (by file mtime).
-    """
-
-    files: int
-    bytes: int
-    oldest_s: float
 
 
 class Service:
@@ -557,20 +495,16 @@ class Service:
             total = sum(d.pending_files for d in self.destinations.values())
             deadline = time.monotonic() + timeout_s
             ok = True
+
+            def report() -> None:
+                if progress is not None:
+                    pending = sum(x.pending_files for x in self.destinations.values())
+                    progress(total - pending, total)
+
             for d in self.destinations.values():
-                while not d.caught_up and time.monotonic() < deadline:
-                    if d.tail is not None:
-                        d.tail.drain_all()  # sync --once ends with exact main objects
-                    passed = await d.run_pass()
-                    if not passed and d.state is DestinationState.PARKED:
-                        ok = False
-                        break
-                    if progress is not None:
-                        progress(
-                            total - sum(x.pending_files for x in self.destinations.values()), total
-                        )
-                    if not d.caught_up:  # waiting files: a quiet period or a retry
-                        await asyncio.sleep(min(0.2, self.settings.flush_interval_s))
+                if not d.caught_up and time.monotonic() < deadline:
+                    # sync --once ends with exact main objects: the drain of a clean stop
+                    await d.drain(d.clock() + max(0.0, deadline - time.monotonic()), report)
                 with contextlib.suppress(Exception):
                     await d.storage.aflush()
                 if not d.caught_up:
