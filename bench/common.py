@@ -20,13 +20,14 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import types
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import psutil
 
@@ -106,6 +107,23 @@ class Bench:
     def gcs_storage(self, prefix: str, endpoint_url: str | None = None) -> GCSStorage:
         """A ``GCSStorage`` on the bench bucket (direct to the server by default)."""
         return GCSStorage(BUCKET, prefix, endpoint_url=endpoint_url or self.gcs.endpoint_url)
+
+
+T = TypeVar("T")
+
+
+def run_alone(name: str, run: Callable[[Bench], T], *, quick: bool) -> T:
+    """``run(bench)`` on a :class:`Bench` of its own (a module run by itself, not by
+    ``python -m bench``): scratch space ``evalsyncd-bench-{name}-*``, servers stopped
+    and scratch removed after."""
+    tmp = Path(tempfile.mkdtemp(prefix=f"evalsyncd-bench-{name}-"))
+    bench = Bench(quick=quick, tmp=tmp)
+    try:
+        bench.start()
+        return run(bench)
+    finally:
+        bench.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 class Daemon:

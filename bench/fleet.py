@@ -57,6 +57,7 @@ from bench.common import (
     load_reference_storage,
     reference_fsspec_storage,
     reference_wheel,
+    run_alone,
 )
 from evalsyncd.catalog import CATALOG_PATH, catalog_from_root
 from evalsyncd.fleet import Fleet
@@ -286,16 +287,7 @@ def _single_cases(proxy: CountingProxy, ref_store_cls: type, ms: int) -> dict[st
 
 
 def main() -> int:
-    import shutil
-
-    tmp = Path(tempfile.mkdtemp(prefix="evalsyncd-bench-fleet-"))
-    bench = Bench(quick=False, tmp=tmp)
-    try:
-        bench.start()
-        rows = run(bench)
-    finally:
-        bench.stop()
-        shutil.rmtree(tmp, ignore_errors=True)
+    rows = run_alone("fleet", run, quick=False)
     for name, r in rows.items():
         print(
             f"{name}\n    reference {r['reference_s']:.3f} s ({r['reference_requests']:.0f} req)"

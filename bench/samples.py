@@ -46,7 +46,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from bench.common import Bench
+from bench.common import Bench, run_alone
 from evalsyncd.samples import SampleFilter, SampleReader, compare
 from evalsyncd.storage import S3Storage
 from evalsyncd.store import EvalStore
@@ -471,16 +471,7 @@ def run(bench: Bench) -> dict[str, Any]:
 
 
 def main() -> int:
-    import shutil
-
-    tmp = Path(tempfile.mkdtemp(prefix="evalsyncd-bench-samples-"))
-    bench = Bench(quick="--quick" in sys.argv, tmp=tmp)
-    try:
-        bench.start()
-        result = run(bench)
-    finally:
-        bench.stop()
-        shutil.rmtree(tmp, ignore_errors=True)
+    result = run_alone("samples", run, quick="--quick" in sys.argv)
     for r in result["rows"]:
         ref = f"{r['reference_s']:.3f} s" if r["reference_s"] is not None else "-"
         print(

@@ -44,7 +44,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from bench.common import BUCKET, Bench, Daemon, reference_fsspec_storage
+from bench.common import BUCKET, Bench, Daemon, reference_fsspec_storage, run_alone
 from bench.fleet import load_reference_eval_store
 from evalsyncd.catalog import CATALOG_PATH, catalog_from_root
 from evalsyncd.storage import S3Storage
@@ -298,17 +298,7 @@ def run(bench: Bench) -> dict[str, Any]:
 
 
 def main() -> int:
-    import shutil
-
-    quick = "--quick" in sys.argv[1:]
-    tmp = Path(tempfile.mkdtemp(prefix="evalsyncd-bench-view-"))
-    bench = Bench(quick=quick, tmp=tmp)
-    try:
-        bench.start()
-        result = run(bench)
-    finally:
-        bench.stop()
-        shutil.rmtree(tmp, ignore_errors=True)
+    result = run_alone("view", run, quick="--quick" in sys.argv[1:])
     print(json.dumps(result, indent=1, default=str))
     return 0
 

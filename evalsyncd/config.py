@@ -20,6 +20,7 @@ naming each offending key; the CLI turns it into exit status 78 (EX_CONFIG).
         ├── GCSDestinationSettings    gs://   common keys + GCSStorage's
         └── LocalDestinationSettings  file:// common keys + LocalStorage's
             └── retry: RetrySettings  backoff and the clients' timeouts
+    └── retention: RetentionSettings  evicting mirrored runs from the local disk
 
 URLs are parsed by :func:`evalsyncd.storage.urls.parse_url` only. Validation has
 no side effects: loading settings creates nothing on disk; the service creates

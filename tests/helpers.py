@@ -2,12 +2,28 @@
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 from evalsyncd.errors import TransientStorageError
+
+T = TypeVar("T")
+
+
+def run_closing(storage: Any, make: Callable[[], Awaitable[T]]) -> T:
+    """``asyncio.run`` of ``make()``, closing the storage's clients of that loop after."""
+
+    async def main() -> T:
+        try:
+            return await make()
+        finally:
+            await storage.aclose()
+
+    return asyncio.run(main())
 
 
 def wait_for(

