@@ -15,8 +15,9 @@ import asyncio
 import os
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import crc32c
 
@@ -34,6 +35,7 @@ __all__ = [
     "new_entry",
     "read_lines",
     "read_stable",
+    "seen_as",
 ]
 
 T = TypeVar("T")
@@ -173,4 +175,16 @@ def new_entry(
         acked_at=time.time(),
         tail_offset=tail_offset,
         tail_since=tail_since,
+    )
+
+
+def seen_as(row: Entry, st: os.stat_result, **changes: Any) -> Entry:
+    """``row`` with the identity and stat of ``st`` (and ``changes``); offsets unchanged."""
+    return replace(
+        row,
+        dev=st.st_dev,
+        ino=st.st_ino,
+        seen_size=st.st_size,
+        seen_mtime_ns=st.st_mtime_ns,
+        **changes,
     )

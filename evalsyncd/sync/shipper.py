@@ -26,7 +26,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Generic, Protocol, TypeVar
 
@@ -36,7 +36,7 @@ from aiolimiter import AsyncLimiter
 from evalsyncd.errors import InvalidKeyError, StorageError
 from evalsyncd.storage import Backend
 from evalsyncd.sync.journal import Entry, EntryStatus, Journal
-from evalsyncd.sync.lines import blocking, new_entry, read_lines
+from evalsyncd.sync.lines import blocking, new_entry, read_lines, seen_as
 from evalsyncd.sync.owner import Owner
 from evalsyncd.sync.passes import ByteBudget, log_failure
 from evalsyncd.sync.plan import NEW_FILE, Action, Do, Observed, Policy, plan
@@ -376,15 +376,7 @@ async def dispatch(
         return await sender.send_whole(seen, row)
     if action.do is Do.RECORD:
         assert row is not None and st is not None
-        ctx.journal.ack(
-            replace(
-                row,
-                dev=st.st_dev,
-                ino=st.st_ino,
-                seen_size=st.st_size,
-                seen_mtime_ns=st.st_mtime_ns,
-            )
-        )
+        ctx.journal.ack(seen_as(row, st))
     elif action.do is Do.INVALID:
         assert st is not None
         record_invalid(ctx, reporter, seen, row, action)
@@ -405,16 +397,7 @@ def record_invalid(
         size=st.st_size,
     )
     base = row or new_entry(ctx.name, path, st)
-    ctx.journal.ack(
-        replace(
-            base,
-            status=EntryStatus.INVALID,
-            seen_size=st.st_size,
-            seen_mtime_ns=st.st_mtime_ns,
-            dev=st.st_dev,
-            ino=st.st_ino,
-        )
-    )
+    ctx.journal.ack(seen_as(base, st, status=EntryStatus.INVALID))
 
 
 def settle(name: str, reporter: Reporter, outcome: Outcome, path: str, exc: BaseException) -> None:
