@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 from evalsyncd.config import DestinationSettings, RetrySettings
+from evalsyncd.storage import S3Storage
 from evalsyncd.storage.memory import MemoryStorage
 from evalsyncd.store import BenchmarkResult, EvalStore, StoredTrajectory, StoredTurn
 from evalsyncd.sync.destination import Destination
@@ -166,3 +168,24 @@ def test_a_shipper_with_more_due_gets_the_next_pass_at_once(tmp_path: Path) -> N
     asyncio.run(scenario())
     assert batches[:2] == [{"runs/r/metadata.json": 1}, {}]
     assert steps[:2] == [1, 2]  # the step ran between the two passes
+
+
+def test_s3_requests_carry_evalsyncds_user_agent(s3_storage: S3Storage) -> None:
+    """Every S3 request names evalsyncd in its ``User-Agent``, given in the client's
+    configuration (botocore then sends it as it is instead of rebuilding it per request)."""
+    agents: list[str] = []
+
+    def seen(request: Any, **_: Any) -> None:
+        agent = request.headers.get("User-Agent")
+        agents.append(agent.decode() if isinstance(agent, bytes) else str(agent))
+
+    async def scenario() -> None:
+        async with s3_storage:
+            client = await s3_storage._client()
+            client.meta.events.register("before-send.s3", seen)
+            await s3_storage.awrite("ua.json", b"{}")
+            assert await s3_storage.aread("ua.json") == b"{}"
+
+    asyncio.run(scenario())
+    assert len(agents) >= 2
+    assert all(agent.split()[0] == "evalsyncd" for agent in agents), agents

@@ -72,6 +72,12 @@ __all__ = ["MULTIPART_MIN_BYTES", "S3Storage"]
 
 _RUNTIME: Final = ("_requests", "_segments")
 
+USER_AGENT: Final = "evalsyncd"
+"""The ``User-Agent`` of every request (botocore adds its own name and version). Given,
+botocore sends it as it is; left to
+botocore, it is rebuilt twice per request from a dozen components, about 5 % of the
+CPU of a small ``PutObject`` (a backfill is a stream of them; ``bench/backfill.py``)."""
+
 
 class S3Storage(CloudStorage):
     """Files as S3 objects under ``s3://{bucket}/{prefix}/``; see the module docstring.
@@ -201,6 +207,7 @@ class S3Storage(CloudStorage):
                 retries={"total_max_attempts": self.max_attempts, "mode": "standard"},
                 s3={"addressing_style": style},
                 max_pool_connections=self.max_pool_connections,
+                user_agent=USER_AGENT,
             )
             return await stack.enter_async_context(
                 session.create_client(
