@@ -41,6 +41,7 @@ from evalsyncd.storage._s3errors import translate as _translate
 from evalsyncd.testing.proxy import CountingProxy
 from evalsyncd.testing.servers import SeaweedS3Server
 from tests.conftest import S3_BUCKET
+from tests.helpers import old_layout
 
 MiB = 1024 * 1024
 
@@ -78,32 +79,6 @@ def counted(s3_server: SeaweedS3Server, prefix: str) -> Iterator[tuple[S3Storage
         storage.read_tail = False  # the main objects' cost alone
         with storage:
             yield storage, proxy
-
-
-def old_layout(raw: Any, prefix: str, path: str, main: bytes, chain: list[bytes]) -> list[str]:
-    """Lay ``path`` out as evalsyncd versions with append segments did: the main object
-    with an epoch in its metadata, then one segment per ``chain`` item after it, plus a
-    stale segment (inside the main object) and one of another epoch. Returns the
-    segment keys."""
-    epoch, other = "0123456789abcdef", "fedcba9876543210"
-    raw.put_object(
-        Bucket=S3_BUCKET,
-        Key=f"{prefix}/{path}",
-        Body=main,
-        Metadata={"evalsyncd-epoch": epoch},
-    )
-    base = f"{prefix}/.evalsyncd/seg/{path}/"
-    keys = []
-    start = len(main)
-    for piece in chain:
-        keys.append(f"{base}@{epoch}/{start:020d}")
-        raw.put_object(Bucket=S3_BUCKET, Key=keys[-1], Body=piece)
-        start += len(piece)
-    keys.append(f"{base}@{epoch}/{0:020d}")  # stale: already inside the main object
-    raw.put_object(Bucket=S3_BUCKET, Key=keys[-1], Body=main[:3])
-    keys.append(f"{base}@{other}/{len(main):020d}")  # another epoch: never read
-    raw.put_object(Bucket=S3_BUCKET, Key=keys[-1], Body=b"garbage\n")
-    return keys
 
 
 def main_object(raw: Any, storage: S3Storage, path: str) -> bytes:
