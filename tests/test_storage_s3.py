@@ -26,6 +26,7 @@ from evalsyncd.errors import (
     AccessDeniedError,
     BucketNotFoundError,
     ConflictError,
+    CorruptObjectError,
     InvalidKeyError,
     InvalidRequestError,
     ObjectNotFoundError,
@@ -223,6 +224,21 @@ def test_old_segments_are_read_then_folded_by_the_next_append(
     assert s3_storage.read("c.jsonl") == whole + b"eps\n"
     assert run_sync(s3_storage.afold_old_segments()) == 0
     assert internal_keys(raw, s3_storage) == []
+
+
+def test_too_many_old_segments_are_a_corrupt_object(
+    s3_storage: S3Storage, raw: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file with more segments than an older version could leave (a damaged or hostile
+    bucket) is a CorruptObjectError naming it, never an unbounded fan-out of GETs."""
+    from evalsyncd.storage import _s3legacy
+
+    monkeypatch.setattr(_s3legacy, "MAX_SEGMENTS", 3)
+    old_layout(raw, s3_storage.prefix, "h.jsonl", b"0\n", [b"1\n", b"2\n", b"3\n"])
+    with pytest.raises(CorruptObjectError, match=r"h\.jsonl"):
+        s3_storage.read("h.jsonl")
+    with pytest.raises(CorruptObjectError):
+        s3_storage.stat("h.jsonl")
 
 
 def test_fold_old_segments_makes_plain_objects_whole(s3_storage: S3Storage, raw: Any) -> None:

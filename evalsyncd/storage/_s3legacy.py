@@ -38,12 +38,18 @@ from typing import Any, Final
 
 import structlog
 
-from evalsyncd.errors import ConflictError, ObjectNotFoundError, StorageError
+from evalsyncd.errors import (
+    ConflictError,
+    CorruptObjectError,
+    ObjectNotFoundError,
+    StorageError,
+)
 from evalsyncd.storage._s3multipart import MULTIPART_MIN_BYTES
 from evalsyncd.storage._s3requests import S3Requests
 
 __all__ = [
     "EPOCH_META",
+    "MAX_SEGMENTS",
     "SEGMENT_DIR",
     "Changed",
     "Segment",
@@ -60,6 +66,9 @@ EPOCH_META: Final = "evalsyncd-epoch"
 """The user-metadata key of a main object that older versions appended segments to."""
 SEGMENT_DIR: Final = "seg"
 """The segments' directory in the internal area (``.evalsyncd/seg/``)."""
+MAX_SEGMENTS: Final = 4096
+"""Segments one file may have (older versions compacted at 32 by default); more is a
+damaged or hostile bucket: :class:`~evalsyncd.errors.CorruptObjectError`."""
 _SEGMENT_RE: Final = re.compile(r"(.+)/@([0-9a-f]{16})/([0-9]{20})")
 
 
@@ -153,8 +162,19 @@ async def view(
         key: the main object's key; ``url`` names it in errors.
         seg_base: the key prefix of every segment (``{prefix}/.evalsyncd/seg/``).
         path: the file's path under the prefix.
+
+    Raises:
+        CorruptObjectError: more than :data:`MAX_SEGMENTS` segments.
     """
-    objects, _ = await requests.list(client, url, f"{seg_base}{path}/@", proves_bucket=False)
+    objects, _ = await requests.list(
+        client, url, f"{seg_base}{path}/@", proves_bucket=False, limit=MAX_SEGMENTS + 1
+    )
+    if len(objects) > MAX_SEGMENTS:
+        raise CorruptObjectError(
+            f"{url}: more than {MAX_SEGMENTS} append segments under "
+            f"{seg_base}{path}/ (an older version's layout holds far fewer)",
+            url=url,
+        )
     segments = _segments(objects, seg_base).get(path, [])
     head = await requests.head(client, key, url)
     if head is None:
