@@ -185,6 +185,31 @@ def test_lost_answer_of_an_append_is_not_applied_twice(s3_storage: S3Storage, ra
     assert main_object(raw, s3_storage, "l.jsonl") == b"a\nb\nc\nd\n"
 
 
+def test_concurrent_small_appends_one_wins(s3_storage: S3Storage) -> None:
+    """Concurrent appends at one offset below 5 MiB (If-Match rewrites): exactly one
+    applies, the others conflict naming the size they found."""
+    base = b"base\n"
+    s3_storage.write("race.jsonl", base)
+
+    async def contend() -> list[BaseException | None]:
+        async with s3_storage:
+            results = await asyncio.gather(
+                *(
+                    s3_storage.aappend("race.jsonl", f"w{i}\n".encode(), offset=len(base))
+                    for i in range(3)
+                ),
+                return_exceptions=True,
+            )
+        return [r if isinstance(r, BaseException) else None for r in results]
+
+    outcomes = asyncio.run(contend())
+    winners = [i for i, r in enumerate(outcomes) if r is None]
+    assert len(winners) == 1, outcomes
+    losers = [r for r in outcomes if r is not None]
+    assert all(isinstance(r, ConflictError) and r.actual_size == 8 for r in losers), outcomes
+    assert s3_storage.read("race.jsonl") == base + f"w{winners[0]}\n".encode()
+
+
 def test_list_dir_hides_the_internal_area(s3_storage: S3Storage, raw: Any) -> None:
     """list_dir never shows .evalsyncd, and its keys are reserved."""
     s3_storage.append("a.jsonl", b"1\n", offset=0)
