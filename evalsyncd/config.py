@@ -29,6 +29,7 @@ no side effects: loading settings creates nothing on disk; the service creates
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import socket
@@ -36,7 +37,6 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeAlias
 
-import structlog
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -57,11 +57,12 @@ from pydantic_settings import (
 from evalsyncd.errors import ConfigError
 from evalsyncd.storage.urls import parse_url
 
-log = structlog.get_logger("evalsyncd.config")
+log = logging.getLogger("evalsyncd.config")
 
 RETIRED_S3_KEYS: frozenset[str] = frozenset({"max_segments", "compact_ratio", "segment_max_lag_s"})
 """Keys of S3 destinations that older versions had (the S3 segment log): accepted and
-ignored, each with a ``config_key_ignored`` warning."""
+ignored, each with a ``config_key_ignored`` warning (stdlib logging, logger
+``evalsyncd.config``)."""
 
 __all__ = [
     "DESTINATION_SETTINGS",
@@ -226,12 +227,14 @@ class S3DestinationSettings(DestinationSettings):
             data = dict(data)
             for key in sorted(RETIRED_S3_KEYS & data.keys()):
                 del data[key]
+                # stdlib logging: settings load before the CLI configures logging, and
+                # stdout may carry --json output; unconfigured, this goes to stderr
                 log.warning(
-                    "config_key_ignored",
-                    destination=data.get("name"),
-                    key=key,
-                    reason="S3 append segments were removed: below 5 MiB an append rewrites "
-                    "the object with If-Match; delete this key",
+                    "config_key_ignored: destination %r: %s is no longer used (S3 append "
+                    "segments were removed: below 5 MiB an append rewrites the object "
+                    "with If-Match); delete it from the configuration",
+                    data.get("name"),
+                    key,
                 )
         return data
 

@@ -344,11 +344,11 @@ def test_cloud_prefixes_that_escape_the_bucket_are_refused(url: str) -> None:
             cls("bkt", "a/../b")
 
 
-def test_retired_s3_segment_keys_load_and_are_ignored_with_a_warning(tmp_path: Path) -> None:
+def test_retired_s3_segment_keys_load_and_are_ignored_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """A configuration file of an older version that still sets the S3 segment log's keys
     loads; each key is ignored with one `config_key_ignored` warning naming it."""
-    import structlog.testing
-
     (tmp_path / "root").mkdir()
     config = tmp_path / "old.toml"
     config.write_text(
@@ -361,11 +361,11 @@ def test_retired_s3_segment_keys_load_and_are_ignored_with_a_warning(tmp_path: P
         "compact_ratio = 2.0\n"
         "segment_max_lag_s = 60.0\n"
     )
-    with structlog.testing.capture_logs() as logs:
+    with caplog.at_level("WARNING", logger="evalsyncd.config"):
         settings = load_settings(config)
     (dest,) = settings.destinations
     assert isinstance(dest, S3DestinationSettings) and dest.name == "old"
-    ignored = sorted(e["key"] for e in logs if e["event"] == "config_key_ignored")
+    ignored = sorted(r.args[1] for r in caplog.records if "config_key_ignored" in r.msg)
     assert ignored == ["compact_ratio", "max_segments", "segment_max_lag_s"]
-    assert all(e["log_level"] == "warning" and e["destination"] == "old" for e in logs)
+    assert all(r.levelname == "WARNING" and r.args[0] == "old" for r in caplog.records)
     assert "max_segments" not in open_destination_storage(dest).__dict__
