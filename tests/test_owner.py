@@ -19,6 +19,7 @@ from evalsyncd.errors import ConflictError, CorruptObjectError, PrefixOwnedError
 from evalsyncd.storage import GCSStorage, S3Storage
 from evalsyncd.storage.memory import MemoryStorage
 from evalsyncd.storage.tail import TailIndex, read_index
+from evalsyncd.sync.journal import Journal
 from evalsyncd.sync.owner import (
     OWNER_NAME,
     Claim,
@@ -29,6 +30,10 @@ from evalsyncd.sync.owner import (
     read_claim,
     take_over,
 )
+from evalsyncd.sync.passes import ByteBudget
+from evalsyncd.sync.perfile import PerFileShipper
+from evalsyncd.sync.plan import Policy
+from evalsyncd.sync.shipper import Batch, Context
 from tests.daemon import Daemon, write_config
 from tests.helpers import wait_for
 from tests.reliability import RelEnv, events, list_keys, s3_main_object
@@ -129,7 +134,8 @@ def test_take_over_replaces_the_claim_and_the_old_owner_notices(
         previous, claim = await take_over(memory_storage, B, host="new-host")
         assert previous is not None and previous.writer == A and claim.writer == B
         await old.ensure()  # within recheck_s: no request, still believes it
-        now[0] = 2.0  # (a conflict re-reads the claim at most once a second)
+        # a conflict re-reads the claim at once, even right after a check: the new
+        # owner's write that caused it may follow that check by a millisecond
         exc = await old.explain(ConflictError("412"))  # a write of it conflicted
         assert isinstance(exc, PrefixOwnedError) and "'new-host'" in str(exc)
         now[0] = 120.0
@@ -137,6 +143,46 @@ def test_take_over_replaces_the_claim_and_the_old_owner_notices(
             await old.ensure()
 
     asyncio.run(run())
+
+
+def test_a_displaced_owner_never_rewrites_the_new_owners_object(
+    memory_storage: MemoryStorage, tmp_path: Path
+) -> None:
+    """The new owner claims and writes its object right after the old owner's periodic
+    check: the old owner's next append conflicts, and it parks instead of rewriting the
+    object with its own file (regression: a claim read less than a second earlier was
+    trusted, the old owner rewrote, and the new owner, with nothing new to send, never
+    repaired its object)."""
+    root = tmp_path / "root"
+    local = root / "runs/r/b/trajectories.jsonl"
+    local.parent.mkdir(parents=True)
+    local.write_bytes(b'{"a": 0}\n')
+    key = "runs/r/b/trajectories.jsonl"
+
+    async def run() -> None:
+        with Journal(tmp_path / "j.sqlite3", root) as journal:
+            owner = Owner(memory_storage, A, "mem", recheck_s=60.0)
+            ctx = Context(
+                name="mem",
+                root=root,
+                storage=memory_storage,
+                journal=journal,
+                policy=Policy(flush_interval_s=0.01, invalid_json_grace_s=0.0),
+                budget=ByteBudget(1 << 20),
+                direct_append_bytes=1 << 30,
+                owner=owner,
+            )
+            shipper = PerFileShipper(ctx)
+            assert (await shipper.ship(Batch({key: 1}, 1 << 20))).done == [key]
+            await take_over(memory_storage, B, host="new-host")
+            await memory_storage.awrite(key, b'{"b": 10}\n')  # the new owner's first write
+            local.write_bytes(b'{"a": 0}\n{"a": 1}\n')  # one more line
+            outcome = await shipper.ship(Batch({key: 2}, 1 << 20))
+            assert isinstance(outcome.error, PrefixOwnedError), outcome
+            assert "'new-host'" in str(outcome.error)
+
+    asyncio.run(run())
+    assert memory_storage.read(key) == b'{"b": 10}\n'
 
 
 def test_a_damaged_claim_is_reported_not_overwritten(memory_storage: MemoryStorage) -> None:

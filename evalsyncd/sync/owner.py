@@ -95,8 +95,6 @@ CLAIM_FORMAT: Final = 1
 """Version of the claim's format."""
 RECHECK_S: Final = 60.0
 """How often a writing daemon re-reads its claim, seconds (one GET)."""
-_CONFIRM_MIN_S: Final = 1.0
-"""A conflict re-reads the claim at most this often, seconds."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -397,6 +395,7 @@ class Owner:
         self.claim: Claim | None = None
         """The claim last seen (ours once :meth:`ensure` returned)."""
         self._checked_at: float | None = None
+        self._reads = 0  # claim reads issued (under the lock)
         self._recorded: tuple[Any, ...] | None = None
         self._lock = asyncio.Lock()
 
@@ -423,14 +422,16 @@ class Owner:
         await self._check()
 
     async def confirm(self) -> None:
-        """Re-read the claim now (at most once per second): a write met a conflict.
+        """Re-read the claim now: a write met a conflict.
+
+        The read is issued after this call starts (callers that arrive together share
+        one GET), so a conflict caused by a new owner's write is always explained by
+        its claim: a new owner claims before it writes, and the servers read after
+        write consistently.
 
         Raises:
             PrefixOwnedError: another daemon owns the prefix now.
         """
-        recent = self._checked_at is not None and self.clock() - self._checked_at < _CONFIRM_MIN_S
-        if recent and self.confirmed:
-            return
         await self._check()
 
     async def explain(self, exc: StorageError) -> StorageError:
@@ -458,15 +459,17 @@ class Owner:
         return exc
 
     async def _check(self) -> None:
-        started = self.clock()
+        reads = self._reads
         async with self._lock:
-            if self._checked_at is not None and self._checked_at >= started and self.confirmed:
-                return  # a concurrent caller just read it: one request for all of them
+            if self._reads > reads and self.confirmed:
+                return  # a read issued after this call started: one request for all callers
+            self._reads += 1
+            asked = self.clock()
             try:
                 self.claim = await check_claim(self.storage, self.writer, self.destination)
             except PrefixOwnedError as exc:
                 self.claim = None
-                self._checked_at = self.clock()
+                self._checked_at = asked
                 host = exc.owner_host
                 self._record(
                     Claim(exc.owner_writer, host or "", exc.claimed_at or 0.0)
@@ -476,7 +479,7 @@ class Owner:
                     error=str(exc),
                 )
                 raise
-            self._checked_at = self.clock()
+            self._checked_at = asked
             self._record(self.claim, mine=True)
 
     def _record(self, claim: Claim | None, *, mine: bool, error: str = "") -> None:
