@@ -274,8 +274,11 @@ def test_fold_old_segments_makes_plain_objects_whole(s3_storage: S3Storage, raw:
     old_layout(raw, s3_storage.prefix, "runs.jsonl", b"r0\n", [])
     old_layout(raw, s3_storage.prefix, "w.jsonl", b"old\n", [b"older\n"])
     raw.put_object(Bucket=S3_BUCKET, Key=s3_storage._key("w.jsonl"), Body=b"new\n")  # write()
+    stray = f"{s3_storage.prefix}/.evalsyncd/seg/.evalsyncd/x/@0123456789abcdef/{0:020d}"
+    raw.put_object(Bucket=S3_BUCKET, Key=stray, Body=b"?")  # no valid key: left alone
     assert run_sync(s3_storage.afold_old_segments()) == 2
-    assert internal_keys(raw, s3_storage) == []
+    assert internal_keys(raw, s3_storage) == [stray]
+    raw.delete_object(Bucket=S3_BUCKET, Key=stray)
     assert main_object(raw, s3_storage, "runs/r/b/trajectories.jsonl") == b"1\n2\n3\n"
     assert main_object(raw, s3_storage, "runs.jsonl") == b"r0\n"
     assert main_object(raw, s3_storage, "w.jsonl") == b"new\n"

@@ -229,10 +229,11 @@ async def fold_all(
     """Fold every chain under ``seg_base`` into its main object; delete every segment.
 
     Per file with segments: a listing-first view, the main object rewritten as
-    main + chain without the epoch (also with no chain, below 5 MiB) (``PutObject`` with ``If-Match``; another
-    writer's change in between leaves the file for the next start), then one
-    ``DeleteObjects`` of the segments the first listing found. Cost with no
-    segments: one listing.
+    main + chain without the epoch (also with no chain, below 5 MiB), with
+    ``PutObject`` and ``If-Match`` (another writer's change in between leaves the
+    file for the next start), then one ``DeleteObjects`` of the segments the
+    first listing found. A segment whose path is not a valid key is left alone.
+    Cost with no segments: one listing.
 
     Args:
         requests: the bucket's requests; ``client`` the loop's S3 client.
@@ -248,7 +249,12 @@ async def fold_all(
     objects, _ = await requests.list(client, url(""), seg_base, proves_bucket=False)
     folded = 0
     for path, segments in sorted(_segments(objects, seg_base).items()):
-        key, file_url = main_key(path), url(path)
+        file_url = url(path)
+        try:
+            key = main_key(path)
+        except ValueError as exc:  # not a key this version could have written
+            log.warning("s3_segments_not_folded", url=file_url, error=str(exc))
+            continue
         try:
             v = await view(requests, client, key, seg_base, path, file_url)
             # A chain is folded; an epoch alone too while the rewrite is small, so that
