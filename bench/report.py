@@ -223,8 +223,9 @@ def _backfill(res: dict[str, Any], img: Path) -> list[str]:
     ]
     speed = ours / rclone["files_per_s"]
     out = [
-        f"{res['runs']} runs, {res['files']} files; median of {res.get('rounds', 1)} "
-        "rounds, the tools taking turns. Target: every plain object in place at least "
+        f"{res['runs']} runs, {res['files']} files; "
+        + (f"median of {res['rounds']} rounds" if res.get("rounds", 1) > 1 else "one round")
+        + ", the tools taking turns. Target: every plain object in place at least "
         f"1.0x rclone's speed: **{speed:.2f}x**, {_verdict(speed >= 1.0)}.",
         "",
         _table(
