@@ -11,11 +11,16 @@ exceed the longest append (default one hour).
 
 Cost: one listing (GCS: of the delta area; S3: ``ListMultipartUploads`` under
 the prefix, first 1,000) plus one request per removal.
+
+A cleanup that fails is noted (:func:`note_left`, by the object's URL), so that
+a long-running caller can reap again once that leftover is old enough
+(:func:`last_left`) instead of waiting for its next periodic reap.
 """
 
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from datetime import datetime
 from typing import Any, Final
@@ -24,12 +29,37 @@ import structlog
 
 from evalsyncd.errors import StorageError
 
-__all__ = ["DEFAULT_MIN_AGE_S", "areap"]
+__all__ = ["DEFAULT_MIN_AGE_S", "areap", "last_left", "note_left"]
 
 log = structlog.get_logger("evalsyncd.storage")
 
 DEFAULT_MIN_AGE_S: Final = 3600.0
 """Leftovers younger than this, seconds, are left alone (an append may be in flight)."""
+
+_LEFT_MAX: Final = 1024
+_left_lock = threading.Lock()
+_left: dict[str, float] = {}  # URL of a leftover -> Unix time its cleanup failed
+
+
+def note_left(url: str, *, at: float | None = None) -> None:
+    """Note that the cleanup of ``url`` (a compose delta, a multipart upload's key) failed.
+
+    Process-wide and bounded (the newest 1,024 URLs are kept).
+    """
+    with _left_lock:
+        _left.pop(url, None)
+        _left[url] = time.time() if at is None else at
+        while len(_left) > _LEFT_MAX:
+            del _left[next(iter(_left))]
+
+
+def last_left(url: str) -> float | None:
+    """Unix time of the newest failed cleanup under the prefix ``url`` (a storage's
+    :meth:`~evalsyncd.storage.Storage.url`), or ``None``."""
+    lead = url.rstrip("/") + "/"
+    with _left_lock:
+        times = [t for u, t in _left.items() if u.startswith(lead)]
+    return max(times) if times else None
 
 
 async def areap(storage: Any, *, min_age_s: float = DEFAULT_MIN_AGE_S) -> int:

@@ -3,7 +3,10 @@
 - :class:`PublishCatalog`: the run catalog (``.evalsyncd/catalog.json``) after a
   pass that touched a run's ``metadata.json`` (see :mod:`evalsyncd.catalog`);
 - :class:`FlushAppends`: the backend's flush of buffered library appends
-  (``aflush``) once appends have been quiet for ``compact_idle_s``.
+  (``aflush``) once appends have been quiet for ``compact_idle_s``;
+- :class:`ReapLeftovers`: the removal of what failed cleanups left (GCS compose
+  deltas, S3 multipart uploads; :mod:`evalsyncd.storage.reap`) every
+  ``reap_interval_s``, and once a leftover noted since is ``reap_min_age_s`` old.
 
 Each is a :class:`~evalsyncd.sync.scheduler.Step`; the scheduler runs them in
 order after every pass that met no storage error.
@@ -11,17 +14,20 @@ order after every pass that met no storage error.
 
 from __future__ import annotations
 
+import asyncio
+
 import crc32c
 import structlog
 
 from evalsyncd.catalog import CATALOG_PATH, build_catalog
 from evalsyncd.errors import StorageError
+from evalsyncd.storage.reap import areap, last_left
 from evalsyncd.sync.files import is_run_metadata
 from evalsyncd.sync.journal import EntryStatus
 from evalsyncd.sync.scheduler import PassReport
 from evalsyncd.sync.shipper import Context
 
-__all__ = ["FlushAppends", "PublishCatalog"]
+__all__ = ["FlushAppends", "PublishCatalog", "ReapLeftovers"]
 
 log = structlog.get_logger("evalsyncd.sync")
 CATALOG_NAME = CATALOG_PATH.split("/", 1)[1]
@@ -113,3 +119,61 @@ class FlushAppends:
         except StorageError as exc:
             self._pending = True
             log.warning("flush_failed", destination=ctx.name, error=f"{type(exc).__name__}: {exc}")
+
+
+REAP_TIMEOUT_S = 60.0
+"""Bound on one reap while the daemon runs, seconds (then it is tried at the next interval)."""
+REAP_SLACK_S = 2.0
+"""Added to a leftover's safe age before the reap meant for it, seconds: servers date
+objects and uploads to the second, and their clocks may differ a little from ours."""
+
+
+class ReapLeftovers:
+    """Remove leftovers of failed cleanups while the daemon runs, not only at its start.
+
+    A reap (:func:`evalsyncd.storage.reap.areap`: one listing of the area, plus one
+    request per removal) runs after the first pass that is due: ``interval_s`` after
+    the previous one, or as soon as a cleanup failure noted since then
+    (:func:`~evalsyncd.storage.reap.last_left`) is ``min_age_s`` old (plus
+    :data:`REAP_SLACK_S`), which is when a reap can remove it. Leftovers younger than ``min_age_s`` are never removed:
+    an append may be using them. A failed reap is logged, never a failed pass.
+
+    Args:
+        ctx: the destination's shipping context.
+        interval_s: time between two reaps, seconds (the daemon's start reaps first).
+        min_age_s: the safe age of a leftover, seconds.
+    """
+
+    def __init__(self, ctx: Context, interval_s: float, min_age_s: float) -> None:
+        self.ctx = ctx
+        self.interval_s = interval_s
+        self.min_age_s = min_age_s
+        self._next_at = ctx.clock() + interval_s
+        self._reaped_wall = ctx.wall()  # failures noted before this are handled
+
+    def next_due_in(self) -> float | None:
+        """Seconds until a reap is due, ``<= 0`` when it is (the scheduler then runs a
+        pass, however quiet)."""
+        due_in = self._next_at - self.ctx.clock()
+        left = last_left(self.ctx.storage.url())
+        if left is not None and left >= self._reaped_wall:
+            due_in = min(due_in, left + self.min_age_s + REAP_SLACK_S - self.ctx.wall())
+        return due_in
+
+    async def after_pass(self, report: PassReport) -> None:
+        """Reap when due; a failure is logged and tried again at the next interval."""
+        ctx = self.ctx
+        due_in = self.next_due_in()
+        if due_in is not None and due_in > 0:
+            return
+        started = ctx.wall()
+        self._next_at = ctx.clock() + self.interval_s
+        try:
+            async with asyncio.timeout(REAP_TIMEOUT_S):
+                removed = await areap(ctx.storage, min_age_s=self.min_age_s)
+        except (StorageError, TimeoutError) as exc:
+            log.warning("leftovers_not_removed", destination=ctx.name, error=repr(exc))
+            return
+        # failures noted since are younger than min_age_s: the next reap is theirs
+        self._reaped_wall = started - self.min_age_s - REAP_SLACK_S
+        log.debug("leftovers_reaped", destination=ctx.name, removed=removed)
