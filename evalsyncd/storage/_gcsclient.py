@@ -30,7 +30,7 @@ from evalsyncd.errors import (
     StorageError,
     TransientStorageError,
 )
-from evalsyncd.storage.reap import note_left
+from evalsyncd.storage._leftovers import note_left
 
 __all__ = [
     "GCSClient",

@@ -28,9 +28,9 @@ import botocore.exceptions as bexc
 import structlog
 
 from evalsyncd.errors import ConflictError, ServerBehaviourError
+from evalsyncd.storage._leftovers import note_left
 from evalsyncd.storage._s3errors import BOUNDARY, boundary, error_code
 from evalsyncd.storage._s3requests import S3Requests
-from evalsyncd.storage.reap import note_left
 
 __all__ = [
     "MAX_PART_BYTES",

@@ -20,7 +20,6 @@ a long-running caller can reap again once that leftover is old enough
 from __future__ import annotations
 
 import contextlib
-import threading
 import time
 from datetime import datetime
 from typing import Any, Final
@@ -28,6 +27,7 @@ from typing import Any, Final
 import structlog
 
 from evalsyncd.errors import StorageError
+from evalsyncd.storage._leftovers import last_left, note_left
 
 __all__ = ["DEFAULT_MIN_AGE_S", "areap", "last_left", "note_left"]
 
@@ -35,31 +35,6 @@ log = structlog.get_logger("evalsyncd.storage")
 
 DEFAULT_MIN_AGE_S: Final = 3600.0
 """Leftovers younger than this, seconds, are left alone (an append may be in flight)."""
-
-_LEFT_MAX: Final = 1024
-_left_lock = threading.Lock()
-_left: dict[str, float] = {}  # URL of a leftover -> Unix time its cleanup failed
-
-
-def note_left(url: str, *, at: float | None = None) -> None:
-    """Note that the cleanup of ``url`` (a compose delta, a multipart upload's key) failed.
-
-    Process-wide and bounded (the newest 1,024 URLs are kept).
-    """
-    with _left_lock:
-        _left.pop(url, None)
-        _left[url] = time.time() if at is None else at
-        while len(_left) > _LEFT_MAX:
-            del _left[next(iter(_left))]
-
-
-def last_left(url: str) -> float | None:
-    """Unix time of the newest failed cleanup under the prefix ``url`` (a storage's
-    :meth:`~evalsyncd.storage.Storage.url`), or ``None``."""
-    lead = url.rstrip("/") + "/"
-    with _left_lock:
-        times = [t for u, t in _left.items() if u.startswith(lead)]
-    return max(times) if times else None
 
 
 async def areap(storage: Any, *, min_age_s: float = DEFAULT_MIN_AGE_S) -> int:

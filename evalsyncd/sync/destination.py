@@ -34,6 +34,7 @@ from evalsyncd.errors import (
     TransientStorageError,
 )
 from evalsyncd.storage import Backend
+from evalsyncd.storage.tail import TailIndex
 from evalsyncd.sync.journal import Journal
 from evalsyncd.sync.owner import Owner
 from evalsyncd.sync.passes import ByteBudget
@@ -189,7 +190,7 @@ class Destination(Scheduler):
             flush_interval_s=flush_interval_s,
             retry=settings.retry,
             steps=[
-                PublishCatalog(self.ctx),
+                PublishCatalog(self.ctx, self._tail_index),
                 FlushAppends(self.ctx, settings.compact_idle_s),
                 ReapLeftovers(self.ctx, settings.reap_interval_s, settings.reap_min_age_s),
             ],
@@ -199,6 +200,10 @@ class Destination(Scheduler):
             wall=wall,
             rng=rng,
         )
+
+    def _tail_index(self) -> TailIndex | None:
+        """The tail log's index now (``None``: no tail log); see :class:`PublishCatalog`."""
+        return self.tail.writer.index if self.tail is not None else None
 
     @property
     def on_upload(self) -> Callable[[str, str, int, float], None] | None:
