@@ -189,3 +189,52 @@ def test_reap_is_due_at_its_interval_and_once_a_noted_leftover_is_old_enough() -
     now["mono"] += 10
     now["wall"] += 10
     assert step.next_due_in() == 55.0 + REAP_SLACK_S
+
+
+def test_multipart_upload_left_by_a_failed_abort_is_reaped_while_the_daemon_runs(
+    tmp_path: Path, cloud_env: dict[str, str], s3_server: SeaweedS3Server, unique_prefix: str
+) -> None:
+    """On S3, an append of 5 MiB and more whose completion fails and whose abort fails too
+    (fault proxy: 500s) leaves a multipart upload; once `reap_min_age_s` old, the running
+    daemon aborts it, and the file is mirrored byte for byte, no restart."""
+    root = tmp_path / "root"
+    big = root / "runs/r1/b/trajectories.jsonl"
+    big.parent.mkdir(parents=True)
+    line = json.dumps({"pad": "z" * 4000}) + "\n"
+    big.write_text(line * 1400)  # about 5.6 MiB: appends are multipart uploads
+    with FaultProxy("127.0.0.1", s3_server.port) as proxy:
+        dest = {
+            "name": "s3",
+            "url": f"s3://{S3_BUCKET}/{unique_prefix}",
+            "endpoint_url": proxy.url,
+            "max_main_lag_s": 0.0,
+            "max_attempts": 1,
+            "reap_min_age_s": 1.0,
+            "reap_interval_s": 3600.0,  # only the failed abort brings the reap forward
+            "retry": _FAST_RETRY,
+        }
+        cfg = write_config(tmp_path / "config.toml", root, tmp_path / "state", [dest])
+        reader = S3Storage(S3_BUCKET, unique_prefix, endpoint_url=s3_server.endpoint_url)
+        raw = s3_server.raw_client()
+
+        def uploads() -> list[str]:
+            found = raw.list_multipart_uploads(Bucket=S3_BUCKET, Prefix=f"{unique_prefix}/")
+            return [u["UploadId"] for u in found.get("Uploads", [])]
+
+        try:
+            with Daemon(cfg, tmp_path / "daemon.log") as daemon, reader:
+                wait_mirrored(root, reader, timeout_s=60)
+                proxy.add(Rule("status", status=500, method="POST", path_contains="uploadId="))
+                proxy.add(Rule("status", status=500, method="DELETE", path_contains="uploadId=",
+                               times=None))  # fmt: skip
+                with open(big, "a") as f:
+                    f.write(line * 3)
+                wait_for(lambda: events(daemon, "s3_abort_failed"), timeout_s=30, what="abort")
+                assert uploads(), "the failed abort left the upload"
+                proxy.clear()
+                wait_mirrored(root, reader, timeout_s=60)
+                wait_for(lambda: uploads() == [], timeout_s=30, what="the upload reaped")
+                assert daemon.alive()  # the same process: no restart
+                assert events(daemon, "leftovers_removed")
+        finally:
+            raw.close()
