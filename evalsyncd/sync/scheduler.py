@@ -61,7 +61,8 @@ class PassReport:
 
 
 class Step(Protocol):
-    """Work that follows each successful pass (the run catalog, a flush); see :class:`Scheduler`."""
+    """Work that follows each successful pass (the run catalog, the reaping of leftovers);
+    see :class:`Scheduler`."""
 
     async def after_pass(self, report: PassReport) -> None:
         """Run after a pass that met no storage error.

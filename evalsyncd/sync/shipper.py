@@ -240,9 +240,6 @@ class Outcome:
     failed: dict[str, str] = field(default_factory=dict)
     again: dict[str, bool] = field(default_factory=dict)
     error: StorageError | None = None
-    appended: bool = False
-    """An append reached a main object (a library flush of buffered appends follows a
-    quiet spell; see :class:`~evalsyncd.sync.steps.FlushAppends`)."""
 
     def settle(self, path: str, exc: BaseException) -> None:
         """File ``exc`` (anything but a storage error) raised for ``path`` under its heading.

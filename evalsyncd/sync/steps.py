@@ -2,8 +2,6 @@
 
 - :class:`PublishCatalog`: the run catalog (``.evalsyncd/catalog.json``) after a
   pass that touched a run's ``metadata.json`` (see :mod:`evalsyncd.catalog`);
-- :class:`FlushAppends`: the backend's flush of buffered library appends
-  (``aflush``) once appends have been quiet for ``compact_idle_s``;
 - :class:`ReapLeftovers`: the removal of what failed cleanups left (GCS compose
   deltas, S3 multipart uploads; :mod:`evalsyncd.storage.reap`) every
   ``reap_interval_s``, and once a leftover noted since is ``reap_min_age_s`` old.
@@ -29,7 +27,7 @@ from evalsyncd.sync.journal import EntryStatus
 from evalsyncd.sync.scheduler import PassReport
 from evalsyncd.sync.shipper import Context
 
-__all__ = ["FlushAppends", "PublishCatalog", "ReapLeftovers"]
+__all__ = ["PublishCatalog", "ReapLeftovers"]
 
 log = structlog.get_logger("evalsyncd.sync")
 CATALOG_NAME = CATALOG_PATH.split("/", 1)[1]
@@ -129,46 +127,6 @@ class PublishCatalog:
         return index.marks.get(CATALOG_MARK, -1) <= self._sent_at[1]
 
 
-class FlushAppends:
-    """Flush the backend's buffered appends after ``idle_s`` without one.
-
-    Args:
-        ctx: the destination's shipping context.
-        idle_s: quiet time after the last append, seconds.
-    """
-
-    def __init__(self, ctx: Context, idle_s: float) -> None:
-        self.ctx = ctx
-        self.idle_s = idle_s
-        self._pending = False
-        self._last_append = 0.0
-
-    def next_due_in(self) -> float | None:
-        """Seconds until the flush is due, while appends wait for one."""
-        if not self._pending:
-            return None
-        return self._last_append + self.idle_s - self.ctx.clock()
-
-    async def after_pass(self, report: PassReport) -> None:
-        """Note the pass's appends; flush once they have been quiet for ``idle_s``.
-
-        A failed flush is logged and tried again after the next pass (not a
-        failed pass: the appends themselves were acknowledged).
-        """
-        ctx = self.ctx
-        if report.outcome.appended:
-            self._pending = True
-            self._last_append = ctx.clock()
-        if not self._pending or ctx.clock() - self._last_append < self.idle_s:
-            return
-        self._pending = False
-        try:
-            await ctx.storage.aflush()
-        except StorageError as exc:
-            self._pending = True
-            log.warning("flush_failed", destination=ctx.name, error=f"{type(exc).__name__}: {exc}")
-
-
 REAP_TIMEOUT_S = 60.0
 """Bound on one reap while the daemon runs, seconds (then it is tried at the next interval)."""
 REAP_SLACK_S = 2.0
@@ -218,7 +176,7 @@ class ReapLeftovers:
         self._next_at = ctx.clock() + self.interval_s
         try:
             async with asyncio.timeout(REAP_TIMEOUT_S):
-                removed = await areap(ctx.storage, min_age_s=self.min_age_s)
+                removed = await areap(ctx.storage, min_age_s=self.min_age_s, fold_segments=False)
         except (StorageError, TimeoutError) as exc:
             log.warning("leftovers_not_removed", destination=ctx.name, error=repr(exc))
             return
