@@ -33,7 +33,7 @@ from evalsyncd.samples import (
     SampleFilter,
     SampleIndex,
     SampleReader,
-    compare,
+    compare_indexes,
 )
 from evalsyncd.store import StoredTrajectory
 from evalsyncd.view import app as view_app
@@ -358,11 +358,7 @@ async def _comparison(
         cache: OrderedDict[Any, Comparison] = request.app[_COMPARISONS]
         found = cache.get(key)
         if found is None:
-
-            def work() -> Comparison:
-                return compare(list(idx_a.entries()), list(idx_b.entries()), seed=0)
-
-            found = await asyncio.to_thread(work)
+            found = await asyncio.to_thread(compare_indexes, idx_a, idx_b, seed=0)
             cache[key] = found
             while len(cache) > _COMPARISONS_KEPT:
                 cache.popitem(last=False)
@@ -385,7 +381,7 @@ async def _compare_page(request: web.Request) -> web.StreamResponse:
         raise PageError(400, f"unknown category {only!r} (one of {', '.join(categories)})")
     number = view_app._int_param(request, "page", 1, 1, 10**9)
     result, sizes = await _comparison(request, benchmark, a, b)
-    rows = [r for r in result.rows if not only or _category(r.category) == only]
+    rows = result.rows.select(only or None)
     pages = max(1, math.ceil(len(rows) / COMPARE_PAGE_SIZE))
     shown = rows[(number - 1) * COMPARE_PAGE_SIZE : number * COMPARE_PAGE_SIZE]
     counts = {_category(k): int(v) for k, v in dict(result.counts).items()}
