@@ -61,6 +61,7 @@ from evalsyncd.view.source import RunsSnapshot, ViewSource, metadata_row, run_st
 
 __all__ = [
     "CONTENT_SECURITY_POLICY",
+    "FIRST_SCREEN_WAIT_S",
     "RUNS_PAGE_SIZE",
     "SOURCE",
     "PageError",
@@ -78,6 +79,10 @@ CONTENT_SECURITY_POLICY = (
 
 RUNS_PAGE_SIZE = 200
 """Rows of the runs table per page."""
+
+FIRST_SCREEN_WAIT_S = 0.25
+"""How long the runs page waits for the first listing of a fleet before it shows the
+hosts listed so far (the rest follow through the live fragment), seconds."""
 
 SOURCE = web.AppKey("source", ViewSource)
 """The application key holding the :class:`ViewSource`."""
@@ -286,8 +291,12 @@ def _row(run: FleetRun) -> dict[str, Any]:
         "benchmarks": sorted({str(b) for b in benchmarks_raw} | set(scores)),
         "scores": {b: s for b, s in scores.items() if s is not None},
         "status": run_status(m),
-        "href": page_url("/run", host=run.host, run=str(m.run_id)),
     }
+
+
+def _href(row: dict[str, Any]) -> str:
+    """The run page's URL of a row (made for the rows shown, not for every run)."""
+    return page_url("/run", host=row["host"], run=row["run_id"])
 
 
 def _rows(request: web.Request, snap: RunsSnapshot) -> list[dict[str, Any]]:
@@ -361,7 +370,9 @@ def _filtered_runs(request: web.Request, snap: RunsSnapshot) -> dict[str, Any]:
     rows = sorted(rows, key=_sort_key(sort), reverse=descending)
     pages = max(1, math.ceil(len(rows) / RUNS_PAGE_SIZE))
     page = _int_param(request, "page", 1, 1, 1_000_000)
-    shown = rows[(page - 1) * RUNS_PAGE_SIZE : page * RUNS_PAGE_SIZE]
+    shown = [
+        {**r, "href": _href(r)} for r in rows[(page - 1) * RUNS_PAGE_SIZE : page * RUNS_PAGE_SIZE]
+    ]
     benchmarks = (
         [benchmark] if benchmark else sorted({b for r in all_rows for b in r["benchmarks"]})
     )
@@ -392,6 +403,8 @@ def _filtered_runs(request: web.Request, snap: RunsSnapshot) -> dict[str, Any]:
 
 def _snapshot_info(snap: RunsSnapshot) -> dict[str, Any]:
     return {
+        "complete": snap.complete,
+        "hosts_listed": snap.hosts_listed,
         "error": snap.error,
         "problems": [p.message for p in snap.problems],
         "hosts": snap.hosts,
@@ -401,7 +414,12 @@ def _snapshot_info(snap: RunsSnapshot) -> dict[str, Any]:
 
 
 async def _runs_page(request: web.Request) -> web.StreamResponse:
-    snap = await request.app[SOURCE].runs()
+    # The page itself may show the first hosts of a fleet's first listing at once; its
+    # live fragment and its JSON twin wait for the whole listing.
+    first_screen = not _fragment(request) and not _wants_json(request)
+    snap = await request.app[SOURCE].runs(
+        partial_after_s=FIRST_SCREEN_WAIT_S if first_screen else None
+    )
     view = _filtered_runs(request, snap)
     if _wants_json(request):
         return _json(
@@ -431,7 +449,7 @@ async def _checkpoints_page(request: web.Request) -> web.StreamResponse:
 
     def href(model: str, checkpoint: str | None) -> str | None:
         r = newest.get((model, checkpoint))
-        return None if r is None else str(r["href"])
+        return None if r is None else _href(r)
 
     series: dict[str, dict[str, list[dict[str, Any]]]] = {}
     for r in rows:
