@@ -3,6 +3,7 @@
 The package, one job per module::
 
     source.py         ViewSource: the runs listing (cached, shared), one run, host storages
+    pages.py          what every page shares: app keys, rendering, parameters, PageError
     app.py            the aiohttp application: runs, score by checkpoint, run pages; security
     samples_pages.py  samples, one sample, compare (over evalsyncd.samples: index, search, compare)
     templates/        Jinja2 templates (autoescaped)
