@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import re
@@ -22,6 +23,7 @@ import pytest
 
 from evalsyncd.storage import LocalStorage
 from evalsyncd.store import BenchmarkResult, EvalStore
+from evalsyncd.view import ViewSource
 from evalsyncd.view.app import CONTENT_SECURITY_POLICY
 from tests.viewhelpers import HOSTILE, Page, fetch, view_server, with_view, write_run
 
@@ -305,6 +307,31 @@ def test_first_screen_shows_the_first_hosts_while_a_slow_host_is_listed(tmp_path
     data = js.json()
     assert data["complete"] and data["total"] == 4 and data["hosts_listed"] == 2
     assert storage.listed.count("host-b/runs") == 1  # one listing, shared
+
+
+def test_a_slow_listing_is_repeated_at_most_once_per_its_duration(
+    fleet: tuple[LocalStorage, dict[str, str]],
+) -> None:
+    """Open pages re-list every ``refresh_s``, but a listing that took longer is reused
+    for as long as it took (the server never lists more than half the time)."""
+    storage, runs = fleet
+
+    async def scenario() -> tuple[int, int, int]:
+        source = ViewSource(storage, "", refresh_s=0.5)
+        try:
+            first = await source.runs()
+            assert len(first.runs) == len(runs) and first.complete
+            # as if it had taken 60 s, 2 s ago: older than refresh_s, younger than took_s
+            source._snapshot = dataclasses.replace(first, took_s=60.0, read_at=time.time() - 2)
+            await source.runs()
+            kept = source.listings
+            await source.runs(max_age_s=1.0)  # an explicit age is used as given
+            return first.hosts_listed or 0, kept, source.listings
+        finally:
+            await source.aclose()
+
+    hosts, kept, after = asyncio.run(scenario())
+    assert (hosts, kept, after) == (2, 1, 2)
 
 
 def test_missing_run_and_run_deleted_after_listing_are_messages_and_serving_goes_on(
