@@ -75,6 +75,10 @@ async def serve(
         await site.start()
         bound = int(runner.addresses[0][1]) if runner.addresses else port
         shown = f"[{host}]" if ":" in host else host
+        # Start the first runs listing now: a browser opened on the printed address
+        # finds it read, or joins it (the first screen shows the first hosts at once).
+        prefetch = asyncio.ensure_future(source.runs())
+        prefetch.add_done_callback(lambda t: t.cancelled() or t.exception())
         if on_ready is not None:
             on_ready(f"http://{shown}:{bound}/")
         await stop.wait()
