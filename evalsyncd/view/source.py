@@ -200,6 +200,8 @@ class ViewSource:
         task = self._listing
         if task is None or task.done():
             task = self._listing = asyncio.ensure_future(self._list())
+            # a caller answered with a partial snapshot may be gone when it fails
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())
         if partial_after_s is None or self._snapshot is not None:
             return await asyncio.shield(task)
         await asyncio.wait({task}, timeout=partial_after_s)
