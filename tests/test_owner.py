@@ -19,6 +19,7 @@ from evalsyncd.errors import ConflictError, CorruptObjectError, PrefixOwnedError
 from evalsyncd.storage import GCSStorage, S3Storage
 from evalsyncd.storage.memory import MemoryStorage
 from evalsyncd.storage.tail import TailIndex, read_index
+from evalsyncd.sync.journal import Journal
 from evalsyncd.sync.owner import (
     OWNER_NAME,
     Claim,
@@ -29,6 +30,10 @@ from evalsyncd.sync.owner import (
     read_claim,
     take_over,
 )
+from evalsyncd.sync.passes import ByteBudget
+from evalsyncd.sync.perfile import PerFileShipper
+from evalsyncd.sync.plan import Policy
+from evalsyncd.sync.shipper import Batch, Context
 from tests.daemon import Daemon, write_config
 from tests.helpers import wait_for
 from tests.reliability import RelEnv, events, list_keys, s3_main_object
@@ -129,12 +134,83 @@ def test_take_over_replaces_the_claim_and_the_old_owner_notices(
         previous, claim = await take_over(memory_storage, B, host="new-host")
         assert previous is not None and previous.writer == A and claim.writer == B
         await old.ensure()  # within recheck_s: no request, still believes it
-        now[0] = 2.0  # (a conflict re-reads the claim at most once a second)
+        # a conflict re-reads the claim at once, even right after a check: the new
+        # owner's write that caused it may follow that check by a millisecond
         exc = await old.explain(ConflictError("412"))  # a write of it conflicted
         assert isinstance(exc, PrefixOwnedError) and "'new-host'" in str(exc)
         now[0] = 120.0
         with pytest.raises(PrefixOwnedError):
             await old.ensure()
+
+    asyncio.run(run())
+
+
+def test_a_displaced_owner_never_rewrites_the_new_owners_object(
+    memory_storage: MemoryStorage, tmp_path: Path
+) -> None:
+    """The new owner claims and writes its object right after the old owner's periodic
+    check: the old owner's next append conflicts, and it parks instead of rewriting the
+    object with its own file (regression: a claim read less than a second earlier was
+    trusted, the old owner rewrote, and the new owner, with nothing new to send, never
+    repaired its object)."""
+    root = tmp_path / "root"
+    local = root / "runs/r/b/trajectories.jsonl"
+    local.parent.mkdir(parents=True)
+    local.write_bytes(b'{"a": 0}\n')
+    key = "runs/r/b/trajectories.jsonl"
+
+    async def run() -> None:
+        with Journal(tmp_path / "j.sqlite3", root) as journal:
+            owner = Owner(memory_storage, A, "mem", recheck_s=60.0)
+            ctx = Context(
+                name="mem",
+                root=root,
+                storage=memory_storage,
+                journal=journal,
+                policy=Policy(flush_interval_s=0.01, invalid_json_grace_s=0.0),
+                budget=ByteBudget(1 << 20),
+                direct_append_bytes=1 << 30,
+                owner=owner,
+            )
+            shipper = PerFileShipper(ctx)
+            assert (await shipper.ship(Batch({key: 1}, 1 << 20))).done == [key]
+            await take_over(memory_storage, B, host="new-host")
+            await memory_storage.awrite(key, b'{"b": 10}\n')  # the new owner's first write
+            local.write_bytes(b'{"a": 0}\n{"a": 1}\n')  # one more line
+            outcome = await shipper.ship(Batch({key: 2}, 1 << 20))
+            assert isinstance(outcome.error, PrefixOwnedError), outcome
+            assert "'new-host'" in str(outcome.error)
+
+    asyncio.run(run())
+    assert memory_storage.read(key) == b'{"b": 10}\n'
+
+
+def test_a_vanished_claim_hands_nothing_over(memory_storage: MemoryStorage, tmp_path: Path) -> None:
+    """B, parked on A's prefix, never claims it when A's claim disappears (a lifecycle rule
+    on ``.evalsyncd/``, a ``sync --delete``), also after a restart; A recreates its claim
+    at its next check; ``take_over`` is the way for B."""
+
+    async def run() -> None:
+        a = Owner(memory_storage, A, "d", state_dir=tmp_path / "a")
+        (tmp_path / "a").mkdir()
+        (tmp_path / "b").mkdir()
+        await a.ensure()
+        b = Owner(memory_storage, B, "d", state_dir=tmp_path / "b")
+        with pytest.raises(PrefixOwnedError):
+            await b.ensure()
+        await memory_storage._delete_keys([memory_storage._key(".evalsyncd/" + OWNER_NAME)], "")
+        assert await read_claim(memory_storage) is None
+        for owner in (b, Owner(memory_storage, B, "d", state_dir=tmp_path / "b")):
+            with pytest.raises(PrefixOwnedError) as info:
+                await owner.ensure()
+            assert "is gone" in str(info.value) and "--take-over" in str(info.value)
+            assert info.value.owner_writer == A
+        assert await read_claim(memory_storage) is None  # B created nothing
+        await a.confirm()  # the owner's next check recreates its claim
+        found = await read_claim(memory_storage)
+        assert found is not None and found.writer == A
+        await take_over(memory_storage, B)
+        await Owner(memory_storage, B, "d", state_dir=tmp_path / "b").ensure()
 
     asyncio.run(run())
 
@@ -238,7 +314,20 @@ def test_two_daemons_on_one_prefix_the_first_keeps_writing(
     with rel.daemon(log_level="debug"):
         wait_for(lambda: reader.read(key) == mine.read_bytes(), 30, 0.1, "A after restart")
         # the take-over: B's host takes the prefix back while A still runs
-        taken = _cli("claim", "--config", str(b_cfg), "--destination", kind, "--take-over")
+        # B's file is not A's: the take-over is refused, naming it, unless told to discard
+        refused = _cli("claim", "--config", str(b_cfg), "--destination", kind, "--take-over")
+        assert refused.returncode == 1, refused.stdout + refused.stderr
+        assert "not taken over" in refused.stdout and key in refused.stdout
+        assert "--discard-remote" in refused.stdout
+        taken = _cli(
+            "claim",
+            "--config",
+            str(b_cfg),
+            "--destination",
+            kind,
+            "--take-over",
+            "--discard-remote",
+        )
         assert taken.returncode == 0, taken.stdout + taken.stderr
         assert "taken over from host" in taken.stdout
         with Daemon(b_cfg, tmp_path / "b2.log") as b2:
@@ -282,6 +371,40 @@ def test_claim_command_usage(rel: RelEnv) -> None:
     done = _cli("claim", "--config", str(cfg))
     assert done.returncode == 0 and "owned by this host" in done.stdout, done.stdout + done.stderr
     assert ".evalsyncd/owner.json" in list_keys(reader, internal=True)
+
+
+@pytest.mark.parametrize("kind", ["s3", "gcs"])
+def test_a_take_over_never_discards_what_only_the_bucket_holds(
+    rel: RelEnv, tmp_path: Path, kind: str
+) -> None:
+    """A reinstalled host whose root came back from an older backup (3 of 8 lines): the
+    take-over is refused, naming the file and both sizes, instead of letting the daemon
+    replace the bucket's 8 lines with 3; once the file holds the bucket's lines again (and
+    more), the take-over goes through and the daemon only appends."""
+    reader = rel.add(kind)
+    key = "runs/r/b/trajectories.jsonl"
+    for i in range(8):
+        _append(rel.root / key, f"a{i}")
+    cfg = write_config(rel.tmp / "a.toml", rel.root, rel.state, rel.dests)
+    assert _cli("sync", "--config", str(cfg), "--once").returncode == 0
+    full = (rel.root / key).read_bytes()
+    backup = b"".join(full.splitlines(keepends=True)[:3])
+    (tmp_path / "new-root" / key).parent.mkdir(parents=True)
+    (tmp_path / "new-root" / key).write_bytes(backup)
+    new = write_config(
+        tmp_path / "new.toml", tmp_path / "new-root", tmp_path / "new-state", rel.dests
+    )
+    refused = _cli("claim", "--config", str(new), "--destination", kind, "--take-over")
+    assert refused.returncode == 1, refused.stdout + refused.stderr
+    assert "not taken over" in refused.stdout and key in refused.stdout
+    assert f"bucket {len(full)} B, local {len(backup)} B" in refused.stdout
+    assert reader.read(key) == full  # nothing written, the old claim stands
+    (tmp_path / "new-root" / key).write_bytes(full)  # the bucket's copy, brought back
+    _append(tmp_path / "new-root" / key, "new0")
+    taken = _cli("claim", "--config", str(new), "--destination", kind, "--take-over")
+    assert taken.returncode == 0 and "taken over" in taken.stdout, taken.stdout + taken.stderr
+    assert _cli("sync", "--config", str(new), "--once").returncode == 0
+    assert reader.read(key) == (tmp_path / "new-root" / key).read_bytes()
 
 
 def test_a_local_directory_destination_is_claimed_exclusively(tmp_path: Path) -> None:

@@ -253,9 +253,12 @@ class PerFileShipper:
             log.warning(
                 "append_conflict", destination=ctx.name, key=path, offset=offset, error=str(exc)
             )
-        if ctx.owner is not None:
-            await ctx.owner.confirm()  # a taken-over prefix: park, never rewrite the owner's object
         remote = await ctx.storage.astat(path)
+        if ctx.owner is not None:
+            # A taken-over prefix: park, never rewrite the new owner's object. The claim
+            # is read after the stat: a new owner claims before its first write, so a
+            # remote changed by it is always explained by the claim read here.
+            await ctx.owner.confirm()
         remote_size = remote.size if remote is not None else 0
         if remote_size <= offset:
             raise RemoteDiverged
