@@ -1,5 +1,6 @@
 """Remove what failed cleanups left behind under a prefix: GCS compose deltas and
-abandoned S3 multipart uploads.
+abandoned S3 multipart uploads; and fold the S3 append segments an older version
+left (``S3Storage.afold_old_segments``).
 
 An append deletes its GCS delta (``{prefix}/.evalsyncd/gcs-append/{id}``) and
 aborts a failed S3 multipart upload itself; a delete or an abort that fails
@@ -10,7 +11,8 @@ to an append in flight (of this daemon or of a library user), so the age must
 exceed the longest append (default one hour).
 
 Cost: one listing (GCS: of the delta area; S3: ``ListMultipartUploads`` under
-the prefix, first 1,000) plus one request per removal.
+the prefix, first 1,000, and one of ``.evalsyncd/seg/``) plus one request per
+removal.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ async def areap(storage: Any, *, min_age_s: float = DEFAULT_MIN_AGE_S) -> int:
         removed = await _reap_gcs(storage, cutoff)
     elif isinstance(storage, S3Storage):
         removed = await _reap_s3(storage, cutoff)
+        await storage.afold_old_segments()  # an older version's append segments
     else:
         return 0
     if removed:

@@ -7,7 +7,7 @@
                     |            |                                 log and max_main_lag_s > 0
                     |            +-- PerFileShipper for big deltas
                     |   or       PerFileShipper (sync/perfile.py)  every file on its own
-                    +-- steps:   PublishCatalog, FlushAppends (sync/steps.py)
+                    +-- steps:   PublishCatalog (sync/steps.py)
 
 Both shippers share one :class:`~evalsyncd.sync.shipper.Context` built here
 from the destination's settings. Nothing here decides or sends: this module
@@ -36,7 +36,7 @@ from evalsyncd.sync.plan import Policy
 from evalsyncd.sync.scheduler import CHUNK_BYTES, RETRY_CHUNK_BYTES, Scheduler, Stats
 from evalsyncd.sync.shipper import Context, Shipper
 from evalsyncd.sync.states import DestinationState, backoff_delay
-from evalsyncd.sync.steps import FlushAppends, PublishCatalog
+from evalsyncd.sync.steps import PublishCatalog
 from evalsyncd.sync.tailmode import TailShipper
 
 __all__ = [
@@ -180,7 +180,7 @@ class Destination(Scheduler):
             self.ctx.meter,
             flush_interval_s=flush_interval_s,
             retry=settings.retry,
-            steps=[PublishCatalog(self.ctx), FlushAppends(self.ctx, settings.compact_idle_s)],
+            steps=[PublishCatalog(self.ctx)],
             chunk_bytes=chunk_bytes,
             retry_chunk_bytes=retry_chunk_bytes,
             clock=clock,

@@ -7,6 +7,7 @@
             done / failed     out of the dirty set (unless marked again meanwhile)
             deferred          not before now + after_s
             again             marked again (urgent: the next pass starts at once)
+            more              the shipper left due work for the next pass: it starts at once
             error             states.after_failure --> BACKOFF or PARKED until retry_at
         pass succeeded --> steps after the pass (the run catalog, ...) --> HEALTHY
 
@@ -61,7 +62,7 @@ class PassReport:
 
 
 class Step(Protocol):
-    """Work that follows each successful pass (the run catalog, a flush); see :class:`Scheduler`."""
+    """Work that follows each successful pass (the run catalog); see :class:`Scheduler`."""
 
     async def after_pass(self, report: PassReport) -> None:
         """Run after a pass that met no storage error.
@@ -69,10 +70,6 @@ class Step(Protocol):
         Raises:
             StorageError: the step failed; the pass counts as failed (retried).
         """
-        ...
-
-    def next_due_in(self) -> float | None:
-        """Seconds until this step wants a pass even with nothing dirty (``None``: never)."""
         ...
 
 
@@ -301,10 +298,6 @@ class Scheduler:
         if ready:
             return 0.0
         waits = [t - now for t in deferred]
-        for step in self.steps:
-            due = step.next_due_in()
-            if due is not None:
-                waits.append(due)
         if self.shipper.behind:
             due = self.shipper.next_due_in()
             if due is not None:
@@ -373,6 +366,9 @@ class Scheduler:
                 item.not_before = self.clock() + after_s
         for path, urgent in outcome.again.items():
             self.mark(path, urgent=urgent)
+        if outcome.more:
+            self._urgent = True
+            self._wake.set()
 
     def _on_failure(self, exc: BaseException, *, permanent: bool) -> None:
         """Record a failed pass: BACKOFF or PARKED until :attr:`retry_at` (no sleep here)."""

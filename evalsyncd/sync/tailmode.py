@@ -51,7 +51,7 @@ from evalsyncd.errors import ObjectNotFoundError, StorageError, TailConflictErro
 from evalsyncd.storage import Backend, check_key
 from evalsyncd.storage.tail import FileTail, TailIndex, TailWriter, stitch
 from evalsyncd.sync import lines
-from evalsyncd.sync.files import FileKind, classify, phase_of
+from evalsyncd.sync.files import FileKind, classify, is_run_metadata, phase_of
 from evalsyncd.sync.journal import Entry, EntryStatus
 from evalsyncd.sync.passes import by_phase, log_failure, worst_error
 from evalsyncd.sync.perfile import PerFileShipper
@@ -301,7 +301,14 @@ class TailShipper:
             await self.files.ship_paths(direct, outcome)
             if outcome.error is not None:
                 return
-        await self.promote_due()
+        due = self.due_now()
+        if due and not self._drain_all and any(is_run_metadata(s.path) for s in staged):
+            # New runs are in the tail object just written: the steps after this pass
+            # publish the run catalog, so readers list them now, before the requests
+            # of the main objects due, which the next pass (at once) sends.
+            outcome.more = True
+            return
+        await self.promote_due(due)
 
     async def plan(self, path: str) -> Staged | object | None:
         """Stage what ``path`` needs in the next tail object (see :func:`~evalsyncd.sync.plan.plan`).
@@ -319,6 +326,11 @@ class TailShipper:
             return None
         check_key(path)
         row = ctx.journal.get(ctx.name, path)
+        if self._drain_all and row is None and self.writer.current(path) is None:
+            # every main object is due in this pass (a stop, sync --once): a file new to
+            # this destination would be staged only to be promoted at once; it goes
+            # straight to its main object (one request, its bytes once on the wire)
+            return DIRECT
         if kind is FileKind.REPLACE and self.writer.current(path) is None:
             with contextlib.suppress(OSError):
                 big = os.stat(ctx.root / path, follow_symlinks=False)
@@ -521,13 +533,9 @@ class TailShipper:
         )
         return main_due(entry, facts, now_wall, self.ctx.policy)
 
-    async def promote_due(self) -> None:
-        """Bring every due main object up to date, phase by phase, then drop their pieces.
-
-        Raises:
-            StorageError: a main-object update failed (the others of its phase
-                completed; later phases wait for the next pass).
-        """
+    def due_now(self) -> list[tuple[str, Entry]]:
+        """The files whose main object is due now, with their journal rows (an index entry
+        the journal says is done is dropped from the index on the way)."""
         ctx = self.ctx
         now_wall, now = ctx.wall(), ctx.clock()
         due: list[tuple[str, Entry]] = []
@@ -545,6 +553,21 @@ class TailShipper:
             if reason is not None:
                 log.debug("main_due", destination=ctx.name, key=path, reason=reason)
                 due.append((path, entry))
+        return due
+
+    async def promote_due(self, due: list[tuple[str, Entry]] | None = None) -> None:
+        """Bring every due main object up to date, phase by phase, then drop their pieces.
+
+        Args:
+            due: what :meth:`due_now` returned (``None``: ask it now).
+
+        Raises:
+            StorageError: a main-object update failed (the others of its phase
+                completed; later phases wait for the next pass).
+        """
+        ctx = self.ctx
+        if due is None:
+            due = self.due_now()
         error: StorageError | None = None
         try:
             phases = by_phase(due, lambda item: item[0], self._promote_guarded)
