@@ -163,6 +163,19 @@ class DestinationSettings(BaseModel):
     max_upload_bytes_per_s: int | None = Field(
         None, gt=0, description="bandwidth limit of this destination's uploads, bytes per second"
     )
+    reap_interval_s: float = Field(
+        6 * 3600.0,
+        gt=0,
+        description="while the daemon runs, leftovers of failed cleanups (GCS compose deltas, "
+        "S3 multipart uploads) are looked for this often (one listing), and sooner after a "
+        "cleanup failed, seconds",
+    )
+    reap_min_age_s: float = Field(
+        3600.0,
+        gt=0,
+        description="leftovers younger than this are never removed (an append may be using "
+        "them): at least the longest append, seconds",
+    )
     retry: RetrySettings = Field(default_factory=RetrySettings)  # type: ignore[arg-type]
 
     @field_validator("name")

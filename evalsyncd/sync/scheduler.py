@@ -62,7 +62,8 @@ class PassReport:
 
 
 class Step(Protocol):
-    """Work that follows each successful pass (the run catalog); see :class:`Scheduler`."""
+    """Work that follows each successful pass (the run catalog, the reaping of leftovers);
+    see :class:`Scheduler`."""
 
     async def after_pass(self, report: PassReport) -> None:
         """Run after a pass that met no storage error.
@@ -70,6 +71,10 @@ class Step(Protocol):
         Raises:
             StorageError: the step failed; the pass counts as failed (retried).
         """
+        ...
+
+    def next_due_in(self) -> float | None:
+        """Seconds until this step wants a pass even with nothing dirty (``None``: never)."""
         ...
 
 
@@ -298,6 +303,10 @@ class Scheduler:
         if ready:
             return 0.0
         waits = [t - now for t in deferred]
+        for step in self.steps:
+            due = step.next_due_in()
+            if due is not None:
+                waits.append(due)
         if self.shipper.behind:
             due = self.shipper.next_due_in()
             if due is not None:

@@ -47,6 +47,7 @@ from typing import Final
 import crc32c
 import structlog
 
+from evalsyncd.catalog import CATALOG_MARK
 from evalsyncd.errors import ObjectNotFoundError, StorageError, TailConflictError
 from evalsyncd.storage import Backend, check_key
 from evalsyncd.storage.tail import FileTail, TailIndex, TailWriter, stitch
@@ -178,6 +179,8 @@ class TailShipper:
             if row.main_behind and path not in reset and row.tail_since is not None:
                 self._last_change[path] = ctx.clock()
                 self._since[path] = row.tail_since
+        if any(is_run_metadata(p) for p in removed):
+            self.writer.mark(CATALOG_MARK)  # before the removal: see evalsyncd.catalog
         if self.writer.dirty:
             await self.commit_index()
         for path in removed:
@@ -280,6 +283,10 @@ class TailShipper:
                 if path in self._restage:
                     self._keep_or_drop(path)
                 outcome.done.append(path)
+        if any(is_run_metadata(p) for p in direct):
+            # a run's metadata.json changes outside the tail: a marked object first, so
+            # that no reader takes the run catalog for complete meanwhile (catalog.py)
+            self.writer.mark(CATALOG_MARK)
         if staged or self.writer.dirty:
             await self.commit(staged)
             for s in staged:
@@ -375,6 +382,8 @@ class TailShipper:
         return await self._stage_lines(seen.facts.path, seen.fd, st, row, action.do is Do.REWRITE)
 
     def _plan_deleted(self, path: str, entry: Entry, *, remove: bool) -> Staged | object:
+        if is_run_metadata(path):
+            self.writer.mark(CATALOG_MARK)  # the run catalog changes (see evalsyncd.catalog)
         if self.writer.current(path) is None:
             return DIRECT  # nothing in the tail: the per-file path handles it
         if remove:
@@ -463,6 +472,8 @@ class TailShipper:
     ) -> Staged:
         """Stage the whole content of a replace-on-write file."""
         self.writer.stage_replace(path, data, mtime=st.st_mtime)
+        if is_run_metadata(path):
+            self.writer.mark(CATALOG_MARK)  # the run catalog changes (see evalsyncd.catalog)
         pending = entry is not None and entry.main_behind and entry.tail_since is not None
         new = lines.new_entry(
             self.ctx.name,
