@@ -1,4 +1,4 @@
-"""Measurement 10: ``evalsyncd view``, its first screen over a big fleet and its live samples.
+"""Measurement 11: ``evalsyncd view``, its first screen over a big fleet and its live samples.
 
 **First screen.** A fleet of 20 hosts x 500 runs (quick: 20 x 100) in the
 bench S3 bucket under ``viewfleet/host-{i}``: each run's ``metadata.json``
@@ -6,10 +6,14 @@ and ``runs.jsonl`` line, as ``EvalStore`` writes them, and each host's run
 catalog (``.evalsyncd/catalog.json``, built by ``catalog_from_root`` as the
 daemon does). ``evalsyncd view s3://bench/viewfleet`` runs in this process
 (its server on a thread, as the CLI runs it) over the loopback proxy that adds
-10 ms each way (20 ms per request round trip) and counts requests. Each
-repetition starts a fresh server (no cached listing, new SDK clients) and
-times one ``GET /`` until its whole HTML is received: the first 200 rows are
-in it. Target: at most 1.5 s, at most 3 requests per host.
+10 ms each way (20 ms per request round trip) and counts requests. Each of 5
+repetitions starts a fresh server (no cached listing, new SDK clients) and
+times one ``GET /`` until its whole HTML is received: its first 200 rows (the
+first screen; while the first listing goes on, those of the hosts listed so
+far) are in it. Then, as ``view.js`` does next, ``GET /?fragment=1``, which
+waits for the whole listing: the time from the first request until it is
+received is the complete list's. Target: first screen at most 1.5 s, at most
+3 requests per host (counted once the whole list is read).
 
 Side by side, in the same run and through the same proxy: the reference
 reader (tinker-cookbook 0.6.1's ``EvalStore`` over ``FsspecStorage``) lists
@@ -63,6 +67,7 @@ FIRST_SCREEN_TARGET_S = 1.5
 REQUESTS_PER_HOST_TARGET = 3.0
 FLUSH_INTERVAL_S = 1.0
 REFRESH_S = 1.0
+FIRST_SCREEN_REPEATS = 5
 
 
 @contextmanager
@@ -155,20 +160,29 @@ def _write_fleet(bench: Bench, root: Path, runs: int) -> None:
 
 def _first_screen(bench: Bench, proxy: CountingProxy, runs: int) -> dict[str, Any]:
     total_runs = HOSTS * runs
-    times: list[float] = []
+    firsts: list[float] = []
+    completes: list[float] = []
     requests: list[int] = []
-    for _ in range(3):
+    partial = 0
+    for _ in range(FIRST_SCREEN_REPEATS):
         storage = S3Storage(BUCKET, "", endpoint_url=proxy.url)
         with storage, view_server(storage, "viewfleet") as base:
             proxy.reset()
             start = time.perf_counter()
             html = _get(base).decode("utf-8")
-            times.append(time.perf_counter() - start)
-            requests.append(proxy.requests)
+            firsts.append(time.perf_counter() - start)
             rows = html.count('class="run"')
-            summary = re.search(r'data-total="(\d+)"', html)
-            if rows < 200 or summary is None or int(summary.group(1)) != total_runs:
-                raise RuntimeError(f"first screen: {rows} rows, summary {summary}")
+            shown = re.search(r'data-total="(\d+)"', html)
+            if rows < min(200, runs) or shown is None:  # runs: those of one host
+                raise RuntimeError(f"first screen: {rows} rows, summary {shown}")
+            partial += 'data-partial="1"' in html
+            # what view.js fetches next: the live fragment, which waits for the whole listing
+            fragment = _get(f"{base}?fragment=1").decode("utf-8")
+            completes.append(time.perf_counter() - start)
+            requests.append(proxy.requests)
+            whole = re.search(r'data-total="(\d+)"', fragment)
+            if whole is None or int(whole.group(1)) != total_runs or "data-partial" in fragment:
+                raise RuntimeError(f"complete list: summary {whole}, expected {total_runs} runs")
     ref_cls = load_reference_eval_store()
     proxy.reset()
     start = time.perf_counter()
@@ -181,7 +195,7 @@ def _first_screen(bench: Bench, proxy: CountingProxy, runs: int) -> dict[str, An
     if ref_runs != REFERENCE_HOSTS * runs:
         raise RuntimeError(f"reference listed {ref_runs} runs")
     scale = HOSTS / REFERENCE_HOSTS
-    ours_s = statistics.median(times)
+    ours_s = statistics.median(firsts)
     ours_req = statistics.median(requests)
     # 2 requests are the fleet prefix's (its listing, the tail-log probe of the
     # storage root); each host then costs its runs/ listing, its tail-log probe
@@ -190,8 +204,12 @@ def _first_screen(bench: Bench, proxy: CountingProxy, runs: int) -> dict[str, An
     return {
         "hosts": HOSTS,
         "runs": total_runs,
+        "repeats": FIRST_SCREEN_REPEATS,
         "evalsyncd_s": ours_s,
-        "evalsyncd_s_all": times,
+        "evalsyncd_s_all": firsts,
+        "first_partial": partial,
+        "complete_s": statistics.median(completes),
+        "complete_s_all": completes,
         "evalsyncd_requests": ours_req,
         "evalsyncd_requests_per_host": per_host,
         "reference_s": ref_s * scale,
@@ -201,7 +219,7 @@ def _first_screen(bench: Bench, proxy: CountingProxy, runs: int) -> dict[str, An
         "speedup": ref_s * scale / ours_s,
         "target_s": FIRST_SCREEN_TARGET_S,
         "target_requests_per_host": REQUESTS_PER_HOST_TARGET,
-        "ok": ours_s <= FIRST_SCREEN_TARGET_S and per_host <= REQUESTS_PER_HOST_TARGET,
+        "ok": max(firsts) <= FIRST_SCREEN_TARGET_S and per_host <= REQUESTS_PER_HOST_TARGET,
     }
 
 
@@ -284,7 +302,7 @@ def _live(bench: Bench, proxy: CountingProxy, samples: int) -> dict[str, Any]:
 
 
 def run(bench: Bench) -> dict[str, Any]:
-    """Run measurement 10 (the S3 server, through the 20 ms proxy)."""
+    """Run measurement 11 (the S3 server, through the 20 ms proxy)."""
     runs = QUICK_RUNS_PER_HOST if bench.quick else RUNS_PER_HOST
     with tempfile.TemporaryDirectory(dir=bench.tmp, prefix="viewfleet-") as tmp:
         _write_fleet(bench, Path(tmp), runs)

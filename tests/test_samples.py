@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from evalsyncd.errors import SampleNotFoundError, SearchPatternError
+from evalsyncd.errors import SampleError, SampleNotFoundError, SearchPatternError
 from evalsyncd.samples import (
     BadLine,
     Category,
@@ -26,6 +26,7 @@ from evalsyncd.samples import (
     SampleFilter,
     SampleReader,
     compare,
+    compare_indexes,
 )
 from evalsyncd.samples.compare import bootstrap_mean_ci, categorize, mcnemar_exact
 from evalsyncd.samples.export import COLUMNS, aexport_samples
@@ -354,6 +355,70 @@ def test_compare_matches_by_example_id_and_idx() -> None:
     assert c.mcnemar_p == 1.0 and c.reward_diff == 0.0
     empty = compare([_e("a", 0, 1)], [_e("b", 0, 1)])
     assert (empty.mcnemar_p, empty.reward_diff_ci) == (None, None)
+
+
+def _record(key: str, idx: int, reward: float, error: str | None) -> bytes:
+    record = {"idx": idx, "benchmark": "gsm", "example_id": key, "reward": reward, "error": error}
+    return json.dumps(record).encode() + b"\n"
+
+
+def test_compare_indexes_agrees_with_compare_and_reads_rows_on_demand(
+    local_storage: Any, tmp_path: Path
+) -> None:
+    """``compare_indexes`` gives ``compare``'s rows, counts and test from two indexes
+    (duplicates, errors, keys in one run only, a bad line); rows are read by page, by
+    category, from either end; an index rebuilt under a kept comparison is an error."""
+    import random
+
+    rng = random.Random(7)
+    sides: dict[str, list[tuple[str, int, float, str | None]]] = {"a": [], "b": []}
+    for run, drop in (("a", 0.1), ("b", 0.15)):
+        for i in range(600):
+            if rng.random() < drop:
+                continue
+            error = "boom" if rng.random() < 0.05 else None
+            sides[run].append((f"ex{i % 500}", i % 500, float(rng.random() < 0.5), error))
+    for run, rows in sides.items():
+        data = b"".join(_record(*r) for r in rows)
+        local_storage.write(f"runs/{run}/gsm/trajectories.jsonl", data + b"not json\n")
+    reader = SampleReader(local_storage, tmp_path / "cache")
+
+    async def scenario() -> None:
+        ia, ib = await reader.aindex("a", "gsm"), await reader.aindex("b", "gsm")
+        old = compare(list(ia.entries()), list(ib.entries()), seed=3)
+        new = compare_indexes(ia, ib, seed=3)
+        assert list(new.rows) == list(old.rows) and len(new.rows) == len(old.rows)
+        assert (new.counts, new.matched, new.discordant) == (
+            old.counts,
+            old.matched,
+            old.discordant,
+        )
+        assert (
+            (new.duplicates_a, new.duplicates_b) == (old.duplicates_a, old.duplicates_b) != (0, 0)
+        )
+        assert new.mcnemar_p == old.mcnemar_p and new.reward_diff_ci == old.reward_diff_ci
+        assert new.reward_diff == pytest.approx(old.reward_diff, abs=1e-12)
+        assert new.counts[Category.ONLY_IN_A] and new.counts[Category.ONLY_IN_B]
+        for category in Category:
+            picked = new.rows.select(category)
+            assert len(picked) == new.counts[category]
+            assert picked[:7] == [r for r in old.rows if r.category is category][:7]
+        assert new.rows[-1] == old.rows[-1] and new.rows[3] == old.rows[3]
+        with pytest.raises(IndexError):
+            new.rows[len(new.rows)]
+        empty = compare_indexes(ia, await reader.aindex("missing", "gsm"))
+        assert empty.matched == 0 and empty.mcnemar_p is None
+        assert (
+            len(empty.rows)
+            == empty.counts[Category.ONLY_IN_A]
+            == len(old.rows) - sum(1 for r in old.rows if r.entry_a is None)
+        )
+        local_storage.write("runs/a/gsm/trajectories.jsonl", _record("x", 0, 1.0, None))
+        await reader.aindex("a", "gsm")  # rebuilt: the kept comparison's lines are gone
+        with pytest.raises(SampleError, match="changed under a comparison"):
+            new.rows.select(Category.ONLY_IN_A)[-5:]
+
+    _run(local_storage, scenario)
 
 
 @pytest.mark.parametrize(

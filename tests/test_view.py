@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import re
@@ -10,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import tomllib
 import urllib.request
@@ -21,6 +23,7 @@ import pytest
 
 from evalsyncd.storage import LocalStorage
 from evalsyncd.store import BenchmarkResult, EvalStore
+from evalsyncd.view import ViewSource
 from evalsyncd.view.app import CONTENT_SECURITY_POLICY
 from tests.viewhelpers import HOSTILE, Page, fetch, view_server, with_view, write_run
 
@@ -262,6 +265,73 @@ def test_a_failing_host_is_reported_and_the_others_listed(tmp_path: Path) -> Non
     assert html.status == 200 and f'data-run-id="{good}"' in html.text
     assert 'id="host-problems"' in html.text and "broken" in html.text
     assert any("broken" in p for p in js.json()["problems"])
+
+
+class _SlowHost(LocalStorage):
+    """A local fleet whose listing of one host's ``runs/`` waits until released."""
+
+    def __init__(self, root: Path, slow: str) -> None:
+        super().__init__(root, mkdir=False)
+        self.slow = slow
+        self.release = threading.Event()
+        self.listed: list[str] = []
+
+    async def alist_dir(self, prefix: str) -> list[str]:
+        self.listed.append(prefix)
+        if prefix.startswith(self.slow):
+            await asyncio.to_thread(self.release.wait, 30)
+        return await super().alist_dir(prefix)
+
+
+def test_first_screen_shows_the_first_hosts_while_a_slow_host_is_listed(tmp_path: Path) -> None:
+    """A fresh view of a fleet whose last host is slow to list answers the runs page with
+    the hosts listed so far, marked partial (the script polls again at once); the live
+    fragment and the JSON twin wait for the whole listing, which is read once."""
+    root = tmp_path / "fleet"
+    fast = [write_run(EvalStore(root / "host-a"), "m1", f"s{i}") for i in range(3)]
+    slow = write_run(EvalStore(root / "host-b"), "m2", "s9")
+    storage = _SlowHost(root, "host-b")
+
+    async def scenario(get: Get) -> list[Page]:
+        first = await get("/")
+        storage.release.set()
+        return [first, await get("/?fragment=1"), await get("/?format=json")]
+
+    first, fragment, js = with_view(storage, "", scenario, refresh_s=30)
+    assert first.status == 200
+    assert all(f'data-run-id="{r}"' in first.text for r in fast) and slow not in first.text
+    assert re.search(r'data-partial="1" data-poll-ms="\d+"', first.text)
+    assert 'data-hosts-listed="1"' in first.text and 'data-hosts="2"' in first.text
+    assert f'data-run-id="{slow}"' in fragment.text and "data-partial" not in fragment.text
+    assert 'data-total="4"' in fragment.text
+    data = js.json()
+    assert data["complete"] and data["total"] == 4 and data["hosts_listed"] == 2
+    assert storage.listed.count("host-b/runs") == 1  # one listing, shared
+
+
+def test_a_slow_listing_is_repeated_at_most_once_per_its_duration(
+    fleet: tuple[LocalStorage, dict[str, str]],
+) -> None:
+    """Open pages re-list every ``refresh_s``, but a listing that took longer is reused
+    for as long as it took (the server never lists more than half the time)."""
+    storage, runs = fleet
+
+    async def scenario() -> tuple[int, int, int]:
+        source = ViewSource(storage, "", refresh_s=0.5)
+        try:
+            first = await source.runs()
+            assert len(first.runs) == len(runs) and first.complete
+            # as if it had taken 60 s, 2 s ago: older than refresh_s, younger than took_s
+            source._snapshot = dataclasses.replace(first, took_s=60.0, read_at=time.time() - 2)
+            await source.runs()
+            kept = source.listings
+            await source.runs(max_age_s=1.0)  # an explicit age is used as given
+            return first.hosts_listed or 0, kept, source.listings
+        finally:
+            await source.aclose()
+
+    hosts, kept, after = asyncio.run(scenario())
+    assert (hosts, kept, after) == (2, 1, 2)
 
 
 def test_missing_run_and_run_deleted_after_listing_are_messages_and_serving_goes_on(

@@ -31,22 +31,31 @@ the same interval).
 
 from __future__ import annotations
 
-from collections import Counter
-from collections.abc import Sequence
+import gc
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple, overload
 
+from evalsyncd.errors import SampleError
+from evalsyncd.samples.index import SampleIndex
 from evalsyncd.samples.lines import SampleEntry
+
+if TYPE_CHECKING:
+    import numpy as np
+    import numpy.typing as npt
 
 __all__ = [
     "BOOTSTRAP_RESAMPLES",
     "Category",
     "CompareRow",
+    "CompareRows",
     "Comparison",
     "bootstrap_mean_ci",
     "categorize",
     "compare",
+    "compare_indexes",
     "mcnemar_exact",
 ]
 
@@ -89,7 +98,9 @@ class Comparison:
     """The result of :func:`compare`.
 
     Attributes:
-        rows: one per key, in A's file order, then B-only keys in B's order.
+        rows: one per key, in A's file order, then B-only keys in B's order; a
+            :class:`CompareRows`, whose rows are made when looked at
+            (``rows.select(Category.REGRESSION)[:50]``: a page of one category).
         counts: rows per category (every category present, zeros included).
         matched: pairs found in both runs.
         mcnemar_p: two-sided exact McNemar p-value; ``None`` without matched pairs.
@@ -99,7 +110,7 @@ class Comparison:
         duplicates_b: the same for B.
     """
 
-    rows: list[CompareRow]
+    rows: CompareRows
     counts: dict[Category, int]
     matched: int
     mcnemar_p: float | None
@@ -156,7 +167,7 @@ def mcnemar_exact(b: int, c: int) -> float:
 
 
 def bootstrap_mean_ci(
-    diffs: Sequence[float],
+    diffs: Sequence[float] | npt.NDArray[np.float64],
     *,
     seed: int = 0,
     resamples: int = BOOTSTRAP_RESAMPLES,
@@ -201,52 +212,209 @@ def compare(a: Sequence[SampleEntry], b: Sequence[SampleEntry], *, seed: int = 0
         a: run A's samples (the baseline), e.g. ``list(index.entries())``.
         b: run B's samples (the candidate).
         seed: the bootstrap's seed.
+
+    For two indexed files, :func:`compare_indexes` gives the same answer without
+    making one :class:`SampleEntry` per sample first.
     """
-    first_a: dict[tuple[str, int], SampleEntry] = {}
-    for e in a:
-        first_a.setdefault((e.example_id, e.idx), e)
-    first_b: dict[tuple[str, int], SampleEntry] = {}
-    for e in b:
-        first_b.setdefault((e.example_id, e.idx), e)
-    table = _TABLE
-    rows: list[CompareRow] = []
-    add = rows.append
-    diffs: list[float] = []
-    diff = diffs.append
-    disc_a = disc_b = 0
-    get = first_b.get
-    for key, ea in first_a.items():
-        eb = get(key)
-        if eb is None:
-            add(CompareRow(key, Category.ONLY_IN_A, ea, None))
-            continue
-        ca, cb = ea.correct, eb.correct
-        add(CompareRow(key, table[ea.error is not None, eb.error is not None, ca, cb], ea, eb))
-        diff(eb.reward - ea.reward)
-        if ca != cb:
-            if ca:
-                disc_a += 1
-            else:
-                disc_b += 1
-    for key, eb in first_b.items():
-        if key not in first_a:
-            add(CompareRow(key, Category.ONLY_IN_B, None, eb))
-    counts = dict.fromkeys(Category, 0)
-    counts.update(Counter(row.category for row in rows))
-    dup_a, dup_b = len(a) - len(first_a), len(b) - len(first_b)
-    if not diffs:
+    with _gc_paused():
+        return _compare(_side_of_entries(a), _side_of_entries(b), seed)
+
+
+def compare_indexes(a: SampleIndex, b: SampleIndex, *, seed: int = 0) -> Comparison:
+    """:func:`compare` of two indexed files, read from their index as columns.
+
+    Reads each index once, as columns (SQLite), and compares with ``numpy``; the rows' :class:`SampleEntry` values are read from
+    the index when a row is looked at (a page of rows: one query per side), so
+    the cost does not grow with the rows nobody looks at.
+
+    Args:
+        a: run A's index (the baseline), from :meth:`SampleReader.aindex
+            <evalsyncd.samples.reader.SampleReader.aindex>`.
+        b: run B's index (the candidate).
+        seed: the bootstrap's seed.
+    """
+    with _gc_paused():
+        return _compare(_side_of_index(a), _side_of_index(b), seed)
+
+
+@contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Pause the cyclic garbage collector while a few hundred thousand acyclic rows are made.
+
+    Each allocation burst would otherwise run collections over every row made so far
+    (half the time of a comparison of 100,000 samples). The collector is re-enabled
+    after, unless it was off before.
+    """
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
+@dataclass(frozen=True, slots=True)
+class _Side:
+    """One run's samples as columns, in file order, and how to get their entries."""
+
+    keys: list[tuple[str, int]]
+    outcome: npt.NDArray[np.int8]  # correct + 2 * errored
+    reward: npt.NDArray[np.float64]
+    load: Callable[[list[int]], list[SampleEntry]]  # entries at these positions
+
+
+def _side_of_entries(entries: Sequence[SampleEntry]) -> _Side:
+    import numpy as np
+
+    n = len(entries)
+    keys = [(e.example_id, e.idx) for e in entries]
+    outcome = np.fromiter(
+        (e.correct + 2 * (e.error is not None) for e in entries), dtype=np.int8, count=n
+    )
+    reward = np.fromiter((e.reward for e in entries), dtype=np.float64, count=n)
+    return _Side(keys, outcome, reward, lambda at: [entries[i] for i in at])
+
+
+def _side_of_index(index: SampleIndex) -> _Side:
+    import numpy as np
+
+    example_ids, idxs, outcomes, rewards, lines = index.columns()
+    keys = list(zip(example_ids, idxs, strict=True))
+    outcome = np.array(outcomes, dtype=np.int8)
+    reward = np.array(rewards, dtype=np.float64)
+
+    def load(at: list[int]) -> list[SampleEntry]:
+        want = [lines[i] for i in at]
+        try:
+            found = index.find_many(want)
+        finally:
+            index.close()  # a kept comparison holds no connection open
+        missing = [line for line in want if line not in found]
+        if missing:
+            raise SampleError(
+                f"{index.url}: the index changed under a comparison (line {missing[0] + 1})"
+            )
+        return [found[line] for line in want]
+
+    return _Side(keys, outcome, reward, load)
+
+
+def _first(keys: list[tuple[str, int]]) -> dict[tuple[str, int], int]:
+    """Each key's first position (a later duplicate is not compared)."""
+    n = len(keys)
+    return dict(zip(reversed(keys), range(n - 1, -1, -1), strict=True))
+
+
+def _compare(a: _Side, b: _Side, seed: int) -> Comparison:
+    import numpy as np
+
+    first_a, first_b = _first(a.keys), _first(b.keys)
+    ua = np.sort(np.fromiter(first_a.values(), dtype=np.int64, count=len(first_a)))
+    ub = np.sort(np.fromiter(first_b.values(), dtype=np.int64, count=len(first_b)))
+    get, keys_a = first_b.get, a.keys
+    mb = np.fromiter((get(keys_a[i], -1) for i in ua.tolist()), dtype=np.int64, count=len(ua))
+    both = mb >= 0
+    only_b = ub[~np.isin(ub, mb[both])]
+    pos_a = np.concatenate([ua, np.full(len(only_b), -1, dtype=np.int64)])
+    pos_b = np.concatenate([mb, only_b])
+    ma, mbb = ua[both], mb[both]
+    oa, ob = a.outcome[ma].astype(np.int64), b.outcome[mbb].astype(np.int64)
+    ca, cb = oa & 1, ob & 1
+    pair = (oa >> 1) * 8 + (ob >> 1) * 4 + ca * 2 + cb
+    cats = np.full(len(pos_a), _CODE[Category.ONLY_IN_B], dtype=np.int8)
+    cats[: len(ua)] = _CODE[Category.ONLY_IN_A]
+    cats[: len(ua)][both] = np.asarray(_PAIR_CODES, dtype=np.int8)[pair]
+    tally = np.bincount(cats, minlength=len(_CATEGORIES))
+    counts = {c: int(tally[i]) for i, c in enumerate(_CATEGORIES)}
+    rows = CompareRows(a, b, pos_a, pos_b, cats)
+    dup_a, dup_b = len(a.keys) - len(first_a), len(b.keys) - len(first_b)
+    matched = int(both.sum())
+    if not matched:
         return Comparison(rows, counts, 0, None, None, None, dup_a, dup_b, (0, 0))
+    diffs = b.reward[mbb] - a.reward[ma]
+    disc_a, disc_b = int((ca > cb).sum()), int((cb > ca).sum())
     return Comparison(
         rows,
         counts,
-        len(diffs),
+        matched,
         mcnemar_exact(disc_a, disc_b),
-        sum(diffs) / len(diffs),
+        float(diffs.sum()) / matched,
         bootstrap_mean_ci(diffs, seed=seed),
         dup_a,
         dup_b,
         (disc_a, disc_b),
     )
+
+
+class CompareRows(Sequence[CompareRow]):
+    """The rows of a :class:`Comparison`, made when looked at.
+
+    A sequence of :class:`CompareRow`: one per key, in A's file order, then the
+    keys of B only in B's order. Indexing by a slice (a page of rows) reads the
+    entries of all its rows at once; :meth:`select` narrows to one category
+    without reading anything.
+    """
+
+    _BATCH = 1000
+
+    def __init__(
+        self,
+        a: _Side,
+        b: _Side,
+        pos_a: npt.NDArray[np.int64],
+        pos_b: npt.NDArray[np.int64],
+        cats: npt.NDArray[np.int8],
+    ) -> None:
+        self._a, self._b = a, b
+        self._pos_a, self._pos_b, self._cats = pos_a, pos_b, cats
+
+    def __len__(self) -> int:
+        return len(self._cats)
+
+    def __repr__(self) -> str:
+        return f"CompareRows({len(self)} rows)"
+
+    @overload
+    def __getitem__(self, i: int) -> CompareRow: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> list[CompareRow]: ...
+
+    def __getitem__(self, i: int | slice) -> CompareRow | list[CompareRow]:
+        if isinstance(i, slice):
+            return self._make(range(len(self))[i])
+        at = range(len(self))[i]  # IndexError out of range
+        return self._make(range(at, at + 1))[0]
+
+    def __iter__(self) -> Iterator[CompareRow]:
+        for lo in range(0, len(self), self._BATCH):
+            yield from self[lo : lo + self._BATCH]
+
+    def select(self, category: Category | str | None) -> CompareRows:
+        """The rows of one category (``None``: all), in the same order.
+
+        Raises:
+            ValueError: not a category.
+        """
+        if category is None:
+            return self
+        keep = self._cats == _CODE[Category(category)]
+        return CompareRows(self._a, self._b, self._pos_a[keep], self._pos_b[keep], self._cats[keep])
+
+    def _make(self, which: range) -> list[CompareRow]:
+        pa = self._pos_a[which.start : which.stop : which.step].tolist()
+        pb = self._pos_b[which.start : which.stop : which.step].tolist()
+        cats = self._cats[which.start : which.stop : which.step].tolist()
+        ea = iter(self._a.load([p for p in pa if p >= 0]))
+        eb = iter(self._b.load([p for p in pb if p >= 0]))
+        out: list[CompareRow] = []
+        for p, q, c in zip(pa, pb, cats, strict=True):
+            entry_a = next(ea) if p >= 0 else None
+            entry_b = next(eb) if q >= 0 else None
+            key = self._a.keys[p] if p >= 0 else self._b.keys[q]
+            out.append(CompareRow(key, _CATEGORIES[c], entry_a, entry_b))
+        return out
 
 
 def _entry(error: bool, correct: bool) -> SampleEntry:
@@ -261,3 +429,11 @@ _TABLE: dict[tuple[bool, bool, bool, bool], Category] = {
     for cb in (False, True)
 }
 """The category of a matched pair by (A errored, B errored, A correct, B correct)."""
+
+_CATEGORIES: tuple[Category, ...] = tuple(Category)
+_CODE: dict[Category, int] = {c: i for i, c in enumerate(_CATEGORIES)}
+_PAIR_CODES: list[int] = [
+    _CODE[_TABLE[bool(k & 8), bool(k & 4), bool(k & 2), bool(k & 1)]] for k in range(16)
+]
+"""The category code of a matched pair by ``errored_a * 8 + errored_b * 4 + correct_a * 2 +
+correct_b``."""

@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
@@ -338,6 +338,44 @@ class SampleIndex:
             if len(rows) < batch:
                 return
             last = int(rows[-1][0])  # type: ignore[call-overload]
+
+    def columns(self) -> tuple[list[str], list[int], list[int], list[float], list[int]]:
+        """Every sample as columns, in file order: what a comparison needs, without one
+        object per sample.
+
+        Returns:
+            ``(example_ids, idxs, outcomes, rewards, lines)``; an outcome is
+            ``correct + 2 * errored`` (0 to 3).
+        """
+        rows = self._query(
+            "SELECT example_id, idx, correct + 2 * err, reward, line FROM samples "
+            "WHERE file = ? AND start < ? ORDER BY line",
+            (self._fid, self.indexed_bytes),
+        )
+        if not rows:
+            return [], [], [], [], []
+        example_ids, idxs, outcomes, rewards, lines = zip(*rows, strict=True)
+        return (
+            list(example_ids),
+            list(idxs),
+            list(outcomes),
+            list(rewards),
+            list(lines),
+        )
+
+    def find_many(self, lines: Sequence[int]) -> dict[int, SampleEntry]:
+        """The samples at these 0-based lines, by line (lines that are no sample are absent)."""
+        out: dict[int, SampleEntry] = {}
+        wanted = sorted(set(lines))
+        for lo in range(0, len(wanted), 500):
+            part = wanted[lo : lo + 500]
+            sql = (
+                f"SELECT {_COLUMNS} FROM samples WHERE file = ? AND start < ? "
+                f"AND line IN ({', '.join('?' * len(part))})"
+            )
+            for e in _entries(self._query(sql, (self._fid, self.indexed_bytes, *part))):
+                out[e.line] = e
+        return out
 
     def find(self, line: int) -> SampleEntry | None:
         """The sample at 0-based ``line``, or ``None`` (no such line, or not a sample)."""

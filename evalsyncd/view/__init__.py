@@ -3,6 +3,7 @@
 The package, one job per module::
 
     source.py         ViewSource: the runs listing (cached, shared), one run, host storages
+    pages.py          what every page shares: app keys, rendering, parameters, PageError
     app.py            the aiohttp application: runs, score by checkpoint, run pages; security
     samples_pages.py  samples, one sample, compare (over evalsyncd.samples: index, search, compare)
     templates/        Jinja2 templates (autoescaped)
@@ -74,6 +75,10 @@ async def serve(
         await site.start()
         bound = int(runner.addresses[0][1]) if runner.addresses else port
         shown = f"[{host}]" if ":" in host else host
+        # Start the first runs listing now: a browser opened on the printed address
+        # finds it read, or joins it (the first screen shows the first hosts at once).
+        prefetch = asyncio.ensure_future(source.runs())
+        prefetch.add_done_callback(lambda t: t.cancelled() or t.exception())
         if on_ready is not None:
             on_ready(f"http://{shown}:{bound}/")
         await stop.wait()

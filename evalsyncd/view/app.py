@@ -42,25 +42,39 @@ Security (a local app that reads private results):
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections.abc import Awaitable, Callable, Mapping
 from importlib import resources
 from typing import Any
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import urlsplit
 
-import jinja2
 from aiohttp import web
 from markupsafe import Markup, escape
 
 from evalsyncd.errors import SampleError, SampleNotFoundError, StorageError
 from evalsyncd.fleet import FleetRun
 from evalsyncd.report import checkpoint_sort_key, score_figures
+from evalsyncd.view import samples_pages
+from evalsyncd.view.pages import (
+    ENV,
+    REFRESH_MS,
+    SOURCE,
+    PageError,
+    environment,
+    fragment,
+    html,
+    int_param,
+    json_response,
+    page_url,
+    param,
+    wants_json,
+)
 from evalsyncd.view.source import RunsSnapshot, ViewSource, metadata_row, run_status, score_of
 
 __all__ = [
     "CONTENT_SECURITY_POLICY",
+    "FIRST_SCREEN_WAIT_S",
     "RUNS_PAGE_SIZE",
     "SOURCE",
     "PageError",
@@ -79,82 +93,22 @@ CONTENT_SECURITY_POLICY = (
 RUNS_PAGE_SIZE = 200
 """Rows of the runs table per page."""
 
-SOURCE = web.AppKey("source", ViewSource)
-"""The application key holding the :class:`ViewSource`."""
-_ENV = web.AppKey("jinja", jinja2.Environment)
+FIRST_SCREEN_WAIT_S = 0.25
+"""How long the runs page waits for the first listing of a fleet before it shows the
+hosts listed so far (the rest follow through the live fragment), seconds."""
+
 _ALLOWED = web.AppKey("allowed_names", frozenset)
-_REFRESH_MS = web.AppKey("refresh_ms", int)
 _ROWS = web.AppKey("rows_cache", dict)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-class PageError(Exception):
-    """A request that cannot be answered, with its HTTP status and one-line message."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-
-
-def page_url(path: str, **params: object) -> str:
-    """``path?k=v&...`` with every value quoted; ``None`` and ``""`` values are left out."""
-    query = {k: str(v) for k, v in params.items() if v is not None and v != ""}
-    return f"{path}?{urlencode(query)}" if query else path
-
-
 # -- rendering --------------------------------------------------------------------------
-
-
-def _environment() -> jinja2.Environment:
-    env = jinja2.Environment(
-        loader=jinja2.PackageLoader("evalsyncd.view", "templates"),
-        autoescape=True,
-        undefined=jinja2.StrictUndefined,
-        trim_blocks=True,
-        lstrip_blocks=True,
-    )
-    env.globals["url"] = page_url
-    env.filters["score"] = _fmt_score
-    env.filters["tojson_pretty"] = lambda v: json.dumps(v, indent=2, default=str, sort_keys=True)
-    return env
 
 
 def _fmt_score(value: object) -> str:
     s = score_of(value)
     return "-" if s is None else f"{s:.3f}"
-
-
-def _html(request: web.Request, template: str, status: int = 200, **context: Any) -> web.Response:
-    env = request.app[_ENV]
-    source = request.app[SOURCE]
-    text = env.get_template(template).render(
-        source_url=source.url(),
-        refresh_ms=request.app[_REFRESH_MS],
-        request_path=request.path,
-        **context,
-    )
-    # Strings from a bucket may hold lone surrogates (JSON "\udc80"): never fail on them.
-    return web.Response(
-        body=text.encode("utf-8", "replace"),
-        status=status,
-        content_type="text/html",
-        charset="utf-8",
-    )
-
-
-def _json(data: Any, status: int = 200) -> web.Response:
-    text = json.dumps(data, default=str, allow_nan=False, ensure_ascii=True)
-    return web.Response(text=text, status=status, content_type="application/json")
-
-
-def _wants_json(request: web.Request) -> bool:
-    return request.query.get("format") == "json"
-
-
-def _fragment(request: web.Request) -> bool:
-    return request.query.get("fragment") == "1"
 
 
 # -- security ---------------------------------------------------------------------------
@@ -221,12 +175,12 @@ def _refuse(request: web.Request, message: str) -> web.Response:
 
 
 def _error(request: web.Request, status: int, message: str) -> web.Response:
-    if _wants_json(request):
-        return _json({"error": message, "status": status}, status)
-    if _fragment(request):
+    if wants_json(request):
+        return json_response({"error": message, "status": status}, status)
+    if fragment(request):
         body = f'<p class="problem" data-error="{status}">{_escape(message)}</p>'
         return web.Response(text=body, status=status, content_type="text/html")
-    return _html(request, "error.html", status=status, code=status, message=message)
+    return html(request, "error.html", status=status, code=status, message=message)
 
 
 def _escape(text: str) -> str:
@@ -241,31 +195,6 @@ async def _security_headers(request: web.Request, response: web.StreamResponse) 
     response.headers["Cross-Origin-Resource-Policy"] = "same-origin"
     if not request.path.startswith("/static/"):
         response.headers["Cache-Control"] = "no-store"
-
-
-# -- parameters -------------------------------------------------------------------------
-
-
-def _param(request: web.Request, name: str, *, required: bool = True) -> str:
-    value = request.query.get(name)
-    if value is None or (required and value == ""):
-        if required:
-            raise PageError(400, f"missing parameter {name!r}")
-        return ""
-    return value
-
-
-def _int_param(request: web.Request, name: str, default: int, lo: int, hi: int) -> int:
-    raw = request.query.get(name, "")
-    if raw == "":
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise PageError(400, f"parameter {name!r} must be an integer, not {raw!r}") from None
-    if not lo <= value <= hi:
-        raise PageError(400, f"parameter {name!r} must be between {lo} and {hi}, not {value}")
-    return value
 
 
 # -- runs -------------------------------------------------------------------------------
@@ -286,8 +215,12 @@ def _row(run: FleetRun) -> dict[str, Any]:
         "benchmarks": sorted({str(b) for b in benchmarks_raw} | set(scores)),
         "scores": {b: s for b, s in scores.items() if s is not None},
         "status": run_status(m),
-        "href": page_url("/run", host=run.host, run=str(m.run_id)),
     }
+
+
+def _href(row: dict[str, Any]) -> str:
+    """The run page's URL of a row (made for the rows shown, not for every run)."""
+    return page_url("/run", host=row["host"], run=row["run_id"])
 
 
 def _rows(request: web.Request, snap: RunsSnapshot) -> list[dict[str, Any]]:
@@ -360,8 +293,10 @@ def _filtered_runs(request: web.Request, snap: RunsSnapshot) -> dict[str, Any]:
         rows = [r for r in rows if r["status"] == status]
     rows = sorted(rows, key=_sort_key(sort), reverse=descending)
     pages = max(1, math.ceil(len(rows) / RUNS_PAGE_SIZE))
-    page = _int_param(request, "page", 1, 1, 1_000_000)
-    shown = rows[(page - 1) * RUNS_PAGE_SIZE : page * RUNS_PAGE_SIZE]
+    page = int_param(request, "page", 1, 1, 1_000_000)
+    shown = [
+        {**r, "href": _href(r)} for r in rows[(page - 1) * RUNS_PAGE_SIZE : page * RUNS_PAGE_SIZE]
+    ]
     benchmarks = (
         [benchmark] if benchmark else sorted({b for r in all_rows for b in r["benchmarks"]})
     )
@@ -392,6 +327,8 @@ def _filtered_runs(request: web.Request, snap: RunsSnapshot) -> dict[str, Any]:
 
 def _snapshot_info(snap: RunsSnapshot) -> dict[str, Any]:
     return {
+        "complete": snap.complete,
+        "hosts_listed": snap.hosts_listed,
         "error": snap.error,
         "problems": [p.message for p in snap.problems],
         "hosts": snap.hosts,
@@ -401,10 +338,15 @@ def _snapshot_info(snap: RunsSnapshot) -> dict[str, Any]:
 
 
 async def _runs_page(request: web.Request) -> web.StreamResponse:
-    snap = await request.app[SOURCE].runs()
+    # The page itself may show the first hosts of a fleet's first listing at once; its
+    # live fragment and its JSON twin wait for the whole listing.
+    first_screen = not fragment(request) and not wants_json(request)
+    snap = await request.app[SOURCE].runs(
+        partial_after_s=FIRST_SCREEN_WAIT_S if first_screen else None
+    )
     view = _filtered_runs(request, snap)
-    if _wants_json(request):
-        return _json(
+    if wants_json(request):
+        return json_response(
             {
                 **_snapshot_info(snap),
                 "total": view["total"],
@@ -414,8 +356,8 @@ async def _runs_page(request: web.Request) -> web.StreamResponse:
                 "runs": [{k: v for k, v in r.items() if k != "href"} for r in view["rows"]],
             }
         )
-    template = "runs_live.html" if _fragment(request) else "runs.html"
-    return _html(request, template, snap=snap, info=_snapshot_info(snap), **view)
+    template = "runs_live.html" if fragment(request) else "runs.html"
+    return html(request, template, snap=snap, info=_snapshot_info(snap), **view)
 
 
 # -- score by checkpoint ----------------------------------------------------------------
@@ -431,7 +373,7 @@ async def _checkpoints_page(request: web.Request) -> web.StreamResponse:
 
     def href(model: str, checkpoint: str | None) -> str | None:
         r = newest.get((model, checkpoint))
-        return None if r is None else str(r["href"])
+        return None if r is None else _href(r)
 
     series: dict[str, dict[str, list[dict[str, Any]]]] = {}
     for r in rows:
@@ -449,10 +391,10 @@ async def _checkpoints_page(request: web.Request) -> web.StreamResponse:
             points.sort(key=lambda p: (checkpoint_sort_key(p["checkpoint"]), p["run_id"]))
     if only:
         series = {b: v for b, v in series.items() if b == only}
-    if _wants_json(request):
-        return _json({**_snapshot_info(snap), "benchmarks": series})
+    if wants_json(request):
+        return json_response({**_snapshot_info(snap), "benchmarks": series})
     figures = [(b, fig) for b, fig in score_figures(rows, href=href) if not only or b == only]
-    return _html(
+    return html(
         request,
         "checkpoints.html",
         info=_snapshot_info(snap),
@@ -467,13 +409,13 @@ async def _checkpoints_page(request: web.Request) -> web.StreamResponse:
 
 async def _run_page(request: web.Request) -> web.StreamResponse:
     source = request.app[SOURCE]
-    host = _param(request, "host", required=False)
-    run_id = _param(request, "run")
+    host = param(request, "host", required=False)
+    run_id = param(request, "run")
     details = await source.run(host, run_id)
     row = _row(details.run)
     results = {b: (None if res is None else res.to_dict()) for b, res in details.results.items()}
-    if _wants_json(request):
-        return _json(
+    if wants_json(request):
+        return json_response(
             {
                 "run": {**metadata_row(details.run), "status": row["status"]},
                 "url": details.run.url,
@@ -491,8 +433,8 @@ async def _run_page(request: web.Request) -> web.StreamResponse:
             if b in r["benchmarks"] and (r["host"], r["run_id"]) != (host, run_id)
         ]
     config = details.run.metadata.config
-    template = "run_live.html" if _fragment(request) else "run.html"
-    return _html(
+    template = "run_live.html" if fragment(request) else "run.html"
+    return html(
         request,
         template,
         run=row,
@@ -530,9 +472,9 @@ def create_app(
     """
     app = web.Application(middlewares=[_guard])
     app[SOURCE] = source
-    app[_ENV] = _environment()
+    app[ENV] = environment({"score": _fmt_score})
     app[_ALLOWED] = _allowed_names(bind_host, allow_hosts)
-    app[_REFRESH_MS] = max(250, int(source.refresh_s * 1000))
+    app[REFRESH_MS] = max(250, int(source.refresh_s * 1000))
     app[_ROWS] = {}
     app.on_response_prepare.append(_security_headers)
     static = resources.files("evalsyncd.view") / "static"
@@ -540,8 +482,6 @@ def create_app(
     app.router.add_get("/favicon.ico", _no_content)
     app.router.add_get("/checkpoints", _checkpoints_page)
     app.router.add_get("/run", _run_page)
-    from evalsyncd.view import samples_pages
-
     samples_pages.add_routes(app)
     app.router.add_static("/static/", str(static), follow_symlinks=False)
     return app

@@ -33,11 +33,20 @@ from evalsyncd.samples import (
     SampleFilter,
     SampleIndex,
     SampleReader,
-    compare,
+    compare_indexes,
 )
 from evalsyncd.store import StoredTrajectory
-from evalsyncd.view import app as view_app
-from evalsyncd.view.app import SOURCE, PageError, page_url
+from evalsyncd.view.pages import (
+    SOURCE,
+    PageError,
+    fragment,
+    html,
+    int_param,
+    json_response,
+    page_url,
+    param,
+    wants_json,
+)
 
 __all__ = [
     "COMPARE_PAGE_SIZE",
@@ -108,9 +117,9 @@ def _num(value: object) -> float | None:
 
 
 def _run_params(request: web.Request) -> tuple[str, str, str]:
-    host = view_app._param(request, "host", required=False)
-    run_id = view_app._param(request, "run")
-    benchmark = view_app._param(request, "benchmark")
+    host = param(request, "host", required=False)
+    run_id = param(request, "run")
+    benchmark = param(request, "benchmark")
     request.app[SOURCE].check_host(host)
     return host, run_id, benchmark
 
@@ -121,11 +130,11 @@ def _run_params(request: web.Request) -> tuple[str, str, str]:
 async def _samples_page(request: web.Request) -> web.StreamResponse:
     host, run_id, benchmark = _run_params(request)
     which = _filter(request)
-    size = view_app._int_param(request, "size", DEFAULT_PAGE_SIZE, 1, MAX_PAGE_SIZE)
-    number = view_app._int_param(request, "page", 1, 1, 10**9)
+    size = int_param(request, "size", DEFAULT_PAGE_SIZE, 1, MAX_PAGE_SIZE)
+    number = int_param(request, "page", 1, 1, 10**9)
     pattern = request.query.get("q", "")
     regex = request.query.get("regex", "") == "1"
-    offset = view_app._int_param(request, "offset", 0, 0, 2**62)
+    offset = int_param(request, "offset", 0, 0, 2**62)
     reader = _reader(request, host)
     index: SampleIndex = await reader.aindex(run_id, benchmark)
     try:
@@ -160,8 +169,8 @@ async def _samples_page(request: web.Request) -> web.StreamResponse:
     rows = [_entry(e) for e in entries]
     for r in rows:
         r["href"] = page_url("/sample", host=host, run=run_id, benchmark=benchmark, line=r["line"])
-    if view_app._wants_json(request):
-        return view_app._json(
+    if wants_json(request):
+        return json_response(
             {
                 "host": host,
                 "run_id": run_id,
@@ -181,8 +190,8 @@ async def _samples_page(request: web.Request) -> web.StreamResponse:
                 "samples": [{k: v for k, v in r.items() if k != "href"} for r in rows],
             }
         )
-    template = "samples_live.html" if view_app._fragment(request) else "samples.html"
-    return view_app._html(
+    template = "samples_live.html" if fragment(request) else "samples.html"
+    return html(
         request,
         template,
         host=host,
@@ -275,13 +284,13 @@ def _sample_view(t: StoredTrajectory, key: str, text_url: dict[str, Any]) -> dic
 
 async def _sample_page(request: web.Request) -> web.StreamResponse:
     host, run_id, benchmark = _run_params(request)
-    line = view_app._int_param(request, "line", -1, 0, 2**62)
+    line = int_param(request, "line", -1, 0, 2**62)
     if line < 0:
         raise PageError(400, "missing parameter 'line'")
     t = await _read_sample(request, host, run_id, benchmark, line)
     text_url = {"host": host, "run": run_id, "benchmark": benchmark, "line": line}
     view = _sample_view(t, "s", text_url)
-    if view_app._wants_json(request):
+    if wants_json(request):
         data = t.to_dict()
         if request.query.get("full") != "1":
             for turn in data["turns"]:
@@ -289,8 +298,8 @@ async def _sample_page(request: web.Request) -> web.StreamResponse:
                     turn["content_length"] = len(turn["content"])
                     turn["content"] = turn["content"][:TEXT_LIMIT]
                     turn["truncated"] = True
-        return view_app._json({"host": host, "run_id": run_id, "line": line, "sample": data})
-    return view_app._html(
+        return json_response({"host": host, "run_id": run_id, "line": line, "sample": data})
+    return html(
         request,
         "sample.html",
         host=host,
@@ -305,9 +314,9 @@ async def _sample_page(request: web.Request) -> web.StreamResponse:
 async def _sample_text(request: web.Request) -> web.StreamResponse:
     """JSON ``{"text": ..., "next": offset or null}``: more of one long text of a sample."""
     host, run_id, benchmark = _run_params(request)
-    line = view_app._int_param(request, "line", -1, 0, 2**62)
-    offset = view_app._int_param(request, "offset", 0, 0, 2**62)
-    name = view_app._param(request, "field")
+    line = int_param(request, "line", -1, 0, 2**62)
+    offset = int_param(request, "offset", 0, 0, 2**62)
+    name = param(request, "field")
     if line < 0:
         raise PageError(400, "missing parameter 'line'")
     if (name.startswith("turn:") and name[5:].isdigit()) or name == "error":
@@ -319,7 +328,7 @@ async def _sample_text(request: web.Request) -> web.StreamResponse:
         text = _texts(t)[name][offset : offset + TEXT_CHUNK]
     else:
         raise PageError(400, f"unknown field {name!r} (turn:N, error, logs or metrics)")
-    return view_app._json(
+    return json_response(
         {"text": text, "next": offset + len(text) if len(text) == TEXT_CHUNK else None}
     )
 
@@ -329,7 +338,7 @@ async def _sample_text(request: web.Request) -> web.StreamResponse:
 
 def _side(request: web.Request, which: str) -> tuple[str, str]:
     """``(host, run_id)`` of side ``a`` or ``b``: ``{which}_host`` + ``{which}``, or ``{which}=HOST/RUN``."""
-    raw = view_app._param(request, which)
+    raw = param(request, which)
     host = request.query.get(f"{which}_host")
     if host is None and "/" in raw:
         host, raw = raw.split("/", 1)
@@ -358,11 +367,7 @@ async def _comparison(
         cache: OrderedDict[Any, Comparison] = request.app[_COMPARISONS]
         found = cache.get(key)
         if found is None:
-
-            def work() -> Comparison:
-                return compare(list(idx_a.entries()), list(idx_b.entries()), seed=0)
-
-            found = await asyncio.to_thread(work)
+            found = await asyncio.to_thread(compare_indexes, idx_a, idx_b, seed=0)
             cache[key] = found
             while len(cache) > _COMPARISONS_KEPT:
                 cache.popitem(last=False)
@@ -377,15 +382,15 @@ def _category(value: object) -> str:
 
 
 async def _compare_page(request: web.Request) -> web.StreamResponse:
-    benchmark = view_app._param(request, "benchmark")
+    benchmark = param(request, "benchmark")
     a, b = _side(request, "a"), _side(request, "b")
     only = request.query.get("category", "")
     categories = [c.value for c in Category]
     if only and only not in categories:
         raise PageError(400, f"unknown category {only!r} (one of {', '.join(categories)})")
-    number = view_app._int_param(request, "page", 1, 1, 10**9)
+    number = int_param(request, "page", 1, 1, 10**9)
     result, sizes = await _comparison(request, benchmark, a, b)
-    rows = [r for r in result.rows if not only or _category(r.category) == only]
+    rows = result.rows.select(only or None)
     pages = max(1, math.ceil(len(rows) / COMPARE_PAGE_SIZE))
     shown = rows[(number - 1) * COMPARE_PAGE_SIZE : number * COMPARE_PAGE_SIZE]
     counts = {_category(k): int(v) for k, v in dict(result.counts).items()}
@@ -417,8 +422,8 @@ async def _compare_page(request: web.Request) -> web.StreamResponse:
         "reward_diff_ci": None if ci is None else [_num(ci[0]), _num(ci[1])],
         "samples": sizes,
     }
-    if view_app._wants_json(request):
-        return view_app._json(
+    if wants_json(request):
+        return json_response(
             {
                 **base,
                 **stats,
@@ -428,7 +433,7 @@ async def _compare_page(request: web.Request) -> web.StreamResponse:
                 "rows": [{k: v for k, v in r.items() if k != "href"} for r in table],
             }
         )
-    return view_app._html(
+    return html(
         request,
         "compare.html",
         base=base,
@@ -443,14 +448,12 @@ async def _compare_page(request: web.Request) -> web.StreamResponse:
 
 
 async def _pair_page(request: web.Request) -> web.StreamResponse:
-    benchmark = view_app._param(request, "benchmark")
+    benchmark = param(request, "benchmark")
     a, b = _side(request, "a"), _side(request, "b")
     lines = {}
     for side in ("a", "b"):
         raw = request.query.get(f"{side}_line", "")
-        lines[side] = (
-            None if raw == "" else view_app._int_param(request, f"{side}_line", 0, 0, 2**62)
-        )
+        lines[side] = None if raw == "" else int_param(request, f"{side}_line", 0, 0, 2**62)
     if lines["a"] is None and lines["b"] is None:
         raise PageError(400, "missing parameter 'a_line' or 'b_line'")
 
@@ -481,8 +484,8 @@ async def _pair_page(request: web.Request) -> web.StreamResponse:
             n=3,
         )
     )
-    if view_app._wants_json(request):
-        return view_app._json(
+    if wants_json(request):
+        return json_response(
             {
                 "benchmark": benchmark,
                 "a": None if sa is None else {k: v for k, v in sa.items() if k != "href"},
@@ -504,7 +507,7 @@ async def _pair_page(request: web.Request) -> web.StreamResponse:
         }
         for d in diff[:5000]
     ]
-    return view_app._html(
+    return html(
         request,
         "pair.html",
         benchmark=benchmark,

@@ -9,6 +9,8 @@ or a fleet prefix) and answers the pages' reads:
   run catalog: at most 3 requests per host, no per-run request when the daemon
   keeps a catalog). The answer is kept for ``refresh_s`` seconds and shared by
   every page and client; concurrent requests wait for the one listing in flight.
+  The first listing of a fleet can be shown before it ends: the hosts listed so
+  far, as a partial snapshot (``partial_after_s``), while it goes on.
 - :meth:`ViewSource.run`: one run's metadata and per-benchmark results
   (``result.json``), read on demand.
 - :meth:`ViewSource.host_storage`: the storage rooted at one host's store, for
@@ -22,14 +24,16 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from evalsyncd.errors import StorageError
 from evalsyncd.fleet import Fleet, FleetRun, HostProblem
 from evalsyncd.storage import LocalStorage, Storage, SupportsChild, storage_join
 from evalsyncd.store import BenchmarkResult, RunMetadata
+from evalsyncd.store.layout import recency_key
 
 __all__ = [
     "DEFAULT_REFRESH_S",
@@ -43,6 +47,8 @@ __all__ = [
 
 DEFAULT_REFRESH_S = 1.0
 """Default age, in seconds, after which the runs listing is read again."""
+
+T = TypeVar("T")
 
 
 def run_status(metadata: RunMetadata) -> str:
@@ -70,6 +76,10 @@ class RunsSnapshot:
             the previous snapshot's, possibly empty).
         read_at: when the listing finished (``time.time()``, seconds).
         took_s: how long the listing took, seconds.
+        complete: every host was listed; ``False`` for a first screen shown while the
+            first listing goes on (``runs`` and ``problems`` are then those of the
+            ``hosts_listed`` hosts listed so far).
+        hosts_listed: hosts whose listing is in ``runs`` (all of them when complete).
     """
 
     runs: list[FleetRun]
@@ -78,6 +88,8 @@ class RunsSnapshot:
     error: str | None
     read_at: float
     took_s: float
+    complete: bool = True
+    hosts_listed: int | None = None
 
     def benchmarks(self) -> list[str]:
         """Every benchmark named by a run (created for, or scored), sorted."""
@@ -133,15 +145,23 @@ class ViewSource:
         self.prefix = prefix.strip("/")
         self.refresh_s = refresh_s
         self.cache_dir = cache_dir
-        self.fleet = Fleet(storage, self.prefix)
+        self._hosts_seen: set[str] = set()
+        self.fleet = _ReportingFleet(storage, self.prefix, self._on_host, self._hosts_seen)
         self._snapshot: RunsSnapshot | None = None
-        self._lock: asyncio.Lock | None = None
+        self._listing: asyncio.Future[RunsSnapshot] | None = None
+        self._progress: dict[str, tuple[list[FleetRun], list[HostProblem]]] = {}
+        self._progressed = asyncio.Event()
+        self._started = time.monotonic()
         self._hosts: dict[str, Storage] = {}
         self.listings = 0
         """How many times the runs listing was read (for tests and benchmarks)."""
 
     async def aclose(self) -> None:
-        """Close the storage's clients of the running event loop (children share them)."""
+        """Stop a listing in flight; close the storage's clients of the running event loop
+        (children share them)."""
+        if self._listing is not None and not self._listing.done():
+            self._listing.cancel()
+            await asyncio.gather(self._listing, return_exceptions=True)
         closer = getattr(self.storage, "aclose", None)
         if closer is not None:
             await closer()
@@ -150,33 +170,94 @@ class ViewSource:
         """The URL the view reads (``file://``, ``s3://`` or ``gs://``)."""
         return self.fleet.url()
 
-    async def runs(self, *, max_age_s: float | None = None) -> RunsSnapshot:
-        """The runs listing, read again when older than ``max_age_s`` (default ``refresh_s``).
+    async def runs(
+        self, *, max_age_s: float | None = None, partial_after_s: float | None = None
+    ) -> RunsSnapshot:
+        """The runs listing, read again when older than ``max_age_s``.
+
+        The default age is ``refresh_s``, or the time the last listing took if that
+        is longer: open pages never keep the view listing more than half the time.
+
+        One listing at a time, shared by every caller; a caller that goes away
+        (a closed browser tab) does not stop it.
+
+        Args:
+            max_age_s: the oldest snapshot to answer with, seconds (as given).
+            partial_after_s: before the first listing ended, wait this long for
+                it, then answer with the hosts listed so far (at least one host
+                with runs, or the end of the listing) as a partial snapshot
+                (:attr:`RunsSnapshot.complete` false). ``None``: wait for the end.
 
         Never raises for a storage failure: a failed listing keeps the previous
         runs and sets :attr:`RunsSnapshot.error`.
         """
-        max_age = self.refresh_s if max_age_s is None else max_age_s
-        if self._lock is None:
-            self._lock = asyncio.Lock()
         snap = self._snapshot
+        max_age = self.refresh_s if max_age_s is None else max_age_s
+        if max_age_s is None and snap is not None:
+            max_age = max(max_age, snap.took_s)  # a slow listing: at most half the time
         if snap is not None and time.time() - snap.read_at < max_age:
             return snap
-        async with self._lock:
-            snap = self._snapshot
-            if snap is not None and time.time() - snap.read_at < max_age:
-                return snap  # another request refreshed it meanwhile
-            self._snapshot = await self._list()
-            return self._snapshot
+        task = self._listing
+        if task is None or task.done():
+            task = self._listing = asyncio.ensure_future(self._list())
+            # a caller answered with a partial snapshot may be gone when it fails
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        if partial_after_s is None or self._snapshot is not None:
+            return await asyncio.shield(task)
+        await asyncio.wait({task}, timeout=partial_after_s)
+        while not task.done() and not any(runs for runs, _ in self._progress.values()):
+            self._progressed.clear()
+            waiter: asyncio.Future[Any] = asyncio.ensure_future(self._progressed.wait())
+            both: list[asyncio.Future[Any]] = [task, waiter]
+            await asyncio.wait(both, return_when=asyncio.FIRST_COMPLETED)
+            waiter.cancel()
+        if task.done():
+            return task.result()
+        return self._partial()
+
+    def _partial(self) -> RunsSnapshot:
+        """The hosts listed so far by the listing in flight, as a partial snapshot."""
+        runs: list[FleetRun] = []
+        problems: list[HostProblem] = []
+        for host in sorted(self._progress):
+            host_runs, host_problems = self._progress[host]
+            runs += host_runs
+            problems += host_problems
+        runs.sort(key=lambda r: (recency_key(r.metadata), r.host), reverse=True)
+        return RunsSnapshot(
+            runs=runs,
+            hosts=sorted(self._hosts_seen),
+            problems=problems,
+            error=None,
+            read_at=time.time(),
+            took_s=time.monotonic() - self._started,
+            complete=False,
+            hosts_listed=len(self._progress),
+        )
+
+    def _on_host(self, host: str, result: object) -> None:
+        """One host's part of the listing in flight is in (the fleet's per-host hook)."""
+        if (
+            isinstance(result, tuple)
+            and len(result) == 2
+            and isinstance(result[0], list)
+            and isinstance(result[1], list)
+        ):
+            self._progress[host] = (result[0], result[1])
+            self._progressed.set()
 
     async def _list(self) -> RunsSnapshot:
-        start = time.monotonic()
+        self._started = start = time.monotonic()
+        self._progress.clear()
+        self._hosts_seen.clear()
         self.listings += 1
+        self.fleet.listening = True
+        self.fleet.first_host_first = self._snapshot is None
         try:
             listing = await self.fleet.alist_runs()
         except (StorageError, OSError, ValueError) as exc:
             prev = self._snapshot
-            return RunsSnapshot(
+            snap = RunsSnapshot(
                 runs=prev.runs if prev else [],
                 hosts=prev.hosts if prev else [],
                 problems=prev.problems if prev else [],
@@ -184,14 +265,20 @@ class ViewSource:
                 read_at=time.time(),
                 took_s=time.monotonic() - start,
             )
-        return RunsSnapshot(
-            runs=listing.runs,
-            hosts=listing.hosts,
-            problems=listing.problems,
-            error=None,
-            read_at=time.time(),
-            took_s=time.monotonic() - start,
-        )
+        else:
+            snap = RunsSnapshot(
+                runs=listing.runs,
+                hosts=listing.hosts,
+                problems=listing.problems,
+                error=None,
+                read_at=time.time(),
+                took_s=time.monotonic() - start,
+                hosts_listed=len(listing.hosts),
+            )
+        finally:
+            self.fleet.listening = False
+        self._snapshot = snap
+        return snap
 
     async def run(self, host: str, run_id: str) -> RunDetails:
         """One run's metadata and results.
@@ -255,6 +342,48 @@ class ViewSource:
             raise ValueError(f"{self.storage!r} cannot open a store below its root")
         self._hosts[host] = storage
         return storage
+
+
+class _ReportingFleet(Fleet):
+    """A :class:`Fleet` that reports each host's part of a runs listing as it arrives.
+
+    Same reads, same answers: only :meth:`Fleet._per_host` (which runs a listing's
+    per-host reads) is wrapped, so that :class:`ViewSource` can show the first hosts'
+    runs while the others are still being read. With :attr:`first_host_first` (the
+    first listing of a fresh view), the first host is read alone before the others:
+    its runs are ready after its own few requests and their parsing, not after
+    everyone's.
+    """
+
+    def __init__(
+        self,
+        storage: Storage,
+        prefix: str,
+        on_host: Callable[[str, object], None],
+        hosts_seen: set[str],
+    ) -> None:
+        super().__init__(storage, prefix)
+        self._on_host = on_host
+        self._hosts_seen = hosts_seen
+        self.listening = False
+        self.first_host_first = False
+
+    async def _per_host(self, hosts: list[str], fn: Callable[[str], Awaitable[T]]) -> list[T]:
+        if not self.listening:
+            return await super()._per_host(hosts, fn)
+        self._hosts_seen.update(hosts)
+
+        async def reported(host: str) -> T:
+            result = await fn(host)
+            self._on_host(host, result)
+            return result
+
+        if not self.first_host_first or len(hosts) < 2:
+            return await super()._per_host(hosts, reported)
+        # A first screen: one host alone (its reads are not queued behind every other
+        # host's), then the others, concurrently.
+        first = await reported(hosts[0])
+        return [first, *await super()._per_host(hosts[1:], reported)]
 
 
 def metadata_row(run: FleetRun) -> dict[str, Any]:

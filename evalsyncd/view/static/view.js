@@ -2,7 +2,8 @@
 // 1. Live regions: an element with data-live="URL" is refreshed from URL (a
 //    server-rendered, escaped HTML fragment) every data-period-ms of the element
 //    (default: data-refresh-ms of <body>), while the tab is visible and nothing
-//    inside it has the focus.
+//    inside it has the focus. An element inside it with data-poll-ms asks for the
+//    next round sooner (the runs list of a fleet still being read).
 // 2. "Load more": a button with data-more="URL" fetches the next piece of a
 //    long text as JSON {text, next} and appends it as text (never as HTML).
 "use strict";
@@ -26,7 +27,9 @@
   }
 
   function every(el) {
-    return Number(el.dataset.periodMs) || period;
+    // a fragment may ask for its next round sooner (a list still being read)
+    const hint = el.querySelector("[data-poll-ms]");
+    return (hint && Number(hint.dataset.pollMs)) || Number(el.dataset.periodMs) || period;
   }
 
   function loop(el) {
