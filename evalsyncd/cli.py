@@ -630,6 +630,7 @@ def _runs(args: argparse.Namespace) -> int:
             details = run_details(store, args.run_id, trajectories=args.trajectories)
             details = {"host": host, **details}
             print(json.dumps(details, indent=2) if args.json else format_run(details))
+            damaged = _damaged_on_read(store, damaged)
             if damaged and not args.allow_skipped:
                 return EX_FAILURE
     except ConfigError as exc:
@@ -735,6 +736,26 @@ def _find_one(storage: Storage, prefix: str, run_id: str, uri: str) -> tuple[Any
     return fleet, host, any(p.kind == "damaged" and p.host == host for p in all_problems)
 
 
+def _damaged_on_read(store: EvalStore, reported: bool) -> bool:
+    """Whether ``store``'s host is damaged: ``reported`` when listing it, or a damaged
+    object its reads found since (a main object changed under pending tail pieces,
+    read as its plain object), then named in a warning."""
+    from evalsyncd.storage._bridge import run_sync
+    from evalsyncd.storage.tail import tail_damage
+
+    if reported:
+        return True
+    exc = run_sync(tail_damage(store.storage))
+    if exc is None:
+        return False
+    print(
+        f"evalsyncd: warning: {store.url()}: read from the plain objects (they may lack the "
+        f"newest lines or hold bytes evalsyncd did not write): {exc}",
+        file=sys.stderr,
+    )
+    return True
+
+
 def _restore(args: argparse.Namespace) -> int:
     from evalsyncd.restore import RestoreConflictError, restore_run
 
@@ -744,7 +765,7 @@ def _restore(args: argparse.Namespace) -> int:
             if found is None:
                 return EX_FAILURE
             result = restore_run(found[1], args.run_id, args.root)
-            damaged = found[2]
+            damaged = _damaged_on_read(found[1], found[2])
     except ConfigError as exc:
         return _config_error(exc)
     except RestoreConflictError as exc:
