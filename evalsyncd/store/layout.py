@@ -71,6 +71,7 @@ __all__ = [
     "MAX_JSON_BYTES",
     "MAX_LINE_BYTES",
     "FilterOptions",
+    "JSONTooDeepError",
     "LineSplitter",
     "Skipped",
     "StoreLayout",
@@ -80,6 +81,7 @@ __all__ = [
     "check_name",
     "check_new_name",
     "json_problem",
+    "loads_bounded",
     "model_problem",
     "parse_json_object",
     "parse_model",
@@ -270,25 +272,49 @@ def parse_json_object(data: bytes | None, where: str) -> dict[str, Any] | None:
 _BAD = object()
 
 
+class JSONTooDeepError(ValueError):
+    """JSON nested deeper than the parser's recursion limit (a hostile or broken file)."""
+
+    def __init__(self) -> None:
+        super().__init__("JSON nested too deeply")
+
+
+def loads_bounded(data: str | bytes) -> Any:
+    """``json.loads(data)`` for bytes read from a bucket: JSON nested deeper than the
+    interpreter's recursion limit (``[[[[...`` of a hostile file) is a ``ValueError``
+    like any other malformed JSON, never a ``RecursionError``.
+
+    Every reader of JSON from a bucket parses through this one function.
+
+    Raises:
+        ValueError: not valid JSON (``UnicodeDecodeError`` for bytes that are not
+            UTF-8, :class:`JSONTooDeepError` for nesting too deep).
+    """
+    try:
+        return json.loads(data)
+    except RecursionError:
+        raise JSONTooDeepError() from None
+
+
 def _loads(data: bytes, where: str) -> Any:
     """``json.loads(data)``, or ``_BAD`` (with a warning) for invalid or too deeply nested JSON."""
     try:
-        return json.loads(data)
-    except (UnicodeDecodeError, ValueError) as exc:
-        logger.warning("ignoring %s: not valid JSON (%s)", where, exc)
-    except RecursionError:
+        return loads_bounded(data)
+    except JSONTooDeepError:
         logger.warning("ignoring %s: JSON nested too deeply", where)
+    except ValueError as exc:
+        logger.warning("ignoring %s: not valid JSON (%s)", where, exc)
     return _BAD
 
 
 def json_problem(data: bytes) -> str | None:
     """Why ``data`` is not a JSON object, or ``None`` when it is one (no logging)."""
     try:
-        obj = json.loads(data)
-    except (UnicodeDecodeError, ValueError) as exc:
+        obj = loads_bounded(data)
+    except JSONTooDeepError as exc:
+        return str(exc)
+    except ValueError as exc:
         return f"not valid JSON ({exc})"
-    except RecursionError:
-        return "JSON nested too deeply"
     return None if isinstance(obj, dict) else f"JSON is a {type(obj).__name__}, not an object"
 
 
@@ -503,12 +529,12 @@ class LineSplitter:
                 "%s line %d: invalid UTF-8, bad bytes replaced with U+FFFD", self.where, self.lineno
             )
         try:
-            obj = json.loads(text)
+            obj = loads_bounded(text)
+        except JSONTooDeepError:
+            logger.warning("%s line %d: skipping JSON nested too deeply", self.where, self.lineno)
+            return None
         except ValueError as exc:
             logger.warning("%s line %d: skipping malformed JSON (%s)", self.where, self.lineno, exc)
-            return None
-        except RecursionError:
-            logger.warning("%s line %d: skipping JSON nested too deeply", self.where, self.lineno)
             return None
         if not isinstance(obj, dict):
             logger.warning(
