@@ -9,6 +9,7 @@ restore refuses, reported by name with exit status 1 unless
 from __future__ import annotations
 
 import asyncio
+import json
 import tracemalloc
 import uuid
 from collections.abc import Iterator
@@ -224,3 +225,48 @@ def test_a_plain_object_changed_under_pending_tail_lines_is_read_plain_and_named
     assert (dest / rel).read_bytes() == plain
     again = run_cli("restore", "--allow-skipped", fleet_url, "r1", "--root", str(dest))
     assert again.returncode == 0, again.stderr
+
+
+def test_terminal_escapes_from_a_bucket_are_shown_not_obeyed(
+    tmp_path: Path, cloud_env: dict[str, str], s3_server: SeaweedS3Server, unique_prefix: str
+) -> None:
+    """A run id holding ESC sequences that would erase the warning lines above it is skipped
+    and named escaped (runs ls exits 1, 0 with --allow-skipped); a model name retitling the
+    terminal is printed escaped by runs ls and runs show; EvalStore refuses to create such
+    a run id. No ESC or BEL byte reaches stdout or stderr."""
+    evil_id = "x\x1b[2K\x1b[1A\x1b[2Kevil"
+    evil_model = "m\x1b]0;pwned\x07"
+    meta = (
+        b'{"run_id": "%s", "model_name": "%s", "checkpoint_path": null, "checkpoint_name": '
+        b'null, "benchmarks": ["gsm8k"], "timestamp": "2026-01-01T00:00:00"}'
+    )
+    client = s3_server.raw_client()
+    try:
+        for run_id, model in ((evil_id, "m"), ("good", evil_model)):
+            body = meta % (json_str(run_id), json_str(model))
+            key = f"{unique_prefix}/h1/runs/{run_id}/metadata.json"
+            client.put_object(Bucket=S3_BUCKET, Key=key, Body=body)
+    finally:
+        client.close()
+    url = f"s3://{S3_BUCKET}/{unique_prefix}"
+
+    ls = run_cli("runs", "ls", url)
+    assert ls.returncode == 1, ls.stderr
+    for out in (ls.stdout, ls.stderr):
+        assert "\x1b" not in out and "\x07" not in out
+    assert "good  m\\x1b]0;pwned\\x07" in ls.stdout
+    assert "x\\x1b[2K\\x1b[1A\\x1b[2Kevil" in ls.stderr and "skipped" in ls.stderr
+    assert run_cli("runs", "ls", "--allow-skipped", url).returncode == 0
+    show = run_cli("runs", "show", url, "good")
+    assert show.returncode == 0, show.stderr
+    assert "model: m\\x1b]0;pwned\\x07" in show.stdout and "\x1b" not in show.stdout
+
+    with pytest.raises(ValueError, match="control character"):
+        EvalStore(tmp_path / "local").create_run("m", ["gsm8k"], run_id=evil_id)
+    with pytest.raises(ValueError, match="control character"):
+        EvalStore(tmp_path / "local").create_run("m", ["gsm\x9bk"], run_id="r")
+
+
+def json_str(text: str) -> bytes:
+    """``text`` as the inside of a JSON string (escapes as json.dumps writes them)."""
+    return json.dumps(text)[1:-1].encode()

@@ -23,7 +23,7 @@ trailing newline; each JSONL line is ``json.dumps(record) + "\\n"`` (ASCII, sinc
 ``ensure_ascii`` is on).
 
 Names: run ids and benchmark names become path segments. An empty name, one
-containing ``/``, ``\\`` or NUL, and ``.``/``..`` are refused with
+containing ``/``, ``\\``, NUL or another control character, and ``.``/``..`` are refused with
 ``ValueError`` (:func:`check_name`) before any I/O; names found in listings
 that break these rules are skipped.
 
@@ -57,10 +57,11 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Protocol, Self, TypedDict, TypeVar
+from typing import Any, Final, Protocol, Self, TypedDict, TypeVar
 
 from evalsyncd.catalog import CATALOG_PATH
 from evalsyncd.errors import CorruptObjectError
@@ -141,7 +142,8 @@ def check_name(kind: str, name: object) -> str:
 
     Raises:
         ValueError: ``name`` is not a non-empty string, is ``.`` or ``..``, or
-            contains ``/``, ``\\`` or NUL.
+            contains ``/``, ``\\``, NUL or another control character (C0, DEL, C1:
+            a name printed to a terminal must not move its cursor or erase lines).
     """
     if not isinstance(name, str) or not name:
         raise ValueError(f"invalid {kind} {name!r}: must be a non-empty string")
@@ -150,7 +152,14 @@ def check_name(kind: str, name: object) -> str:
     for bad in ("/", "\\", "\x00"):
         if bad in name:
             raise ValueError(f"invalid {kind} {name!r}: contains {bad!r}")
+    control = _CONTROL.search(name)
+    if control is not None:
+        raise ValueError(f"invalid {kind} {name!r}: contains a control character {control[0]!r}")
     return name
+
+
+_CONTROL: Final = re.compile("[\x00-\x1f\x7f-\x9f]")
+"""C0 controls, DEL and C1 controls: refused in run ids and benchmark names."""
 
 
 def check_new_name(kind: str, name: object) -> str:
