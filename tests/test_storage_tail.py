@@ -289,6 +289,16 @@ def test_a_plain_object_changed_under_pending_pieces_is_read_plain_and_reported(
             damage = await tail_damage(cloud)
             assert isinstance(damage, CorruptObjectError) and damage.url == cloud.url(path)
             assert "changed by something other than evalsyncd" in str(damage)
+
+        # the writer repairs every file (rewritten whole, entries dropped): no damage is left
+        for path in plain:
+            version = await cloud.awrite(path, head + one + two)
+            writer.promoted(path, 18, version)
+        await writer.commit()
+        cloud.tail_refresh_s = 0.0
+        for path in plain:
+            assert await cloud.aread(path) == head + one + two
+        assert await tail_damage(cloud) is None
         await cloud.aclose()
 
     _run(scenario())

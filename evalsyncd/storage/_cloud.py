@@ -431,6 +431,8 @@ class CloudStorage(ABC):
         for attempt in range(4):
             index = await self._tail_index(refresh=attempt > 0)
             ft = index.files.get(path)
+            if ft is None or ft.kind == "r" or ft.base == 0:
+                self._damaged.pop(self.url(path), None)  # no main object to build on
             if ft is None:
                 return None
             try:
@@ -523,6 +525,8 @@ class CloudStorage(ABC):
             data = await self._stitched(path, 0, None)
             if data is not None:
                 return data
+        elif self._damaged:
+            self._damaged.pop(self.url(path), None)  # nothing pending: nothing to build on
         return await self._main_read(path)
 
     async def aread_range(self, path: str, offset: int, length: int | None = None) -> bytes:
@@ -536,6 +540,8 @@ class CloudStorage(ABC):
             data = await self._stitched(path, offset, None if length is None else offset + length)
             if data is not None:
                 return data
+        elif self._damaged:
+            self._damaged.pop(self.url(path), None)  # nothing pending: nothing to build on
         return await self._main_read_range(path, offset, length)
 
     async def astat(self, path: str) -> StorageStat | None:
