@@ -29,8 +29,9 @@ from evalsyncd.terminal import printable
 
 if TYPE_CHECKING:
     from evalsyncd.config import Settings
-    from evalsyncd.storage import Storage
+    from evalsyncd.storage import Backend, Storage
     from evalsyncd.store import EvalStore
+    from evalsyncd.verify import FileCheck
 
 __all__ = ["EX_CONFIG", "EX_FAILURE", "EX_OK", "EX_USAGE", "build_parser", "entrypoint", "main"]
 
@@ -165,7 +166,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--take-over",
         action="store_true",
         help="claim the prefix for this host even if another owns it (a reinstalled host "
-        "whose state directory is gone); needs --destination",
+        "whose state directory is gone); needs --destination. Refused when the bucket holds "
+        "bytes that this host's files lack (the daemon would replace them) unless "
+        "--discard-remote",
+    )
+    claim.add_argument(
+        "--discard-remote",
+        action="store_true",
+        help="with --take-over: take the prefix even if the daemon will then replace objects "
+        "that hold bytes this host's files lack",
     )
 
     runs = sub.add_parser(
@@ -371,7 +380,7 @@ async def _verify(
     settings: Settings, names: list[str] | None, as_json: bool, allow_skipped: bool = False
 ) -> int:
     from evalsyncd.sync.offline import open_destination_storage
-    from evalsyncd.verify import FileCheck, verify_storage
+    from evalsyncd.verify import verify_storage
 
     known = {d.name: d for d in settings.destinations}
     unknown = [n for n in names or [] if n not in known]
@@ -457,8 +466,11 @@ def _report_skipped(what: list[str], allow: bool) -> bool:
     return bool(what) and not allow
 
 
-async def _claim(settings: Settings, names: list[str] | None, take: bool) -> int:
-    """``evalsyncd claim``: each destination's owner; with ``take``, this host's from now on."""
+async def _claim(
+    settings: Settings, names: list[str] | None, take: bool, discard: bool = False
+) -> int:
+    """``evalsyncd claim``: each destination's owner; with ``take``, this host's from now on
+    (unless the bucket holds bytes this host's files lack and not ``discard``)."""
     from evalsyncd.config import ensure_state_dir
     from evalsyncd.errors import PrefixOwnedError
     from evalsyncd.sync.journal import Journal
@@ -482,6 +494,11 @@ async def _claim(settings: Settings, names: list[str] | None, take: bool) -> int
         try:
             async with storage:
                 if take:
+                    lost = [] if discard else await _would_replace(settings, storage, name)
+                    if lost:
+                        _print_would_replace(name, storage.url(), lost, settings.root)
+                        failed = True
+                        continue
                     previous, claim = await take_over(storage, writer)
                     was = (
                         f"host {previous.host!r} (writer {previous.writer}, since {previous.when()})"
@@ -503,6 +520,33 @@ async def _claim(settings: Settings, names: list[str] | None, take: bool) -> int
             _echo(f"evalsyncd: {name}: {type(exc).__name__}: {exc}", file=sys.stderr)
             failed = True
     return EX_FAILURE if failed else EX_OK
+
+
+async def _would_replace(settings: Settings, storage: Backend, name: str) -> list[FileCheck]:
+    """The checks of local files whose object (as readers see it) holds bytes the file
+    lacks: a daemon taking the prefix over would replace them."""
+    from evalsyncd.verify import verify_storage
+
+    report = await verify_storage(storage, settings.root, name=name, exclude=(settings.state_dir,))
+    return [c for c in report.mismatches if c.problem in ("size", "content")]
+
+
+def _print_would_replace(name: str, url: str, lost: list[FileCheck], root: Path) -> None:
+    _echo(
+        f"{name} ({url}): not taken over: the bucket holds bytes that these files of "
+        f"{root} lack, and this host's daemon would replace them:"
+    )
+    for check in lost[:20]:
+        _echo(
+            f"  {check.path}: {check.detail} (bucket {check.remote_size} B, local {check.local_size} B)"
+        )
+    if len(lost) > 20:
+        _echo(f"  ... and {len(lost) - 20} more")
+    _echo(
+        "Fix: bring the bucket's copies back first (`evalsyncd restore URL ROOT RUN_ID` for a "
+        "run, or copy the object down over the local file) before this host's writers go on, "
+        "then take over; or pass --discard-remote to replace them."
+    )
 
 
 def _journal_rows(settings: Settings, destination: str) -> dict[str, Any] | None:
@@ -968,7 +1012,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "verify":
             return asyncio.run(_verify(settings, args.destination, args.json, args.allow_skipped))
         if args.command == "claim":
-            return asyncio.run(_claim(settings, args.destination, args.take_over))
+            return asyncio.run(
+                _claim(settings, args.destination, args.take_over, args.discard_remote)
+            )
         if args.command == "evict":
             return asyncio.run(_evict(settings, dry_run=args.dry_run, as_json=args.json))
     except ConfigError as exc:  # the state directory cannot be created

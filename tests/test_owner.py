@@ -185,6 +185,36 @@ def test_a_displaced_owner_never_rewrites_the_new_owners_object(
     assert memory_storage.read(key) == b'{"b": 10}\n'
 
 
+def test_a_vanished_claim_hands_nothing_over(memory_storage: MemoryStorage, tmp_path: Path) -> None:
+    """B, parked on A's prefix, never claims it when A's claim disappears (a lifecycle rule
+    on ``.evalsyncd/``, a ``sync --delete``), also after a restart; A recreates its claim
+    at its next check; ``take_over`` is the way for B."""
+
+    async def run() -> None:
+        a = Owner(memory_storage, A, "d", state_dir=tmp_path / "a")
+        (tmp_path / "a").mkdir()
+        (tmp_path / "b").mkdir()
+        await a.ensure()
+        b = Owner(memory_storage, B, "d", state_dir=tmp_path / "b")
+        with pytest.raises(PrefixOwnedError):
+            await b.ensure()
+        await memory_storage._delete_keys([memory_storage._key(".evalsyncd/" + OWNER_NAME)], "")
+        assert await read_claim(memory_storage) is None
+        for owner in (b, Owner(memory_storage, B, "d", state_dir=tmp_path / "b")):
+            with pytest.raises(PrefixOwnedError) as info:
+                await owner.ensure()
+            assert "is gone" in str(info.value) and "--take-over" in str(info.value)
+            assert info.value.owner_writer == A
+        assert await read_claim(memory_storage) is None  # B created nothing
+        await a.confirm()  # the owner's next check recreates its claim
+        found = await read_claim(memory_storage)
+        assert found is not None and found.writer == A
+        await take_over(memory_storage, B)
+        await Owner(memory_storage, B, "d", state_dir=tmp_path / "b").ensure()
+
+    asyncio.run(run())
+
+
 def test_a_damaged_claim_is_reported_not_overwritten(memory_storage: MemoryStorage) -> None:
     """A claim that does not parse parks with its URL and the take-over fix; take_over
     replaces it."""
@@ -284,7 +314,20 @@ def test_two_daemons_on_one_prefix_the_first_keeps_writing(
     with rel.daemon(log_level="debug"):
         wait_for(lambda: reader.read(key) == mine.read_bytes(), 30, 0.1, "A after restart")
         # the take-over: B's host takes the prefix back while A still runs
-        taken = _cli("claim", "--config", str(b_cfg), "--destination", kind, "--take-over")
+        # B's file is not A's: the take-over is refused, naming it, unless told to discard
+        refused = _cli("claim", "--config", str(b_cfg), "--destination", kind, "--take-over")
+        assert refused.returncode == 1, refused.stdout + refused.stderr
+        assert "not taken over" in refused.stdout and key in refused.stdout
+        assert "--discard-remote" in refused.stdout
+        taken = _cli(
+            "claim",
+            "--config",
+            str(b_cfg),
+            "--destination",
+            kind,
+            "--take-over",
+            "--discard-remote",
+        )
         assert taken.returncode == 0, taken.stdout + taken.stderr
         assert "taken over from host" in taken.stdout
         with Daemon(b_cfg, tmp_path / "b2.log") as b2:
@@ -328,6 +371,40 @@ def test_claim_command_usage(rel: RelEnv) -> None:
     done = _cli("claim", "--config", str(cfg))
     assert done.returncode == 0 and "owned by this host" in done.stdout, done.stdout + done.stderr
     assert ".evalsyncd/owner.json" in list_keys(reader, internal=True)
+
+
+@pytest.mark.parametrize("kind", ["s3", "gcs"])
+def test_a_take_over_never_discards_what_only_the_bucket_holds(
+    rel: RelEnv, tmp_path: Path, kind: str
+) -> None:
+    """A reinstalled host whose root came back from an older backup (3 of 8 lines): the
+    take-over is refused, naming the file and both sizes, instead of letting the daemon
+    replace the bucket's 8 lines with 3; once the file holds the bucket's lines again (and
+    more), the take-over goes through and the daemon only appends."""
+    reader = rel.add(kind)
+    key = "runs/r/b/trajectories.jsonl"
+    for i in range(8):
+        _append(rel.root / key, f"a{i}")
+    cfg = write_config(rel.tmp / "a.toml", rel.root, rel.state, rel.dests)
+    assert _cli("sync", "--config", str(cfg), "--once").returncode == 0
+    full = (rel.root / key).read_bytes()
+    backup = b"".join(full.splitlines(keepends=True)[:3])
+    (tmp_path / "new-root" / key).parent.mkdir(parents=True)
+    (tmp_path / "new-root" / key).write_bytes(backup)
+    new = write_config(
+        tmp_path / "new.toml", tmp_path / "new-root", tmp_path / "new-state", rel.dests
+    )
+    refused = _cli("claim", "--config", str(new), "--destination", kind, "--take-over")
+    assert refused.returncode == 1, refused.stdout + refused.stderr
+    assert "not taken over" in refused.stdout and key in refused.stdout
+    assert f"bucket {len(full)} B, local {len(backup)} B" in refused.stdout
+    assert reader.read(key) == full  # nothing written, the old claim stands
+    (tmp_path / "new-root" / key).write_bytes(full)  # the bucket's copy, brought back
+    _append(tmp_path / "new-root" / key, "new0")
+    taken = _cli("claim", "--config", str(new), "--destination", kind, "--take-over")
+    assert taken.returncode == 0 and "taken over" in taken.stdout, taken.stdout + taken.stderr
+    assert _cli("sync", "--config", str(new), "--once").returncode == 0
+    assert reader.read(key) == (tmp_path / "new-root" / key).read_bytes()
 
 
 def test_a_local_directory_destination_is_claimed_exclusively(tmp_path: Path) -> None:

@@ -115,6 +115,21 @@ def test_choose_table(
     assert [(c.run_id, c.reason) for c in choose(runs, policy, usage)] == expected
 
 
+def test_a_run_finalized_without_a_summary_counts_as_finalized(tmp_path: Path) -> None:
+    """``finalize_run`` (scores copied into metadata.json) finalizes a run as
+    ``write_summary`` does; a run with a benchmark still unscored stays open."""
+    store = EvalStore(tmp_path)
+    done = store.create_run("m", checkpoint_name="c1", benchmarks=["gsm8k", "mmlu"])
+    open_ = store.create_run("m", checkpoint_name="c2", benchmarks=["gsm8k", "mmlu"])
+    for run in (done, open_):
+        store.write_result(run, BenchmarkResult("gsm8k", 0.5, 2, 1))
+    store.write_result(done, BenchmarkResult("mmlu", 0.25, 4, 1))
+    store.finalize_run(done)
+    store.finalize_run(open_)  # mmlu has no result: not in scores
+    finalized = {r.run_id: r.finalized for r in scan_runs(tmp_path)}
+    assert finalized == {done: True, open_: False}
+
+
 def test_marks_are_validated() -> None:
     """high_water and low_water go together, low below high; the message names them."""
     with pytest.raises(ValueError, match="low_water"):

@@ -23,6 +23,8 @@ Decision table (:func:`decide`, pure)::
     no claim, no tail log or our own tail log    CLAIM    create it, read it back
     no claim, another writer's tail log          LEGACY   park: an older evalsyncd
                                                           (before claims) writes there
+    no claim, but this daemon saw another's      park: a vanished claim (a lifecycle
+    claim there before (its state directory)     rule, a sync --delete) hands nothing over
 
 Claiming is ``If-None-Match: *`` / ``ifGenerationMatch=0`` / ``link(2)``
 (:meth:`~evalsyncd.storage.Backend.acreate_internal`), then a read back: a
@@ -239,16 +241,25 @@ async def _tail_writer(storage: Backend, writer: str) -> tuple[str, float]:
 
 
 async def check_claim(
-    storage: Backend, writer: str, destination: str, *, host: str | None = None
+    storage: Backend,
+    writer: str,
+    destination: str,
+    *,
+    host: str | None = None,
+    seen: Claim | None = None,
 ) -> Claim:
     """Make sure ``writer`` owns the prefix of ``storage``: read the claim, create it if
-    there is none (and no other writer's tail log), and read it back.
+    there is none (and no other writer's tail log, and this daemon never saw another's
+    claim there), and read it back.
 
     Args:
         storage: the destination's backend, entered.
         writer: this daemon's writer id.
         destination: the destination's name (for the fix in messages).
         host: this host's name (default ``socket.gethostname()``).
+        seen: another writer's claim this daemon saw on the prefix before. Its
+            disappearance (a lifecycle rule on ``.evalsyncd/``, a ``sync --delete``)
+            does not hand the prefix over: only ``claim --take-over`` does.
 
     Returns:
         The claim, ``writer``'s.
@@ -261,6 +272,17 @@ async def check_claim(
     """
     found = await read_claim(storage)
     verdict = decide(found, writer, None)
+    if verdict is Verdict.CLAIM and seen is not None and seen.writer != writer:
+        raise PrefixOwnedError(
+            f"{storage.url()}: the claim of host {seen.host!r} (writer {seen.writer}, since "
+            f"{seen.when()}) that this daemon saw is gone from {_claim_url(storage)}; this "
+            f"daemon (host {socket.gethostname()!r}, writer {writer}) still writes nothing "
+            f"there. Fix: {_fix(destination)}",
+            url=_claim_url(storage),
+            owner_host=seen.host,
+            owner_writer=seen.writer,
+            claimed_at=seen.claimed_at,
+        )
     if verdict is Verdict.CLAIM:
         tail_writer, tail_created = await _tail_writer(storage, writer)
         verdict = decide(None, writer, tail_writer)
@@ -398,6 +420,26 @@ class Owner:
         self._reads = 0  # claim reads issued (under the lock)
         self._recorded: tuple[Any, ...] | None = None
         self._lock = asyncio.Lock()
+        self.seen = self._seen_before()
+        """Another writer's claim this daemon saw on the prefix (kept across restarts
+        in the state directory): never replaced but by ``claim --take-over``."""
+
+    def _seen_before(self) -> Claim | None:
+        if self.state_dir is None:
+            return None
+        rec = read_owner_records(self.state_dir).get(self.destination, {})
+        writer, host, at = rec.get("writer"), rec.get("host"), rec.get("claimed_at")
+        if (
+            rec.get("url") != self.storage.url()
+            or rec.get("mine")
+            or not isinstance(writer, str)
+            or not writer
+            or writer == self.writer
+        ):
+            return None
+        return Claim(
+            writer, host if isinstance(host, str) else "", at if isinstance(at, float) else 0.0
+        )
 
     @property
     def confirmed(self) -> bool:
@@ -466,20 +508,24 @@ class Owner:
             self._reads += 1
             asked = self.clock()
             try:
-                self.claim = await check_claim(self.storage, self.writer, self.destination)
+                self.claim = await check_claim(
+                    self.storage, self.writer, self.destination, seen=self.seen
+                )
             except PrefixOwnedError as exc:
                 self.claim = None
                 self._checked_at = asked
                 host = exc.owner_host
-                self._record(
+                other = (
                     Claim(exc.owner_writer, host or "", exc.claimed_at or 0.0)
                     if host is not None
-                    else None,
-                    mine=False,
-                    error=str(exc),
+                    else None
                 )
+                if other is not None:
+                    self.seen = other
+                self._record(other, mine=False, error=str(exc))
                 raise
             self._checked_at = asked
+            self.seen = None
             self._record(self.claim, mine=True)
 
     def _record(self, claim: Claim | None, *, mine: bool, error: str = "") -> None:

@@ -40,6 +40,7 @@ import asyncio
 import base64
 import contextlib
 import dataclasses
+import json
 import os
 import shutil
 import stat as stat_mod
@@ -55,6 +56,7 @@ from evalsyncd.config import RetentionSettings
 from evalsyncd.errors import StorageError
 from evalsyncd.evicted import MARKER_NAME, EvictionMarker, build_marker, parse_marker
 from evalsyncd.storage import Backend
+from evalsyncd.store.layout import MAX_JSON_BYTES
 from evalsyncd.sync.files import FileKind, classify
 from evalsyncd.sync.journal import Entry, EntryStatus, Journal
 
@@ -114,7 +116,7 @@ class RunView:
 
     Attributes:
         run_id: the run.
-        finalized: its ``summary.json`` is present.
+        finalized: its ``summary.json`` is present, or ``metadata.json`` scores every benchmark.
         quiet_s: seconds since its newest change (negative: dated in the future,
             e.g. the clock was stepped back; never quiet).
         bytes: bytes eviction would free.
@@ -157,7 +159,7 @@ def quiet_for(newest_mtime: float, now: float) -> float:
 def eligibility(run: RunView, policy: Policy) -> str | None:
     """Why ``run`` may be evicted (``"finalized"``, ``"abandoned"``), or ``None``.
 
-    A finalized run must be quiet for ``min_age_s``; an open run (no ``summary.json``)
+    A finalized run must be quiet for ``min_age_s``; an open run
     for ``abandoned_after_s`` (never when unset). A run dated in the future is never quiet.
     """
     if run.quiet_s < 0:
@@ -231,7 +233,7 @@ class RunOnDisk:
 
     Attributes:
         run_id: the directory's name.
-        finalized: ``summary.json`` is present.
+        finalized: ``summary.json`` is present, or ``metadata.json`` scores every benchmark.
         newest_mtime: newest mtime of anything in it (files, directories, ignored
             files), Unix seconds.
         files: the mirrored files eviction would delete.
@@ -291,9 +293,29 @@ def _scan_run(root: Path, run_id: str) -> RunOnDisk:
                     files.append(LocalFile(rel, st))
                 else:
                     others.append(rel)
-    finalized = (base / "summary.json").is_file()
+    finalized = (base / "summary.json").is_file() or _scored(base / "metadata.json")
     files.sort(key=lambda f: f.path)
     return RunOnDisk(run_id, finalized, newest, tuple(files), kept, marker, tuple(sorted(others)))
+
+
+def _scored(path: Path) -> bool:
+    """Whether ``metadata.json`` has a score for each of its benchmarks (at least one):
+    what ``EvalStore.finalize_run`` leaves, for a run that never wrote ``summary.json``."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_JSON_BYTES + 1)
+        meta = json.loads(raw) if len(raw) <= MAX_JSON_BYTES else None
+    except (OSError, ValueError, RecursionError):
+        return False
+    if not isinstance(meta, dict):
+        return False
+    benchmarks, scores = meta.get("benchmarks"), meta.get("scores")
+    return (
+        isinstance(benchmarks, list)
+        and bool(benchmarks)
+        and isinstance(scores, dict)
+        and all(isinstance(b, str) and b in scores for b in benchmarks)
+    )
 
 
 def scan_runs(root: Path) -> list[RunOnDisk]:
