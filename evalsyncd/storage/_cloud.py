@@ -416,12 +416,13 @@ class CloudStorage(ABC):
         holds nothing of ``path`` or the main object is damaged (read the main object alone).
 
         A main object missing, at a size that is not one the tail builds on (see
-        :func:`~evalsyncd.storage.tail.boundaries`: shorter than ``base``, longer than the
-        tail's size, or inside a piece) or, at a newer version, holding other bytes than
-        the pieces below its size (see :meth:`_builds_on`) is read again with a fresh
-        index; when neither moved meanwhile, something other than the writer changed it: it is damage,
-        recorded in the index (:func:`~evalsyncd.storage.tail.tail_damage` names it) and
-        the plain object is read, never stitched.
+        :func:`~evalsyncd.storage.tail.boundaries`: shorter than ``base``, longer than
+        the tail's size, or inside a piece) or, at a newer version, holding other bytes
+        than the pieces below its size (see :meth:`_builds_on`) is read again with a
+        fresh index; when neither moved meanwhile, something other than the writer
+        changed it: it is damage, warned once and kept until the file reads without it
+        (:func:`~evalsyncd.storage.tail.tail_damage` names it), and the plain object is
+        read, never stitched.
 
         Raises:
             ObjectNotFoundError: neither the main object nor the tail has the file.
@@ -452,12 +453,7 @@ class CloudStorage(ABC):
                     if state != seen:
                         seen = state
                         continue  # the index may be older than the main object: read it again
-                    exc = self._main_damage(path, ft, main)
-                    note_damage(index, exc)
-                    self._damaged.pop(exc.url or "", None)
-                    self._damaged[exc.url or ""] = exc
-                    while len(self._damaged) > 16:
-                        del self._damaged[next(iter(self._damaged))]
+                    self._remember_damage(index, self._main_damage(path, ft, main))
                     return None
                 stop = ft.size if end is None else min(end, ft.size)
                 if start >= stop:
@@ -495,6 +491,15 @@ class CloudStorage(ABC):
         lo, n = ft.base, main.size - ft.base
         ours = await read_pieces(self, index, ft, lo, main.size, self._pieces)
         return ours == await self._main_read_range(path, lo, n)
+
+    def _remember_damage(self, index: TailIndex, exc: CorruptObjectError) -> None:
+        """Warn about ``exc`` once and keep it (at most 16, the newest) for ``tail_damage``."""
+        note_damage(index, exc)
+        url = exc.url or ""
+        self._damaged.pop(url, None)
+        self._damaged[url] = exc
+        while len(self._damaged) > 16:
+            del self._damaged[next(iter(self._damaged))]
 
     def _main_damage(self, path: str, ft: FileTail, main: StorageStat | None) -> CorruptObjectError:
         """The error naming a main object the tail log cannot build on."""
