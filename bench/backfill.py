@@ -4,27 +4,48 @@ A tree of ``runs`` runs is written with ``EvalStore`` on local disk: per run a
 ``metadata.json``, a ``summary.json`` and two benchmarks with a ``result.json``
 and a ``trajectories.jsonl`` of 10 lines (~10 KiB): 6 files per run, plus
 ``runs.jsonl``. Each tool copies it to its own empty prefix on the S3 server
-(directly, no proxy); wall time includes process start-up for all three:
+(directly, no proxy); wall time includes process start-up for all of them:
 
-- ``evalsyncd sync --once`` (a fresh journal);
+- ``evalsyncd sync --once`` (a fresh journal): every plain object in place;
 - ``aws s3 sync`` (default settings: 10 concurrent requests);
-- ``rclone copy`` (default settings: 4 transfers, 8 checkers).
+- ``rclone copy`` (default settings: 4 transfers, 8 checkers);
+- ``SDK PutObject x8`` (:mod:`bench.sdkput`): aiobotocore alone, 8 PutObject
+  calls in flight on a client set up as ``S3Storage``'s, nothing else: the
+  ceiling of one Python process with this SDK on this machine.
 
-The tree is kept for measurement 4, which reads back what evalsyncd mirrored.
+The machine is shared and its load drifts by tens of percent within a minute,
+so the tools take turns: ``rounds`` rounds (3; 1 quick), each tool once per
+round in an order rotated every round, after a warm-up write that makes the
+server allocate the bucket's volumes (the first tool would pay it otherwise).
+The table gives each tool's median wall time and median CPU time (user +
+system of the tool's processes; not the server's).
+
+Then ``evalsyncd run`` from scratch (tail log and catalog on) on a fresh prefix:
+seconds from the process start until ``EvalStore`` on the bucket lists every
+run (a new reader every 50 ms, as ``evalsyncd runs ls`` run again and again:
+``EvalStore`` on a fresh ``S3Storage`` with default settings; the time is when
+the call that first returns every run ends), and until every plain object
+exists. Targets: the
+plain objects at least 1.0x rclone's speed; the listing in at most a third of
+rclone's median wall time.
+
+The tree is kept for measurement 4, which reads back what evalsyncd mirrored
+(prefix ``backfill-evalsyncd``, the first round's).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench.common import BUCKET, Bench, Daemon, aws_sync, rclone_copy
+from bench.common import BUCKET, Bench, Daemon, aws_sync, rclone_copy, run_alone
 from evalsyncd.errors import StorageError
 from evalsyncd.store import BenchmarkResult, EvalStore, StoredTrajectory, StoredTurn
 
@@ -74,11 +95,21 @@ def make_tree(root: Path, runs: int, lines: int = 10) -> int:
 
 
 def _evalsyncd_once(bench: Bench, root: Path, prefix: str) -> None:
-    state = bench.dir("backfill/state")
+    state = bench.dir(f"backfill/state-{prefix}")
     env = Daemon(root, state, f"s3://{BUCKET}/{prefix}", bench.s3.endpoint_url).env
     subprocess.run(
         [sys.executable, "-m", "evalsyncd", "sync", "--once"],
         env=env,
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+
+
+def _sdk_put(bench: Bench, root: Path, prefix: str) -> None:
+    subprocess.run(
+        [sys.executable, "-m", "bench.sdkput", bench.s3.endpoint_url, str(root), prefix, "8"],
+        env={**os.environ, **bench.s3.client_env()},
         check=True,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -102,35 +133,78 @@ def _count_objects(bench: Bench, prefix: str) -> int:
         client.close()
 
 
+def _children_cpu_s() -> float:
+    t = os.times()
+    return t.children_user + t.children_system
+
+
+EVALSYNCD = "evalsyncd sync --once"
+RCLONE = "rclone copy"
+
+
 def run(bench: Bench) -> dict[str, Any]:
     """Run measurement 3; leaves the evalsyncd copy at prefix ``backfill-evalsyncd``."""
     runs = 60 if bench.quick else 300
+    rounds = 1 if bench.quick else 3
     root = bench.dir("backfill/root")
     files = make_tree(root, runs)
     bench.backfill_root = root  # type: ignore[attr-defined]
-    tools = {
-        "evalsyncd sync --once": lambda p: _evalsyncd_once(bench, root, p),
-        "aws s3 sync": lambda p: aws_sync(root, p, bench.s3.endpoint_url),
-        "rclone copy": lambda p: rclone_copy(root, p, bench.s3.endpoint_url),
+    tools: dict[str, tuple[str, Callable[[str], None]]] = {
+        EVALSYNCD: ("evalsyncd", lambda p: _evalsyncd_once(bench, root, p)),
+        "aws s3 sync": ("aws", lambda p: aws_sync(root, p, bench.s3.endpoint_url)),
+        RCLONE: ("rclone", lambda p: rclone_copy(root, p, bench.s3.endpoint_url)),
+        "SDK PutObject x8": ("sdk", lambda p: _sdk_put(bench, root, p)),
     }
+    warmup = bench.dir("backfill/warmup")
+    for i in range(20):
+        (warmup / f"{i}.json").write_text("{}")
+    _sdk_put(bench, warmup, "backfill-warmup")
+    names = list(tools)
+    walls: dict[str, list[float]] = {n: [] for n in names}
+    cpus: dict[str, list[float]] = {n: [] for n in names}
+    copied: dict[str, int] = {}
+    for r in range(rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            short, fn = tools[name]
+            prefix = f"backfill-{short}" + (f"-r{r}" if r else "")
+            cpu0, t0 = _children_cpu_s(), time.monotonic()
+            fn(prefix)
+            walls[name].append(time.monotonic() - t0)
+            cpus[name].append(_children_cpu_s() - cpu0)
+            copied[name] = min(copied.get(name, files), _count_objects(bench, prefix))
     rows: dict[str, Any] = {}
-    for name, fn in tools.items():
-        prefix = "backfill-" + name.split()[0]
-        t0 = time.monotonic()
-        fn(prefix)
-        wall = time.monotonic() - t0
-        copied = _count_objects(bench, prefix)
-        rows[name] = {"wall_s": wall, "files_per_s": files / wall, "objects": copied}
-    base = rows["evalsyncd sync --once"]["files_per_s"]
+    for name in names:
+        wall = statistics.median(walls[name])
+        rows[name] = {
+            "wall_s": wall,
+            "files_per_s": files / wall,
+            "cpu_s": statistics.median(cpus[name]),
+            "walls_s": walls[name],
+            "objects": copied[name],
+        }
+    base = rows[EVALSYNCD]["files_per_s"]
     for row in rows.values():
         row["evalsyncd_speedup"] = base / row["files_per_s"]
     return {
         "runs": runs,
         "files": files,
+        "rounds": rounds,
         "tools": rows,
         "daemon": _daemon_milestones(bench, root, runs, files),
         "note": json.dumps(BENCHMARKS),
     }
+
+
+def _listed(bench: Bench, prefix: str, runs: int) -> bool:
+    """Whether a new reader (``EvalStore`` on a fresh ``S3Storage``, default settings, as
+    ``evalsyncd runs ls`` would open it) lists all ``runs`` runs."""
+    storage = bench.s3_storage(prefix)
+    try:
+        return len(EvalStore(storage).list_runs()) == runs
+    except StorageError:  # not there yet
+        return False
+    finally:
+        storage.close()
 
 
 def _daemon_milestones(bench: Bench, root: Path, runs: int, files: int) -> dict[str, float]:
@@ -138,21 +212,33 @@ def _daemon_milestones(bench: Bench, root: Path, runs: int, files: int) -> dict[
     every run (through the tail log and the catalog), and until every main object exists."""
     prefix = "backfill-daemon"
     state = bench.dir("backfill/daemon-state")
-    storage = bench.s3_storage(prefix)
-    storage.tail_refresh_s = 0.0
     out: dict[str, float] = {}
-    try:
-        with Daemon(root, state, f"s3://{BUCKET}/{prefix}", bench.s3.endpoint_url):
-            t0 = time.monotonic()
-            deadline = t0 + 300.0
-            while time.monotonic() < deadline and "all_main_objects_s" not in out:
-                if "all_runs_listed_s" not in out:
-                    with contextlib.suppress(StorageError):  # not there yet
-                        if len(EvalStore(storage).list_runs()) == runs:
-                            out["all_runs_listed_s"] = time.monotonic() - t0
-                if _count_objects(bench, prefix) >= files:
-                    out["all_main_objects_s"] = time.monotonic() - t0
-                time.sleep(0.2)
-    finally:
-        storage.close()
+    with Daemon(root, state, f"s3://{BUCKET}/{prefix}", bench.s3.endpoint_url):
+        t0 = time.monotonic()
+        deadline = t0 + 300.0
+        while time.monotonic() < deadline and "all_main_objects_s" not in out:
+            if "all_runs_listed_s" not in out:
+                if _listed(bench, prefix, runs):
+                    out["all_runs_listed_s"] = time.monotonic() - t0
+                time.sleep(0.05)
+                continue
+            if _count_objects(bench, prefix) >= files:
+                out["all_main_objects_s"] = time.monotonic() - t0
+            time.sleep(0.2)
     return out
+
+
+def main() -> int:
+    """``python -m bench.backfill``: this measurement alone, on its own servers."""
+    res = run_alone("backfill", run, quick="--quick" in sys.argv)
+    for name, row in res["tools"].items():
+        print(
+            f"{name:22s} {row['wall_s']:5.2f} s  {row['files_per_s']:6.0f} files/s  "
+            f"cpu {row['cpu_s']:5.2f} s  evalsyncd/tool {row['evalsyncd_speedup']:.2f}x"
+        )
+    print(json.dumps(res["daemon"]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -247,8 +247,8 @@ def _big_cases(bench: Bench, proxy: CountingProxy, count: int) -> list[dict[str,
                     ok=ranged <= 2,
                     requests=proxy.requests,
                     mib=proxy.bytes_down / MiB,
-                    note=f"{ranged} ranged reads; the other requests are the storage's "
-                    "tail-log index (once a second) and segment listing",
+                    note=f"{ranged} ranged reads; the other request is the storage's "
+                    "tail-log index (once a second)",
                 )
             )
         proxy.reset()

@@ -6,9 +6,9 @@ A file grows to ``total`` bytes in ``steps`` equal steps (one ``write`` of whole
 - evalsyncd: the daemon runs (``flush_interval_s`` 0.2 s, so steps stay apart
   without slowing the suite); the step ends once a separate client, talking to
   the server directly, sees the object at the file's size. When the last step
-  is visible the daemon is stopped with SIGTERM, which flushes (on S3, compacts
-  the segments into the main object), and that is counted too, so the figure
-  is the full cost of "main object = local file".
+  is visible the daemon is stopped with SIGTERM, which brings every main object
+  up to date, and that is counted too, so the figure is the full cost of
+  "main object = local file".
 - ``aws s3 sync`` and ``rclone copy``: one invocation per step.
 - the reference tinker-cookbook ``FsspecStorage`` (s3fs): one ``append`` per
   line and one ``flush`` per step, as its docstring advises.
@@ -100,7 +100,7 @@ def _evalsyncd(bench: Bench, scheme: str, total: int, steps: int, tag: str) -> d
 
 
 def _main_object_size(bench: Bench, scheme: str, prefix: str) -> int:
-    """Size of the plain object other tools see (S3: without pending segments)."""
+    """Size of the plain object other tools see (without the tail log)."""
     if scheme == "gs":
         with bench.gcs_storage(prefix) as g:
             return _remote_size(g, NAME)

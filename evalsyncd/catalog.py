@@ -29,6 +29,11 @@ Format (UTF-8 JSON, one object; version 1)::
       }
     }
 
+A catalog the daemon knows complete also carries ``"tail": {"writer": W, "seq":
+S}``: the tail log's writer (:mod:`evalsyncd.storage.tail`) and the newest tail
+object's seq when the catalog was built, from a journal in which every
+``runs/*/metadata.json`` was acknowledged with the content the catalog holds.
+
 An entry whose ``metadata.json`` is not valid UTF-8 carries ``"metadata_b64"``
 (standard base64) instead of ``"metadata"``. Unknown top-level keys and entry
 keys are ignored (forward compatibility); a higher ``version`` is refused.
@@ -38,8 +43,8 @@ Consistency rules (what makes a reader's answer never wrong):
 1. The catalog describes ``metadata.json`` objects *as mirrored*: the writer
    uploads a run's ``metadata.json`` first and the catalog after, in the same
    flush, so a catalog entry is never newer than the object it describes.
-2. The listing of ``runs/`` is the truth about which runs exist. A reader lists
-   ``runs/`` once; a run the catalog holds but the listing lacks was deleted
+2. The listing of ``runs/`` is the truth about which runs exist (unless the
+   tail log vouches for the catalog: rule 6). A reader lists ``runs/`` once; a run the catalog holds but the listing lacks was deleted
    and is never returned; a listed run missing from the catalog (created since
    the catalog was written) is read individually.
 3. Each entry carries its size and CRC32C; an entry whose bytes do not match
@@ -51,6 +56,22 @@ Consistency rules (what makes a reader's answer never wrong):
 5. Between the upload of a changed ``metadata.json`` and that of the catalog
    (one flush), a reader may see the previous metadata of that run; it never
    sees metadata that was never mirrored.
+
+6. The catalog stands in for the listing of ``runs/`` (rule 2) only when the
+   tail log vouches for it: the catalog has ``"tail"`` with writer W and seq S,
+   the newest tail header of the same prefix is W's, and that header's mark
+   :data:`CATALOG_MARK` (the seq of the newest tail object that changed a run's
+   ``metadata.json``; see :attr:`evalsyncd.storage.tail.TailIndex.marks`) is at
+   most S. The writer marks every such change: staged in the tail (the mark is
+   in the same object), or made outside it (a large ``metadata.json`` written
+   straight to its main object, a removal: a marked tail object is written
+   first). So no run's ``metadata.json`` changed since the catalog was built,
+   except through tail objects the reader's index still shows; the runs are the
+   catalog's plus those whose ``metadata.json`` is pending in the tail, and a
+   host listing costs the tail log's LIST and GET and the catalog's GET, no
+   LIST of ``runs/``. Keys written under ``runs/`` behind the owner's back (the
+   prefix has one writer, see docs/design.md) are not seen that way: a reader
+   with ``use_catalog=False`` lists ``runs/``.
 
 Bound: a reader reads at most :data:`MAX_CATALOG_BYTES` of a catalog (one
 ranged read of that many bytes plus one); a larger catalog is
@@ -94,6 +115,7 @@ from evalsyncd.storage._base import (
 
 __all__ = [
     "CATALOG_FORMAT",
+    "CATALOG_MARK",
     "CATALOG_NAME",
     "CATALOG_PATH",
     "CATALOG_VERSION",
@@ -121,6 +143,10 @@ CATALOG_FORMAT = "evalsyncd-catalog"
 
 CATALOG_VERSION = 1
 """The format version this module writes and the highest it reads."""
+
+CATALOG_MARK = "catalog"
+"""The tail log mark (:meth:`evalsyncd.storage.tail.TailWriter.mark`) of a tail object
+that changes a run's ``metadata.json`` (rule 6)."""
 
 
 MAX_CATALOG_BYTES = 64 * 1024 * 1024
@@ -182,10 +208,21 @@ class Catalog:
         version: the format version read.
         entries: run id to :class:`CatalogEntry` (intact or not; see
             :attr:`CatalogEntry.intact`).
+        tail: ``(writer, seq)`` of the tail log the catalog was built against
+            (``None``: not known complete; rule 6).
     """
 
     version: int
     entries: Mapping[str, CatalogEntry]
+    tail: tuple[str, int] | None = None
+
+    def vouched_by(self, writer: str, seq: int, marks: Mapping[str, int]) -> bool:
+        """Whether a tail log whose newest header is ``writer``'s at ``seq`` with ``marks``
+        vouches for this catalog: it may stand in for the listing of ``runs/`` (rule 6)."""
+        if self.tail is None or not writer or seq < 0:
+            return False
+        by, built_at = self.tail
+        return by == writer and marks.get(CATALOG_MARK, -1) <= built_at
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -198,11 +235,13 @@ class Catalog:
         return self.entries.get(run_id)
 
 
-def build_catalog(entries: Mapping[str, bytes]) -> bytes:
+def build_catalog(entries: Mapping[str, bytes], *, tail: tuple[str, int] | None = None) -> bytes:
     """Serialize a catalog.
 
     Args:
         entries: run id to the bytes of its ``metadata.json``, as mirrored.
+        tail: ``(writer, seq)``: the catalog is complete as of that tail object
+            (rule 6); ``None``: not known complete.
 
     Returns:
         The catalog object's bytes (UTF-8 JSON, run ids sorted, so equal input
@@ -222,7 +261,10 @@ def build_catalog(entries: Mapping[str, bytes]) -> bytes:
         except UnicodeDecodeError:
             entry["metadata_b64"] = base64.b64encode(data).decode("ascii")
         runs[run_id] = entry
-    doc = {"format": CATALOG_FORMAT, "version": CATALOG_VERSION, "runs": runs}
+    doc: dict[str, Any] = {"format": CATALOG_FORMAT, "version": CATALOG_VERSION}
+    if tail is not None:
+        doc["tail"] = {"writer": tail[0], "seq": tail[1]}
+    doc["runs"] = runs
     return json.dumps(doc, indent=None, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
@@ -265,7 +307,20 @@ def parse_catalog(data: bytes, url: str) -> Catalog:
         if not run_id or "/" in run_id:
             raise CatalogError(f"{url}: corrupt catalog: invalid run id {run_id!r}", url=url)
         entries[run_id] = _parse_entry(run_id, raw, url)
-    return Catalog(version=version, entries=entries)
+    return Catalog(version=version, entries=entries, tail=_parse_tail(doc.get("tail")))
+
+
+def _parse_tail(raw: Any) -> tuple[str, int] | None:
+    """The ``"tail"`` key: ``(writer, seq)``, or ``None`` when absent or malformed (then the
+    catalog is only not vouched for: rule 6)."""
+    if not isinstance(raw, dict):
+        return None
+    writer, seq = raw.get("writer"), raw.get("seq")
+    if not isinstance(writer, str) or not writer or len(writer) > 256:
+        return None
+    if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
+        return None
+    return writer, seq
 
 
 def _parse_entry(run_id: str, raw: Any, url: str) -> CatalogEntry:

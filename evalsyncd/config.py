@@ -29,6 +29,7 @@ no side effects: loading settings creates nothing on disk; the service creates
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import socket
@@ -56,8 +57,16 @@ from pydantic_settings import (
 from evalsyncd.errors import ConfigError
 from evalsyncd.storage.urls import parse_url
 
+log = logging.getLogger("evalsyncd.config")
+
+RETIRED_S3_KEYS: frozenset[str] = frozenset({"max_segments", "compact_ratio", "segment_max_lag_s"})
+"""Keys of S3 destinations that older versions had (the S3 segment log): accepted and
+ignored, each with a ``config_key_ignored`` warning (stdlib logging, logger
+``evalsyncd.config``)."""
+
 __all__ = [
     "DESTINATION_SETTINGS",
+    "RETIRED_S3_KEYS",
     "AnyDestinationSettings",
     "DestinationSettings",
     "GCSDestinationSettings",
@@ -158,6 +167,19 @@ class DestinationSettings(BaseModel):
     max_upload_bytes_per_s: int | None = Field(
         None, gt=0, description="bandwidth limit of this destination's uploads, bytes per second"
     )
+    reap_interval_s: float = Field(
+        6 * 3600.0,
+        gt=0,
+        description="while the daemon runs, leftovers of failed cleanups (GCS compose deltas, "
+        "S3 multipart uploads) are looked for this often (one listing), and sooner after a "
+        "cleanup failed, seconds",
+    )
+    reap_min_age_s: float = Field(
+        3600.0,
+        gt=0,
+        description="leftovers younger than this are never removed (an append may be using "
+        "them): at least the longest append, seconds",
+    )
     retry: RetrySettings = Field(default_factory=RetrySettings)  # type: ignore[arg-type]
 
     @field_validator("name")
@@ -219,25 +241,31 @@ class S3DestinationSettings(DestinationSettings):
         description="size of a main object from which appends are multipart uploads that "
         "copy it on the server (at least S3's minimum part, 5 MiB), bytes",
     )
-    max_segments: int = Field(
-        32, ge=1, description="tail log off: pending append segments per file before compaction"
-    )
-    compact_ratio: float = Field(
-        2.0,
-        gt=0,
-        description="tail log off: compact when pending segments outweigh this many times "
-        "the main object",
-    )
-    segment_max_lag_s: float = Field(
-        60.0,
-        ge=0,
-        description="tail log off: compact once the oldest pending segment is this old, seconds",
-    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _retired_keys(cls, data: Any) -> Any:
+        """Accept and ignore the keys of the retired S3 segment log, with a log line."""
+        if isinstance(data, dict) and RETIRED_S3_KEYS & data.keys():
+            data = dict(data)
+            for key in sorted(RETIRED_S3_KEYS & data.keys()):
+                del data[key]
+                # stdlib logging: settings load before the CLI configures logging, and
+                # stdout may carry --json output; unconfigured, this goes to stderr
+                log.warning(
+                    "config_key_ignored: destination %r: %s is no longer used (S3 append "
+                    "segments were removed: below 5 MiB an append rewrites the object "
+                    "with If-Match); delete it from the configuration",
+                    data.get("name"),
+                    key,
+                )
+        return data
+
     cache_max_bytes: int = Field(
         64 * 1024 * 1024,
         ge=0,
-        description="memory for the bytes of small files being appended to "
-        "(compaction then needs no download), bytes",
+        description="memory for the bytes of small objects this daemon wrote "
+        "(an append below 5 MiB then needs no download), bytes",
     )
 
     def storage_options(self) -> dict[str, Any]:
@@ -252,9 +280,6 @@ class S3DestinationSettings(DestinationSettings):
             "addressing_style": self.addressing_style,
             "max_pool_connections": self.max_pool_connections,
             "multipart_threshold": self.multipart_threshold,
-            "max_segments": self.max_segments,
-            "compact_ratio": self.compact_ratio,
-            "max_lag_s": self.segment_max_lag_s,
             "cache_max_bytes": self.cache_max_bytes,
         }
 

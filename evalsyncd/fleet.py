@@ -13,8 +13,9 @@ A prefix that itself holds ``runs/`` or ``runs.jsonl`` is a single store, read
 as one host named ``""``. Other children whose names start with ``.`` are
 ignored. Listing a fleet costs one listing of the fleet prefix, then per host
 what :meth:`EvalStore.alist_runs <evalsyncd.store.EvalStore.alist_runs>` costs
-(one listing of ``runs/`` and one catalog read when the daemon keeps a
-catalog), hosts read concurrently.
+(3 requests for a host the daemon keeps a catalog for: the tail log's LIST and
+newest header and the catalog, or the listing of ``runs/`` when there is no tail
+log to vouch for the catalog), hosts read concurrently.
 
 Failures are per host: a host whose reads fail (unreachable, access denied)
 or that holds no runs is reported in :attr:`FleetListing.problems`, naming its

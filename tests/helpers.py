@@ -75,3 +75,36 @@ def write_schema_1_journal(db: Path) -> None:
         con.commit()
     finally:
         con.close()
+
+
+def old_layout(
+    raw: Any,
+    prefix: str,
+    path: str,
+    main: bytes,
+    chain: list[bytes],
+    bucket: str = "evalsyncd-test",
+) -> list[str]:
+    """Lay ``path`` out as evalsyncd versions with append segments did: the main object
+    with an epoch in its metadata, then one segment per ``chain`` item after it, plus a
+    stale segment (inside the main object) and one of another epoch. Returns the
+    segment keys."""
+    epoch, other = "0123456789abcdef", "fedcba9876543210"
+    raw.put_object(
+        Bucket=bucket,
+        Key=f"{prefix}/{path}",
+        Body=main,
+        Metadata={"evalsyncd-epoch": epoch},
+    )
+    base = f"{prefix}/.evalsyncd/seg/{path}/"
+    keys = []
+    start = len(main)
+    for piece in chain:
+        keys.append(f"{base}@{epoch}/{start:020d}")
+        raw.put_object(Bucket=bucket, Key=keys[-1], Body=piece)
+        start += len(piece)
+    keys.append(f"{base}@{epoch}/{0:020d}")  # stale: already inside the main object
+    raw.put_object(Bucket=bucket, Key=keys[-1], Body=main[:3])
+    keys.append(f"{base}@{other}/{len(main):020d}")  # another epoch: never read
+    raw.put_object(Bucket=bucket, Key=keys[-1], Body=b"garbage\n")
+    return keys

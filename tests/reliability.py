@@ -152,7 +152,7 @@ def list_keys(reader: AnyStorage, *, internal: bool = False) -> list[str]:
 
 
 def snapshot(reader: AnyStorage) -> dict[str, bytes]:
-    """Every file of a destination, read through the reader (S3: main object + segments)."""
+    """Every file of a destination, read through the reader (main object + tail log)."""
     return {k: reader.read(k) for k in list_keys(reader)}
 
 

@@ -25,6 +25,7 @@ from evalsyncd.catalog import (
 )
 from evalsyncd.errors import StorageError
 from evalsyncd.storage import AnyStorage, LocalStorage, S3Storage
+from evalsyncd.storage.memory import MemoryStorage
 from evalsyncd.store import BenchmarkResult, EvalStore
 from evalsyncd.testing.proxy import CountingProxy
 from evalsyncd.testing.servers import SeaweedS3Server
@@ -323,3 +324,130 @@ def test_a_local_metadata_nested_too_deeply_is_left_out_of_the_catalog(tmp_path:
     (tmp_path / "runs/deep").mkdir()
     (tmp_path / "runs/deep/metadata.json").write_bytes(b"[" * 100_000 + b"]" * 100_000)
     assert set(json.loads(catalog_from_root(tmp_path))["runs"]) == {"good"}
+
+
+# ── The tail log vouches for the catalog (rule 6) ─────────────────────────────────
+
+
+def test_vouched_by_needs_the_same_writer_and_no_later_mark() -> None:
+    """A catalog built at (writer, seq) stands in for the listing only under a newest tail
+    header of that writer whose catalog mark is at most that seq."""
+    from evalsyncd.catalog import CATALOG_MARK
+
+    catalog = parse_catalog(build_catalog({"r": b"{}"}, tail=("w", 7)), "u")
+    assert catalog.tail == ("w", 7)
+    assert catalog.vouched_by("w", 9, {CATALOG_MARK: 7})
+    assert catalog.vouched_by("w", 9, {})  # no metadata ever changed through this tail
+    assert not catalog.vouched_by("w", 9, {CATALOG_MARK: 8})  # a run changed since
+    assert not catalog.vouched_by("other", 9, {})  # another writer's tail log
+    assert not catalog.vouched_by("", -1, {})  # no tail log
+    plain = parse_catalog(build_catalog({"r": b"{}"}), "u")
+    assert plain.tail is None and not plain.vouched_by("w", 9, {})
+    for bad in ({"writer": "", "seq": 1}, {"writer": "w", "seq": -1}, {"writer": "w"}, [1]):
+        doc = json.loads(build_catalog({"r": b"{}"}))
+        doc["tail"] = bad
+        assert parse_catalog(json.dumps(doc).encode(), "u").tail is None  # ignored, not fatal
+
+
+def test_a_vouched_catalog_replaces_the_runs_listing_and_tail_runs_are_added(
+    memory_storage: MemoryStorage,
+) -> None:
+    """With a catalog the tail log vouches for, list_runs reads the tail index and the catalog
+    and lists no directory; a run staged in the tail since is listed (read from the tail); a
+    later mark or another writer falls back to the listing, with the same answer."""
+    from evalsyncd.catalog import CATALOG_MARK, CATALOG_NAME
+    from evalsyncd.storage.tail import TailWriter
+
+    host = memory_storage.child("host")
+    ids = make_runs(EvalStore(host), 3)
+    metadata = {i: host.read(f"runs/{i}/metadata.json") for i in ids}
+    scratch = EvalStore(memory_storage.child("scratch"))
+    scratch.create_run("m", ["g"], checkpoint_name="late", run_id="late")
+    late = scratch.storage.read("runs/late/metadata.json")
+
+    async def commit(mark: bool, path: str | None = None, data: bytes = b"") -> int:
+        w = TailWriter(host, "w1")
+        await w.open()
+        if path is not None:
+            w.stage_replace(path, data, mtime=1.0)
+        if mark:
+            w.mark(CATALOG_MARK)
+        return (await w.commit()).seq
+
+    seq = asyncio.run(commit(True))
+    host.write_internal(CATALOG_NAME, build_catalog(metadata, tail=("w1", seq)))
+    faults = memory_storage.faults
+
+    def listing() -> tuple[list[str], int]:
+        fresh = MemoryStorage(memory_storage.bucket, f"{memory_storage.prefix}/host")  # no cache
+        faults.calls.clear()
+        runs = [r.run_id for r in EvalStore(fresh).list_runs()]
+        return sorted(runs), faults.calls["list_dir"]
+
+    assert listing() == (sorted(ids), 0)
+    asyncio.run(commit(True, "runs/late/metadata.json", late))  # staged since: a later mark
+    assert listing() == (sorted([*ids, "late"]), 1)
+    host.write_internal(CATALOG_NAME, build_catalog(metadata, tail=("w1", seq + 1)))
+    assert listing() == (sorted([*ids, "late"]), 0)  # vouched; "late" from the tail
+    host.write_internal(CATALOG_NAME, build_catalog(metadata, tail=("w0", seq + 1)))
+    assert listing() == (sorted([*ids, "late"]), 1)  # another writer's catalog
+    host.write_internal(CATALOG_NAME, build_catalog(metadata))
+    assert listing() == (sorted([*ids, "late"]), 1)  # not known complete
+
+
+def test_the_daemon_vouches_only_for_a_complete_catalog(
+    tmp_path: Path, memory_storage: MemoryStorage
+) -> None:
+    """The daemon's catalog records its tail log's writer and seq only when every mirrored
+    metadata.json is in it as the journal acknowledged it; a metadata.json changed since, one
+    sent straight to its main object, and one deleted with mirror_deletes all keep readers
+    right: vouched (no listing of runs/) or listing runs/."""
+    from evalsyncd.catalog import CATALOG_NAME
+    from evalsyncd.config import DestinationSettings
+    from evalsyncd.sync.destination import Destination
+    from evalsyncd.sync.journal import Journal
+
+    root = tmp_path / "root"
+    ids = make_runs(EvalStore(root), 3)
+    settings = DestinationSettings(name="m", url="s3://b/p", direct_append_bytes=4096)
+
+    def listing() -> tuple[list[str], int, bool]:
+        fresh = MemoryStorage(memory_storage.bucket, memory_storage.prefix)
+        memory_storage.faults.calls.clear()
+        runs = sorted(r.run_id for r in EvalStore(fresh).list_runs())
+        tail = parse_catalog(memory_storage.read_internal(CATALOG_NAME), "u").tail
+        return runs, memory_storage.faults.calls["list_dir"], tail is not None
+
+    async def passes(*paths: str) -> None:
+        for p in paths:
+            dest.mark(p)
+        assert await dest.run_pass()
+
+    with Journal(tmp_path / "j.sqlite3", root) as journal:
+        dest = Destination(settings, memory_storage, journal, root, flush_interval_s=0.01,
+                           mirror_deletes=True)  # fmt: skip
+        everything = [p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()]
+        asyncio.run(passes(*everything))
+        assert listing() == (ids, 0, True)
+        meta = root / f"runs/{ids[0]}/metadata.json"
+        changed = json.loads(meta.read_bytes())
+        changed["model_name"] = "m2"
+        meta.write_text(json.dumps(changed))  # changed, not sent yet
+        asyncio.run(passes(f"runs/{ids[1]}/metadata.json"))
+        assert listing() == (ids, 1, False)  # incomplete: readers list runs/
+        asyncio.run(passes(f"runs/{ids[0]}/metadata.json"))
+        assert listing() == (ids, 0, True)
+        fresh = MemoryStorage(memory_storage.bucket, memory_storage.prefix)
+        assert EvalStore(fresh).read_run(ids[0]).model_name == "m2"
+        big = root / f"runs/{ids[1]}/metadata.json"  # past direct_append_bytes: straight to main
+        doc = json.loads(big.read_bytes())
+        doc["config"] = {"pad": "x" * 5000}
+        big.write_text(json.dumps(doc))
+        asyncio.run(passes(f"runs/{ids[1]}/metadata.json"))
+        assert listing() == (ids, 0, True)
+        gone = ids[2]
+        for p in sorted((root / "runs" / gone).rglob("*"), reverse=True):
+            p.unlink() if p.is_file() else p.rmdir()
+        (root / "runs" / gone).rmdir()
+        asyncio.run(passes(*[p for p in everything if p.startswith(f"runs/{gone}/")]))
+        assert listing() == (ids[:2], 0, True)

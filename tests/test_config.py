@@ -224,7 +224,7 @@ def test_open_destination_storage_passes_every_setting(tmp_path: Path) -> None:
             "endpoint_url": "http://127.0.0.1:1",
             "max_attempts": 5,
             "multipart_threshold": 8 * 1024 * 1024,
-            "segment_max_lag_s": 5.0,
+            "cache_max_bytes": 1024,
             "retry": {"read_timeout_s": 7.0},
         },
         {"name": "b", "url": "gs://b/p", "page_size": 10, "retry": {"connect_timeout_s": 3.0}},
@@ -233,7 +233,11 @@ def test_open_destination_storage_passes_every_setting(tmp_path: Path) -> None:
     s3, gcs, local = (open_destination_storage(d) for d in s.destinations)
     assert isinstance(s3, S3Storage) and isinstance(gcs, GCSStorage)
     assert isinstance(local, LocalStorage)
-    assert (s3.max_attempts, s3.multipart_threshold, s3.max_lag_s) == (5, 8 * 1024 * 1024, 5.0)
+    assert (s3.max_attempts, s3.multipart_threshold, s3.cache_max_bytes) == (
+        5,
+        8 * 1024 * 1024,
+        1024,
+    )
     assert (s3.read_timeout_s, s3.endpoint_url) == (7.0, "http://127.0.0.1:1")
     assert (gcs.page_size, gcs.connect_timeout_s) == (10, 3.0)
     assert local.durable is False
@@ -414,3 +418,30 @@ def test_unknown_url_placeholders_and_non_finite_numbers_are_refused(tmp_path: P
             load_settings(path)
     out = evalsyncd("status", "--config", str(path))
     assert out.returncode == 78 and "finite" in out.stderr
+
+
+def test_retired_s3_segment_keys_load_and_are_ignored_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A configuration file of an older version that still sets the S3 segment log's keys
+    loads; each key is ignored with one `config_key_ignored` warning naming it."""
+    (tmp_path / "root").mkdir()
+    config = tmp_path / "old.toml"
+    config.write_text(
+        f'root = "{tmp_path / "root"}"\n'
+        f'state_dir = "{tmp_path / "state"}"\n'
+        "[[destinations]]\n"
+        'name = "old"\n'
+        'url = "s3://bucket/prefix"\n'
+        "max_segments = 32\n"
+        "compact_ratio = 2.0\n"
+        "segment_max_lag_s = 60.0\n"
+    )
+    with caplog.at_level("WARNING", logger="evalsyncd.config"):
+        settings = load_settings(config)
+    (dest,) = settings.destinations
+    assert isinstance(dest, S3DestinationSettings) and dest.name == "old"
+    ignored = sorted(r.args[1] for r in caplog.records if "config_key_ignored" in r.msg)
+    assert ignored == ["compact_ratio", "max_segments", "segment_max_lag_s"]
+    assert all(r.levelname == "WARNING" and r.args[0] == "old" for r in caplog.records)
+    assert "max_segments" not in open_destination_storage(dest).__dict__

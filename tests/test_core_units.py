@@ -159,9 +159,6 @@ def test_a_failing_step_fails_the_pass(tmp_path: Path) -> None:
                 self.fail = False
                 raise TransientStorageError("catalog upload failed")
 
-        def next_due_in(self) -> float | None:
-            return None
-
     async def scenario() -> None:
         with Journal(tmp_path / "j.sqlite3", tmp_path) as journal:
             s = _scheduler(journal, _Scripted(), clock, [Step()])

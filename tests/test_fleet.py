@@ -338,3 +338,88 @@ def test_runs_ls_of_a_host_and_a_fleet_reads_the_catalogs_on_s3(
     assert len(json.loads(host.stdout)) == 6 and len(json.loads(fleet.stdout)) == 15
     assert host_requests == 5 + 2, host_requests
     assert fleet_requests == 2 + 1 + 3 * 3, fleet_requests
+
+
+def test_fleet_listing_of_every_host_kind_costs_three_requests_a_healthy_host_on_s3(
+    tmp_path: Path, cloud_env: dict[str, str], s3_server: SeaweedS3Server, unique_prefix: str
+) -> None:
+    """`runs ls --json` of a fleet on SeaweedFS, counted by a proxy: a host mirrored by the
+    daemon with its tail log on (its runs only in main objects, the tail's newest object
+    kept), one with an evicted run, one with the tail log off, each cost 3 requests (the
+    tail log's LIST and GET and the catalog's GET: the tail vouches for the catalog, no LIST
+    of runs/; or LIST runs/ when there is no tail); a host with no catalog adds a read per
+    run; a host with a run only in the tail (staged since its catalog) and one whose newest
+    tail object is damaged list runs/ too (4). Every run is listed, the damaged tail named."""
+    from evalsyncd.catalog import CATALOG_MARK
+    from evalsyncd.cli import main
+    from evalsyncd.storage._bridge import run_sync
+    from evalsyncd.storage._tailfind import search_levels
+    from evalsyncd.storage.tail import object_name, read_index
+    from tests.daemon import write_config
+    from tests.test_retention import DAY, _age
+
+    base = f"s3://{S3_BUCKET}/{unique_prefix}"
+    expected: dict[str, set[str]] = {}
+
+    def mirror(host: str, runs: int, **dest: Any) -> Path:
+        root = tmp_path / host
+        store = EvalStore(root)
+        for i in range(runs):
+            rid = store.create_run("m", ["g"], checkpoint_name=f"s{i}", run_id=f"{host}-{i}")
+            store.write_trajectory(rid, "g", StoredTrajectory(idx=0, benchmark="g"))
+            store.write_summary(rid, {})
+            store.finalize_run(rid)
+        expected[host] = {f"{host}-{i}" for i in range(runs)}
+        url = {"name": "s3", "url": f"{base}/{host}", "endpoint_url": s3_server.endpoint_url}
+        cfg = write_config(tmp_path / f"{host}.toml", root, tmp_path / f"{host}-state",
+                           [{**url, **dest}], **{"retention.enabled": True,
+                                                 "retention.min_age_s": 3600.0})  # fmt: skip
+        if host == "evicted":
+            _age(root, f"{host}-0", 2 * DAY)
+        assert main(["sync", "--once", "--config", str(cfg)]) == 0
+        if host == "evicted":
+            assert main(["evict", "--config", str(cfg)]) == 0
+            assert not (root / f"runs/{host}-0/g/trajectories.jsonl").exists()
+            assert main(["sync", "--once", "--config", str(cfg)]) == 0
+        return root
+
+    for host in ("daemon", "evicted", "tailonly", "damaged"):
+        mirror(host, 3)
+    mirror("perfile", 3, max_main_lag_s=0.0)
+    with S3Storage(S3_BUCKET, unique_prefix, endpoint_url=s3_server.endpoint_url) as s:
+        make_fleet(s, {"plain": 2}, catalog=False)  # an older daemon, or the catalog off
+        expected["plain"] = {"plain-run000", "plain-run001"}
+        tailonly = s.child("tailonly")
+        index = run_sync(read_index(tailonly))
+        writer = tailonly.tail_writer(index.writer)  # the daemon's own, as its next flush
+        run_sync(writer.open())
+        scratch = EvalStore(tmp_path / "scratch")
+        scratch.create_run("m", ["g"], checkpoint_name="new", run_id="tailonly-new")
+        meta = (tmp_path / "scratch/runs/tailonly-new/metadata.json").read_bytes()
+        writer.stage_replace("runs/tailonly-new/metadata.json", meta, mtime=0.0)
+        writer.mark(CATALOG_MARK)
+        run_sync(writer.commit())
+        expected["tailonly"].add("tailonly-new")
+        newest = run_sync(read_index(s.child("damaged"))).seq
+    raw = s3_server.raw_client()
+    try:
+        key = f"{unique_prefix}/damaged/.evalsyncd/tail/{object_name(newest)}"
+        raw.put_object(Bucket=S3_BUCKET, Key=key, Body=b"evalsyncd-tail 1 9\nnot zlib!")
+    finally:
+        raw.close()
+    with CountingProxy("127.0.0.1", s3_server.port) as proxy:
+        listed = run_cli(
+            "runs", "ls", "--json", "--allow-skipped", base, env={"AWS_ENDPOINT_URL_S3": proxy.url}
+        )
+        requests = proxy.requests
+    assert listed.returncode == 0, listed.stderr
+    got: dict[str, set[str]] = {}
+    for row in json.loads(listed.stdout):
+        got.setdefault(row["host"], set()).add(row["run_id"])
+    assert got == expected
+    assert "damaged" in listed.stderr and key in listed.stderr, listed.stderr
+    once = 1 + len(search_levels(unique_prefix, unique_prefix, 0))  # the fleet's LIST, levels
+    healthy = 3 * 3  # daemon, evicted, perfile
+    plain = 3 + 2  # its tail log's LIST, the catalog's GET (404), LIST runs/, a GET per run
+    listing_too = 4 * 2  # tailonly, damaged: the tail's LIST and GET, the catalog, runs/
+    assert requests == once + healthy + plain + listing_too, requests

@@ -140,7 +140,7 @@ def _faults(kind: str) -> list[Rule]:
         # a burst longer than the SDK's own retries: the daemon's backoff takes over
         Rule("slowdown" if kind == "s3" else "status", times=12, skip=15),
         *throttle,
-        # lost responses at the points that matter: segment/object PUTs, multipart
+        # lost responses at the points that matter: object PUTs, multipart
         # completion, GCS uploads and composes
         Rule("reset_after", method="PUT", times=3, skip=3),
         Rule("reset_after", path_contains="uploadId=", method="POST", times=2),

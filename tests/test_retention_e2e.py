@@ -165,7 +165,7 @@ def test_checks_cost_one_request_per_file_per_destination(
 
             async with s3, gcs:
                 await rig.sync()
-                for i in range(50, 60):  # appended after the first upload: S3 segments
+                for i in range(50, 60):  # appended after the first upload
                     store.write_trajectory(
                         run, "math", StoredTrajectory(idx=i, benchmark="math", reward=0)
                     )
@@ -173,7 +173,6 @@ def test_checks_cost_one_request_per_file_per_destination(
                 await rig.sync()
                 for s in (s3, gcs):
                     s.read_tail = False
-                    await s.aflush()
                 (r,) = scan_runs(rig.root)
                 p3.reset()
                 pg.reset()

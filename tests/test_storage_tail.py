@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
+from dataclasses import replace
 
 import pytest
 
-from evalsyncd.errors import CorruptObjectError
+from evalsyncd.errors import CorruptObjectError, TransientStorageError
 from evalsyncd.storage import GCSStorage, S3Storage
 from evalsyncd.storage.memory import MemoryStorage
 from evalsyncd.storage.tail import (
@@ -302,3 +303,63 @@ def test_a_plain_object_changed_under_pending_pieces_is_read_plain_and_reported(
         await cloud.aclose()
 
     _run(scenario())
+
+
+def test_marks_are_carried_forward_checked_and_a_mark_alone_writes_an_object(
+    memory_storage: MemoryStorage,
+) -> None:
+    """A mark names the seq of the newest object marked with it, every later header carries
+    it (a restarted writer too); a pending mark alone makes commit write an index-only
+    object; a failed commit drops it; a header whose marks are not names to seqs at or
+    below its own is damaged."""
+
+    async def scenario() -> None:
+        w = TailWriter(memory_storage, "w")
+        await w.open()
+        w.stage_replace("runs/r/metadata.json", b"{}", mtime=1.0)
+        w.mark("catalog")
+        assert (await w.commit()).marks == {"catalog": 0}
+        w.stage_append("f.jsonl", 0, b"1\n", base=0, main_version=None, mtime=1.0)
+        assert (await w.commit()).marks == {"catalog": 0}  # carried forward
+        assert not w.dirty
+        w.mark("catalog")
+        assert w.dirty
+        index = await w.commit()  # nothing staged but the mark: an object is written
+        assert (index.seq, index.marks) == (2, {"catalog": 2})
+        again = TailWriter(memory_storage, "w")
+        assert (await again.open()).marks == {"catalog": 2}  # read back from the header
+        memory_storage.faults.fail("internal_create")
+        again.mark("other")
+        with pytest.raises(TransientStorageError):
+            await again.commit()
+        assert not again.dirty and again.index.marks == {"catalog": 2}  # dropped with it
+        with pytest.raises(ValueError, match="64"):
+            again.mark("x" * 65)
+        await memory_storage.aclose()
+
+    _run(scenario())
+    for marks in ({"catalog": 5}, {"catalog": -1}, {"catalog": "1"}, {"": 0}, [1]):
+        index = TailIndex("w", 4, 2.0, {}, "tok", {})
+        data, _ = encode_tail_object(replace(index, marks={"m": 0}), b"")
+        header = _header_json(data)
+        header["marks"] = marks
+        with pytest.raises(CorruptObjectError, match="damaged tail header"):
+            decode_header(_with_header(header), "s3://b/x")
+
+
+def _header_json(data: bytes) -> dict[str, object]:
+    import json
+    import zlib
+
+    nl = data.index(b"\n")
+    length = int(data[len(b"evalsyncd-tail 1 ") : nl])
+    out: dict[str, object] = json.loads(zlib.decompress(data[nl + 1 : nl + 1 + length]))
+    return out
+
+
+def _with_header(header: dict[str, object]) -> bytes:
+    import json
+    import zlib
+
+    packed = zlib.compress(json.dumps(header).encode())
+    return b"evalsyncd-tail 1 " + str(len(packed)).encode() + b"\n" + packed

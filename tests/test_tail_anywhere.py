@@ -30,7 +30,8 @@ from tests.reliability import RelEnv
     ("root", "directory", "depth", "levels"),
     [
         ("host", "host", 1, ["host", ""]),
-        ("host/train", "host/train/runs/r", 1, ["host/train", "host", "", "host/train/runs"]),
+        ("host/train", "host/train/runs/r", 1, ["host/train", "host", ""]),  # a store's runs/
+        ("host/train", "host/train/eval/r", 1, ["host/train", "host", "", "host/train/eval"]),
         ("fleet", "fleet/h1/runs", 1, ["fleet", "", "fleet/h1"]),
         ("fleet", "fleet/h1/runs", 0, ["fleet", ""]),
         ("", "a/b/c", 2, ["", "a", "a/b"]),
@@ -41,7 +42,7 @@ def test_search_levels_own_prefix_then_above_then_below(
     root: str, directory: str, depth: int, levels: list[str]
 ) -> None:
     """A storage probes its own prefix, the prefixes above it (nearest first), then `depth`
-    levels below it, never inside a `.evalsyncd` area."""
+    levels below it, never inside a `.evalsyncd` area or a store's `runs/`."""
     assert search_levels(root, directory, depth) == levels
 
 

@@ -31,7 +31,8 @@ Contract, per method (all backends):
   immediate children of ``prefix``: files and "directories". ``[]`` if none.
 - ``remove(path)``: delete; no error if missing. ``remove_dir(path)``: remove
   an empty directory; a no-op on object stores.
-- ``flush()``: push anything the backend buffers (S3 segment compaction).
+- ``flush()``: push anything the backend buffers (none of evalsyncd's own backends buffers
+  any more: a no-op; kept for the ``tinker_cookbook`` method set).
 - Context manager: entering opens clients, exiting closes them.
 
 Errors are the classes of :mod:`evalsyncd.errors`; transient and permanent
@@ -89,7 +90,7 @@ class StorageStat:
     """Metadata of one file or object.
 
     Attributes:
-        size: length in bytes (for S3, the main object plus its pending segments).
+        size: length in bytes.
         mtime: last modification, seconds since the Unix epoch (second granularity
             on some object stores).
         version: the backend's version token: S3 ETag (of the main object),

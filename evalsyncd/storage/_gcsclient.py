@@ -30,6 +30,7 @@ from evalsyncd.errors import (
     StorageError,
     TransientStorageError,
 )
+from evalsyncd.storage._leftovers import note_left
 
 __all__ = [
     "GCSClient",
@@ -279,6 +280,7 @@ class GCSClient:
             if http_status(exc) == 404:
                 return
             log.warning("gcs_temporary_object_left", url=url, error=repr(exc))
+            note_left(url)  # reaped later (evalsyncd.storage.reap)
 
     async def list(
         self,

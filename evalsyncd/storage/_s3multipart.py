@@ -28,6 +28,7 @@ import botocore.exceptions as bexc
 import structlog
 
 from evalsyncd.errors import ConflictError, ServerBehaviourError
+from evalsyncd.storage._leftovers import note_left
 from evalsyncd.storage._s3errors import BOUNDARY, boundary, error_code
 from evalsyncd.storage._s3requests import S3Requests
 
@@ -215,5 +216,7 @@ async def _abort(client: Any, bucket: str, key: str, upload_id: str, url: str) -
     except bexc.ClientError as exc:
         if error_code(exc) != "NoSuchUpload":
             log.warning("s3_abort_failed", url=url, upload_id=upload_id, error=repr(exc))
+            note_left(url)  # reaped later (evalsyncd.storage.reap)
     except BOUNDARY as exc:
         log.warning("s3_abort_failed", url=url, upload_id=upload_id, error=repr(exc))
+        note_left(url)

@@ -1,7 +1,7 @@
 """The S3 requests of one bucket, each translated at the boundary (:mod:`._s3errors`).
 
-:class:`S3Requests` is what ``S3Storage``, its segment log
-(:mod:`._s3segments`) and its multipart appends (:mod:`._s3multipart`) send:
+:class:`S3Requests` is what ``S3Storage``, its reader of older versions' segments
+(:mod:`._s3legacy`) and its multipart appends (:mod:`._s3multipart`) send:
 one method per S3 call, taking the event loop's client (``S3Storage._client``)
 and the ``s3://`` URL that errors name. It remembers one thing, that the bucket
 exists, so a 404 without a body (a ``HEAD``) costs one ``HeadBucket`` at most

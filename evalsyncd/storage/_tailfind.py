@@ -10,12 +10,19 @@ one, in this order (:func:`search_levels`)::
     1. the storage's own prefix                     (the common case: found at once)
     2. each prefix above it, nearest first          (a reader at a sub-prefix)
     3. the levels below it, down to ``depth``       (a fleet prefix reading a host)
-       levels, shallowest first
+       levels, shallowest first, never into a
+       store's ``runs/``
 
 and stops at the first level whose tail log has an object. Destinations do
 not nest (a prefix has one owner and a destination never writes another's
 ``.evalsyncd/``), so at most one level holds a tail log for a key and the
 order only decides the cost.
+
+A level named ``runs`` below the storage's prefix is a store's runs directory,
+never a destination's prefix (a prefix holding ``runs/`` is one store, as
+:class:`~evalsyncd.fleet.Fleet` reads it), so the search stops there: a reader
+at a store's prefix reading ``runs/{id}/...`` probes its own prefix and those
+above it, not ``runs/``.
 
 Cost: probing a level is the tail log's own first request (a LIST with
 ``MaxKeys=1`` of ``{level}/.evalsyncd/tail/``, then the newest header when
@@ -47,6 +54,10 @@ INTERNAL_DIR: Final = ".evalsyncd"
 EMPTY_INDEX: Final = TailIndex(writer="", seq=-1, created=0.0)
 """The index of a level without a tail log."""
 
+_NOT_A_DESTINATION: Final = frozenset({INTERNAL_DIR, "runs"})
+"""Names of directories below which the search never goes: the daemon's own area, and
+a store's runs directory."""
+
 
 def _parent(level: str) -> str:
     return level.rpartition("/")[0]
@@ -64,12 +75,13 @@ def search_levels(root: str, directory: str, depth: int) -> list[str]:
     Returns:
         ``root``, its ancestors nearest first (ending with ``""``), then the levels
         from ``root`` down to ``directory``, at most ``depth`` of them, shallowest
-        first; levels inside a ``.evalsyncd`` area are left out.
+        first; levels inside a ``.evalsyncd`` area or a store's ``runs`` directory are
+        left out.
 
     >>> search_levels("a/b", "a/b/c/d", 1)
     ['a/b', 'a', '', 'a/b/c']
     >>> search_levels("", "h/runs", 2)
-    ['', 'h', 'h/runs']
+    ['', 'h']
     """
     levels = [root]
     up = root
@@ -79,7 +91,7 @@ def search_levels(root: str, directory: str, depth: int) -> list[str]:
     rest = directory[len(root) :].strip("/") if root else directory.strip("/")
     below = root
     for part in rest.split("/")[:depth] if rest else ():
-        if part == INTERNAL_DIR:
+        if part in _NOT_A_DESTINATION:
             break
         below = f"{below}/{part}" if below else part
         levels.append(below)

@@ -1,5 +1,6 @@
 """Remove what failed cleanups left behind under a prefix: GCS compose deltas and
-abandoned S3 multipart uploads.
+abandoned S3 multipart uploads; and fold the S3 append segments an older version
+left (``S3Storage.afold_old_segments``).
 
 An append deletes its GCS delta (``{prefix}/.evalsyncd/gcs-append/{id}``) and
 aborts a failed S3 multipart upload itself; a delete or an abort that fails
@@ -10,7 +11,12 @@ to an append in flight (of this daemon or of a library user), so the age must
 exceed the longest append (default one hour).
 
 Cost: one listing (GCS: of the delta area; S3: ``ListMultipartUploads`` under
-the prefix, first 1,000) plus one request per removal.
+the prefix, first 1,000, and, with ``fold_segments``, one of ``.evalsyncd/seg/``)
+plus one request per removal.
+
+A cleanup that fails is noted (:func:`note_left`, by the object's URL), so that
+a long-running caller can reap again once that leftover is old enough
+(:func:`last_left`) instead of waiting for its next periodic reap.
 """
 
 from __future__ import annotations
@@ -23,8 +29,9 @@ from typing import Any, Final
 import structlog
 
 from evalsyncd.errors import StorageError
+from evalsyncd.storage._leftovers import last_left, note_left
 
-__all__ = ["DEFAULT_MIN_AGE_S", "areap"]
+__all__ = ["DEFAULT_MIN_AGE_S", "areap", "last_left", "note_left"]
 
 log = structlog.get_logger("evalsyncd.storage")
 
@@ -32,12 +39,17 @@ DEFAULT_MIN_AGE_S: Final = 3600.0
 """Leftovers younger than this, seconds, are left alone (an append may be in flight)."""
 
 
-async def areap(storage: Any, *, min_age_s: float = DEFAULT_MIN_AGE_S) -> int:
+async def areap(
+    storage: Any, *, min_age_s: float = DEFAULT_MIN_AGE_S, fold_segments: bool = True
+) -> int:
     """Remove GCS compose deltas / S3 multipart uploads older than ``min_age_s`` seconds.
 
     Args:
         storage: an ``S3Storage`` or ``GCSStorage`` (anything else: nothing to do).
         min_age_s: the safe age, seconds.
+        fold_segments: on S3, also fold the append segments an older version left
+            (``S3Storage.afold_old_segments``: one more listing; once, at start, is
+            enough: this version writes none).
 
     Returns:
         How many were removed.
@@ -53,6 +65,8 @@ async def areap(storage: Any, *, min_age_s: float = DEFAULT_MIN_AGE_S) -> int:
         removed = await _reap_gcs(storage, cutoff)
     elif isinstance(storage, S3Storage):
         removed = await _reap_s3(storage, cutoff)
+        if fold_segments:
+            await storage.afold_old_segments()  # an older version's append segments
     else:
         return 0
     if removed:

@@ -8,30 +8,29 @@ The backend is split by job:
 
 - this module: settings, the client, keys, reads of main objects, ``write``,
   ``remove``, and which mechanism an ``append`` takes;
-- :mod:`._s3segments`: the segment log (appends below 5 MiB, compaction, the
-  caches of this instance), with the layout of the segment objects;
 - :mod:`._s3multipart`: appends of 5 MiB and more, copied on the server;
+- :mod:`._s3legacy`: append segments written by older versions (read, folded);
 - :mod:`._s3requests`: the translated S3 calls; :mod:`._s3errors`: the error map.
 
-How ``append(path, data)`` travels, at about ``len(data)`` bytes on the wire:
+How ``append(path, data)`` travels (one object per file, nothing else):
 
-- file missing: ``PutObject`` of the main object with ``If-None-Match: *``
-  (a new epoch);
-- main object of ``multipart_threshold`` (5 MiB) or more and no pending
-  segments: a multipart upload whose first part(s) are ``UploadPartCopy`` of
-  the main object (``CopySourceIfMatch``, parts of at most 5 GiB) and whose last
-  part carries ``data``, completed with ``If-Match``; aborted on any failure;
-- otherwise (below 5 MiB, where S3 cannot concatenate on the server): ``data``
-  becomes the segment at the file's current size (see :mod:`._s3segments`).
-  A main object without an epoch (written by ``write`` or another tool) is
-  rewritten instead, with ``If-Match``, to start an epoch.
+- file missing: ``PutObject`` with ``If-None-Match: *``;
+- object of ``multipart_threshold`` (5 MiB) or more: a multipart upload whose
+  first part(s) are ``UploadPartCopy`` of the object (``CopySourceIfMatch``,
+  parts of at most 5 GiB) and whose last part carries ``data``, completed with
+  ``If-Match``; aborted on any failure. About ``len(data)`` on the wire;
+- below 5 MiB, where S3 cannot concatenate on the server: the whole object
+  rewritten, ``PutObject`` of old bytes + ``data`` with ``If-Match`` on the
+  ETag read. The old bytes come from this instance's memory when it wrote the
+  object last (:class:`AppendCache`, at most ``cache_max_bytes``): then the
+  append is that one request; otherwise a ``HEAD`` and a ``GET`` come first.
+  On the wire: the object's new size per append, so a file grown in ``n``
+  appends of ``d`` bytes costs about ``d * n**2 / 2`` until it reaches 5 MiB
+  (``docs/design.md`` section 6 bounds what that means for the daemon).
 
-Wire cost (measured through a counting proxy, requests and responses included):
-a file grown to 8 MiB in 64 appends costs about 1.95x its size, to 64 MiB in
-256 appends about 1.1x. Below 5 MiB every byte travels at least twice (as a
-segment, then inside the first object of 5 MiB, which S3 cannot assemble on the
-server), so ``compact_ratio`` is 2 rather than 1; with tiny appends the
-``max_segments`` cap dominates (a compaction every 33 appends).
+A read of a main object is one request (``GET``; ``stat``: one ``HEAD``),
+except for an object an older version appended segments to (it carries the
+epoch metadata of :mod:`._s3legacy`), which also lists its segments.
 
 Errors are translated at this boundary (:mod:`._s3errors`, see
 :mod:`evalsyncd.errors`).
@@ -39,7 +38,11 @@ Errors are translated at this boundary (:mod:`._s3errors`, see
 
 from __future__ import annotations
 
+import contextlib
+import threading
+from collections import OrderedDict
 from contextlib import AsyncExitStack
+from dataclasses import dataclass
 from typing import Any, Final
 
 from aiobotocore.config import AioConfig
@@ -49,28 +52,80 @@ from evalsyncd.errors import (
     ConflictError,
     InvalidKeyError,
     ObjectNotFoundError,
+    StorageError,
     TransientStorageError,
 )
+from evalsyncd.storage import _s3legacy as legacy
 from evalsyncd.storage._base import StorageStat, check_key
 from evalsyncd.storage._cloud import INTERNAL_DIR, CloudStorage
 from evalsyncd.storage._s3errors import boundary
 from evalsyncd.storage._s3multipart import MULTIPART_MIN_BYTES, MiB, append_multipart
 from evalsyncd.storage._s3requests import S3Requests
-from evalsyncd.storage._s3segments import (
-    ATTEMPTS,
-    EPOCH_META,
-    Changed,
-    SegmentLog,
-    SegmentPaths,
-    SegmentPolicy,
-    View,
-    epoch_meta,
-    new_epoch,
-)
 
-__all__ = ["MULTIPART_MIN_BYTES", "S3Storage"]
+__all__ = ["MULTIPART_MIN_BYTES", "AppendCache", "S3Storage"]
 
-_RUNTIME: Final = ("_requests", "_segments")
+USER_AGENT: Final = "evalsyncd"
+"""The ``User-Agent`` of every request (botocore adds its own name and version). Given,
+botocore sends it as it is; left to botocore, it is rebuilt twice per request from a
+dozen components: 7 to 9 % of the CPU of a small ``PutObject`` (a backfill is a stream
+of them; ``bench/backfill.py``, ``docs/decisions/s3-client.md``)."""
+
+_RUNTIME: Final = ("_requests", "_cache")
+ATTEMPTS: Final = 4
+"""Tries when a file changes under a read or an append without ``offset``."""
+
+
+class AppendCache:
+    """The bytes and ETag of small objects this instance wrote last, least recently used
+    first; thread-safe. A hit saves an append's ``HEAD`` and ``GET``; a stale entry
+    costs one refused ``If-Match`` (then the object is read).
+
+    Args:
+        max_bytes: memory bound, bytes.
+        max_file_bytes: objects of this size or more are never kept (multipart
+            appends need no download).
+    """
+
+    def __init__(self, max_bytes: int, max_file_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.max_file_bytes = max_file_bytes
+        self._items: OrderedDict[str, tuple[str, bytes]] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def get(self, path: str) -> tuple[str, bytes] | None:
+        """``(etag, content)`` of ``path`` as this instance wrote it last, or ``None``."""
+        with self._lock:
+            entry = self._items.get(path)
+            if entry is not None:
+                self._items.move_to_end(path)
+            return entry
+
+    def put(self, path: str, etag: str | None, content: bytes | None) -> None:
+        """Remember ``content`` at ``etag`` for ``path`` (``None`` either: forget it)."""
+        with self._lock:
+            old = self._items.pop(path, None)
+            if old is not None:
+                self._bytes -= len(old[1])
+            if etag is None or content is None or len(content) >= self.max_file_bytes:
+                return
+            self._items[path] = (etag, content)
+            self._bytes += len(content)
+            while self._bytes > self.max_bytes and self._items:
+                _path, (_etag, dropped) = self._items.popitem(last=False)
+                self._bytes -= len(dropped)
+
+
+@dataclass(frozen=True, slots=True)
+class _Object:
+    """A main object as a ``HEAD`` found it: ETag, size in bytes and mtime in Unix
+    seconds (an older version's segments included), and, for an object an older
+    version appended segments to, its segment view."""
+
+    etag: str
+    size: int
+    mtime: float
+    old: legacy.View | None = None
 
 
 class S3Storage(CloudStorage):
@@ -79,12 +134,10 @@ class S3Storage(CloudStorage):
     Implements ``Storage`` and ``AsyncStorage``. Keys are ``{prefix}/{path}``,
     used as they are (UTF-8). Paths under ``.evalsyncd/`` are reserved.
     Credentials come from the standard AWS chain (environment, shared files,
-    ``profile``, instance metadata). Instances hold configuration only and pickle.
-
-    Appends below 5 MiB are the job of its segment log
-    (:class:`~evalsyncd.storage._s3segments.SegmentLog`, ``_segments``), requests
-    go through :class:`~evalsyncd.storage._s3requests.S3Requests` (``_requests``):
-    both runtime state, rebuilt after unpickling.
+    ``profile``, instance metadata). Instances hold configuration only and pickle;
+    requests go through :class:`~evalsyncd.storage._s3requests.S3Requests`
+    (``_requests``) and small objects' bytes are remembered in an
+    :class:`AppendCache` (``_cache``): runtime state, rebuilt after unpickling.
 
     Args:
         bucket: bucket name.
@@ -102,15 +155,8 @@ class S3Storage(CloudStorage):
         max_pool_connections: HTTP connections per client.
         multipart_threshold: bytes from which appends use multipart uploads
             (S3's minimum part size, 5 MiB, or more).
-        max_segments: pending segments per file before compaction.
-        compact_ratio: compact when pending segments exceed this many times the
-            main object's size (2 rather than 1: see the module docstring's wire cost).
-        max_lag_s: compact on append once the oldest pending segment this
-            instance wrote is this many seconds old, so tools reading only the
-            main object stay at most about this far behind an active file
-            (an idle one is compacted by ``flush()``).
-        cache_max_bytes: memory for the bytes of small files this instance
-            appends to (compaction then needs no download).
+        cache_max_bytes: memory for the bytes of small objects this instance
+            wrote (an append to one of them then needs no download), bytes.
 
     Raises:
         ValueError: invalid bucket name or settings.
@@ -133,15 +179,14 @@ class S3Storage(CloudStorage):
         addressing_style: str | None = None,
         max_pool_connections: int = 32,
         multipart_threshold: int = MULTIPART_MIN_BYTES,
-        max_segments: int = 32,
-        compact_ratio: float = 2.0,
-        max_lag_s: float = 60.0,
         cache_max_bytes: int = 64 * MiB,
     ) -> None:
         if multipart_threshold < MULTIPART_MIN_BYTES:
             raise ValueError(f"multipart_threshold must be >= {MULTIPART_MIN_BYTES} bytes")
-        if max_attempts < 1 or max_segments < 1 or compact_ratio <= 0:
-            raise ValueError("max_attempts and max_segments must be >= 1, compact_ratio > 0")
+        if max_attempts < 1:
+            raise ValueError("max_attempts must be >= 1")
+        if cache_max_bytes < 0:
+            raise ValueError("cache_max_bytes must be >= 0")
         if addressing_style not in (None, "path", "virtual", "auto"):
             raise ValueError(f"invalid addressing_style {addressing_style!r}")
         self.endpoint_url = endpoint_url
@@ -153,9 +198,6 @@ class S3Storage(CloudStorage):
         self.addressing_style = addressing_style
         self.max_pool_connections = max_pool_connections
         self.multipart_threshold = multipart_threshold
-        self.max_segments = max_segments
-        self.compact_ratio = compact_ratio
-        self.max_lag_s = max_lag_s
         self.cache_max_bytes = cache_max_bytes
         super().__init__(bucket, prefix)
 
@@ -163,23 +205,20 @@ class S3Storage(CloudStorage):
     """Capability of the server: ``UploadPartCopy`` works, so appends to objects of
     ``multipart_threshold`` and more copy the old bytes on the server. ``False``
     (a server that lacks it, found by :mod:`evalsyncd.storage.probe`): such appends
-    go to the segment log, whose compaction rewrites the whole object with
-    ``If-Match`` (correct; about the object's size on the wire per compaction)."""
+    rewrite the whole object with ``If-Match`` too (correct; about the object's size
+    on the wire per append)."""
 
     # -- runtime state (never pickled) -------------------------------------------------
 
     def _init_runtime(self) -> None:
         super()._init_runtime()
         self._requests = S3Requests(self.bucket)
-        policy = SegmentPolicy(
-            multipart_threshold=self.multipart_threshold,
-            max_segments=self.max_segments,
-            compact_ratio=self.compact_ratio,
-            max_lag_s=self.max_lag_s,
-            cache_max_bytes=self.cache_max_bytes,
-        )
-        paths = SegmentPaths(main_key=self._key, segment_dir=self._segment_dir, url=self.url)
-        self._segments = SegmentLog(self._requests, policy, paths)
+        self._cache = AppendCache(self.cache_max_bytes, self.multipart_threshold)
+
+    def _rooted_at(self, prefix: str) -> S3Storage:
+        new = super()._rooted_at(prefix)
+        new._cache = AppendCache(self.cache_max_bytes, self.multipart_threshold)  # keyed by path
+        return new
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
@@ -201,6 +240,7 @@ class S3Storage(CloudStorage):
                 retries={"total_max_attempts": self.max_attempts, "mode": "standard"},
                 s3={"addressing_style": style},
                 max_pool_connections=self.max_pool_connections,
+                user_agent=USER_AGENT,
             )
             return await stack.enter_async_context(
                 session.create_client(
@@ -216,34 +256,42 @@ class S3Storage(CloudStorage):
             raise InvalidKeyError(f"invalid storage key {path!r}: {INTERNAL_DIR}/ is reserved")
         return self._join(path)
 
-    def _segment_dir(self, path: str) -> str:
-        """Key prefix of all segments of ``path``, every epoch: ``…/seg/{path}/``."""
-        return self._internal_key("seg", path) + "/"
+    def _seg_base(self) -> str:
+        """Key prefix of every append segment an older version wrote: ``…/.evalsyncd/seg/``."""
+        return self._internal_key(legacy.SEGMENT_DIR) + "/"
+
+    async def _old_view(self, client: Any, path: str) -> legacy.View | None:
+        """An older version's view of ``path``: segments listed, then a ``HEAD``."""
+        return await legacy.view(
+            self._requests, client, self._key(path), self._seg_base(), path, self.url(path)
+        )
 
     # -- reading ---------------------------------------------------------------------------
 
     async def _main_read(self, path: str) -> bytes:
-        """See :meth:`Storage.read`: the main object plus its chain of segments."""
+        """See :meth:`Storage.read`: one ``GET`` (an older version's segments stitched)."""
         key, url = self._key(path), self.url(path)
         client = await self._client()
         for _attempt in range(ATTEMPTS):
             body, resp = await self._requests.get(client, key, url)
-            epoch = resp.get("Metadata", {}).get(EPOCH_META)
+            epoch = legacy.epoch_of(resp)
             if epoch is None:
                 return body
-            view = await self._segments.view(client, path)
-            if view.epoch != epoch or view.main_size < len(body):
+            view = await self._old_view(client, path)
+            if view is None or view.epoch != epoch or view.main_size < len(body):
                 continue  # rewritten meanwhile
             try:
-                return body + await self._segments.read_span(
-                    client, path, view, len(body), view.size
+                rest = await legacy.read_span(
+                    self._requests, client, key, url, view, len(body), view.size
                 )
-            except Changed:
+            except legacy.Changed:
                 continue
+            return body + rest
         raise TransientStorageError(f"{url}: the file kept changing while it was read", url=url)
 
     async def _main_read_range(self, path: str, offset: int, length: int | None = None) -> bytes:
-        """See :meth:`Storage.read_range`: one ranged GET while the bytes are in the main object."""
+        """See :meth:`Storage.read_range`: one ranged ``GET`` (at or past the end: and a
+        ``HEAD``); an older version's segments are stitched."""
         if offset < 0 or (length is not None and length < 0):
             raise ValueError(f"invalid range offset={offset} length={length}")
         key, url = self._key(path), self.url(path)
@@ -260,29 +308,43 @@ class S3Storage(CloudStorage):
                 if head is None:
                     raise ObjectNotFoundError(f"{url}: no such object", url=url)
                 resp = head
-            epoch = resp.get("Metadata", {}).get(EPOCH_META)
+            epoch = legacy.epoch_of(resp)
             if epoch is None or (length is not None and len(body) == length):
                 return body
-            view = await self._segments.view(client, path)
-            if view.epoch != epoch:
+            view = await self._old_view(client, path)
+            if view is None or view.epoch != epoch:
                 continue
             lo = offset + len(body)
             hi = view.size if end is None else min(end, view.size)
             if lo >= hi:
                 return body
             try:
-                return body + await self._segments.read_span(client, path, view, lo, hi)
-            except Changed:
+                return body + await legacy.read_span(self._requests, client, key, url, view, lo, hi)
+            except legacy.Changed:
                 continue
         raise TransientStorageError(f"{url}: the file kept changing while it was read", url=url)
 
     async def _main_stat(self, path: str) -> StorageStat | None:
-        """See :meth:`Storage.stat`: size of main object + chain; version = main ETag."""
-        check_key(path)
-        view = await self._segments.view(await self._client(), path)
-        if not view.exists:
+        """See :meth:`Storage.stat`: one ``HEAD``; version = the ETag."""
+        current = await self._current(await self._client(), path)
+        if current is None:
             return None
-        return StorageStat(size=view.size, mtime=view.mtime, version=view.etag)
+        return StorageStat(size=current.size, mtime=current.mtime, version=current.etag)
+
+    async def _current(self, client: Any, path: str) -> _Object | None:
+        """The main object now: one ``HEAD`` (an older version's object: and a listing)."""
+        key, url = self._key(path), self.url(path)
+        head = await self._requests.head(client, key, url)
+        if head is None:
+            return None
+        if legacy.epoch_of(head) is not None:
+            view = await self._old_view(client, path)
+            if view is None:
+                return None
+            return _Object(view.etag, view.size, view.mtime, view)
+        return _Object(
+            str(head["ETag"]), int(head["ContentLength"]), head["LastModified"].timestamp()
+        )
 
     async def _main_exists(self, path: str) -> bool:
         """See :meth:`Storage.exists`: one ``HEAD`` of the main object."""
@@ -332,37 +394,27 @@ class S3Storage(CloudStorage):
     async def awrite(self, path: str, data: bytes) -> str | None:
         """See :meth:`Storage.write`: one ``PutObject``; returns its ETag.
 
-        The new main object has no epoch, so pending segments of the old content
-        are invisible at once. Those this instance appended are deleted
-        afterwards; any others (left by another process, or by a crash) are
-        invisible garbage that the next compaction of the file deletes. Skipping
-        that listing keeps a write at one request.
+        The new object has no epoch, so an older version's segments of the old
+        content are never read again (the daemon deletes them at its next start).
         """
         key, url = self._key(path), self.url(path)
-        client = await self._client()
         data = bytes(data)
-        had_segments = self._segments.is_pending(path)
-        self._segments.drop_hint(path)
-        etag = await self._requests.put(client, key, url, data)
-        self._segments.forget(path)
-        if had_segments:
-            await self._segments.cleanup(client, path)
+        self._cache.put(path, None, None)
+        etag = await self._requests.put(await self._client(), key, url, data)
+        self._cache.put(path, etag, data)
         return etag
 
     async def aremove(self, path: str) -> None:
-        """See :meth:`Storage.remove`: deletes the main object, then its segments."""
+        """See :meth:`Storage.remove`: one ``DeleteObjects`` of the main object."""
         key, url = self._key(path), self.url(path)
-        client = await self._client()
-        self._segments.drop_hint(path)
-        await self._requests.delete(client, [key], url)
-        self._segments.forget(path)
-        await self._segments.cleanup(client, path)
+        self._cache.put(path, None, None)
+        await self._requests.delete(await self._client(), [key], url)
 
     async def aappend(self, path: str, data: bytes, *, offset: int | None = None) -> str | None:
         """See :meth:`Storage.append` and the module docstring for the mechanisms.
 
         Returns:
-            The main object's ETag after the append (unchanged by a segment append).
+            The object's ETag after the append.
 
         Raises:
             ConflictError: ``offset`` did not match the size (``actual_size`` says
@@ -370,95 +422,135 @@ class S3Storage(CloudStorage):
         """
         key, url = self._key(path), self.url(path)
         client = await self._client()
-        segments = self._segments
         data = bytes(data)
-        for attempt in range(ATTEMPTS):
-            hint = segments.take_hint(path)
-            if attempt == 0 and hint is not None and offset is not None and hint.size == offset:
-                view = hint
+        known = self._cache.get(path)
+        if known is not None and data and offset in (None, len(known[1])):
+            # The object as this instance wrote it last: one conditional rewrite.
+            content = known[1] + data
+            try:
+                etag = await self._requests.put(client, key, url, content, IfMatch=known[0])
+            except ConflictError:
+                self._cache.put(path, None, None)  # changed, or our answer was lost: look
             else:
-                view = await segments.view(client, path)
-            size = view.size
+                self._cache.put(path, etag, content)
+                return etag
+        for _attempt in range(ATTEMPTS):
+            current = await self._current(client, path)
+            size = current.size if current is not None else 0
             if offset is not None and size != offset:
-                if size == offset + len(data) and await segments.holds(
-                    client, path, view, offset, data
+                if (
+                    current is not None
+                    and size == offset + len(data)
+                    and await self._holds(client, path, current, offset, data)
                 ):
-                    return view.etag  # already applied: a retry
+                    return current.etag  # already applied: a retry
                 raise ConflictError(
                     f"{url}: append at offset {offset} but the file holds {size} bytes",
                     url=url,
                     actual_size=size,
                 )
             try:
-                return await self._append_at(client, path, key, view, data)
+                return await self._append_at(client, path, current, data)
             except ConflictError as exc:
-                # Lost a race, or won it and lost the response (botocore retried).
-                now = await segments.view(client, path)
-                applied = now.size == size + len(data) or (
-                    offset is None and now.size > size + len(data)
+                # Lost a race, or won it and lost the answer (botocore retried).
+                self._cache.put(path, None, None)
+                now = await self._current(client, path)
+                now_size = now.size if now is not None else 0
+                applied = now_size == size + len(data) or (
+                    offset is None and now_size > size + len(data)
                 )
-                if applied and await segments.holds(client, path, now, size, data):
+                if now is not None and applied and await self._holds(client, path, now, size, data):
                     return now.etag
                 if offset is not None:
                     raise ConflictError(
                         f"{url}: another writer changed the file during an append at {offset}",
                         url=url,
-                        actual_size=now.size,
+                        actual_size=now_size,
                     ) from exc
         raise ConflictError(f"{url}: append kept losing races with other writers", url=url)
 
+    async def _holds(
+        self, client: Any, path: str, current: _Object, start: int, data: bytes
+    ) -> bool:
+        """Whether bytes ``[start, start+len(data))`` of the object ``current`` equal ``data``."""
+        if not data:
+            return True
+        key, url, end = self._key(path), self.url(path), start + len(data)
+        try:
+            if current.old is not None:
+                got = await legacy.read_span(
+                    self._requests, client, key, url, current.old, start, end
+                )
+            else:
+                got, _resp = await self._requests.get(
+                    client, key, url, start=start, end=end, if_match=current.etag
+                )
+        except (ObjectNotFoundError, ConflictError, legacy.Changed):
+            return False
+        return got == data
+
     async def _append_at(
-        self, client: Any, path: str, key: str, view: View, data: bytes
+        self, client: Any, path: str, current: _Object | None, data: bytes
     ) -> str | None:
-        """Append ``data`` at ``view.size`` by the mechanism that fits; see the module docstring."""
-        url = self.url(path)
-        segments = self._segments
-        if not view.exists:
-            epoch = new_epoch()
-            etag = await self._requests.put(
-                client, key, url, data, IfNoneMatch="*", Metadata=epoch_meta(epoch)
-            )
-            segments.cache.put(path, epoch, data)
+        """Append ``data`` to ``current`` by the mechanism that fits; see the module docstring."""
+        key, url = self._key(path), self.url(path)
+        if current is None:
+            etag = await self._requests.put(client, key, url, data, IfNoneMatch="*")
+            self._cache.put(path, etag, data)
             return etag
         if not data:
-            return view.etag
-        if view.epoch is None and (view.size < self.multipart_threshold or not self.multipart_copy):
-            # No epoch yet (written by write() or another tool): rewrite to start one.
-            content = await segments.content(client, path, view) + data
-            epoch = new_epoch()
-            etag = await self._requests.put(
-                client, key, url, content, IfMatch=view.etag, Metadata=epoch_meta(epoch)
+            return current.etag
+        old = current.old
+        if (
+            current.size >= self.multipart_threshold
+            and self.multipart_copy
+            and (old is None or not old.chain)
+        ):
+            etag = await append_multipart(
+                self._requests,
+                client,
+                key,
+                url,
+                etag=current.etag,
+                size=current.size,
+                metadata={},  # an older version's epoch ends here
+                data=data,
             )
-            segments.cache.put(path, epoch, content)
+            self._cache.put(path, None, None)
             return etag
-        if view.main_size >= self.multipart_threshold and not view.chain and self.multipart_copy:
-            return await self._append_multipart(client, path, key, view, data)
-        return await segments.append(client, path, view, data)
-
-    async def _append_multipart(
-        self, client: Any, path: str, key: str, view: View, data: bytes
-    ) -> str:
-        """Main object (copied on the server) + ``data`` as one multipart upload."""
-        etag = await append_multipart(
-            self._requests,
-            client,
-            key,
-            self.url(path),
-            etag=view.etag,
-            size=view.main_size,
-            metadata=epoch_meta(view.epoch),
-            data=data,
-        )
-        self._segments.cache.put(path, None, None)
+        known = self._cache.get(path)
+        if known is not None and known[0] == current.etag and len(known[1]) == current.size:
+            content = known[1]
+        elif old is not None:
+            try:
+                content = await legacy.read_span(
+                    self._requests, client, key, url, old, 0, current.size
+                )
+            except legacy.Changed as exc:
+                raise ConflictError(f"{url}: the file changed during an append", url=url) from exc
+        else:
+            content, _resp = await self._requests.get(client, key, url, if_match=current.etag)
+            if len(content) != current.size:
+                raise ConflictError(f"{url}: the file changed during an append", url=url)
+        content += data
+        etag = await self._requests.put(client, key, url, content, IfMatch=current.etag)
+        self._cache.put(path, etag, content)
+        if old is not None and old.chain:  # folded: its segments are dead (best effort)
+            with contextlib.suppress(StorageError):
+                await self._requests.delete(client, [s.key for s in old.chain], url)
         return etag
 
-    async def aflush(self) -> None:
-        """See :meth:`Storage.flush`: compact every file this instance left segments in.
+    async def afold_old_segments(self) -> int:
+        """Fold the append segments an older version left under this prefix into their main
+        objects and delete them (:func:`evalsyncd.storage._s3legacy.fold_all`). The daemon
+        runs it once at start, on a prefix it owns.
+
+        Returns:
+            How many files were folded.
 
         Raises:
-            StorageError: the first failure, after every file was tried; those
-                files stay on the list for the next flush.
+            StorageError: the listing failed.
         """
-        if not self._segments.has_pending():
-            return
-        await self._segments.flush(await self._client())
+        return await legacy.fold_all(
+            self._requests, await self._client(), self._seg_base(), self._key, self.url
+        )

@@ -36,7 +36,9 @@ Format of one tail object (``seq`` N)::
           "p": [[seq, pos, len], ...]   pieces in offset order; pos is within that
         }                               object's body
       },
-      "bodies": {seq: offset}    where the body of each other referenced object starts
+      "bodies": {seq: offset},   where the body of each other referenced object starts
+      "marks": {name: seq}       optional: per name the writer's user gave (TailWriter.mark),
+                                 the seq of the newest object it marked; carried forward
     }
 
 The index is *cumulative*: the newest tail object alone tells where every
@@ -101,6 +103,7 @@ __all__ = [
     "MAX_FILES",
     "MAX_HEADER_BYTES",
     "MAX_INDEX_BYTES",
+    "MAX_MARKS",
     "MAX_OBJECT_BYTES",
     "MAX_PIECES",
     "TAIL_DIR",
@@ -117,6 +120,7 @@ __all__ = [
     "encode_tail_object",
     "note_damage",
     "object_name",
+    "own_tail_index",
     "read_header",
     "read_index",
     "read_pieces",
@@ -130,6 +134,8 @@ logger = logging.getLogger("evalsyncd.storage")
 TAIL_DIR: Final = "tail"
 """Directory of the tail objects under the storage's ``.evalsyncd/`` area."""
 _MAGIC: Final = b"evalsyncd-tail 1 "
+MAX_MARKS: Final = 16
+"""Most mark names a tail header carries (:attr:`TailIndex.marks`)."""
 HEADER_PROBE_BYTES: Final = 64 * 1024
 """Bytes a reader fetches first: the preamble and, almost always, the whole header."""
 _MAX_SEQ: Final = 2**64 - 1
@@ -232,6 +238,11 @@ class TailIndex:
             index places in them (:func:`read_pieces` adds them, at most 16), and
             of main objects its pieces cannot build on (see :func:`boundaries`);
             the files concerned are read from their plain objects.
+        marks: name -> seq of the newest tail object the writer marked with that
+            name (:meth:`TailWriter.mark`), carried forward by every later object: at
+            most :data:`MAX_MARKS` names. What a name means is its user's business
+            (the daemon marks the objects that change a run's ``metadata.json``, so a
+            reader knows whether the run catalog is newer: :mod:`evalsyncd.catalog`).
     """
 
     writer: str
@@ -242,6 +253,7 @@ class TailIndex:
     bodies: Mapping[int, int] = field(default_factory=dict)
     damage: CorruptObjectError | None = None
     damaged_pieces: list[CorruptObjectError] = field(default_factory=list, compare=False)
+    marks: Mapping[str, int] = field(default_factory=dict)
 
     def live_seqs(self) -> set[int]:
         """Sequence numbers still referenced (plus this one: the newest is kept)."""
@@ -301,6 +313,8 @@ def encode_tail_object(index: TailIndex, body: bytes | Sequence[bytes]) -> tuple
         "files": {path: _file_json(ft) for path, ft in index.files.items()},
         "bodies": {str(s): index.bodies[s] for s in sorted(live)},
     }
+    if index.marks:
+        header["marks"] = {name: index.marks[name] for name in sorted(index.marks)}
     packed = zlib.compress(json.dumps(header, separators=(",", ":")).encode(), 6)
     head = b"".join((_MAGIC, str(len(packed)).encode(), b"\n", packed))
     parts = (body,) if isinstance(body, bytes) else body
@@ -468,6 +482,14 @@ def decode_header(data: bytes, url: str) -> tuple[TailIndex, int] | int:
                 v, "a body offset", 0, MAX_HEADER_BYTES + len(_MAGIC) + _MAX_DIGITS + 1
             )
         bodies[seq] = end
+        raw_marks = _dict(raw.get("marks", {}), "marks")
+        if len(raw_marks) > MAX_MARKS:
+            raise ValueError(f"{len(raw_marks)} marks, more than the limit of {MAX_MARKS}")
+        marks = {}
+        for name, at in raw_marks.items():
+            if not name or len(name) > 64:
+                raise ValueError(f"mark name {name[:80]!r} is empty or longer than 64 characters")
+            marks[name] = _int(at, f"mark {name!r}", 0, seq)
         index = TailIndex(
             writer=str(_str(raw.get("writer"), "writer")),
             seq=seq,
@@ -475,6 +497,7 @@ def decode_header(data: bytes, url: str) -> tuple[TailIndex, int] | int:
             files=files,
             token=str(_str(raw.get("token", ""), "token")),
             bodies=bodies,
+            marks=marks,
         )
     except (ValueError, RecursionError) as exc:
         # ValueError: the checks above, JSONDecodeError, UnicodeDecodeError;
@@ -603,6 +626,25 @@ async def tail_damage(storage: object) -> CorruptObjectError | None:
         or (index.damaged_pieces[0] if index.damaged_pieces else None)
         or next(iter(mains.values()), None)
     )
+
+
+async def own_tail_index(storage: object) -> TailIndex | None:
+    """The tail index at ``storage``'s own prefix, as its reads see it, or ``None`` when
+    ``storage`` keeps no tail log or does not read it (then no request).
+
+    Uses the storage's cached index (no request when read within its
+    ``tail_refresh_s``; else one LIST and, when the log has an object, one GET).
+
+    Raises:
+        StorageError: the backend failed.
+    """
+    if getattr(type(storage), "_tail_index", None) is None:
+        return None  # not an evalsyncd cloud backend (wrappers are not asked for more)
+    index_of = getattr(storage, "_tail_index", None)
+    if index_of is None or not getattr(storage, "read_tail", False):
+        return None
+    index = await index_of()
+    return index if isinstance(index, TailIndex) else None
 
 
 async def read_header(backend: TailBackend, name: str) -> tuple[TailIndex, int] | None:
@@ -800,6 +842,7 @@ class TailWriter:
         self._staged: dict[str, FileTail | None] = {}
         self._body: list[bytes] = []
         self._body_len = 0
+        self._marks: set[str] = set()
         self._unsure = False  # a commit failed without a definite answer
 
     async def open(self) -> TailIndex:
@@ -819,8 +862,24 @@ class TailWriter:
 
     @property
     def dirty(self) -> bool:
-        """Whether a commit would write anything."""
-        return bool(self._staged)
+        """Whether a commit would write anything (staged changes, or a mark)."""
+        return bool(self._staged or self._marks)
+
+    def mark(self, name: str) -> None:
+        """Mark the next committed object with ``name``: its header, and every later one,
+        says ``marks[name] = `` its seq (see :attr:`TailIndex.marks`). A pending mark
+        alone makes :meth:`commit` write an object (index only). A failed commit
+        discards it with the rest (the caller marks again when it stages again).
+
+        Raises:
+            ValueError: an empty name, one longer than 64 characters, or one more name
+                than :data:`MAX_MARKS`.
+        """
+        if not name or len(name) > 64:
+            raise ValueError(f"mark name {name!r} is empty or longer than 64 characters")
+        if name not in self.index.marks and len(set(self.index.marks) | self._marks) >= MAX_MARKS:
+            raise ValueError(f"more than {MAX_MARKS} mark names")
+        self._marks.add(name)
 
     def current(self, path: str) -> FileTail | None:
         """The entry of ``path`` including staged changes, or ``None``."""
@@ -900,7 +959,8 @@ class TailWriter:
             self._staged[path] = None
 
     def discard(self) -> None:
-        """Forget everything staged."""
+        """Forget everything staged (and pending marks)."""
+        self._marks.clear()
         self._staged.clear()
         self._body.clear()
         self._body_len = 0
@@ -921,7 +981,7 @@ class TailWriter:
                 the index is unchanged (the object may exist: the next commit
                 takes the following seq, and the orphan is deleted later).
         """
-        if not self._staged:
+        if not self._staged and not self._marks:
             return self.index
         files = dict(self.index.files)
         for path, ft in self._staged.items():
@@ -941,6 +1001,7 @@ class TailWriter:
                     files=files,
                     token=secrets.token_hex(8),
                     bodies=self.index.bodies,
+                    marks={**self.index.marks, **dict.fromkeys(self._marks, seq)},
                 )
                 data, body_at = encode_tail_object(new, body)
                 body = []

@@ -38,6 +38,7 @@ from evalsyncd.catalog import Catalog, CatalogError, parse_catalog
 from evalsyncd.errors import CorruptObjectError
 from evalsyncd.evicted import MARKER_NAME, EvictionMarker, parse_marker
 from evalsyncd.storage import LocalStorage, Storage, SupportsChild, parse_url, storage_from_uri
+from evalsyncd.storage.tail import TailIndex, own_tail_index
 from evalsyncd.store import layout
 from evalsyncd.store.aio import MISSING, Reads, both, bounded_map, reads_of
 from evalsyncd.store.layout import (
@@ -237,12 +238,16 @@ class EvalStoreReader:
         checkpoint label. Runs whose ``metadata.json`` is missing or does not
         parse are left out (with a warning for the latter).
 
-        Cost: one listing of ``runs/`` and, at the same time, one read of the
-        run catalog (``.evalsyncd/catalog.json``, kept by the daemon; see
-        :mod:`evalsyncd.catalog`), then one read per listed run the catalog
-        does not cover, at most ``max_concurrency`` at a time. The listing is
-        the truth: a run the catalog holds but the listing lacks (deleted) is
-        never returned. A missing or corrupt catalog is ignored (with a
+        Cost: one read of the run catalog (``.evalsyncd/catalog.json``, kept by
+        the daemon; see :mod:`evalsyncd.catalog`) and, at the same time, of the
+        tail log's index (one LIST and one GET, cached; none for a store that is
+        not at its storage's root or a storage without a tail log); then one
+        listing of ``runs/`` unless the tail log vouches for the catalog (rule 6
+        of :mod:`evalsyncd.catalog`: the catalog's runs plus those pending in the
+        tail stand in for it); then one read per run the catalog does not
+        cover, at most ``max_concurrency`` at a time. The listing is the truth:
+        a run the catalog holds but the listing lacks (deleted) is never
+        returned. A missing or corrupt catalog is ignored (with a
         warning naming its key) and every run is read individually: the
         answer is the same with or without a catalog.
 
@@ -270,11 +275,13 @@ class EvalStoreReader:
         Raises:
             StorageError: the storage failed (never reported as "no runs").
         """
-        listing = self._reads.list_dir(self._layout.runs_dir())
+        catalog: Catalog | None = None
+        listed: list[str] | None = None
         if self.use_catalog:
-            listed, catalog = await both(listing, self._aread_catalog())
-        else:
-            listed, catalog = await listing, None
+            catalog, index = await both(self._aread_catalog(), self._aown_tail())
+            listed = _vouched_runs(catalog, index)
+        if listed is None:
+            listed = await self._reads.list_dir(self._layout.runs_dir())
         valid = StoreLayout.runs_in(listed)
         skipped = [
             Skipped(self.storage.url(self._layout.path("runs", name)), "not a valid run id")
@@ -545,6 +552,13 @@ class EvalStoreReader:
         where = self.storage.url(path)
         return layout.parse_json_object(await self._aread_bounded(path), where)
 
+    async def _aown_tail(self) -> TailIndex | None:
+        """The tail index of the store's own prefix (``None``: none, or not this storage's
+        root; no request then), read with the catalog: see :func:`_vouched_runs`."""
+        if self.prefix:
+            return None
+        return await own_tail_index(self.storage)
+
     async def _aread_catalog(self) -> Catalog | None:
         try:
             data = await self._reads.read_catalog(self.prefix)
@@ -572,3 +586,19 @@ class EvalStoreReader:
             )
             return None
         return entry.data
+
+
+def _vouched_runs(catalog: Catalog | None, index: TailIndex | None) -> list[str] | None:
+    """The names a listing of ``runs/`` would show, from a run catalog that the tail log
+    vouches for (rule 6 of :mod:`evalsyncd.catalog`): the catalog's runs plus those whose
+    ``metadata.json`` is pending in the tail; ``None`` (list ``runs/``) otherwise."""
+    if catalog is None or index is None or index.damage is not None:
+        return None
+    if not catalog.vouched_by(index.writer, index.seq, index.marks):
+        return None
+    names = set(catalog.entries)
+    for path in index.files:
+        parts = path.split("/")
+        if len(parts) == 3 and parts[0] == "runs" and parts[2] == "metadata.json":
+            names.add(parts[1])
+    return sorted(names)

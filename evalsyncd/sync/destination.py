@@ -7,7 +7,7 @@
                     |            |                                 log and max_main_lag_s > 0
                     |            +-- PerFileShipper for big deltas
                     |   or       PerFileShipper (sync/perfile.py)  every file on its own
-                    +-- steps:   PublishCatalog, FlushAppends (sync/steps.py)
+                    +-- steps:   PublishCatalog, ReapLeftovers (sync/steps.py)
 
 Both shippers share one :class:`~evalsyncd.sync.shipper.Context` built here
 from the destination's settings. Nothing here decides or sends: this module
@@ -26,8 +26,15 @@ from pathlib import Path
 import structlog
 
 from evalsyncd.config import DestinationSettings
-from evalsyncd.errors import ServerBehaviourError, StorageError
+from evalsyncd.errors import (
+    PermanentStorageError,
+    PrefixOwnedError,
+    ServerBehaviourError,
+    StorageError,
+    TransientStorageError,
+)
 from evalsyncd.storage import Backend
+from evalsyncd.storage.tail import TailIndex
 from evalsyncd.sync.journal import Journal
 from evalsyncd.sync.owner import Owner
 from evalsyncd.sync.passes import ByteBudget
@@ -36,7 +43,7 @@ from evalsyncd.sync.plan import Policy
 from evalsyncd.sync.scheduler import CHUNK_BYTES, RETRY_CHUNK_BYTES, Scheduler, Stats
 from evalsyncd.sync.shipper import Context, Shipper
 from evalsyncd.sync.states import DestinationState, backoff_delay
-from evalsyncd.sync.steps import FlushAppends, PublishCatalog
+from evalsyncd.sync.steps import PublishCatalog, ReapLeftovers
 from evalsyncd.sync.tailmode import TailShipper
 
 __all__ = [
@@ -54,7 +61,7 @@ __all__ = [
 log = structlog.get_logger("evalsyncd.sync")
 
 _PROBE_TIMEOUT_S = 30.0
-"""Bound on the server probe at start, seconds (then the daemon goes on without it)."""
+"""Bound on one server probe, seconds (a probe that times out is tried again with the backoff)."""
 
 PROMOTE_MIN_BYTES = 1024 * 1024
 """Pending bytes of one file from which its main object is due in the tail mode (at
@@ -148,6 +155,8 @@ class Destination(Scheduler):
         owner: Owner | None = None,
     ) -> None:
         self.settings = settings
+        self._server_pending = False
+        """The server probe has not run yet (set by :meth:`run`; ``sync --once`` skips it)."""
         self.owner = owner
         """This daemon's claim on the prefix (``None``: not checked)."""
         self.storage = storage
@@ -180,13 +189,20 @@ class Destination(Scheduler):
             self.ctx.meter,
             flush_interval_s=flush_interval_s,
             retry=settings.retry,
-            steps=[PublishCatalog(self.ctx), FlushAppends(self.ctx, settings.compact_idle_s)],
+            steps=[
+                PublishCatalog(self.ctx, self._tail_index),
+                ReapLeftovers(self.ctx, settings.reap_interval_s, settings.reap_min_age_s),
+            ],
             chunk_bytes=chunk_bytes,
             retry_chunk_bytes=retry_chunk_bytes,
             clock=clock,
             wall=wall,
             rng=rng,
         )
+
+    def _tail_index(self) -> TailIndex | None:
+        """The tail log's index now (``None``: no tail log); see :class:`PublishCatalog`."""
+        return self.tail.writer.index if self.tail is not None else None
 
     @property
     def on_upload(self) -> Callable[[str, str, int, float], None] | None:
@@ -198,41 +214,81 @@ class Destination(Scheduler):
         self.ctx.meter.on_upload = hook
 
     async def run(self) -> None:
-        """Probe the server once (a step before the first pass), then run the scheduler's
-        passes until :meth:`stop`."""
+        """Probe the server (a step before the first pass), then run the scheduler's passes
+        until :meth:`stop`. A probe that could not run (an unreachable server) is retried
+        with the destination's backoff before each pass, and nothing ships until it ran."""
+        self._server_pending = True
         await self._know_server()
         await super().run()
 
-    async def _know_server(self) -> None:
-        """Probe the server once (:func:`evalsyncd.storage.probe.aadapt`): fallbacks are set
+    async def run_pass(self) -> bool:
+        """See :meth:`Scheduler.run_pass`; while the server probe has not run (the server
+        was unreachable), first wait for :attr:`retry_at` and probe again: a probe that
+        fails again is a failed pass (BACKOFF, retried with the backoff)."""
+        if self._server_pending and not self._stopping.is_set():
+            await self._sleep(self.retry_at - self.clock())
+            if self._stopping.is_set() or not await self._know_server():
+                return False
+        return await super().run_pass()
+
+    async def _know_server(self) -> bool:
+        """Probe the server (:func:`evalsyncd.storage.probe.aadapt`): fallbacks are set
         and logged; a server without a required feature parks the destination; a probe
-        that fails otherwise (an outage, a permission the probe needs) is logged and the
-        daemon goes on (every append still checks its post-condition). Then remove old
-        leftovers of failed cleanups (:func:`evalsyncd.storage.reap.areap`), best effort.
-        Only on a prefix this daemon owns: the probe writes under ``.evalsyncd/probe/``."""
+        that found no server (an outage, a timeout) puts the destination in BACKOFF and
+        is tried again before the next pass (:meth:`run_pass`); a probe refused for good
+        (a permission the probe needs) is logged and the daemon goes on (every append
+        still checks its post-condition). After a probe, remove old leftovers of failed
+        cleanups (:func:`evalsyncd.storage.reap.areap`), best effort. Only on a prefix
+        this daemon owns: the probe writes under ``.evalsyncd/probe/``.
+
+        Returns:
+            Whether the pass may go on (``False``: the failure is recorded, see
+            :attr:`retry_at`).
+        """
         from evalsyncd.storage.probe import aadapt
         from evalsyncd.storage.reap import areap
 
         if self.owner is not None:
             try:
                 await self.owner.ensure()
-            except StorageError:
-                return  # another daemon's prefix, or no answer: the first pass reports it
+            except PrefixOwnedError:
+                return True  # another daemon's prefix: the pass reports it (and writes nothing)
+            except StorageError as exc:
+                if isinstance(exc, PermanentStorageError):
+                    return True  # the pass meets and reports it
+                self._on_failure(_probe_error(self.storage, exc), permanent=False)
+                return False
         try:
-            async with asyncio.timeout(_PROBE_TIMEOUT_S):  # an unreachable server: go on
+            async with asyncio.timeout(_PROBE_TIMEOUT_S):  # an unreachable server: retried
                 await aadapt(self.storage)
         except ServerBehaviourError as exc:
             self._on_failure(exc, permanent=True)
-            return
-        except (StorageError, TimeoutError) as exc:
+            return False
+        except PermanentStorageError as exc:
             log.warning("server_probe_failed", destination=self.name, error=repr(exc))
-            return
+        except (StorageError, TimeoutError) as exc:
+            self._on_failure(_probe_error(self.storage, exc), permanent=False)
+            return False
+        self._server_pending = False
         try:
             async with asyncio.timeout(_PROBE_TIMEOUT_S):
-                await areap(self.storage)
+                await areap(self.storage, min_age_s=self.settings.reap_min_age_s)
         except (StorageError, TimeoutError) as exc:
             log.warning("leftovers_not_removed", destination=self.name, error=repr(exc))
+        return True
 
     async def throttle(self, nbytes: int) -> None:
         """Wait until ``nbytes`` may be sent under ``max_upload_bytes_per_s``."""
         await self.ctx.throttle(nbytes)
+
+
+def _probe_error(storage: Backend, exc: BaseException) -> TransientStorageError:
+    """A probe that found no server, as the failure a pass records (``status`` shows it)."""
+    url = getattr(exc, "url", None) or storage.url()
+    what = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    error = TransientStorageError(
+        f"server probe of {storage.url()} failed, nothing is shipped until it passes: {what}",
+        url=url,
+    )
+    error.__cause__ = exc
+    return error

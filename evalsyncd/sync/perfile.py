@@ -60,7 +60,6 @@ class PerFileShipper:
         self.reporter = reporter or Reporter(ctx.name)
         self.chunk_bytes = 8 * 1024 * 1024
         """Most file bytes one request carries (set from each :class:`Batch`), bytes."""
-        self._appended = False
 
     # -- the Shipper protocol --------------------------------------------------------------
 
@@ -96,7 +95,6 @@ class PerFileShipper:
         The first failed phase sets ``outcome.error`` (a permanent error first);
         later phases are not started.
         """
-        self._appended = False
         async with contextlib.aclosing(by_phase(paths, str, self._guarded)) as phases:
             async for results in phases:
                 self.ctx.journal.commit()
@@ -112,7 +110,6 @@ class PerFileShipper:
                 if error is not None:
                     outcome.error = error
                     break
-        outcome.appended = outcome.appended or self._appended
 
     async def _guarded(self, path: str) -> None:
         async with self.ctx.sem:
@@ -198,7 +195,6 @@ class PerFileShipper:
                     end, version = adv.remote_size, adv.version
                 finally:
                     data = b""  # the budget covers the bytes only while held
-            self._appended = True
             row = new_entry(
                 ctx.name,
                 path,

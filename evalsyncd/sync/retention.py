@@ -424,8 +424,7 @@ async def _remote_equal(
     - a local mirror: the whole file, read and compared (no network);
     - else (S3): one ranged GET of the file's size, compared byte for byte (a file
       above 8 MiB: one per 8 MiB). S3 keeps no whole-object checksum for objects
-      built by appends, and a GET of exactly the main object's bytes avoids the
-      segment log's requests; bytes the remote holds past the local size are not
+      built by appends; bytes the remote holds past the local size are not
       seen (the journal says the daemon wrote exactly the local size).
     """
     checksum = await storage.achecksum(f.path)
@@ -770,10 +769,6 @@ class Retention:
             if unhealthy:
                 report.stopped = f"destination {unhealthy[0].name} is {unhealthy[0].state}"
                 break
-            for m in mirrors if not dry_run else ():
-                # S3: compact pending segments so the plain objects are whole
-                with contextlib.suppress(StorageError):
-                    await m.storage.aflush()
             try:
                 proof, why = await prove(self.root, run, mirrors)
             except StorageError as exc:

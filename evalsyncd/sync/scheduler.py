@@ -7,6 +7,7 @@
             done / failed     out of the dirty set (unless marked again meanwhile)
             deferred          not before now + after_s
             again             marked again (urgent: the next pass starts at once)
+            more              the shipper left due work for the next pass: it starts at once
             error             states.after_failure --> BACKOFF or PARKED until retry_at
         pass succeeded --> steps after the pass (the run catalog, ...) --> HEALTHY
 
@@ -61,7 +62,8 @@ class PassReport:
 
 
 class Step(Protocol):
-    """Work that follows each successful pass (the run catalog, a flush); see :class:`Scheduler`."""
+    """Work that follows each successful pass (the run catalog, the reaping of leftovers);
+    see :class:`Scheduler`."""
 
     async def after_pass(self, report: PassReport) -> None:
         """Run after a pass that met no storage error.
@@ -373,6 +375,9 @@ class Scheduler:
                 item.not_before = self.clock() + after_s
         for path, urgent in outcome.again.items():
             self.mark(path, urgent=urgent)
+        if outcome.more:
+            self._urgent = True
+            self._wake.set()
 
     def _on_failure(self, exc: BaseException, *, permanent: bool) -> None:
         """Record a failed pass: BACKOFF or PARKED until :attr:`retry_at` (no sleep here)."""

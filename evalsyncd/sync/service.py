@@ -463,9 +463,6 @@ class Service:
         await asyncio.gather(*pending, return_exceptions=True)
         if pending:
             log.warning("uploads_abandoned", destinations=[t.get_name() for t in pending])
-        for name in names:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.destinations[name].storage.aflush(), 5.0)
 
     async def _reload(self, reload: Callable[[], Settings]) -> None:
         try:
@@ -522,8 +519,6 @@ class Service:
                 if not d.caught_up and time.monotonic() < deadline:
                     # sync --once ends with exact main objects: the drain of a clean stop
                     await d.drain(d.clock() + max(0.0, deadline - time.monotonic()), report)
-                with contextlib.suppress(Exception):
-                    await d.storage.aflush()
                 if not d.caught_up:
                     ok = False
                     log.error(

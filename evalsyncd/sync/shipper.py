@@ -240,9 +240,10 @@ class Outcome:
     failed: dict[str, str] = field(default_factory=dict)
     again: dict[str, bool] = field(default_factory=dict)
     error: StorageError | None = None
-    appended: bool = False
-    """An append reached a main object (a library flush of buffered appends follows a
-    quiet spell; see :class:`~evalsyncd.sync.steps.FlushAppends`)."""
+    more: bool = False
+    """Work of the shipper's own is due now and was left for the next pass (main objects
+    after a tail object that made new runs visible, so the steps after this pass, the
+    run catalog among them, run first): the next pass starts at once."""
 
     def settle(self, path: str, exc: BaseException) -> None:
         """File ``exc`` (anything but a storage error) raised for ``path`` under its heading.

@@ -47,11 +47,12 @@ from typing import Final
 import crc32c
 import structlog
 
+from evalsyncd.catalog import CATALOG_MARK
 from evalsyncd.errors import ObjectNotFoundError, StorageError, TailConflictError
 from evalsyncd.storage import Backend, check_key
 from evalsyncd.storage.tail import FileTail, TailIndex, TailWriter, stitch
 from evalsyncd.sync import lines
-from evalsyncd.sync.files import FileKind, classify, phase_of
+from evalsyncd.sync.files import FileKind, classify, is_run_metadata, phase_of
 from evalsyncd.sync.journal import Entry, EntryStatus
 from evalsyncd.sync.passes import by_phase, log_failure, worst_error
 from evalsyncd.sync.perfile import PerFileShipper
@@ -178,6 +179,8 @@ class TailShipper:
             if row.main_behind and path not in reset and row.tail_since is not None:
                 self._last_change[path] = ctx.clock()
                 self._since[path] = row.tail_since
+        if any(is_run_metadata(p) for p in removed):
+            self.writer.mark(CATALOG_MARK)  # before the removal: see evalsyncd.catalog
         if self.writer.dirty:
             await self.commit_index()
         for path in removed:
@@ -280,6 +283,10 @@ class TailShipper:
                 if path in self._restage:
                     self._keep_or_drop(path)
                 outcome.done.append(path)
+        if any(is_run_metadata(p) for p in direct):
+            # a run's metadata.json changes outside the tail: a marked object first, so
+            # that no reader takes the run catalog for complete meanwhile (catalog.py)
+            self.writer.mark(CATALOG_MARK)
         if staged or self.writer.dirty:
             await self.commit(staged)
             for s in staged:
@@ -301,7 +308,14 @@ class TailShipper:
             await self.files.ship_paths(direct, outcome)
             if outcome.error is not None:
                 return
-        await self.promote_due()
+        due = self.due_now()
+        if due and not self._drain_all and any(is_run_metadata(s.path) for s in staged):
+            # New runs are in the tail object just written: the steps after this pass
+            # publish the run catalog, so readers list them now, before the requests
+            # of the main objects due, which the next pass (at once) sends.
+            outcome.more = True
+            return
+        await self.promote_due(due)
 
     async def plan(self, path: str) -> Staged | object | None:
         """Stage what ``path`` needs in the next tail object (see :func:`~evalsyncd.sync.plan.plan`).
@@ -319,6 +333,11 @@ class TailShipper:
             return None
         check_key(path)
         row = ctx.journal.get(ctx.name, path)
+        if self._drain_all and row is None and self.writer.current(path) is None:
+            # every main object is due in this pass (a stop, sync --once): a file new to
+            # this destination would be staged only to be promoted at once; it goes
+            # straight to its main object (one request, its bytes once on the wire)
+            return DIRECT
         if kind is FileKind.REPLACE and self.writer.current(path) is None:
             with contextlib.suppress(OSError):
                 big = os.stat(ctx.root / path, follow_symlinks=False)
@@ -363,6 +382,8 @@ class TailShipper:
         return await self._stage_lines(seen.facts.path, seen.fd, st, row, action.do is Do.REWRITE)
 
     def _plan_deleted(self, path: str, entry: Entry, *, remove: bool) -> Staged | object:
+        if is_run_metadata(path):
+            self.writer.mark(CATALOG_MARK)  # the run catalog changes (see evalsyncd.catalog)
         if self.writer.current(path) is None:
             return DIRECT  # nothing in the tail: the per-file path handles it
         if remove:
@@ -451,6 +472,8 @@ class TailShipper:
     ) -> Staged:
         """Stage the whole content of a replace-on-write file."""
         self.writer.stage_replace(path, data, mtime=st.st_mtime)
+        if is_run_metadata(path):
+            self.writer.mark(CATALOG_MARK)  # the run catalog changes (see evalsyncd.catalog)
         pending = entry is not None and entry.main_behind and entry.tail_since is not None
         new = lines.new_entry(
             self.ctx.name,
@@ -521,13 +544,9 @@ class TailShipper:
         )
         return main_due(entry, facts, now_wall, self.ctx.policy)
 
-    async def promote_due(self) -> None:
-        """Bring every due main object up to date, phase by phase, then drop their pieces.
-
-        Raises:
-            StorageError: a main-object update failed (the others of its phase
-                completed; later phases wait for the next pass).
-        """
+    def due_now(self) -> list[tuple[str, Entry]]:
+        """The files whose main object is due now, with their journal rows (an index entry
+        the journal says is done is dropped from the index on the way)."""
         ctx = self.ctx
         now_wall, now = ctx.wall(), ctx.clock()
         due: list[tuple[str, Entry]] = []
@@ -545,6 +564,21 @@ class TailShipper:
             if reason is not None:
                 log.debug("main_due", destination=ctx.name, key=path, reason=reason)
                 due.append((path, entry))
+        return due
+
+    async def promote_due(self, due: list[tuple[str, Entry]] | None = None) -> None:
+        """Bring every due main object up to date, phase by phase, then drop their pieces.
+
+        Args:
+            due: what :meth:`due_now` returned (``None``: ask it now).
+
+        Raises:
+            StorageError: a main-object update failed (the others of its phase
+                completed; later phases wait for the next pass).
+        """
+        ctx = self.ctx
+        if due is None:
+            due = self.due_now()
         error: StorageError | None = None
         try:
             phases = by_phase(due, lambda item: item[0], self._promote_guarded)
