@@ -445,8 +445,8 @@ def catalog_from_root(root: Path) -> bytes:
             continue  # deleted meanwhile
         try:
             doc = json.loads(data.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError):
-            continue
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            continue  # not a run's metadata (RecursionError: nested too deeply)
         if isinstance(doc, dict):
             entries[child.name] = data
     return build_catalog(entries)

@@ -21,10 +21,11 @@ import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TextIO
 
 from evalsyncd import __version__
 from evalsyncd.errors import ConfigError, StorageError
+from evalsyncd.terminal import printable
 
 if TYPE_CHECKING:
     from evalsyncd.config import Settings
@@ -330,9 +331,9 @@ def _status(settings: Settings, as_json: bool) -> int:
 
     report = collect_status(settings)
     if as_json:
-        print(json.dumps(report.to_dict(), indent=2))
+        _echo(json.dumps(report.to_dict(), indent=2))
     else:
-        print(format_status(report))
+        _echo(format_status(report))
     return EX_OK
 
 
@@ -362,16 +363,16 @@ async def _evict(settings: Settings, *, dry_run: bool, as_json: bool) -> int:
             dry_run=dry_run
         )
     if as_json:
-        print(json.dumps(asdict(report), indent=2, default=str))
+        _echo(json.dumps(asdict(report), indent=2, default=str))
         return EX_OK
     verb = "would evict" if dry_run else "evicted"
     for r in report.runs:
         if r.evicted or (dry_run and r.choice and r.blocker is None):
-            print(f"{verb} {r.run_id}: {format_bytes(r.bytes)} ({r.choice})")
+            _echo(f"{verb} {r.run_id}: {format_bytes(r.bytes)} ({r.choice})")
         elif r.choice or r.blocker:
-            print(f"kept {r.run_id}: {format_bytes(r.bytes)}: {r.blocker}")
+            _echo(f"kept {r.run_id}: {format_bytes(r.bytes)}: {r.blocker}")
     if report.stopped:
-        print(f"nothing evicted: {report.stopped}")
+        _echo(f"nothing evicted: {report.stopped}")
     return EX_OK
 
 
@@ -384,7 +385,7 @@ async def _verify(
     known = {d.name: d for d in settings.destinations}
     unknown = [n for n in names or [] if n not in known]
     if unknown:
-        print(
+        _echo(
             f"evalsyncd: unknown destination {', '.join(unknown)}; configured: {', '.join(known)}",
             file=sys.stderr,
         )
@@ -397,11 +398,11 @@ async def _verify(
             if check.ok:
                 return
             if as_json:
-                print(json.dumps({"destination": name, **check.__dict__}), flush=True)
+                _echo(json.dumps({"destination": name, **check.__dict__}), flush=True)
             else:
                 size = "-" if check.remote_size is None else check.remote_size
                 view = " (plain object)" if check.view == "plain" else ""
-                print(
+                _echo(
                     f"MISMATCH {name} {check.path}{view}: {check.problem}: {check.detail} "
                     f"(local {check.local_size} B, remote {size} B)",
                     flush=True,
@@ -424,23 +425,23 @@ async def _verify(
                     max_main_lag_s=dest.max_main_lag_s,
                 )
         except StorageError as exc:
-            print(f"evalsyncd: {name}: {type(exc).__name__}: {exc}", file=sys.stderr)
+            _echo(f"evalsyncd: {name}: {type(exc).__name__}: {exc}", file=sys.stderr)
             failed = True
             continue
         for warning in report.warnings:
-            print(f"warning {name} {warning}", file=sys.stderr)
+            _echo(f"warning {name} {warning}", file=sys.stderr)
         for skipped in report.skipped:
-            print(f"skipped {name} {skipped}", file=sys.stderr)
+            _echo(f"skipped {name} {skipped}", file=sys.stderr)
         failed = failed or (bool(report.skipped) and not allow_skipped)
         for note in report.notes:
-            print(f"info {name} {note.path} (plain object): {note.note}", file=sys.stderr)
+            _echo(f"info {name} {note.path} (plain object): {note.note}", file=sys.stderr)
         methods = ", ".join(f"{n} by {m}" for m, n in sorted(report.methods.items()))
         verdict = "OK" if report.ok else f"{len(report.mismatches)} MISMATCHES"
         if report.notes:
             verdict += (
                 f" ({len(report.notes)} plain objects not yet up to date, within their due time)"
             )
-        print(
+        _echo(
             f"{name} ({report.url}): {report.checked} files checked ({methods or 'none'}): {verdict}",
             file=sys.stderr if as_json else sys.stdout,
         )
@@ -461,7 +462,7 @@ def _add_allow_skipped(parser: argparse.ArgumentParser) -> None:
 def _report_skipped(what: list[str], allow: bool) -> bool:
     """Print ``evalsyncd: warning: skipped ...`` lines; whether they make the exit status 1."""
     for line in what:
-        print(f"evalsyncd: warning: {line}", file=sys.stderr)
+        _echo(f"evalsyncd: warning: {line}", file=sys.stderr)
     return bool(what) and not allow
 
 
@@ -480,7 +481,7 @@ async def _claim(
     unknown = [n for n in names or [] if n not in known]
     if unknown or (take and not names):
         what = f"unknown destination {', '.join(unknown)}" if unknown else "--take-over needs"
-        print(
+        _echo(
             f"evalsyncd: {what} --destination NAME; configured: {', '.join(known)}", file=sys.stderr
         )
         return EX_USAGE
@@ -504,19 +505,19 @@ async def _claim(
                         if previous is not None
                         else "nobody"
                     )
-                    print(f"{name} ({storage.url()}): taken over from {was}: now this host's")
+                    _echo(f"{name} ({storage.url()}): taken over from {was}: now this host's")
                 else:
                     claim = await check_claim(storage, writer, name)
-                    print(
+                    _echo(
                         f"{name} ({storage.url()}): owned by this host ({claim.host!r}, "
                         f"writer {writer}) since {claim.when()}"
                     )
                 record_owner(state_dir, name, known[name].url, claim, True)
         except PrefixOwnedError as exc:
-            print(f"{name}: {exc}")
+            _echo(f"{name}: {exc}")
             failed = True
         except StorageError as exc:
-            print(f"evalsyncd: {name}: {type(exc).__name__}: {exc}", file=sys.stderr)
+            _echo(f"evalsyncd: {name}: {type(exc).__name__}: {exc}", file=sys.stderr)
             failed = True
     return EX_FAILURE if failed else EX_OK
 
@@ -531,17 +532,17 @@ async def _would_replace(settings: Settings, storage: Backend, name: str) -> lis
 
 
 def _print_would_replace(name: str, url: str, lost: list[FileCheck], root: Path) -> None:
-    print(
+    _echo(
         f"{name} ({url}): not taken over: the bucket holds bytes that these files of "
         f"{root} lack, and this host's daemon would replace them:"
     )
     for check in lost[:20]:
-        print(
+        _echo(
             f"  {check.path}: {check.detail} (bucket {check.remote_size} B, local {check.local_size} B)"
         )
     if len(lost) > 20:
-        print(f"  ... and {len(lost) - 20} more")
-    print(
+        _echo(f"  ... and {len(lost) - 20} more")
+    _echo(
         "Fix: bring the bucket's copies back first (`evalsyncd restore URL ROOT RUN_ID` for a "
         "run, or copy the object down over the local file) before this host's writers go on, "
         "then take over; or pass --discard-remote to replace them."
@@ -560,13 +561,19 @@ def _journal_rows(settings: Settings, destination: str) -> dict[str, Any] | None
         return dict(journal.entries(destination))
 
 
+def _echo(text: object, *, file: TextIO | None = None, flush: bool = False) -> None:
+    """``print(text)``, control characters escaped (:func:`~evalsyncd.terminal.printable`):
+    every line of text the CLI prints goes through here (names and errors from buckets)."""
+    print(printable(str(text)), file=sys.stdout if file is None else file, flush=flush)
+
+
 def _reader_logging() -> None:
     """stderr lines ``evalsyncd: warning: ...`` for the store's warnings (runs, restore)."""
     import logging
 
     class _Lower(logging.Formatter):
         def format(self, record: logging.LogRecord) -> str:
-            return f"evalsyncd: {record.levelname.lower()}: {record.getMessage()}"
+            return printable(f"evalsyncd: {record.levelname.lower()}: {record.getMessage()}")
 
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_Lower())
@@ -610,13 +617,13 @@ def _open_reader(uri: str, config: str | None) -> tuple[Storage, str]:
 
 def _config_error(exc: ConfigError) -> int:
     """Report a configuration error on stderr; returns EX_CONFIG."""
-    print(f"evalsyncd: configuration error:\n{exc}", file=sys.stderr)
+    _echo(f"evalsyncd: configuration error:\n{exc}", file=sys.stderr)
     return EX_CONFIG
 
 
 def _fail(exc: BaseException, where: str = "") -> None:
     prefix = f"{where}: " if where and where not in str(exc) else ""
-    print(f"evalsyncd: error: {prefix}{type(exc).__name__}: {exc}", file=sys.stderr)
+    _echo(f"evalsyncd: error: {prefix}{type(exc).__name__}: {exc}", file=sys.stderr)
 
 
 def _list_fleets(
@@ -641,7 +648,7 @@ def _list_fleets(
             continue
         for p in listing.problems:
             level = "error" if p.kind == "unreadable" else "warning"
-            print(f"evalsyncd: {level}: {p.message}", file=sys.stderr)
+            _echo(f"evalsyncd: {level}: {p.message}", file=sys.stderr)
             problems.append(p.message)
         ok = ok and listing.ok and (allow_skipped or not listing.skipped)
         rows.extend(r.to_dict() for r in listing.runs)
@@ -655,7 +662,7 @@ def _runs(args: argparse.Namespace) -> int:
     try:
         if args.runs_command == "ls":
             rows, _, ok = _list_fleets(args.uris, args.config, args.allow_skipped)
-            print(json.dumps(rows, indent=2) if args.json else format_runs(rows))
+            _echo(json.dumps(rows, indent=2) if args.json else format_runs(rows))
             return EX_OK if ok else EX_FAILURE
         if args.runs_command == "report":
             from evalsyncd.report import render_report
@@ -663,7 +670,7 @@ def _runs(args: argparse.Namespace) -> int:
             rows, problems, ok = _list_fleets(args.uris, args.config, args.allow_skipped)
             page = render_report(rows, title=args.title, sources=args.uris, problems=problems)
             args.output.write_text(page, encoding="utf-8")
-            print(f"wrote {args.output} ({len(rows)} runs)", file=sys.stderr)
+            _echo(f"wrote {args.output} ({len(rows)} runs)", file=sys.stderr)
             return EX_OK if ok else EX_FAILURE
         if args.runs_command == "export":
             return _export(args)
@@ -673,7 +680,8 @@ def _runs(args: argparse.Namespace) -> int:
             host, store, damaged = found
             details = run_details(store, args.run_id, trajectories=args.trajectories)
             details = {"host": host, **details}
-            print(json.dumps(details, indent=2) if args.json else format_run(details))
+            _echo(json.dumps(details, indent=2) if args.json else format_run(details))
+            damaged = _damaged_on_read(store, damaged)
             if damaged and not args.allow_skipped:
                 return EX_FAILURE
     except ConfigError as exc:
@@ -694,8 +702,8 @@ def _export(args: argparse.Namespace) -> int:
         summary = run_sync(aexport_samples(storage, prefix, args.output))
     for problem in summary.problems:
         level = "warning" if problem.startswith("bad line: ") else "error"
-        print(f"evalsyncd: {level}: {problem}", file=sys.stderr)
-    print(
+        _echo(f"evalsyncd: {level}: {problem}", file=sys.stderr)
+    _echo(
         f"wrote {summary.path} ({summary.rows} samples from {summary.files} files, "
         f"{summary.bad_lines} bad lines skipped)",
         file=sys.stderr,
@@ -756,9 +764,9 @@ def _find_one(storage: Storage, prefix: str, run_id: str, uri: str) -> tuple[Any
     problems = [p for p in all_problems if p.kind == "unreadable"]
     for p in all_problems:
         level = "error" if p.kind == "unreadable" else "warning"
-        print(f"evalsyncd: {level}: {p.message}", file=sys.stderr)
+        _echo(f"evalsyncd: {level}: {p.message}", file=sys.stderr)
     if len(found) > 1:
-        print(
+        _echo(
             f"evalsyncd: error: run {run_id} is on {len(found)} hosts of {uri}: "
             f"{', '.join(r.host for r in found)}; give one host prefix "
             f"(e.g. {fleet.store(found[0].host).url()})",
@@ -767,16 +775,36 @@ def _find_one(storage: Storage, prefix: str, run_id: str, uri: str) -> tuple[Any
         return None
     if not found:
         where = "the hosts that could be read" if problems else f"any host of {uri}"
-        print(f"evalsyncd: error: run {run_id} not found on {where}", file=sys.stderr)
+        _echo(f"evalsyncd: error: run {run_id} not found on {where}", file=sys.stderr)
         return None
     if problems:
-        print(
+        _echo(
             f"evalsyncd: warning: run {run_id} found on host {found[0].host!r}, "
             "but other hosts could not be checked for the same id",
             file=sys.stderr,
         )
     host = found[0].host
     return fleet, host, any(p.kind == "damaged" and p.host == host for p in all_problems)
+
+
+def _damaged_on_read(store: EvalStore, reported: bool) -> bool:
+    """Whether ``store``'s host is damaged: ``reported`` when listing it, or a damaged
+    object its reads found since (a main object changed under pending tail pieces,
+    read as its plain object), then named in a warning."""
+    from evalsyncd.storage._bridge import run_sync
+    from evalsyncd.storage.tail import tail_damage
+
+    if reported:
+        return True
+    exc = run_sync(tail_damage(store.storage))
+    if exc is None:
+        return False
+    _echo(
+        f"evalsyncd: warning: {store.url()}: read from the plain objects (they may lack the "
+        f"newest lines or hold bytes evalsyncd did not write): {exc}",
+        file=sys.stderr,
+    )
+    return True
 
 
 def _restore(args: argparse.Namespace) -> int:
@@ -788,11 +816,11 @@ def _restore(args: argparse.Namespace) -> int:
             if found is None:
                 return EX_FAILURE
             result = restore_run(found[1], args.run_id, args.root)
-            damaged = found[2]
+            damaged = _damaged_on_read(found[1], found[2])
     except ConfigError as exc:
         return _config_error(exc)
     except RestoreConflictError as exc:
-        print(f"evalsyncd: error: {exc}", file=sys.stderr)
+        _echo(f"evalsyncd: error: {exc}", file=sys.stderr)
         return EX_FAILURE
     except (StorageError, OSError, ValueError) as exc:
         _fail(exc)
@@ -802,10 +830,10 @@ def _restore(args: argparse.Namespace) -> int:
     else:
         verb = f"restored {len(result.files)} files ({result.bytes} bytes)"
     index = "; runs.jsonl line appended" if result.index_appended else ""
-    print(f"{args.run_id}: {verb} in {result.run_dir}{index}")
+    _echo(f"{args.run_id}: {verb} in {result.run_dir}{index}")
     skipped = [f"skipped {s}" for s in result.skipped]
     if skipped:
-        print(f"{args.run_id}: {len(skipped)} keys skipped, not restored", file=sys.stderr)
+        _echo(f"{args.run_id}: {len(skipped)} keys skipped, not restored", file=sys.stderr)
     if _report_skipped(skipped, args.allow_skipped) or (damaged and not args.allow_skipped):
         return EX_FAILURE
     return EX_OK
@@ -839,15 +867,15 @@ def _check(args: argparse.Namespace) -> int:
         _fail(exc, args.uri)
         return 1
     if args.json:
-        print(json.dumps(report.to_dict(), indent=2))
+        _echo(json.dumps(report.to_dict(), indent=2))
     else:
-        print(f"{report.url}:")
+        _echo(f"{report.url}:")
         width = max(len(r.feature) for r in report.results)
         for r in report.results:
             mark = "ok" if r.ok else "MISSING"
             line = f"  {r.feature:<{width}}  {mark:<7}  {r.answer}"
-            print(line + (f"\n  {'':<{width}}           -> {r.consequence}" if not r.ok else ""))
-        print("usable" if report.usable else "NOT usable")
+            _echo(line + (f"\n  {'':<{width}}           -> {r.consequence}" if not r.ok else ""))
+        _echo("usable" if report.usable else "NOT usable")
     return EX_OK if report.usable else 1
 
 
@@ -911,7 +939,7 @@ def _view(args: argparse.Namespace) -> int:
 
     _reader_logging()
     if not args.refresh > 0:
-        print("evalsyncd: error: --refresh must be > 0", file=sys.stderr)
+        _echo("evalsyncd: error: --refresh must be > 0", file=sys.stderr)
         return EX_USAGE
     try:
         storage, prefix = _open_reader(args.uri, args.config)
@@ -928,7 +956,7 @@ def _view(args: argparse.Namespace) -> int:
             loop.add_signal_handler(sig, stop.set)
 
         def ready(url: str) -> None:
-            print(f"evalsyncd view of {args.uri}: {url}  (Ctrl-C to stop)", flush=True)
+            _echo(f"evalsyncd view of {args.uri}: {url}  (Ctrl-C to stop)", flush=True)
 
         await serve(
             storage,
@@ -992,7 +1020,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:  # the state directory cannot be created
         return _config_error(exc)
     except JournalError as exc:
-        print(f"evalsyncd: {exc}", file=sys.stderr)
+        _echo(f"evalsyncd: {exc}", file=sys.stderr)
         return EX_CONFIG
     except KeyboardInterrupt:
         return 130

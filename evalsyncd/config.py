@@ -82,6 +82,10 @@ __all__ = [
 ]
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_PLACEHOLDERS = ("{hostname}",)
+"""Placeholders a destination URL may hold, expanded at load."""
+_PLACEHOLDER_RE = re.compile(r"\{[^{}/]*\}")
+_SETTING_RE = re.compile(r"^[a-z_]+(\.[a-z0-9_]+)*: ")
 _S3_MIN_PART_BYTES = 5 * 1024 * 1024
 """S3's minimum multipart part size (``evalsyncd.storage.s3.MULTIPART_MIN_BYTES``), bytes."""
 
@@ -101,7 +105,7 @@ class RetrySettings(BaseModel):
     consecutive failure waits a random time in ``[cap/2, cap]``. Permanent errors
     (access denied, no such bucket) park the destination for ``parked_retry_s``."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     initial_backoff_s: float = Field(0.5, gt=0, description="first backoff cap, seconds")
     max_backoff_s: float = Field(60.0, gt=0, description="largest backoff, seconds")
@@ -129,7 +133,7 @@ class DestinationSettings(BaseModel):
     backend is an unknown key.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     name: str = Field(description="unique name, used in logs, metrics and the journal")
     url: str = Field(
@@ -188,6 +192,12 @@ class DestinationSettings(BaseModel):
     @field_validator("url")
     @classmethod
     def _url(cls, v: str) -> str:
+        unknown = sorted({m for m in _PLACEHOLDER_RE.findall(v) if m not in _PLACEHOLDERS})
+        if unknown:
+            raise ValueError(
+                f"{v!r}: unknown placeholder {', '.join(unknown)}; "
+                f"known: {', '.join(_PLACEHOLDERS)}"
+            )
         v = v.replace("{hostname}", socket.gethostname())
         parse_url(v, strict=True)
         return v
@@ -377,7 +387,7 @@ class RetentionSettings(BaseModel):
     used share is above ``high_water`` until it is below ``low_water``.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     enabled: bool = Field(False, description="evict mirrored runs from the local disk")
     min_age_s: float = Field(
@@ -418,6 +428,7 @@ class Settings(BaseSettings):
         env_nested_delimiter="__",
         extra="forbid",
         frozen=True,
+        allow_inf_nan=False,
     )
 
     root: Path = Field(description="the directory the EvalStore writes (must exist)")
@@ -492,6 +503,26 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _no_nesting(self) -> Settings:
+        # One prefix, one owner and one tail log: a destination at or under another's
+        # prefix would be written by two writers of one daemon (docs/design.md).
+        places = [(i, d, _place(d)) for i, d in enumerate(self.destinations)]
+        for i, a, (where_a, parts_a) in places:
+            for j, b, (where_b, parts_b) in places[i + 1 :]:
+                if where_a != where_b:
+                    continue
+                n = min(len(parts_a), len(parts_b))
+                if parts_a[:n] != parts_b[:n]:
+                    continue
+                how = "the same prefix as" if len(parts_a) == len(parts_b) else "nested with"
+                raise ValueError(
+                    f"destinations.{j}.url: {b.url} is {how} destinations.{i}.url {a.url}; "
+                    "destinations must not nest (each prefix has one writer and one tail "
+                    "log): give each its own prefix"
+                )
+        return self
+
+    @model_validator(mode="after")
     def _mirror_outside_root(self) -> Settings:
         # A file:// mirror at the root would replace the writers' own files with its copies
         # (new inodes: lines of an open file are lost), and one above the root could
@@ -508,6 +539,17 @@ class Settings(BaseSettings):
                     "directory above it; mirror to a directory outside the root, or inside it"
                 )
         return self
+
+
+def _place(dest: DestinationSettings) -> tuple[tuple[str, str, str | None], tuple[str, ...]]:
+    """``((scheme, bucket, endpoint), prefix segments)`` of a destination: two whose first
+    parts are equal and whose segments start alike nest."""
+    where = parse_url(dest.url, strict=True)
+    endpoint = getattr(dest, "endpoint_url", None)
+    if where.scheme == "file":
+        return ("file", "", None), Path(where.path).absolute().parts
+    parts = tuple(s for s in where.path.split("/") if s)
+    return (where.scheme, where.bucket, endpoint), parts
 
 
 def ensure_state_dir(settings: Settings) -> Path:
@@ -546,6 +588,9 @@ def _format_error(exc: ValidationError, source: str) -> str:
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
+        if not err["loc"] and _SETTING_RE.match(msg):
+            lines.append(f"{source}: {msg}")  # a check of several keys names the one at fault
+            continue
         lines.append(f"{source}: {key}: {msg}")
     return "\n".join(lines)
 

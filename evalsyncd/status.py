@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from evalsyncd.config import Settings
-from evalsyncd.sync.files import FileKind, classify, scan_tree
+from evalsyncd.sync.files import FileKind, classify, display_path, key_problem, scan_tree
 from evalsyncd.sync.journal import Entry, Journal
 from evalsyncd.sync.offline import JOURNAL_NAME, unacked_bytes
 from evalsyncd.sync.owner import read_owner_records
@@ -96,6 +96,9 @@ class StatusReport:
     destinations: list[DestinationStatus]
     retention: dict[str, Any] | None = None
     """Retention (``[retention]``, see :func:`retention_status`); ``None`` when off."""
+    not_mirrorable: dict[str, str] = field(default_factory=dict)
+    """Files no destination can hold (their path is not a valid key), printable path ->
+    why; they are not counted as pending (see :func:`~evalsyncd.sync.files.key_problem`)."""
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (times as Unix seconds)."""
@@ -131,6 +134,8 @@ def collect_status(settings: Settings, *, now: float | None = None) -> StatusRep
     now = time.time() if now is None else now
     journal_path = settings.state_dir / JOURNAL_NAME
     files = list(scan_tree(settings.root, (settings.state_dir,)))
+    bad = {rel: why for rel, _ in files if (why := key_problem(rel)) is not None}
+    files = [(rel, st) for rel, st in files if rel not in bad]
     exists = journal_path.exists()
     journal = Journal(journal_path, settings.root, readonly=True) if exists else None
     retention = None
@@ -180,9 +185,10 @@ def collect_status(settings: Settings, *, now: float | None = None) -> StatusRep
         root=str(settings.root),
         journal=str(journal_path),
         journal_exists=exists,
-        files=len(files),
+        files=len(files) + len(bad),
         destinations=out,
         retention=retention,
+        not_mirrorable={display_path(rel): why for rel, why in sorted(bad.items())},
     )
 
 
@@ -256,12 +262,24 @@ def _owner(d: DestinationStatus, now: float) -> str:
     return f"{who}{since}{tail}"
 
 
+_SHOWN = 10
+
+
 def format_status(report: StatusReport, *, now: float | None = None) -> str:
     """Human-readable text of a report, one block per destination."""
     now = time.time() if now is None else now
     lines = [f"root {report.root}: {report.files} files"]
     if not report.journal_exists:
         lines.append(f"journal {report.journal}: none yet (the daemon has not run)")
+    if report.not_mirrorable:
+        lines.append(
+            f"not mirrorable: {len(report.not_mirrorable)} files, never uploaded "
+            "(rename them to mirror them):"
+        )
+        shown = list(report.not_mirrorable.items())[:_SHOWN]
+        lines += [f"  {path}: {why}" for path, why in shown]
+        if len(report.not_mirrorable) > _SHOWN:
+            lines.append(f"  ... and {len(report.not_mirrorable) - _SHOWN} more (--json lists all)")
     for d in report.destinations:
         lines.append(f"{d.name} ({d.url}): {d.state}")
         if d.pending_files:

@@ -314,6 +314,18 @@ def test_storage_offering_read_internal_is_asked_for_the_catalog(tmp_path: Path)
     assert asked == ["catalog.json"]
 
 
+def test_a_local_metadata_nested_too_deeply_is_left_out_of_the_catalog(tmp_path: Path) -> None:
+    """The daemon's catalog of a root leaves out a metadata.json nested deeper than the
+    parser's recursion limit (readers read that run alone) instead of raising RecursionError."""
+    from evalsyncd.catalog import catalog_from_root
+
+    store = EvalStore(tmp_path)
+    store.create_run("m", ["gsm8k"], run_id="good")
+    (tmp_path / "runs/deep").mkdir()
+    (tmp_path / "runs/deep/metadata.json").write_bytes(b"[" * 100_000 + b"]" * 100_000)
+    assert set(json.loads(catalog_from_root(tmp_path))["runs"]) == {"good"}
+
+
 # ── The tail log vouches for the catalog (rule 6) ─────────────────────────────────
 
 

@@ -204,3 +204,39 @@ def test_runs_and_verify_on_s3(
         "runs/run0/gsm8k/trajectories.jsonl",
         "behind",
     )
+
+
+def test_a_file_that_cannot_be_mirrored_fails_sync_once_and_shows_in_status(
+    tmp_path: Path, cloud_env: dict[str, str], s3_server: SeaweedS3Server, unique_prefix: str
+) -> None:
+    """On S3: a file whose name holds bytes that are not UTF-8 (no valid key) makes
+    `sync --once` exit 1 naming it and why, though everything else is mirrored; `status`
+    lists it apart (never "pending" forever); renamed, it mirrors and both are clean."""
+    root = tmp_path / "root"
+    root.mkdir()
+    make_runs(root, runs=1)
+    bad = os.fsencode(root / "runs/run0/gsm8k") + b"/bad\xff\xfeutf8.jsonl"
+    with open(bad, "wb") as f:
+        f.write(b'{"k": 1}\n')
+    url = f"s3://{S3_BUCKET}/{unique_prefix}"
+    config = write_config(
+        tmp_path / "c.toml", root, tmp_path / "state", [{"name": "s3", "url": url}]
+    )
+    done = evalsyncd("sync", "--once", "--config", str(config))
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert "sync_incomplete_not_mirrorable" in done.stderr
+    assert "runs/run0/gsm8k/bad\\\\xff\\\\xfeutf8.jsonl" in done.stderr  # JSON-escaped
+    assert "not valid UTF-8" in done.stderr
+    status = evalsyncd("status", "--config", str(config))
+    assert status.returncode == 0, status.stderr
+    assert "not mirrorable: 1 files" in status.stdout
+    assert "runs/run0/gsm8k/bad\\xff\\xfeutf8.jsonl: not valid UTF-8" in status.stdout
+    assert "pending: nothing, in sync" in status.stdout
+    report = json.loads(evalsyncd("status", "--config", str(config), "--json").stdout)
+    assert report["not_mirrorable"] == {
+        "runs/run0/gsm8k/bad\\xff\\xfeutf8.jsonl": "not valid UTF-8"
+    }
+
+    os.rename(bad, root / "runs/run0/gsm8k/renamed.jsonl")
+    assert evalsyncd("sync", "--once", "--config", str(config)).returncode == 0
+    assert "not mirrorable" not in evalsyncd("status", "--config", str(config)).stdout

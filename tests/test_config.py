@@ -22,6 +22,7 @@ from evalsyncd.errors import ConfigError
 from evalsyncd.storage import GCSStorage, LocalStorage, S3Storage, storage_from_uri
 from evalsyncd.storage.urls import SCHEMES, parse_url
 from evalsyncd.sync.service import Service, open_destination_storage
+from tests.opshelpers import evalsyncd
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -342,6 +343,81 @@ def test_cloud_prefixes_that_escape_the_bucket_are_refused(url: str) -> None:
     for cls in (S3Storage, GCSStorage, MemoryStorage):
         with pytest.raises(ValueError, match="invalid prefix"):
             cls("bkt", "a/../b")
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "nests"),
+    [
+        ("s3://bkt/x", "s3://bkt/x", "the same prefix as"),
+        ("s3://bkt/x", "s3://bkt/x/", "the same prefix as"),
+        ("s3://bkt/x", "s3://bkt/x/y", "nested with"),
+        ("gs://bkt/x/y/z", "gs://bkt/x", "nested with"),
+        ("s3://bkt", "s3://bkt/anything", "nested with"),
+        ("s3://bkt/x", "s3://bkt/xy", None),
+        ("s3://bkt/x", "gs://bkt/x", None),
+        ("s3://bkt/x", "s3://other/x", None),
+    ],
+)
+def test_destinations_that_nest_are_refused_naming_both(
+    tmp_path: Path, a: str, b: str, nests: str | None
+) -> None:
+    """Two destinations on one prefix (a trailing '/' is the same prefix) or one under the
+    other are a configuration error naming both URLs and the second's key; other buckets,
+    schemes and sibling prefixes are fine."""
+    dests = [{"name": "a", "url": a}, {"name": "b", "url": b}]
+    if nests is None:
+        assert len(load_settings(root=tmp_path, destinations=dests).destinations) == 2
+        return
+    with pytest.raises(ConfigError) as info:
+        load_settings(root=tmp_path, destinations=dests)
+    assert f"destinations.1.url: {b} is {nests} destinations.0.url {a}" in str(info.value)
+    assert "(top level)" not in str(info.value)
+
+
+def test_the_same_prefix_on_two_s3_endpoints_and_nested_local_mirrors(tmp_path: Path) -> None:
+    """One bucket/prefix on two S3 endpoints is two places; file:// mirrors nest by path."""
+    two = [
+        {"name": "a", "url": "s3://bkt/x", "endpoint_url": "http://127.0.0.1:1"},
+        {"name": "b", "url": "s3://bkt/x", "endpoint_url": "http://127.0.0.1:2"},
+    ]
+    (tmp_path / "r").mkdir()
+    assert len(load_settings(root=tmp_path / "r", destinations=two).destinations) == 2
+    local = [
+        {"name": "a", "url": (tmp_path / "m").as_uri()},
+        {"name": "b", "url": (tmp_path / "m" / "sub").as_uri()},
+    ]
+    with pytest.raises(ConfigError, match=r"destinations\.1\.url: .* is nested with"):
+        load_settings(root=tmp_path / "r", destinations=local)
+
+
+def test_unknown_url_placeholders_and_non_finite_numbers_are_refused(tmp_path: Path) -> None:
+    """A URL placeholder typo names the setting and the known placeholders; inf and nan are
+    refused for every float setting (TOML allows them), by file and by environment, exit 78."""
+    with pytest.raises(ConfigError) as info:
+        load_settings(root=tmp_path, destinations=[{"name": "a", "url": "s3://b/{hostnme}/x"}])
+    assert "destinations.0.url" in str(info.value)
+    assert "unknown placeholder {hostnme}; known: {hostname}" in str(info.value)
+    ok = load_settings(root=tmp_path, destinations=[{"name": "a", "url": "s3://b/{hostname}"}])
+    assert "{" not in ok.destinations[0].url
+    for key, where in (
+        ("flush_interval_s = inf", "flush_interval_s"),
+        ("rescan_interval_s = nan", "rescan_interval_s"),
+        ("[retention]\nenabled = true\nmin_age_s = inf", "retention.min_age_s"),
+        (
+            '[[destinations]]\nname = "b"\nurl = "s3://b/y"\nmax_main_lag_s = inf',
+            "destinations.1.max_main_lag_s",
+        ),
+    ):
+        path = tmp_path / "c.toml"
+        path.write_text(
+            f'root = "{tmp_path}"\n{key if not key.startswith("[") else ""}\n'
+            '[[destinations]]\nname = "a"\nurl = "s3://b/x"\n'
+            f"{key if key.startswith('[') else ''}\n"
+        )
+        with pytest.raises(ConfigError, match=rf"{re.escape(where)}: Input should be a finite"):
+            load_settings(path)
+    out = evalsyncd("status", "--config", str(path))
+    assert out.returncode == 78 and "finite" in out.stderr
 
 
 def test_retired_s3_segment_keys_load_and_are_ignored_with_a_warning(

@@ -8,6 +8,8 @@ restore refuses, reported by name with exit status 1 unless
 
 from __future__ import annotations
 
+import asyncio
+import json
 import tracemalloc
 import uuid
 from collections.abc import Iterator
@@ -164,3 +166,107 @@ def test_verify_names_the_files_it_cannot_check_as_keys(tmp_path: Path) -> None:
     assert report.ok and report.checked == 1
     [skipped] = report.skipped
     assert skipped.startswith("runs/r1/bad") and "not valid UTF-8" in skipped
+
+
+async def _stage_tail(storage: S3Storage, rel: str, base: int, version: str | None) -> None:
+    """Four more lines of ``rel`` in ``storage``'s tail log, building on ``base`` bytes."""
+    async with storage:
+        writer = storage.tail_writer("w")
+        await writer.open()
+        more = b"".join(_LINE % i for i in range(4, 8))
+        writer.stage_append(rel, base, more, base=base, main_version=version, mtime=1.0)
+        await writer.commit()
+
+
+_LINE = b'{"idx": %d, "benchmark": "gsm8k", "reward": 1.0}\n'
+
+
+@pytest.mark.parametrize("tamper", ["appended", "truncated"])
+def test_a_plain_object_changed_under_pending_tail_lines_is_read_plain_and_named(
+    tamper: str, tmp_path: Path, cloud_env: dict[str, str], s3_server: SeaweedS3Server
+) -> None:
+    """A host's plain trajectories.jsonl changed by another tool (a foreign line appended, or
+    truncated below what the tail log builds on) while its tail log holds 4 more lines: runs
+    show counts the plain object's lines (never tail lines glued onto foreign bytes, never a
+    "kept changing" error) and names the object, exit 1; restore copies the plain object and
+    exits 1 naming it, 0 with --allow-skipped."""
+    prefix = f"t/plain-{tamper}-{uuid.uuid4().hex[:8]}"
+    rel = "runs/r1/gsm8k/trajectories.jsonl"
+    src = tmp_path / "src"
+    store = EvalStore(src)
+    store.create_run("m", ["gsm8k"], run_id="r1")
+    for i in range(4):
+        store.write_trajectory("r1", "gsm8k", StoredTrajectory(idx=i, benchmark="gsm8k"))
+    tree = _tree(src)
+    host = S3Storage(S3_BUCKET, f"{prefix}/h1", endpoint_url=s3_server.endpoint_url)
+    with host:
+        versions = {path: host.write(path, data) for path, data in tree.items()}
+    asyncio.run(_stage_tail(host, rel, len(tree[rel]), versions[rel]))
+    plain = tree[rel] + b'{"evil": 1}\n' if tamper == "appended" else _LINE % 0
+    client = s3_server.raw_client()
+    try:
+        client.put_object(Bucket=S3_BUCKET, Key=f"{prefix}/h1/{rel}", Body=plain)
+    finally:
+        client.close()
+    fleet_url = f"s3://{S3_BUCKET}/{prefix}"
+    main_url = f"{fleet_url}/h1/{rel}"
+
+    show = run_cli("runs", "show", fleet_url, "r1")
+    assert show.returncode == 1, show.stderr
+    lines = plain.count(b"\n") - (tamper == "appended")  # the foreign line is not a trajectory
+    assert f"gsm8k: no result yet, {lines} trajectories" in show.stdout, show.stdout
+    assert main_url in show.stderr and "changed by something other than evalsyncd" in show.stderr
+    assert "kept changing" not in show.stderr
+
+    dest = tmp_path / "dest"
+    restored = run_cli("restore", fleet_url, "r1", "--root", str(dest))
+    assert restored.returncode == 1, restored.stderr
+    assert main_url in restored.stderr and "restored" in restored.stdout
+    assert (dest / rel).read_bytes() == plain
+    again = run_cli("restore", "--allow-skipped", fleet_url, "r1", "--root", str(dest))
+    assert again.returncode == 0, again.stderr
+
+
+def test_terminal_escapes_from_a_bucket_are_shown_not_obeyed(
+    tmp_path: Path, cloud_env: dict[str, str], s3_server: SeaweedS3Server, unique_prefix: str
+) -> None:
+    """A run id holding ESC sequences that would erase the warning lines above it is skipped
+    and named escaped (runs ls exits 1, 0 with --allow-skipped); a model name retitling the
+    terminal is printed escaped by runs ls and runs show; EvalStore refuses to create such
+    a run id. No ESC or BEL byte reaches stdout or stderr."""
+    evil_id = "x\x1b[2K\x1b[1A\x1b[2Kevil"
+    evil_model = "m\x1b]0;pwned\x07"
+    meta = (
+        b'{"run_id": "%s", "model_name": "%s", "checkpoint_path": null, "checkpoint_name": '
+        b'null, "benchmarks": ["gsm8k"], "timestamp": "2026-01-01T00:00:00"}'
+    )
+    client = s3_server.raw_client()
+    try:
+        for run_id, model in ((evil_id, "m"), ("good", evil_model)):
+            body = meta % (json_str(run_id), json_str(model))
+            key = f"{unique_prefix}/h1/runs/{run_id}/metadata.json"
+            client.put_object(Bucket=S3_BUCKET, Key=key, Body=body)
+    finally:
+        client.close()
+    url = f"s3://{S3_BUCKET}/{unique_prefix}"
+
+    ls = run_cli("runs", "ls", url)
+    assert ls.returncode == 1, ls.stderr
+    for out in (ls.stdout, ls.stderr):
+        assert "\x1b" not in out and "\x07" not in out
+    assert "good  m\\x1b]0;pwned\\x07" in ls.stdout
+    assert "x\\x1b[2K\\x1b[1A\\x1b[2Kevil" in ls.stderr and "skipped" in ls.stderr
+    assert run_cli("runs", "ls", "--allow-skipped", url).returncode == 0
+    show = run_cli("runs", "show", url, "good")
+    assert show.returncode == 0, show.stderr
+    assert "model: m\\x1b]0;pwned\\x07" in show.stdout and "\x1b" not in show.stdout
+
+    with pytest.raises(ValueError, match="control character"):
+        EvalStore(tmp_path / "local").create_run("m", ["gsm8k"], run_id=evil_id)
+    with pytest.raises(ValueError, match="control character"):
+        EvalStore(tmp_path / "local").create_run("m", ["gsm\x9bk"], run_id="r")
+
+
+def json_str(text: str) -> bytes:
+    """``text`` as the inside of a JSON string (escapes as json.dumps writes them)."""
+    return json.dumps(text)[1:-1].encode()

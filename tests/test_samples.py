@@ -593,3 +593,25 @@ def test_an_unusable_cache_is_a_clear_error(local_storage: Any, tmp_path: Path) 
             await reader.aindex("r1", "gsm")
 
     _run(local_storage, scenario)
+
+
+def test_deeply_nested_lines_are_bad_lines_in_parse_and_export(tmp_path: Path) -> None:
+    """A trajectories line nested deeper than the parser's recursion limit (a hostile host's
+    ``[[[[...``) is a bad line, as in EvalStore's reader: parse_line says so, and runs export
+    skips it with a warning instead of a RecursionError traceback."""
+    for deep in (b"[" * 100_000, b'{"idx": 1, "benchmark": "b", "x": ' + b"[" * 100_000):
+        bad = parse_line(deep, 3, 0)
+        assert isinstance(bad, BadLine) and "nested too deeply" in bad.reason
+    root = tmp_path / "fleet"
+    ids = _fleet(root)
+    with (root / "h2" / "runs" / ids["h2"] / "gsm" / "trajectories.jsonl").open("ab") as f:
+        f.write(b"[" * 100_000 + b"]" * 100_000 + b"\n")
+    run = subprocess.run(
+        [sys.executable, "-m", "evalsyncd", "runs", "export", str(root), "-o", str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert "Traceback" not in run.stderr and "RecursionError" not in run.stderr, run.stderr
+    assert "8 samples from 2 files, 2 bad lines" in run.stderr, run.stderr
+    assert "nested too deeply" in run.stderr

@@ -25,6 +25,7 @@ from evalsyncd.storage.tail import (
     encode_tail_object,
     object_name,
     seq_of,
+    tail_damage,
 )
 
 Cloud = S3Storage | GCSStorage | MemoryStorage
@@ -237,6 +238,68 @@ def test_a_reader_that_tails_a_file_fetches_each_piece_once(cloud: Cloud) -> Non
             assert await cloud.aread("f.jsonl") == expected
             pieces = [f for f in fetched if f[1] != 0]  # header probes start at 0
             assert len(pieces) == 1, fetched  # only the newest piece
+        await cloud.aclose()
+
+    _run(scenario())
+
+
+def test_a_plain_object_changed_under_pending_pieces_is_read_plain_and_reported(
+    cloud: Cloud,
+) -> None:
+    """A main object changed by another tool while the tail holds pieces building on it
+    (a foreign line appended, even one ending where a piece ends, truncated below the tail's
+    base, longer than the tail, deleted)
+    reads as the plain object, never stitched, stat agrees, and tail_damage names it; a main
+    object the writer promoted to a piece end (index not yet committed) still stitches."""
+    head, one, two = b"line0\n", b"line1\n", b"line2\n"
+    plain = {
+        "promoted.jsonl": head + one,  # what the writer itself does: a piece end
+        "appended.jsonl": head + b'{"evil": 12}\n',
+        "same-size.jsonl": head + b'{"evil": 1}\n',  # ends where the tail's pieces end
+        "truncated.jsonl": b"l\n",
+        "longer.jsonl": head + one + two + b"more\n",
+        "deleted.jsonl": None,
+    }
+
+    async def scenario() -> None:
+        writer = cloud.tail_writer("w1")
+        await writer.open()
+        for path in plain:
+            version = await cloud.awrite(path, head)
+            writer.stage_append(path, 6, one, base=6, main_version=version, mtime=1.0)
+            writer.stage_append(path, 12, two, base=6, main_version=version, mtime=1.0)
+        await writer.commit()
+        for path, data in plain.items():
+            if data is None:
+                await cloud.aremove(path)
+            else:
+                await cloud.awrite(path, data)
+        cloud.tail_refresh_s = 60.0  # the damage stays on the cached index
+        assert await cloud.aread("promoted.jsonl") == head + one + two
+        assert await tail_damage(cloud) is None
+        for path, data in list(plain.items())[1:]:
+            if data is None:
+                with pytest.raises(FileNotFoundError):
+                    await cloud.aread(path)
+                assert await cloud.astat(path) is None
+            else:
+                assert await cloud.aread(path) == data
+                assert await cloud.aread_range(path, 2, 4) == data[2:6]
+                st = await cloud.astat(path)
+                assert st is not None and st.size == len(data)
+            damage = await tail_damage(cloud)
+            assert isinstance(damage, CorruptObjectError) and damage.url == cloud.url(path)
+            assert "changed by something other than evalsyncd" in str(damage)
+
+        # the writer repairs every file (rewritten whole, entries dropped): no damage is left
+        for path in plain:
+            version = await cloud.awrite(path, head + one + two)
+            writer.promoted(path, 18, version)
+        await writer.commit()
+        cloud.tail_refresh_s = 0.0
+        for path in plain:
+            assert await cloud.aread(path) == head + one + two
+        assert await tail_damage(cloud) is None
         await cloud.aclose()
 
     _run(scenario())

@@ -12,13 +12,12 @@ write in progress (not a sample yet). Nothing here does I/O.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import Any
 
-from evalsyncd.store.layout import MAX_LINE_BYTES
+from evalsyncd.store.layout import MAX_LINE_BYTES, loads_bounded
 from evalsyncd.store.models import StoredTrajectory
 
 __all__ = [
@@ -170,8 +169,8 @@ def parse_line(raw: bytes, line: int, start: int) -> ParsedLine | BadLine | None
         text = text_bytes.decode("utf-8", errors="replace")
         note = BadLine(line, start, len(raw), f"invalid UTF-8 (replaced with U+FFFD): {exc.reason}")
     try:
-        obj = json.loads(text)
-    except ValueError as exc:
+        obj = loads_bounded(text)
+    except ValueError as exc:  # nested too deeply included
         utf8 = "invalid UTF-8 and " if note is not None else ""
         return BadLine(line, start, len(raw), f"{utf8}malformed JSON ({exc})")
     if not isinstance(obj, dict):

@@ -45,6 +45,8 @@ from evalsyncd.storage.tail import (
     PieceCache,
     TailIndex,
     TailWriter,
+    boundaries,
+    note_damage,
     read_index,
     read_pieces,
     stitch,
@@ -56,7 +58,7 @@ __all__ = ["INTERNAL_DIR", "CloudStorage"]
 # keeps its objects (the tail log, the catalog, S3 append segments, GCS compose
 # deltas). Readers and ``list_dir`` hide it at every level.
 
-_RUNTIME_ATTRS = ("_clients", "_levels", "_pieces")
+_RUNTIME_ATTRS = ("_clients", "_levels", "_pieces", "_damaged")
 
 
 class CloudStorage(ABC):
@@ -112,6 +114,9 @@ class CloudStorage(ABC):
         self._clients = LoopClients(self._open_client)
         self._pieces = PieceCache()
         self._levels = LevelCache()
+        self._damaged: dict[str, CorruptObjectError] = {}
+        """URL -> why a main object was read without its tail (see :meth:`_stitched`):
+        shared with children and views, at most 16, dropped once the file stitches again."""
 
     # -- configuration, keys -------------------------------------------------------
 
@@ -168,6 +173,7 @@ class CloudStorage(ABC):
         new.prefix = prefix
         new._clients = self._clients
         new._levels = self._levels
+        new._damaged = self._damaged
         return new
 
     # -- clients (see evalsyncd.storage._clients) --------------------------------------
@@ -407,15 +413,27 @@ class CloudStorage(ABC):
 
     async def _stitched(self, path: str, start: int, end: int | None) -> bytes | None:
         """Bytes ``[start, end)`` of main object + tail pieces, or ``None`` when the tail
-        holds nothing of ``path`` (read the main object alone).
+        holds nothing of ``path`` or the main object is damaged (read the main object alone).
+
+        A main object missing, at a size that is not one the tail builds on (see
+        :func:`~evalsyncd.storage.tail.boundaries`: shorter than ``base``, longer than
+        the tail's size, or inside a piece) or, at a newer version, holding other bytes
+        than the pieces below its size (see :meth:`_builds_on`) is read again with a
+        fresh index; when neither moved meanwhile, something other than the writer
+        changed it: it is damage, warned once and kept until the file reads without it
+        (:func:`~evalsyncd.storage.tail.tail_damage` names it), and the plain object is
+        read, never stitched.
 
         Raises:
             ObjectNotFoundError: neither the main object nor the tail has the file.
             TransientStorageError: the tail kept changing under four attempts.
         """
+        seen: tuple[int, str | None, int] | None = None
         for attempt in range(4):
             index = await self._tail_index(refresh=attempt > 0)
             ft = index.files.get(path)
+            if ft is None or ft.kind == "r" or ft.base == 0:
+                self._damaged.pop(self.url(path), None)  # no main object to build on
             if ft is None:
                 return None
             try:
@@ -427,12 +445,17 @@ class CloudStorage(ABC):
                         else b""
                     )
                 main = await self._main_stat(path)
-                if main is None or main.size < ft.base:
-                    continue  # the index is older than a delete or a rewrite: read it again
-                if main.version != ft.main_version and attempt == 0:
+                moved = main is not None and main.version != ft.main_version
+                if moved and attempt == 0:
                     continue  # the main object moved on: is there a newer index?
-                size = max(main.size, ft.size)
-                stop = size if end is None else min(end, size)
+                if main is None or not await self._builds_on(index, ft, path, main, moved):
+                    state = (index.seq, *((main.version, main.size) if main else (None, -1)))
+                    if state != seen:
+                        seen = state
+                        continue  # the index may be older than the main object: read it again
+                    self._remember_damage(index, self._main_damage(path, ft, main))
+                    return None
+                stop = ft.size if end is None else min(end, ft.size)
                 if start >= stop:
                     return b""
                 data = await stitch(
@@ -440,6 +463,7 @@ class CloudStorage(ABC):
                     lambda at, n: self._main_read_range(path, at, n), self._pieces,
                 )  # fmt: skip
                 if len(data) == stop - start:
+                    self._damaged.pop(self.url(path), None)
                     return data
             except CorruptObjectError:
                 return None  # shorter than its index says: the plain object (reported)
@@ -447,6 +471,45 @@ class CloudStorage(ABC):
                 continue  # a tail object was deleted (promoted) meanwhile
         raise TransientStorageError(
             f"{self.url(path)}: the tail log kept changing during 4 reads", url=self.url(path)
+        )
+
+    async def _builds_on(
+        self, index: TailIndex, ft: FileTail, path: str, main: StorageStat, moved: bool
+    ) -> bool:
+        """Whether the pending pieces of ``ft`` continue the main object ``main``: its size
+        is one the tail builds on and, when its version moved past the index's (the writer
+        promoted it, or another tool changed it), its bytes above ``base`` are the pieces'.
+
+        Cost: none unless the version moved; then one ranged GET of the main object and
+        of the pieces below its size (a state that lasts only until the writer commits
+        its next index, unless something else changed the object).
+        """
+        if main.size not in boundaries(ft):
+            return False
+        if not moved or main.size == ft.base:
+            return True
+        lo, n = ft.base, main.size - ft.base
+        ours = await read_pieces(self, index, ft, lo, main.size, self._pieces)
+        return ours == await self._main_read_range(path, lo, n)
+
+    def _remember_damage(self, index: TailIndex, exc: CorruptObjectError) -> None:
+        """Warn about ``exc`` once and keep it (at most 16, the newest) for ``tail_damage``."""
+        note_damage(index, exc)
+        url = exc.url or ""
+        self._damaged.pop(url, None)
+        self._damaged[url] = exc
+        while len(self._damaged) > 16:
+            del self._damaged[next(iter(self._damaged))]
+
+    def _main_damage(self, path: str, ft: FileTail, main: StorageStat | None) -> CorruptObjectError:
+        """The error naming a main object the tail log cannot build on."""
+        url = self.url(path)
+        found = "missing" if main is None else f"{main.size} bytes at version {main.version}"
+        return CorruptObjectError(
+            f"{url}: the plain object is {found}, the tail log builds on its first {ft.base} "
+            f"bytes (version {ft.main_version}) and holds bytes up to {ft.size}: it was changed "
+            "by something other than evalsyncd, read without the tail's pending bytes",
+            url=url,
         )
 
     # -- the async contract: main objects and tail, stitched --------------------------
@@ -467,6 +530,8 @@ class CloudStorage(ABC):
             data = await self._stitched(path, 0, None)
             if data is not None:
                 return data
+        elif self._damaged:
+            self._damaged.pop(self.url(path), None)  # nothing pending: nothing to build on
         return await self._main_read(path)
 
     async def aread_range(self, path: str, offset: int, length: int | None = None) -> bytes:
@@ -480,10 +545,13 @@ class CloudStorage(ABC):
             data = await self._stitched(path, offset, None if length is None else offset + length)
             if data is not None:
                 return data
+        elif self._damaged:
+            self._damaged.pop(self.url(path), None)  # nothing pending: nothing to build on
         return await self._main_read_range(path, offset, length)
 
     async def astat(self, path: str) -> StorageStat | None:
-        """See :meth:`Storage.stat`: with pending tail pieces, the size the tail describes.
+        """See :meth:`Storage.stat`: with pending tail pieces, the size the tail describes
+        (the main object's stat when it is missing or damaged, see :meth:`_stitched`).
 
         The version is the main object's (``None`` while the file exists only in the tail).
         """
@@ -496,8 +564,8 @@ class CloudStorage(ABC):
         main = await self._main_stat(path)
         if ft is None:
             return main
-        if main is None:
-            return StorageStat(size=ft.size, mtime=ft.mtime, version=None)
+        if main is None or main.size not in boundaries(ft):
+            return main  # damaged: the plain object, as a read gives it (see _stitched)
         return StorageStat(
             size=max(ft.size, main.size), mtime=max(ft.mtime, main.mtime), version=main.version
         )

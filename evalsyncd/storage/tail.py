@@ -115,8 +115,10 @@ __all__ = [
     "TailIndex",
     "TailPieceMissingError",
     "TailWriter",
+    "boundaries",
     "decode_header",
     "encode_tail_object",
+    "note_damage",
     "object_name",
     "own_tail_index",
     "read_header",
@@ -233,8 +235,9 @@ class TailIndex:
             tail object when its header was damaged or past a limit: the index is
             then empty and readers read the plain objects; ``None`` otherwise.
         damaged_pieces: errors of tail objects found shorter than a piece this
-            index places in them (:func:`read_pieces` adds them, at most 16); the
-            files concerned are read from their plain objects.
+            index places in them (:func:`read_pieces` adds them, at most 16), and
+            of main objects its pieces cannot build on (see :func:`boundaries`);
+            the files concerned are read from their plain objects.
         marks: name -> seq of the newest tail object the writer marked with that
             name (:meth:`TailWriter.mark`), carried forward by every later object: at
             most :data:`MAX_MARKS` names. What a name means is its user's business
@@ -550,6 +553,24 @@ def _warn_once(exc: CorruptObjectError) -> None:
     logger.warning("reading the plain objects, the tail log is damaged: %s", exc)
 
 
+def note_damage(index: TailIndex, exc: CorruptObjectError) -> None:
+    """Record ``exc`` in ``index.damaged_pieces`` (at most 16) and warn once per process:
+    a reader read a file around the damage it names (see :func:`tail_damage`)."""
+    _warn_once(exc)
+    if len(index.damaged_pieces) < 16:
+        index.damaged_pieces.append(exc)
+
+
+def boundaries(ft: FileTail) -> set[int]:
+    """The sizes, in bytes, a main object may have while ``ft`` is pending: ``base`` and
+    the end of each piece (the writer promotes a main object to the end of its pieces).
+
+    A main object of another size, or above :attr:`FileTail.size`, was changed by
+    something other than the writer: stitching pieces onto it would give a wrong view.
+    """
+    return {ft.base} | {end for _start, end, _piece in ft.spans()}
+
+
 async def read_index(backend: TailBackend, *, strict: bool = False) -> TailIndex:
     """The newest tail object's index, or an empty one: one LIST and one or two GETs.
 
@@ -585,7 +606,9 @@ async def tail_damage(storage: object) -> CorruptObjectError | None:
     """The error of a damaged tail object that a reader of ``storage`` read around.
 
     The newest tail object's header (:attr:`TailIndex.damage`), else the first
-    tail object found shorter than its index says (:attr:`TailIndex.damaged_pieces`).
+    tail object found shorter than its index says (:attr:`TailIndex.damaged_pieces`),
+    else a main object changed by something other than the writer under pending
+    pieces (its URL; kept by the storage until that file stitches again).
 
     ``None`` when ``storage`` keeps no tail log, does not read it, or its newest
     tail object is sound. Uses the storage's cached index (no request when a read
@@ -597,7 +620,12 @@ async def tail_damage(storage: object) -> CorruptObjectError | None:
     index = await index_of()
     if not isinstance(index, TailIndex):
         return None
-    return index.damage or (index.damaged_pieces[0] if index.damaged_pieces else None)
+    mains: dict[str, CorruptObjectError] = getattr(storage, "_damaged", None) or {}
+    return (
+        index.damage
+        or (index.damaged_pieces[0] if index.damaged_pieces else None)
+        or next(iter(mains.values()), None)
+    )
 
 
 async def own_tail_index(storage: object) -> TailIndex | None:
@@ -734,9 +762,7 @@ async def read_pieces(
                 f"it holds {len(data)} of them",
                 url=url,
             )
-            _warn_once(exc)
-            if len(index.damaged_pieces) < 16:
-                index.damaged_pieces.append(exc)
+            note_damage(index, exc)
             raise exc
         if not whole:
             return data

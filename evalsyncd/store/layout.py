@@ -23,7 +23,7 @@ trailing newline; each JSONL line is ``json.dumps(record) + "\\n"`` (ASCII, sinc
 ``ensure_ascii`` is on).
 
 Names: run ids and benchmark names become path segments. An empty name, one
-containing ``/``, ``\\`` or NUL, and ``.``/``..`` are refused with
+containing ``/``, ``\\``, NUL or another control character, and ``.``/``..`` are refused with
 ``ValueError`` (:func:`check_name`) before any I/O; names found in listings
 that break these rules are skipped.
 
@@ -57,10 +57,11 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Protocol, Self, TypedDict, TypeVar
+from typing import Any, Final, Protocol, Self, TypedDict, TypeVar
 
 from evalsyncd.catalog import CATALOG_PATH
 from evalsyncd.errors import CorruptObjectError
@@ -71,6 +72,7 @@ __all__ = [
     "MAX_JSON_BYTES",
     "MAX_LINE_BYTES",
     "FilterOptions",
+    "JSONTooDeepError",
     "LineSplitter",
     "Skipped",
     "StoreLayout",
@@ -80,6 +82,7 @@ __all__ = [
     "check_name",
     "check_new_name",
     "json_problem",
+    "loads_bounded",
     "model_problem",
     "parse_json_object",
     "parse_model",
@@ -139,7 +142,8 @@ def check_name(kind: str, name: object) -> str:
 
     Raises:
         ValueError: ``name`` is not a non-empty string, is ``.`` or ``..``, or
-            contains ``/``, ``\\`` or NUL.
+            contains ``/``, ``\\``, NUL or another control character (C0, DEL, C1:
+            a name printed to a terminal must not move its cursor or erase lines).
     """
     if not isinstance(name, str) or not name:
         raise ValueError(f"invalid {kind} {name!r}: must be a non-empty string")
@@ -148,7 +152,14 @@ def check_name(kind: str, name: object) -> str:
     for bad in ("/", "\\", "\x00"):
         if bad in name:
             raise ValueError(f"invalid {kind} {name!r}: contains {bad!r}")
+    control = _CONTROL.search(name)
+    if control is not None:
+        raise ValueError(f"invalid {kind} {name!r}: contains a control character {control[0]!r}")
     return name
+
+
+_CONTROL: Final = re.compile("[\x00-\x1f\x7f-\x9f]")
+"""C0 controls, DEL and C1 controls: refused in run ids and benchmark names."""
 
 
 def check_new_name(kind: str, name: object) -> str:
@@ -270,25 +281,49 @@ def parse_json_object(data: bytes | None, where: str) -> dict[str, Any] | None:
 _BAD = object()
 
 
+class JSONTooDeepError(ValueError):
+    """JSON nested deeper than the parser's recursion limit (a hostile or broken file)."""
+
+    def __init__(self) -> None:
+        super().__init__("JSON nested too deeply")
+
+
+def loads_bounded(data: str | bytes) -> Any:
+    """``json.loads(data)`` for bytes read from a bucket: JSON nested deeper than the
+    interpreter's recursion limit (``[[[[...`` of a hostile file) is a ``ValueError``
+    like any other malformed JSON, never a ``RecursionError``.
+
+    Every reader of JSON from a bucket parses through this one function.
+
+    Raises:
+        ValueError: not valid JSON (``UnicodeDecodeError`` for bytes that are not
+            UTF-8, :class:`JSONTooDeepError` for nesting too deep).
+    """
+    try:
+        return json.loads(data)
+    except RecursionError:
+        raise JSONTooDeepError() from None
+
+
 def _loads(data: bytes, where: str) -> Any:
     """``json.loads(data)``, or ``_BAD`` (with a warning) for invalid or too deeply nested JSON."""
     try:
-        return json.loads(data)
-    except (UnicodeDecodeError, ValueError) as exc:
-        logger.warning("ignoring %s: not valid JSON (%s)", where, exc)
-    except RecursionError:
+        return loads_bounded(data)
+    except JSONTooDeepError:
         logger.warning("ignoring %s: JSON nested too deeply", where)
+    except ValueError as exc:
+        logger.warning("ignoring %s: not valid JSON (%s)", where, exc)
     return _BAD
 
 
 def json_problem(data: bytes) -> str | None:
     """Why ``data`` is not a JSON object, or ``None`` when it is one (no logging)."""
     try:
-        obj = json.loads(data)
-    except (UnicodeDecodeError, ValueError) as exc:
+        obj = loads_bounded(data)
+    except JSONTooDeepError as exc:
+        return str(exc)
+    except ValueError as exc:
         return f"not valid JSON ({exc})"
-    except RecursionError:
-        return "JSON nested too deeply"
     return None if isinstance(obj, dict) else f"JSON is a {type(obj).__name__}, not an object"
 
 
@@ -503,12 +538,12 @@ class LineSplitter:
                 "%s line %d: invalid UTF-8, bad bytes replaced with U+FFFD", self.where, self.lineno
             )
         try:
-            obj = json.loads(text)
+            obj = loads_bounded(text)
+        except JSONTooDeepError:
+            logger.warning("%s line %d: skipping JSON nested too deeply", self.where, self.lineno)
+            return None
         except ValueError as exc:
             logger.warning("%s line %d: skipping malformed JSON (%s)", self.where, self.lineno, exc)
-            return None
-        except RecursionError:
-            logger.warning("%s line %d: skipping JSON nested too deeply", self.where, self.lineno)
             return None
         if not isinstance(obj, dict):
             logger.warning(

@@ -25,7 +25,18 @@ import stat as stat_mod
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["FileKind", "classify", "is_run_metadata", "phase_of", "scan_tree"]
+from evalsyncd.errors import InvalidKeyError
+from evalsyncd.storage import check_key
+
+__all__ = [
+    "FileKind",
+    "classify",
+    "display_path",
+    "is_run_metadata",
+    "key_problem",
+    "phase_of",
+    "scan_tree",
+]
 
 
 class FileKind(enum.Enum):
@@ -97,3 +108,23 @@ def scan_tree(root: Path, exclude: tuple[Path, ...] = ()) -> Iterator[tuple[str,
                     stack.append((entry.path, f"{rel}/"))
             elif stat_mod.S_ISREG(st.st_mode) and classify(rel) is not FileKind.IGNORED:
                 yield rel, st
+
+
+def key_problem(relpath: str) -> str | None:
+    """Why the file at ``relpath`` cannot be mirrored under any prefix (its path is not
+    a valid key: invalid UTF-8 bytes in its name, a NUL, ...), or ``None``.
+
+    Such a file is never uploaded: the daemon reports it (``file_not_mirrorable``),
+    ``sync --once`` exits 1 naming it, ``status`` lists it apart from the backlog.
+    """
+    try:
+        check_key(relpath)
+    except InvalidKeyError as exc:
+        return str(exc).rsplit(": ", 1)[-1]
+    return None
+
+
+def display_path(relpath: str) -> str:
+    """``relpath`` as printable text: bytes of a name that are not UTF-8 (decoded with
+    ``surrogateescape``) shown as ``\\xNN``."""
+    return os.fsencode(relpath).decode("utf-8", "backslashreplace")

@@ -29,7 +29,14 @@ from evalsyncd.config import DestinationSettings, Settings, ensure_state_dir
 from evalsyncd.errors import ConfigError
 from evalsyncd.evicted import MARKER_NAME
 from evalsyncd.sync.destination import Destination
-from evalsyncd.sync.files import FileKind, classify, is_run_metadata, scan_tree
+from evalsyncd.sync.files import (
+    FileKind,
+    classify,
+    display_path,
+    is_run_metadata,
+    key_problem,
+    scan_tree,
+)
 from evalsyncd.sync.journal import Journal, JournalError
 from evalsyncd.sync.offline import (
     JOURNAL_NAME,
@@ -89,6 +96,9 @@ class Service:
         self.destinations: dict[str, Destination] = {}
         self.journal: Journal | None = None
         self.rescans = 0
+        self.not_mirrorable: dict[str, str] = {}
+        """Files of the last full scan that cannot be mirrored (their path is not a valid
+        key), printable path -> why (see :func:`~evalsyncd.sync.files.key_problem`)."""
         self.overflows = 0
         self._scan_now = asyncio.Event()
         self._scan_interval_s = settings.rescan_interval_s
@@ -275,6 +285,12 @@ class Service:
             ]
         )
         seen = {rel for rel, _ in files}
+        if subtree is None:
+            self.not_mirrorable = await asyncio.to_thread(
+                lambda: {
+                    display_path(rel): why for rel in seen if (why := key_problem(rel)) is not None
+                }
+            )
         assert self.journal is not None
         for d in self.destinations.values():
             entries = await asyncio.to_thread(self.journal.entries, d.name)
@@ -484,7 +500,8 @@ class Service:
 
         Returns:
             True when every destination is caught up; False when a destination
-            failed or the time ran out.
+            failed, the time ran out or a file cannot be mirrored (its path is not a
+            valid key: :attr:`not_mirrorable`).
         """
         await self.open()
         try:
@@ -510,6 +527,13 @@ class Service:
                         pending_files=d.pending_files,
                         last_error=d.last_error,
                     )
+            if self.not_mirrorable:
+                ok = False  # README: exit 1 when not everything was mirrored
+                log.error(
+                    "sync_incomplete_not_mirrorable",
+                    files=len(self.not_mirrorable),
+                    not_mirrorable=dict(sorted(self.not_mirrorable.items())[:100]),
+                )
             return ok
         finally:
             await self.close()
