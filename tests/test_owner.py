@@ -341,7 +341,19 @@ def test_two_daemons_on_one_prefix_the_first_keeps_writing(
                 return _a_parked(rel.log_path)
 
             wait_for(a_parked, 60, 0.2, "A parked after the take-over")
-            wait_for(lambda: reader.read(key) == theirs.read_bytes(), 60, 0.2, "B's lines")
+            more = iter(range(5, 10_000))
+
+            def b_mirrored() -> bool:
+                if reader.read(key) == theirs.read_bytes():
+                    return True
+                # B keeps writing, as a live host does: fake-gcs-server ignores compose's
+                # ifGenerationMatch, so an append of A's in flight at the take-over can land
+                # on B's object (A's post-condition check catches it, then A parks); B's
+                # next append finds bytes its file never had and rewrites the object
+                _append(theirs, f"b{next(more)}")
+                return False
+
+            wait_for(b_mirrored, 60, 0.5, "B's lines")
             assert b2.alive()
     check = _cli("claim", "--config", str(rel.tmp / "config.toml"))
     assert check.returncode == 1 and "owned by another evalsyncd" in check.stdout
