@@ -203,14 +203,26 @@ def _fix(destination: str) -> str:
     )
 
 
-def owned_error(storage: Backend, claim: Claim, writer: str, destination: str) -> PrefixOwnedError:
-    """The error of a daemon that finds ``claim`` by another writer (names owner, time, fix)."""
+def owned_error(
+    storage: Backend, claim: Claim, writer: str, destination: str, *, vanished: bool = False
+) -> PrefixOwnedError:
+    """The error of a daemon that finds ``claim`` by another writer (names owner, time,
+    fix); ``vanished``: the claim it saw before is gone, which hands nothing over."""
     me = socket.gethostname()
-    same = " (the same hostname as this host)" if claim.host == me else ""
+    if vanished:
+        what = (
+            f"the claim of host {claim.host!r} (writer {claim.writer}, since {claim.when()}) "
+            f"that this daemon saw is gone from {_claim_url(storage)}"
+        )
+    else:
+        same = " (the same hostname as this host)" if claim.host == me else ""
+        what = (
+            f"owned by another evalsyncd: host {claim.host!r}{same} (writer {claim.writer}) "
+            f"since {claim.when()}"
+        )
     return PrefixOwnedError(
-        f"{storage.url()}: owned by another evalsyncd: host {claim.host!r}{same} "
-        f"(writer {claim.writer}) since {claim.when()}; this daemon (host {me!r}, "
-        f"writer {writer}) writes nothing there. Fix: {_fix(destination)}",
+        f"{storage.url()}: {what}; this daemon (host {me!r}, writer {writer}) "
+        f"{'still ' if vanished else ''}writes nothing there. Fix: {_fix(destination)}",
         url=_claim_url(storage),
         owner_host=claim.host,
         owner_writer=claim.writer,
@@ -273,16 +285,7 @@ async def check_claim(
     found = await read_claim(storage)
     verdict = decide(found, writer, None)
     if verdict is Verdict.CLAIM and seen is not None and seen.writer != writer:
-        raise PrefixOwnedError(
-            f"{storage.url()}: the claim of host {seen.host!r} (writer {seen.writer}, since "
-            f"{seen.when()}) that this daemon saw is gone from {_claim_url(storage)}; this "
-            f"daemon (host {socket.gethostname()!r}, writer {writer}) still writes nothing "
-            f"there. Fix: {_fix(destination)}",
-            url=_claim_url(storage),
-            owner_host=seen.host,
-            owner_writer=seen.writer,
-            claimed_at=seen.claimed_at,
-        )
+        raise owned_error(storage, seen, writer, destination, vanished=True)
     if verdict is Verdict.CLAIM:
         tail_writer, tail_created = await _tail_writer(storage, writer)
         verdict = decide(None, writer, tail_writer)
