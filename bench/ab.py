@@ -19,12 +19,11 @@ Nothing here asserts: it measures.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+
+from bench.common import run_in_tree
 
 __all__ = ["main"]
 
@@ -50,19 +49,7 @@ print(json.dumps(result, default=str))
 
 
 def _child(tree: Path, what: str) -> dict[str, Any]:
-    env = {**os.environ, "PYTHONPATH": str(tree)}
-    proc = subprocess.run(
-        [sys.executable, "-c", _CHILD, what],
-        env=env,
-        cwd=tree,
-        capture_output=True,
-        text=True,
-        timeout=1800,
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(f"{tree} {what}: failed:\n{proc.stderr[-3000:]}")
-    result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
-    return result
+    return run_in_tree(tree, ["-c", _CHILD, what], what)
 
 
 def _figure(what: str, r: dict[str, Any]) -> str:

@@ -31,7 +31,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -127,27 +126,11 @@ def _worker(endpoint: str, prefix: str, lines: int, rtt_ms: float) -> dict[str, 
 
 
 def _run_tree(tree: Path, endpoint: str, prefix: str, args: argparse.Namespace) -> dict[str, Any]:
-    env = {**os.environ, "PYTHONPATH": str(tree)}
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(Path(__file__).resolve()),
-            "--worker",
-            endpoint,
-            prefix,
-            str(args.lines),
-            str(args.rtt_ms),
-        ],
-        env=env,
-        cwd=tree,
-        capture_output=True,
-        text=True,
-        timeout=1800,
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(f"{tree}: worker failed:\n{proc.stderr[-3000:]}")
-    result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
-    return result
+    # imported here: the worker is this file run under another tree's bench package
+    from bench.common import run_in_tree
+
+    worker = [str(Path(__file__).resolve()), "--worker", endpoint, prefix]
+    return run_in_tree(tree, [*worker, str(args.lines), str(args.rtt_ms)], "worker")
 
 
 def _row(tree: str, name: str, r: dict[str, Any]) -> str:

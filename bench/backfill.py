@@ -96,14 +96,7 @@ def make_tree(root: Path, runs: int, lines: int = 10) -> int:
 
 def _evalsyncd_once(bench: Bench, root: Path, prefix: str) -> None:
     state = bench.dir(f"backfill/state-{prefix}")
-    env = Daemon(root, state, f"s3://{BUCKET}/{prefix}", bench.s3.endpoint_url).env
-    subprocess.run(
-        [sys.executable, "-m", "evalsyncd", "sync", "--once"],
-        env=env,
-        check=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
+    Daemon(root, state, f"s3://{BUCKET}/{prefix}", bench.s3.endpoint_url).sync_once()
 
 
 def _sdk_put(bench: Bench, root: Path, prefix: str) -> None:

@@ -41,6 +41,7 @@ __all__ = [
     "aws_sync",
     "load_reference_storage",
     "rclone_copy",
+    "run_in_tree",
     "wait_until",
 ]
 
@@ -226,11 +227,43 @@ class Daemon:
             proc.wait(10)
         return int(proc.returncode)
 
+    def sync_once(self) -> None:
+        """``evalsyncd sync --once`` with this daemon's settings (raises if it fails)."""
+        subprocess.run(
+            [sys.executable, "-m", "evalsyncd", "sync", "--once"],
+            env=self.env,
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+
     def __enter__(self) -> Daemon:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def run_in_tree(tree: Path, argv: list[str], what: str) -> dict[str, Any]:
+    """Run ``python argv...`` with ``tree`` (a checkout of evalsyncd) first on
+    ``PYTHONPATH`` and in it as the working directory; returns the JSON object its last
+    line of standard output holds.
+
+    Raises:
+        RuntimeError: the child failed (the end of its standard error attached).
+    """
+    proc = subprocess.run(
+        [sys.executable, *argv],
+        env={**os.environ, "PYTHONPATH": str(tree)},
+        cwd=tree,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"{tree} {what}: failed:\n{proc.stderr[-3000:]}")
+    result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return result
 
 
 def _peer_env(endpoint: str) -> dict[str, str]:

@@ -155,14 +155,7 @@ def _mirror(bench: Bench, prefix: str, roots: dict[str, Path]) -> None:
     """Mirror each host's root with ``evalsyncd sync --once`` (its own fresh journal)."""
     for host, root in roots.items():
         state = bench.dir(f"fleet-daemon/{host}")
-        env = Daemon(root, state, f"s3://{BUCKET}/{prefix}/{host}", bench.s3.endpoint_url).env
-        subprocess.run(
-            [sys.executable, "-m", "evalsyncd", "sync", "--once"],
-            env=env,
-            check=True,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
+        Daemon(root, state, f"s3://{BUCKET}/{prefix}/{host}", bench.s3.endpoint_url).sync_once()
 
 
 def _best(repeat: int, fn: Callable[[], Any]) -> tuple[float, Any]:
@@ -315,11 +308,15 @@ def _single_cases(proxy: CountingProxy, ref_store_cls: type, ms: int) -> dict[st
 def main() -> int:
     rows = run_alone("fleet", run, quick=False)
     for name, r in rows.items():
+
+        def f(key: str, spec: str, r: dict[str, Any] = r) -> str:
+            return "-" if r.get(key) is None else format(r[key], spec)
+
         print(
-            f"{name}\n    reference {r['reference_s']:.3f} s ({r['reference_requests']:.0f} req)"
-            f"  evalsyncd {r['evalsyncd_s']:.3f} s ({r['evalsyncd_requests']:.0f} req, "
-            f"{r['evalsyncd_requests_per_host']:.1f}/host)  {r['speedup']:.1f}x"
-            f"  target {r['target_speedup']:.0f}x {'OK' if r['ok'] else 'MISSED'}"
+            f"{name}\n    reference {f('reference_s', '.3f')} s ({f('reference_requests', '.0f')} "
+            f"req)  evalsyncd {f('evalsyncd_s', '.3f')} s ({f('evalsyncd_requests', '.0f')} req, "
+            f"{f('evalsyncd_requests_per_host', '.1f')}/host)  {f('speedup', '.1f')}x  target "
+            f"{f('target_speedup', '.0f')}x {'OK' if r['ok'] else 'MISSED'}"
         )
     print(json.dumps(rows, indent=1))
     return 0

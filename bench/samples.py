@@ -119,9 +119,13 @@ def _row(
     ok: bool | None = None,
     requests: float | None = None,
     mib: float | None = None,
+    proxy: CountingProxy | None = None,
     note: str = "",
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """One row of the table; ``proxy``: its requests and MiB down since its last reset."""
+    if proxy is not None:
+        requests, mib = proxy.requests, proxy.bytes_down / MiB
     return {
         **(extra or {}),
         "case": case,
@@ -208,8 +212,7 @@ def _big_cases(bench: Bench, proxy: CountingProxy, count: int) -> list[dict[str,
                 ref_s=ref_inc,
                 target="<= 2 s",
                 ok=secs <= 2.0,
-                requests=proxy.requests,
-                mib=proxy.bytes_down / MiB,
+                proxy=proxy,
             )
         )
 
@@ -222,8 +225,7 @@ def _big_cases(bench: Bench, proxy: CountingProxy, count: int) -> list[dict[str,
             _row(
                 "index build (whole file)",
                 secs,
-                requests=proxy.requests,
-                mib=proxy.bytes_down / MiB,
+                proxy=proxy,
                 note=f"{mib / secs:,.0f} MiB/s; {cpu:.1f} CPU-s in this process (proxy "
                 f"included), {cpu / mib * 1000:.1f} CPU-ms/MiB",
             )
@@ -252,8 +254,7 @@ def _big_cases(bench: Bench, proxy: CountingProxy, count: int) -> list[dict[str,
                     ref_s=ref_mid,
                     target="1 or 2 ranged reads",
                     ok=ranged <= 2,
-                    requests=proxy.requests,
-                    mib=proxy.bytes_down / MiB,
+                    proxy=proxy,
                     note=f"{ranged} ranged reads; the other request is the storage's "
                     "tail-log index (once a second)",
                 )
@@ -270,8 +271,7 @@ def _big_cases(bench: Bench, proxy: CountingProxy, count: int) -> list[dict[str,
                 ref_s=ref_inc,
                 target="<= 2 s",
                 ok=secs <= 2.0,
-                requests=proxy.requests,
-                mib=proxy.bytes_down / MiB,
+                proxy=proxy,
             )
         )
         proxy.reset()
@@ -280,8 +280,7 @@ def _big_cases(bench: Bench, proxy: CountingProxy, count: int) -> list[dict[str,
             _row(
                 "index re-check, file unchanged",
                 secs,
-                requests=proxy.requests,
-                mib=proxy.bytes_down / MiB,
+                proxy=proxy,
             )
         )
         proxy.reset()
@@ -291,8 +290,7 @@ def _big_cases(bench: Bench, proxy: CountingProxy, count: int) -> list[dict[str,
             _row(
                 "text search, only match in the last sample",
                 secs,
-                requests=proxy.requests,
-                mib=proxy.bytes_down / MiB,
+                proxy=proxy,
                 note=f"{mib / secs:,.0f} MiB/s",
             )
         )
@@ -305,8 +303,7 @@ def _big_cases(bench: Bench, proxy: CountingProxy, count: int) -> list[dict[str,
                 secs,
                 target="<= 1 s",
                 ok=secs <= 1.0,
-                requests=proxy.requests,
-                mib=proxy.bytes_down / MiB,
+                proxy=proxy,
             )
         )
         proxy.reset()
@@ -317,8 +314,7 @@ def _big_cases(bench: Bench, proxy: CountingProxy, count: int) -> list[dict[str,
                 secs,
                 target="<= 1 s",
                 ok=secs <= 1.0,
-                requests=proxy.requests,
-                mib=proxy.bytes_down / MiB,
+                proxy=proxy,
             )
         )
         loop.run_until_complete(storage.aclose())
