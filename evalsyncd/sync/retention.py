@@ -40,7 +40,6 @@ import asyncio
 import base64
 import contextlib
 import dataclasses
-import json
 import os
 import shutil
 import stat as stat_mod
@@ -56,7 +55,7 @@ from evalsyncd.config import RetentionSettings
 from evalsyncd.errors import StorageError
 from evalsyncd.evicted import MARKER_NAME, EvictionMarker, build_marker, parse_marker
 from evalsyncd.storage import Backend
-from evalsyncd.store.layout import MAX_JSON_BYTES
+from evalsyncd.store.layout import MAX_JSON_BYTES, loads_bounded
 from evalsyncd.sync.files import FileKind, classify
 from evalsyncd.sync.journal import Entry, EntryStatus, Journal
 
@@ -304,8 +303,8 @@ def _scored(path: Path) -> bool:
     try:
         with open(path, "rb") as f:
             raw = f.read(MAX_JSON_BYTES + 1)
-        meta = json.loads(raw) if len(raw) <= MAX_JSON_BYTES else None
-    except (OSError, ValueError, RecursionError):
+        meta = loads_bounded(raw) if len(raw) <= MAX_JSON_BYTES else None
+    except (OSError, ValueError):
         return False
     if not isinstance(meta, dict):
         return False
