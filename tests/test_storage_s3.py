@@ -42,7 +42,7 @@ from evalsyncd.storage._s3errors import CODE_MAP as _CODE_MAP
 from evalsyncd.storage._s3errors import EXCEPTION_MAP as _EXCEPTION_MAP
 from evalsyncd.storage._s3errors import translate as _translate
 from evalsyncd.testing.proxy import CountingProxy
-from evalsyncd.testing.servers import SeaweedS3Server
+from evalsyncd.testing.servers import MotoS3Server, SeaweedS3Server
 from tests.conftest import S3_BUCKET
 from tests.helpers import old_layout
 
@@ -121,15 +121,17 @@ def test_small_appends_rewrite_the_object_and_write_nothing_else(
 
 
 def test_append_request_counts(s3_server: SeaweedS3Server, cloud_env: dict[str, str]) -> None:
-    """A new file is a HEAD and a PUT; an append to an object this instance wrote is one
-    PUT; a cold instance appends with a HEAD, a GET and a PUT; stat, exists and remove
-    are one request, read and read_range one GET."""
+    """A new file is one PUT (If-None-Match, no HEAD first); an append to an object this
+    instance wrote is one PUT; a cold instance appends with a HEAD, a GET and a PUT (at
+    offset 0 after its optimistic PUT's 412); stat, exists and remove are one request,
+    read and read_range one GET."""
     prefix = f"counts-{time.time_ns()}"
     with counted(s3_server, prefix) as (storage, proxy):
         storage.exists("warm-up")  # the bucket check (HeadBucket once per instance)
         proxy.reset()
         storage.append("a.jsonl", b"1\n", offset=0)
-        assert proxy.requests == 2
+        assert proxy.requests == 1
+        storage.write("empty.jsonl", b"")
         proxy.reset()
         for i in range(2, 6):
             storage.append("a.jsonl", f"{i}\n".encode(), offset=2 * (i - 1))
@@ -139,6 +141,10 @@ def test_append_request_counts(s3_server: SeaweedS3Server, cloud_env: dict[str, 
         proxy.reset()
         storage.append("a.jsonl", b"6\n", offset=10)
         assert proxy.requests == 3
+        proxy.reset()
+        storage.append("empty.jsonl", b"1\n", offset=0)
+        assert proxy.requests == 4
+        assert storage.read("empty.jsonl") == b"1\n"
         for name, args in [
             ("stat", ("a.jsonl",)),
             ("exists", ("a.jsonl",)),
@@ -445,11 +451,27 @@ def test_missing_bucket_is_not_a_missing_file(
             lambda: storage.stat("x.json"),
             lambda: storage.exists("x.json"),
             lambda: storage.list_dir(""),
-            lambda: storage.append("x.jsonl", b"1\n", offset=0),
+            lambda: storage.append("x.jsonl", b"1\n", offset=2),  # a HEAD first
         ):
             with pytest.raises(BucketNotFoundError) as info:
                 call()
             assert not isinstance(info.value, FileNotFoundError)
+
+
+def test_a_put_to_a_missing_bucket_is_a_missing_bucket(
+    moto_server: MotoS3Server, cloud_env: dict[str, str]
+) -> None:
+    """A write, and an append at offset 0 (a PUT with no HEAD first), to a missing bucket are
+    BucketNotFoundError: the lean path's 404 goes to the SDK, which names it. On moto, as AWS;
+    SeaweedFS creates the bucket on PutObject instead."""
+    storage = S3Storage("no-such-bucket-here", "p", endpoint_url=moto_server.endpoint_url)
+    with storage:
+        for call in (
+            lambda: storage.write("x.json", b"{}"),
+            lambda: storage.append("x.jsonl", b"1\n", offset=0),
+        ):
+            with pytest.raises(BucketNotFoundError):
+                call()
 
 
 def test_unreachable_server_is_transient(cloud_env: dict[str, str]) -> None:

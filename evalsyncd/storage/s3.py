@@ -14,7 +14,8 @@ The backend is split by job:
 
 How ``append(path, data)`` travels (one object per file, nothing else):
 
-- file missing: ``PutObject`` with ``If-None-Match: *``;
+- file missing: ``PutObject`` with ``If-None-Match: *``; at offset 0 that is
+  the first request (no ``HEAD``), and a 412 sends the append the ways below;
 - object of ``multipart_threshold`` (5 MiB) or more: a multipart upload whose
   first part(s) are ``UploadPartCopy`` of the object (``CopySourceIfMatch``,
   parts of at most 5 GiB) and whose last part carries ``data``, completed with
@@ -160,8 +161,9 @@ class S3Storage(CloudStorage):
             wrote (an append to one of them then needs no download), bytes.
         lean_puts: send ``PutObject`` requests of up to 1 MiB without the SDK's
             request pipeline (:mod:`._s3put`: botocore's URL and signature over
-            aiohttp; a failure is retried through the SDK); ``False``: every
-            request through the SDK.
+            aiohttp; a failure is sent again through the SDK, on top of its
+            ``max_attempts``, unless that is 1); ``False``: every request through
+            the SDK.
 
     Raises:
         ValueError: invalid bucket name or settings.
@@ -265,6 +267,7 @@ class S3Storage(CloudStorage):
                     read_timeout_s=self.read_timeout_s,
                     max_connections=self.max_pool_connections,
                     user_agent=USER_AGENT,
+                    sdk_retries=self.max_attempts > 1,
                 )
             return S3Client(sdk, lean)
 
@@ -453,6 +456,17 @@ class S3Storage(CloudStorage):
                 self._cache.put(path, None, None)  # changed, or our answer was lost: look
             else:
                 self._cache.put(path, etag, content)
+                return etag
+        if known is None and offset == 0:
+            # At offset 0 the object is usually missing (a new file): create it with no
+            # HEAD first. One that exists (412) takes the path below, which tells our own
+            # earlier write (a retry) from another writer's.
+            try:
+                etag = await self._requests.put(client, key, url, data, IfNoneMatch="*")
+            except ConflictError:
+                pass
+            else:
+                self._cache.put(path, etag, data)
                 return etag
         for _attempt in range(ATTEMPTS):
             current = await self._current(client, path)
