@@ -397,6 +397,23 @@ def test_a_small_put_the_lean_path_could_not_finish_is_sent_again_through_the_sd
         assert direct.read("b.jsonl") == b"1\n"
 
 
+def test_keys_of_any_character_go_through_the_lean_path(
+    s3_server: SeaweedS3Server, cloud_env: dict[str, str], unique_prefix: str
+) -> None:
+    """Keys with every printable ASCII punctuation character, spaces and non-ASCII letters are
+    signed as sent: the server accepts the lean path's signature (no request handed to the
+    SDK) and each object reads back under its own key."""
+    names = [f"runs/p{i}{c}x.json" for i, c in enumerate(" !\"#$%&'()*+,-.:;<=>?@[]^_`{|}~")]
+    names += ["runs/ünï cødé/データ.json", "runs/a+b=c/d&e.jsonl"]
+    with S3Storage(S3_BUCKET, unique_prefix, endpoint_url=s3_server.endpoint_url) as storage:
+        for i, name in enumerate(names):
+            storage.write(name, f'{{"i": {i}}}'.encode())
+        lean = run_sync(storage._client()).lean
+        assert lean is not None and lean.fallbacks == 0
+        for i, name in enumerate(names):
+            assert storage.read(name) == f'{{"i": {i}}}'.encode(), name
+
+
 def test_a_failed_precondition_on_the_lean_path_is_the_answer(
     s3_server: SeaweedS3Server, cloud_env: dict[str, str], unique_prefix: str
 ) -> None:

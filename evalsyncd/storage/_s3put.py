@@ -200,7 +200,7 @@ class LeanPut:
         S3SigV4Auth(frozen, "s3", self.region).add_auth(request)
         try:
             async with self._http.put(
-                request.url,
+                yarl.URL(request.url, encoded=True),  # as signed: not quoted again
                 data=data,
                 headers=dict(request.headers.items()),
                 allow_redirects=False,
