@@ -414,6 +414,23 @@ def test_keys_of_any_character_go_through_the_lean_path(
             assert storage.read(name) == f'{{"i": {i}}}'.encode(), name
 
 
+def test_an_answer_the_lean_path_cannot_act_on_turns_it_off(
+    s3_server: SeaweedS3Server, cloud_env: dict[str, str], unique_prefix: str
+) -> None:
+    """A small PutObject answered with something only the SDK can act on (here a 403; a
+    redirect to another region is the same) is sent again through the SDK, and every later
+    PutObject of that client goes through the SDK: one detour, not one per request."""
+    with FaultProxy("127.0.0.1", s3_server.port) as proxy:
+        with S3Storage(S3_BUCKET, unique_prefix, endpoint_url=proxy.url) as storage:
+            proxy.add(Rule(action="status", status=403, method="PUT", times=1))
+            for i in range(3):
+                storage.write(f"{i}.json", b"{}")
+            lean = run_sync(storage._client()).lean
+            assert lean is not None and not lean.enabled and lean.fallbacks == 1
+            assert [storage.read(f"{i}.json") for i in range(3)] == [b"{}"] * 3
+        assert [a for m, _t, a in proxy.log if m == "PUT"] == ["status", "pass", "pass", "pass"]
+
+
 def test_a_failed_precondition_on_the_lean_path_is_the_answer(
     s3_server: SeaweedS3Server, cloud_env: dict[str, str], unique_prefix: str
 ) -> None:

@@ -26,7 +26,9 @@ a CRC32C, if the server sends one, equal to ours), or a precondition failure
 timeout, a 5xx, a throttle, a denial, a redirect) returns ``None`` and the
 caller sends the request again through the SDK, whose standard retry mode,
 error parsing and translation then decide: this attempt comes on top of the
-SDK's ``max_attempts``. With ``max_attempts = 1`` (no retries wanted) the
+SDK's ``max_attempts``. An answer that is not transient (a redirect to another
+region, a refused signature, a denial) also turns the path off for the client
+(:attr:`LeanPut.enabled`), logged once as ``s3_lean_put_off``. With ``max_attempts = 1`` (no retries wanted) the
 failure is raised instead, translated by :func:`~._s3errors.translate`. Bodies above :data:`MAX_BYTES`
 always go through the SDK (which then uses ``Expect: 100-continue``).
 
@@ -53,7 +55,7 @@ from botocore.httpsession import get_cert_path
 from botocore.parsers import create_parser
 from botocore.utils import percent_encode
 
-from evalsyncd.errors import ServerBehaviourError
+from evalsyncd.errors import ServerBehaviourError, TransientStorageError
 from evalsyncd.storage._s3errors import error_code, translate
 
 __all__ = ["MAX_BYTES", "LeanPut", "S3Client"]
@@ -107,6 +109,10 @@ class LeanPut:
         translated, as the SDK would after its one attempt)."""
         self._parser = create_parser("rest-xml")
         self.fallbacks = 0
+        self.enabled = True
+        """``False`` once an answer showed this path cannot do what the SDK does for the
+        bucket (anything but success, a precondition or a transient error): every
+        ``PutObject`` then goes through the SDK."""
         """Requests handed back to the SDK (network errors and answers not taken here)."""
 
     @classmethod
@@ -222,9 +228,15 @@ class LeanPut:
             error = bexc.ClientError(parsed, "PutObject")
             if status == 412 or error_code(error) == "ConditionalRequestConflict":
                 raise translate(error, url)
+            translated = translate(error, url)
             if not self.sdk_retries:
-                raise translate(error, url)
+                raise translated
             self._fallback(url, f"HTTP {status} {error_code(error)}")
+            if not isinstance(translated, TransientStorageError):
+                # A redirect, a refused signature, a denial: what the SDK does about it
+                # (another region's endpoint, a corrected clock) this path does not.
+                self.enabled = False
+                log.warning("s3_lean_put_off", url=url, answer=f"HTTP {status} {error_code(error)}")
             return None
         etag = answer.get("ETag")
         if not etag:  # the journal keeps it as the next If-Match

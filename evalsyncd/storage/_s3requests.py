@@ -145,7 +145,12 @@ class S3Requests:
             The new ETag.
         """
         lean: LeanPut | None = getattr(client, "lean", None)
-        if lean is not None and len(data) <= MAX_BYTES and kwargs.keys() <= _LEAN_KWARGS:
+        if (
+            lean is not None
+            and lean.enabled
+            and len(data) <= MAX_BYTES
+            and kwargs.keys() <= _LEAN_KWARGS
+        ):
             etag = await lean.put(
                 key,
                 url,
