@@ -9,6 +9,8 @@ the demo, and anyone who writes a storage backend.
   for S3, fake-gcs-server for GCS) on loopback (the ``servers`` extra).
 - :mod:`evalsyncd.testing.proxy`: loopback TCP proxies that count bytes and
   HTTP requests and add latency, between a client and such a server.
+- :mod:`evalsyncd.testing.tls`: a throwaway CA and a proxy that terminates TLS
+  in front of such a server (``https://127.0.0.1:{port}``).
 
 The in-memory backend with fault injection, for fast unit tests, is
 :mod:`evalsyncd.storage.memory`.

@@ -9,7 +9,8 @@ add latency, or (subclassed) inject faults, between a client and a local server.
         # CountingProxy(..., record_heads=True).heads: each request's line and headers
 
 ``bytes_up`` counts client -> server bytes, ``bytes_down`` server -> client,
-headers and bodies as sent (plain HTTP on loopback, no TLS): the tools' own
+headers and bodies as sent (plain HTTP; behind a TLS listener,
+:class:`evalsyncd.testing.tls.TlsProxy`, the bytes inside TLS): the tools' own
 counters are never used. ``requests`` counts HTTP/1.1 requests by parsing the
 client -> server stream (request line, headers, then a ``Content-Length`` or
 ``chunked`` body), so keep-alive connections and pipelining count correctly.
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 import threading
 from dataclasses import dataclass
 from typing import Self
@@ -50,6 +52,11 @@ class LoopbackProxy:
 
     thread_name = "loopback-proxy"
 
+    server_ssl: ssl.SSLContext | None = None
+    """TLS context the listener wraps each client connection in (``None``: plain TCP);
+    set it before :meth:`start` (:class:`evalsyncd.testing.tls.TlsProxy` does). The
+    target is always spoken to in plain TCP."""
+
     def __init__(self, target_host: str, target_port: int) -> None:
         self.target_host = target_host
         self.target_port = target_port
@@ -63,8 +70,9 @@ class LoopbackProxy:
 
     @property
     def url(self) -> str:
-        """``http://127.0.0.1:{port}``."""
-        return f"http://127.0.0.1:{self.port}"
+        """``http://127.0.0.1:{port}`` (``https://`` with :attr:`server_ssl`)."""
+        scheme = "http" if self.server_ssl is None else "https"
+        return f"{scheme}://127.0.0.1:{self.port}"
 
     def start(self, timeout_s: float = 10.0) -> Self:
         """Start listening; returns once the port is bound.
@@ -77,7 +85,9 @@ class LoopbackProxy:
         self._loop = loop
 
         async def serve() -> None:
-            self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+            self._server = await asyncio.start_server(
+                self._handle, "127.0.0.1", 0, ssl=self.server_ssl
+            )
             self.port = self._server.sockets[0].getsockname()[1]
             ready.set()
 
