@@ -15,8 +15,11 @@ sends the request itself and keeps the parts that matter from the libraries:
   botocore uses itself when awscrt is installed, over the client's own
   credentials, refreshed as the SDK refreshes them;
 - the bytes go through aiohttp (the SDK's transport), with the client's
-  connect and read timeouts, its CA bundle and the environment's proxy
-  (``HTTP(S)_PROXY``, ``NO_PROXY``; read once, when the client opens);
+  connect and read timeouts, its CA bundle (:func:`ca_bundle`: ``AWS_CA_BUNDLE``
+  or ``ca_bundle``, else ``REQUESTS_CA_BUNDLE``, as botocore resolves it; the
+  server's name or IP address checked against its certificate) and the
+  environment's proxy (``HTTP(S)_PROXY``, ``NO_PROXY``; read once, when the
+  client opens);
 - every body carries ``x-amz-checksum-crc32c`` (base64 of the big-endian
   CRC32C, the ``crc32c`` package), which the server verifies, as the SDK's
   ``ChecksumAlgorithm="CRC32C"`` does.
@@ -45,6 +48,8 @@ from __future__ import annotations
 import base64
 import datetime
 import hashlib
+import os
+import ssl
 from contextlib import AsyncExitStack
 from typing import Any, Final
 from urllib.parse import urlsplit
@@ -69,10 +74,10 @@ from botocore.httpsession import get_cert_path
 from botocore.parsers import create_parser
 from botocore.utils import percent_encode
 
-from evalsyncd.errors import ServerBehaviourError, TransientStorageError
+from evalsyncd.errors import PermanentStorageError, ServerBehaviourError, TransientStorageError
 from evalsyncd.storage._s3errors import error_code, translate
 
-__all__ = ["MAX_BYTES", "LeanPut", "S3Client", "SigV4"]
+__all__ = ["MAX_BYTES", "LeanPut", "S3Client", "SigV4", "ca_bundle", "tls_context"]
 
 log = structlog.get_logger("evalsyncd.storage")
 
@@ -120,7 +125,8 @@ class LeanPut:
         self._proxy, self._proxy_auth = proxy
         split = urlsplit(base_url)
         self._base_path = split.path
-        self._signer = SigV4(region, split.netloc)
+        # As botocore signs it and aiohttp would send it: no default port (":443"), lower case.
+        self._signer = SigV4(region, str(yarl.URL(base_url).host_port_subcomponent))
         self.sdk_retries = sdk_retries
         """Whether a failure goes to the SDK to be sent again (``False``: raised at once,
         translated, as the SDK would after its one attempt)."""
@@ -152,6 +158,10 @@ class LeanPut:
             ``None`` where the SDK must send every request itself: no credentials
             (unsigned requests), proxies set in the AWS config file, or a presigned
             URL of an unexpected shape.
+
+        Raises:
+            PermanentStorageError: an ``https://`` endpoint and a CA bundle (the
+                SDK's, :func:`ca_bundle`) that cannot be loaded; the message names it.
         """
         credentials = await session.get_credentials()
         if credentials is None or client.meta.config.proxies:
@@ -164,10 +174,9 @@ class LeanPut:
             log.info("s3_lean_put_off", url=f"s3://{bucket}", presigned_path=url.path)
             return None
         base = f"{url.scheme}://{url.netloc}{url.path[: -len(_PROBE_KEY)]}"
-        ca_bundle = session.get_config_variable("ca_bundle")
         connector = aiohttp.TCPConnector(
             limit=max_connections,
-            ssl=_ssl_context(ca_bundle) if url.scheme == "https" else False,
+            ssl=tls_context(session, f"s3://{bucket}") if url.scheme == "https" else False,
         )
         http = await stack.enter_async_context(
             aiohttp.ClientSession(
@@ -352,8 +361,36 @@ class S3Client:
         return getattr(self.sdk, name)
 
 
-def _ssl_context(ca_bundle: str | None) -> Any:
-    """The TLS context of the SDK's transport: botocore's CA bundle unless one is configured."""
-    import ssl
+def ca_bundle(session: Any) -> str:
+    """The CA bundle the SDK's client of ``session`` verifies servers with: a path.
 
-    return ssl.create_default_context(cafile=get_cert_path(ca_bundle or True))
+    As botocore resolves it (``Session.create_client``, then
+    ``EndpointCreator._get_verify_value``): the ``ca_bundle`` setting
+    (``AWS_CA_BUNDLE``, or ``ca_bundle`` in the AWS config file), else
+    ``REQUESTS_CA_BUNDLE``, else botocore's default (certifi's bundle).
+    """
+    configured = session.get_config_variable("ca_bundle") or os.environ.get("REQUESTS_CA_BUNDLE")
+    return str(get_cert_path(configured or True))
+
+
+def tls_context(session: Any, url: str) -> ssl.SSLContext:
+    """The TLS context of the SDK's transport: its CA bundle (:func:`ca_bundle`), the
+    server's name or IP address checked against its certificate.
+
+    Args:
+        session: the botocore session the SDK client was made by.
+        url: the ``s3://`` URL errors name.
+
+    Raises:
+        PermanentStorageError: the CA bundle is missing, unreadable or holds no
+            certificate; the message names the file and where it was set.
+    """
+    path = ca_bundle(session)
+    try:
+        return ssl.create_default_context(cafile=path)
+    except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+        raise PermanentStorageError(
+            f"{url}: the CA bundle {path!r} (AWS_CA_BUNDLE, ca_bundle in the AWS config "
+            f"file, or REQUESTS_CA_BUNDLE) cannot be loaded: {exc}",
+            url=url,
+        ) from exc
