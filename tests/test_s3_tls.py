@@ -11,6 +11,8 @@ proxy settings.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import ssl
 from collections.abc import Iterator
@@ -23,6 +25,7 @@ from evalsyncd.errors import PermanentStorageError, TransientStorageError
 from evalsyncd.storage import S3Storage
 from evalsyncd.storage._bridge import run_sync
 from evalsyncd.storage._s3put import LeanPut
+from evalsyncd.testing.proxy import LoopbackProxy
 from evalsyncd.testing.servers import SeaweedS3Server
 from evalsyncd.testing.tls import LoopbackCertificates, TlsProxy
 from tests.conftest import S3_BUCKET
@@ -193,6 +196,72 @@ def test_no_proxy_keeps_the_lean_path_direct_and_a_proxy_is_read_once(
         assert lean is not None
         assert lean._proxy == yarl.URL("http://proxy.invalid:3128")
         assert lean._proxy_auth is not None and lean._proxy_auth.login == "user"
+
+
+class ConnectProxy(LoopbackProxy):
+    """An HTTP proxy that only tunnels (``CONNECT``), always to ``target_host:target_port``;
+    :attr:`tunnels` lists the ``host:port`` each ``CONNECT`` asked for. With
+    :attr:`server_ssl` set it is an ``https://`` proxy (TLS to the proxy, TLS inside)."""
+
+    def __init__(self, target_host: str, target_port: int) -> None:
+        super().__init__(target_host, target_port)
+        self.tunnels: list[str] = []
+
+    async def serve_connection(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
+        method, target, _version = head.split("\r\n", 1)[0].split(" ")
+        if method != "CONNECT":
+            writer.write(b"HTTP/1.1 405 Method Not Allowed\r\nContent-Length: 0\r\n\r\n")
+            return
+        self.tunnels.append(target)
+        upstream_r, upstream_w = await self.open_upstream()
+        writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+
+        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            while chunk := await src.read(65536):
+                dst.write(chunk)
+                await dst.drain()
+            with contextlib.suppress(OSError, RuntimeError):
+                if dst.can_write_eof():
+                    dst.write_eof()
+
+        try:
+            await asyncio.gather(pump(reader, upstream_w), pump(upstream_r, writer))
+        finally:
+            self.close_upstream(upstream_w)
+
+
+@pytest.mark.parametrize("form", ["http://", "", "https://"], ids=["http", "no-scheme", "https"])
+def test_the_lean_path_goes_through_the_sdks_https_proxy(
+    tls_proxy: TlsProxy,
+    certs: LoopbackCertificates,
+    untrusting: None,
+    monkeypatch: pytest.MonkeyPatch,
+    unique_prefix: str,
+    form: str,
+) -> None:
+    """``HTTPS_PROXY`` as ``http://host:port``, as ``host:port`` (botocore reads it as
+    http://) or as ``https://host:port`` (TLS to the proxy): the lean path tunnels through
+    the same proxy as the SDK, to the endpoint over TLS, with no request handed to the SDK."""
+    connect = ConnectProxy("127.0.0.1", tls_proxy.port)
+    if form == "https://":
+        connect.server_ssl = certs.server_context()
+    with connect:
+        monkeypatch.setenv("AWS_CA_BUNDLE", str(certs.ca_file))
+        monkeypatch.setenv("HTTPS_PROXY", f"{form}127.0.0.1:{connect.port}")
+        with S3Storage(S3_BUCKET, unique_prefix, endpoint_url=tls_proxy.url) as storage:
+            storage.write("a.json", b"{}")
+            storage.append("b.jsonl", b"1\n", offset=0)
+            assert storage.read("b.jsonl") == b"1\n"
+            lean = run_sync(storage._client()).lean
+            assert lean is not None and lean.fallbacks == 0
+            assert str(lean._proxy) == f"{form or 'http://'}127.0.0.1:{connect.port}"
+    assert connect.tunnels and set(connect.tunnels) == {f"127.0.0.1:{tls_proxy.port}"}
+    assert tls_proxy.heads is not None
+    puts = [h for h in tls_proxy.heads if h.method == "PUT"]
+    assert len(puts) == 2 and all("amz-sdk-invocation-id" not in h.headers for h in puts)
 
 
 def test_a_daemon_without_the_ca_backs_off_and_ships_once_restarted_with_it(

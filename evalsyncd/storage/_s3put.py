@@ -18,8 +18,8 @@ sends the request itself and keeps the parts that matter from the libraries:
   connect and read timeouts, its CA bundle (:func:`ca_bundle`: ``AWS_CA_BUNDLE``
   or ``ca_bundle``, else ``REQUESTS_CA_BUNDLE``, as botocore resolves it; the
   server's name or IP address checked against its certificate) and the
-  environment's proxy (``HTTP(S)_PROXY``, ``NO_PROXY``; read once, when the
-  client opens);
+  environment's proxy (``HTTP(S)_PROXY``, ``NO_PROXY``, as botocore reads
+  them, once, when the client opens);
 - every body carries ``x-amz-checksum-crc32c`` (base64 of the big-endian
   CRC32C, the ``crc32c`` package), which the server verifies, as the SDK's
   ``ChecksumAlgorithm="CRC32C"`` does.
@@ -59,7 +59,7 @@ import botocore.exceptions as bexc
 import crc32c
 import structlog
 import yarl
-from aiohttp.helpers import get_env_proxy_for_url
+from aiohttp.helpers import strip_auth_from_url
 from awscrt.auth import (
     AwsCredentialsProvider,
     AwsSignatureType,
@@ -70,9 +70,9 @@ from awscrt.auth import (
 )
 from awscrt.http import HttpHeaders, HttpRequest
 from botocore.awsrequest import HeadersDict
-from botocore.httpsession import get_cert_path
+from botocore.httpsession import ProxyConfiguration, get_cert_path
 from botocore.parsers import create_parser
-from botocore.utils import percent_encode
+from botocore.utils import get_environ_proxies, percent_encode
 
 from evalsyncd.errors import PermanentStorageError, ServerBehaviourError, TransientStorageError
 from evalsyncd.storage._s3errors import error_code, translate
@@ -188,10 +188,11 @@ class LeanPut:
                 auto_decompress=False,
             )
         )
-        try:  # resolved once: aiohttp's trust_env reads the environment per request (+0.45 ms)
-            proxy: tuple[Any, Any] = get_env_proxy_for_url(yarl.URL(base))
-        except LookupError:
-            proxy = (None, None)
+        # The SDK's proxy, as botocore resolves it once per client (NO_PROXY, a proxy URL
+        # without a scheme read as http://, an https:// proxy kept: aiohttp's own reading of
+        # the environment differs on the last two), credentials taken from its URL.
+        proxy_url = ProxyConfiguration(proxies=get_environ_proxies(base)).proxy_url_for(base)
+        proxy = strip_auth_from_url(yarl.URL(proxy_url)) if proxy_url else (None, None)
         return cls(base, client.meta.region_name, credentials, http, user_agent, proxy, sdk_retries)
 
     async def put(
