@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import json
 import ssl
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -150,6 +151,42 @@ def test_a_ca_bundle_that_cannot_be_loaded_is_a_permanent_error_naming_it(
     ):
         storage.write("a.json", b"{}")
     assert str(bundle) in str(info.value) and "AWS_CA_BUNDLE" in str(info.value)
+
+
+class SilentListener(LoopbackProxy):
+    """Accepts TCP connections and never says a word (a TLS handshake that never ends)."""
+
+    async def serve_connection(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        await reader.read()  # until the client gives up
+
+
+@pytest.mark.parametrize("lean_puts", [True, False], ids=["lean", "sdk"])
+def test_a_tls_handshake_that_never_ends_costs_the_connect_timeout(
+    untrusting: None, monkeypatch: pytest.MonkeyPatch, lean_puts: bool
+) -> None:
+    """A server that accepts the connection but never answers the TLS handshake fails a write
+    after ``connect_timeout_s`` (the handshake is part of connecting), not ``read_timeout_s``,
+    on the lean path as through the SDK: a TransientStorageError naming the object."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testkey")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testsecret")
+    with SilentListener("127.0.0.1", 9) as silent:
+        endpoint = f"https://127.0.0.1:{silent.port}"
+        storage = S3Storage(
+            S3_BUCKET,
+            "p",
+            endpoint_url=endpoint,
+            max_attempts=1,
+            connect_timeout_s=0.3,
+            read_timeout_s=30.0,
+            lean_puts=lean_puts,
+        )
+        started = time.monotonic()
+        with storage, pytest.raises(TransientStorageError) as info:
+            storage.write("a.json", b"{}")
+        assert time.monotonic() - started < 10.0  # read_timeout_s is 30 s
+    assert str(info.value).startswith(f"s3://{S3_BUCKET}/p/a.json: "), str(info.value)
 
 
 @pytest.mark.parametrize(
