@@ -209,6 +209,31 @@ def test_the_lean_host_header_is_the_one_botocore_signs(base_url: str, host: str
     assert lean._signer.host == host == _host_from_url(base_url)
 
 
+@pytest.mark.parametrize(
+    ("bucket", "region", "base_url"),
+    [
+        ("bucket1", "eu-west-3", "https://bucket1.s3.eu-west-3.amazonaws.com/"),
+        ("bucket1", "us-east-1", "https://bucket1.s3.amazonaws.com/"),
+        ("my.bucket", "ap-east-1", "https://s3.ap-east-1.amazonaws.com/my.bucket/"),
+    ],
+)
+def test_the_lean_url_on_aws_is_the_regional_one_the_sdk_sends_to(
+    untrusting: None, monkeypatch: pytest.MonkeyPatch, bucket: str, region: str, base_url: str
+) -> None:
+    """On AWS (no ``endpoint_url``) the lean path sends to the host the SDK's own requests go
+    to, the region's (a presigned URL has the global ``bucket.s3.amazonaws.com``), path-style
+    for a bucket with dots (TLS wildcard certificates); taking it sends nothing (a proxy
+    where nothing listens would fail any request)."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testkey")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testsecret")
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")
+    for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):  # the test servers' (cloud_env)
+        monkeypatch.delenv(name, raising=False)
+    with S3Storage(bucket, "p", region=region) as storage:
+        lean = run_sync(storage._client()).lean
+        assert lean is not None and lean.base_url == base_url and lean.region == region
+
+
 def test_no_proxy_keeps_the_lean_path_direct_and_a_proxy_is_read_once(
     tls_proxy: TlsProxy,
     certs: LoopbackCertificates,

@@ -7,9 +7,10 @@ rest is the SDK's event hooks, endpoint rules, parameter validation and
 response parsing, the same for every request to one bucket. :class:`LeanPut`
 sends the request itself and keeps the parts that matter from the libraries:
 
-- the URL is the SDK's: taken once per client from a presigned ``PutObject``
-  URL (``generate_presigned_url``), so the endpoint rules and the addressing
-  style are botocore's; the key is encoded as botocore encodes it
+- the URL is the SDK's: taken once per client from a ``PutObject`` the SDK
+  builds and signs but never sends (a ``before-send`` hook stops it), so the
+  endpoint rules (the region's endpoint, not the global one a presigned URL
+  has) and the addressing style are botocore's; the key is encoded as botocore encodes it
   (``percent_encode``, ``/`` and ``~`` kept); the region is the client's;
 - the signature is AWS Signature Version 4 by awscrt (:class:`SigV4`), the signer
   botocore uses itself when awscrt is installed, over the client's own
@@ -86,7 +87,7 @@ MAX_BYTES: Final = 1024 * 1024
 ``Expect: 100-continue``, which aiohttp does not)."""
 
 _PROBE_KEY: Final = "k"
-"""The key of the presigned URL the base URL is taken from (never requested)."""
+"""The key of the request the base URL is taken from (built, never sent)."""
 
 
 class LeanPut:
@@ -156,8 +157,8 @@ class LeanPut:
 
         Returns:
             ``None`` where the SDK must send every request itself: no credentials
-            (unsigned requests), proxies set in the AWS config file, or a presigned
-            URL of an unexpected shape.
+            (unsigned requests), proxies set in the AWS config file, or an SDK
+            request URL of an unexpected shape.
 
         Raises:
             PermanentStorageError: an ``https://`` endpoint and a CA bundle (the
@@ -166,12 +167,13 @@ class LeanPut:
         credentials = await session.get_credentials()
         if credentials is None or client.meta.config.proxies:
             return None
-        presigned = await client.generate_presigned_url(
-            "put_object", Params={"Bucket": bucket, "Key": _PROBE_KEY}, ExpiresIn=60
-        )
-        url = urlsplit(presigned)
-        if not url.path.endswith("/" + _PROBE_KEY) or url.scheme not in ("http", "https"):
-            log.info("s3_lean_put_off", url=f"s3://{bucket}", presigned_path=url.path)
+        url = urlsplit(await _sdk_put_url(client, bucket) or "")
+        if (
+            not url.path.endswith("/" + _PROBE_KEY)
+            or url.query
+            or url.scheme not in ("http", "https")
+        ):
+            log.info("s3_lean_put_off", url=f"s3://{bucket}", sdk_url=url.geturl())
             return None
         base = f"{url.scheme}://{url.netloc}{url.path[: -len(_PROBE_KEY)]}"
         connector = aiohttp.TCPConnector(
@@ -286,6 +288,35 @@ class LeanPut:
     def _fallback(self, url: str, why: str) -> None:
         self.fallbacks += 1
         log.debug("s3_lean_put_fallback", url=url, why=why)
+
+
+class _Built(Exception):
+    """Stops the SDK's request once built (:func:`_sdk_put_url`)."""
+
+
+async def _sdk_put_url(client: Any, bucket: str) -> str | None:
+    """The URL the SDK ``client`` sends a ``PutObject`` of key :data:`_PROBE_KEY` in
+    ``bucket`` to, from its endpoint rules; the request is built and signed, never sent.
+
+    Not a presigned URL: botocore presigns S3 URLs on AWS with the global endpoint
+    (``bucket.s3.amazonaws.com``) where its requests go to the region's
+    (``bucket.s3.eu-west-3.amazonaws.com``).
+    """
+    urls: list[str] = []
+
+    def capture(request: Any, **_kwargs: Any) -> None:
+        urls.append(request.url)
+        raise _Built  # not retryable: the SDK raises it at once
+
+    event = "before-send.s3.PutObject"
+    client.meta.events.register_first(event, capture)
+    try:
+        await client.put_object(Bucket=bucket, Key=_PROBE_KEY, Body=b"")
+    except _Built:
+        pass
+    finally:
+        client.meta.events.unregister(event, capture)
+    return urls[0] if urls else None  # None: another hook answered it (a test's stub)
 
 
 class SigV4:
