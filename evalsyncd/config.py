@@ -267,6 +267,12 @@ class S3DestinationSettings(DestinationSettings):
         description="memory for the bytes of small objects this daemon wrote "
         "(an append below 5 MiB then needs no download), bytes",
     )
+    lean_puts: bool = Field(
+        True,
+        description="send PutObjects of up to 1 MiB without the SDK's request pipeline "
+        "(botocore's URL, CA bundle and proxy; awscrt's SigV4; aiohttp); what it cannot "
+        "finish goes again through the SDK. false: every request through the SDK",
+    )
 
     def storage_options(self) -> dict[str, Any]:
         """Keyword arguments of :class:`~evalsyncd.storage.S3Storage`."""
@@ -281,6 +287,7 @@ class S3DestinationSettings(DestinationSettings):
             "max_pool_connections": self.max_pool_connections,
             "multipart_threshold": self.multipart_threshold,
             "cache_max_bytes": self.cache_max_bytes,
+            "lean_puts": self.lean_puts,
         }
 
 
