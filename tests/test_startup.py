@@ -5,7 +5,10 @@
 - the server probe and the reaper of an S3 destination never import the GCS SDK;
 - ``evalsyncd run`` keeps the cyclic garbage collector off until ``READY=1``, then
   freezes what start-up allocated;
-- the tail shipper's "is this file's run finalized" check is a lookup per directory level.
+- the tail shipper's "is this file's run finalized" check is a lookup per directory level;
+- a run listing that finds no run catalog (the moment between the daemon's first tail
+  object and its catalog, or ``use_catalog=False``) reads the ``metadata.json`` files
+  pending in the tail log in one request, not one per run.
 
 The figures these buy are measured in ``bench/backfill.py`` (``docs/benchmarks.md``
 section 3), never timed here.
@@ -19,18 +22,23 @@ import json
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from botocore.loaders import JSONFileLoader
 
 from evalsyncd.cli import _gc_held_until_ready
+from evalsyncd.config import DestinationSettings
 from evalsyncd.storage import GCSStorage, S3Storage
 from evalsyncd.storage._loaded import is_gcs, is_s3
 from evalsyncd.storage._s3session import new_session
 from evalsyncd.storage.memory import MemoryStorage
-from evalsyncd.store import EvalStore
+from evalsyncd.store import BenchmarkResult, EvalStore, StoredTrajectory, StoredTurn
+from evalsyncd.sync.destination import Destination
+from evalsyncd.sync.journal import Journal
 from evalsyncd.sync.tailmode import _under_any
+from evalsyncd.testing.proxy import CountingProxy
 from evalsyncd.testing.servers import SeaweedS3Server
 
 S3_BUCKET = "evalsyncd-test"
@@ -202,3 +210,60 @@ def test_a_file_is_in_a_finalized_run_by_its_directories(path: str, expected: bo
     dirs = {"runs/a/", "runs/b/x/"}
     assert _under_any(path, dirs) is expected
     assert _under_any(path, dirs) is any(path.startswith(d) for d in dirs)
+
+
+def _finalized_runs(root: Path, runs: int) -> None:
+    store = EvalStore(root)
+    for i in range(runs):
+        run_id = f"step{i:04d}_20240101_000000_{i:06x}"
+        store.create_run("m", ["gsm8k"], checkpoint_name=f"step{i}", run_id=run_id)
+        turn = StoredTurn(role="assistant", content="A" * 2000, token_count=1)
+        store.write_trajectory(
+            run_id, "gsm8k", StoredTrajectory(idx=0, benchmark="gsm8k", turns=[turn])
+        )
+        result = BenchmarkResult(name="gsm8k", score=0.5, num_examples=1, num_correct=1)
+        store.write_result(run_id, result)
+        store.write_summary(run_id, {"gsm8k": result})
+        store.finalize_run(run_id)
+
+
+def test_a_listing_without_catalog_reads_pending_runs_in_one_request(
+    cloud_env: dict[str, str], s3_server: SeaweedS3Server, unique_prefix: str, tmp_path: Path
+) -> None:
+    """The daemon's first pass over 20 finalized runs leaves every file in one tail object;
+    a reader that does not use the run catalog lists ``runs/`` through the tail log, then
+    finds every ``metadata.json`` pending in the tail and fetches their pieces in one
+    ranged GET (not 20): the same runs as the catalog's reader, in 4 requests."""
+    root = tmp_path / "root"
+    _finalized_runs(root, 20)
+    files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+    fields = {"name": "s3", "url": f"s3://{S3_BUCKET}/{unique_prefix}", "max_main_lag_s": 60.0}
+    settings = DestinationSettings.model_construct(**fields)  # type: ignore[arg-type]
+
+    async def first_pass() -> None:
+        storage = S3Storage(S3_BUCKET, unique_prefix, endpoint_url=s3_server.endpoint_url)
+        async with storage:
+            with Journal(tmp_path / "j.sqlite3", root) as journal:
+                d = Destination(settings, storage, journal, root, flush_interval_s=0.01)
+                for path in files:
+                    d.mark(path)
+                assert await d.run_pass()
+                assert d.shipper.behind == len(files)  # no main object yet: all in the tail
+
+    asyncio.run(first_pass())
+    with (
+        CountingProxy("127.0.0.1", s3_server.port) as proxy,
+        S3Storage(S3_BUCKET, unique_prefix, endpoint_url=proxy.url) as storage,
+    ):
+        with_catalog = [r.to_dict() for r in EvalStore(storage).list_runs()]
+        fresh = S3Storage(S3_BUCKET, unique_prefix, endpoint_url=proxy.url)
+        try:
+            proxy.reset()
+            without = [r.to_dict() for r in EvalStore(fresh, use_catalog=False).list_runs()]
+            cost = proxy.requests
+        finally:
+            fresh.close()
+    assert len(without) == 20 and without == with_catalog
+    # LIST runs/, LIST .evalsyncd/tail/, GET the tail header, GET the pieces of every
+    # metadata.json (side by side in the tail object's body)
+    assert cost == 4, cost
