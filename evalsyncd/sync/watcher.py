@@ -4,11 +4,12 @@ Events are hints; scans are the truth. Two observers:
 
 - **native inotify** (Linux; ``observer = "auto"`` or ``"inotify"``): no thread. The
   inotify descriptor is a reader of the event loop (``inotify_simple`` for the system
-  calls); its events are read in batches of :data:`HINT_BATCH_S`, coalesced per path,
-  and each path is handed to ``on_hint`` once per batch. A writer appending a line at
-  a time makes one ``IN_MODIFY`` per line: read one by one through watchdog's four
-  threads, that was about 60 % of the daemon's CPU under a busy writer
-  (``bench/writer.py``); in batches it is a few percent. Watches are added for every
+  calls); while events keep coming they are read in batches, at most one read per
+  :data:`HINT_BATCH_S`, coalesced per path, and each path is handed to ``on_hint``
+  once per batch. A writer appending a line at a time makes one ``IN_MODIFY`` per
+  line: read one by one through watchdog's four threads, that was about 60 % of the
+  daemon's CPU under a busy writer (``bench/writer.py``); in batches it is a few
+  percent. Watches are added for every
   directory (symlinks never followed), for new and moved-in ones as they appear, and
   for the whole tree again after an overflow.
 - **watchdog** (``observer = "polling"`` for network filesystems, and ``"auto"`` where
@@ -57,8 +58,9 @@ except ImportError:  # not Linux: watchdog's observers only
 __all__ = ["HINT_BATCH_S", "Watcher"]
 
 HINT_BATCH_S = 0.025
-"""How long the native observer lets events gather before it reads them, seconds: the
-latency a hint gains, against one read and one hint per path per batch."""
+"""After each read, how long the native observer lets events gather before it reads
+again, seconds: the most latency a hint gains, against one read and one hint per path
+per batch while events keep coming."""
 
 _MOVES_REMEMBERED = 64
 """Directories moved out whose move-in (same cookie) may still come in a later batch."""
@@ -113,11 +115,12 @@ def _files_below(top: str) -> Iterator[str]:
 class _InotifyTree:
     """A recursive inotify watch of ``root``, read on the event loop in batches.
 
-    No thread: the inotify file descriptor is a reader of the loop. When it becomes
-    readable the reader is set aside for :data:`HINT_BATCH_S`, so the events of that
-    window are read at once (one ``read``), parsed, coalesced per path and handed to
-    ``emit`` once per path; then the reader is set again. A file appended line by line
-    costs one hint per batch instead of one per ``write``.
+    No thread: the inotify file descriptor is a reader of the loop. Events that come
+    after a quiet spell are read at once; then the reader is set aside for
+    :data:`HINT_BATCH_S`, so what comes meanwhile is read in one go (one ``read``),
+    parsed, coalesced per path and handed to ``emit`` once per path. A file appended
+    line by line costs one hint per batch instead of one per ``write``, and a lone
+    event (a new directory, whose watch must be added quickly) waits for nothing.
 
     Watches: every directory under ``root`` (symlinks are never followed), added at
     start, for each directory created or moved in (and everything below it), and
@@ -226,18 +229,23 @@ class _InotifyTree:
                     self._ino.rm_watch(wd)
 
     def _readable(self) -> None:
-        """The descriptor has events: read them after the batch window."""
-        if self._ino is None:
-            return
-        self.loop.remove_reader(self._ino.fileno())
-        self._timer = self.loop.call_later(self.batch_s, self._read)
-
-    def _read(self) -> None:
-        """Read every pending event, hand the hints over, and wait for more."""
-        self._timer = None
+        """The descriptor has events: read them now, then stop listening for
+        :attr:`batch_s` (what comes meanwhile is read in one go after it)."""
         ino = self._ino
         if ino is None:
             return
+        self.loop.remove_reader(ino.fileno())
+        self._read(ino)
+        if self._ino is not None:
+            self._timer = self.loop.call_later(self.batch_s, self._listen)
+
+    def _listen(self) -> None:
+        self._timer = None
+        if self._ino is not None:
+            self.loop.add_reader(self._ino.fileno(), self._readable)
+
+    def _read(self, ino: INotify) -> None:
+        """Read every pending event and hand the hints over."""
         try:
             events = ino.read(timeout=0)
         except OSError as exc:
@@ -250,8 +258,6 @@ class _InotifyTree:
             self.emit(path, is_directory, event_type)
         if overflow:
             self.on_overflow()
-        if self._ino is not None:
-            self.loop.add_reader(self._ino.fileno(), self._readable)
 
     def _handle(self, events: list[Event], hints: dict[tuple[str, bool], str]) -> bool:
         """Turn a batch of events into hints (coalesced per path, see :func:`_coalesce`)
