@@ -191,3 +191,18 @@ def test_overflow_is_reported_and_the_tree_watched_again(tmp_path: Path) -> None
             watcher.stop()
 
     asyncio.run(main())
+
+
+def test_a_root_reached_through_a_symlink_is_watched(tmp_path: Path) -> None:
+    """The root may be a symlink to the directory (the root itself is followed, nothing
+    below it is): writes under it are hinted under the path the watcher was given."""
+    real = tmp_path / "real"
+    real.mkdir()
+    link = tmp_path / "link"
+    link.symlink_to(real, target_is_directory=True)
+
+    async def scenario(_w: Watcher, hints: list[Hint], _f: list[str]) -> None:
+        (real / "a.jsonl").write_bytes(b"1\n")
+        await _until(lambda: (str(link / "a.jsonl"), False, "created") in hints, "a hint")
+
+    _run(link, scenario)

@@ -169,7 +169,8 @@ class _InotifyTree:
         """Watch the tree and start reading (on the loop thread)."""
         self._ino = INotify(nonblocking=True)
         try:
-            self._dirs[self._ino.add_watch(self.root, _MASK)] = self.root
+            # the root itself may be reached through a symlink; nothing below it is
+            self._dirs[self._ino.add_watch(self.root, _MASK & ~flags.DONT_FOLLOW)] = self.root
         except OSError:
             self._ino.close()
             self._ino = None
