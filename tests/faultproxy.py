@@ -23,6 +23,8 @@ or chunked body), matched against the rules in order, and then:
   ``rclone serve s3`` answers ``UploadPartCopy``: no ``CopyPartResult``, no ETag);
 - ``"checksum_206"``: forwarded, and a 206 answer gets an ``x-amz-checksum-crc32c``
   that is not its part's (``rclone serve s3`` sends the whole object's checksum).
+- ``"wrong_checksum"``: forwarded, and a 2xx answer gets an ``x-amz-checksum-crc32c``
+  of other bytes (a server that stored something else than it was sent).
 
 ``Rule.header`` matches a request header by name (an ``UploadPartCopy`` is a
 ``PUT ...?partNumber=...&uploadId=...`` with ``x-amz-copy-source``).
@@ -185,7 +187,9 @@ class FaultProxy(LoopbackProxy):
         if action == "delay":
             assert rule is not None
             await asyncio.sleep(rule.delay_s)
-        if action == "checksum_206" and response.startswith(b"HTTP/1.1 206"):
+        if (action == "checksum_206" and response.startswith(b"HTTP/1.1 206")) or (
+            action == "wrong_checksum" and response.startswith(b"HTTP/1.1 2")
+        ):
             head_end = response.index(b"\r\n\r\n")
             kept = [
                 ln

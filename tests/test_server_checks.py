@@ -373,6 +373,102 @@ def test_put_answered_without_an_etag_is_a_server_behaviour_error(
     assert info.value.feature == "PutObject" and "a.json" in str(info.value)
 
 
+@pytest.mark.parametrize("fault", ["slowdown", "reset_before", "reset_after"])
+def test_a_small_put_the_lean_path_could_not_finish_is_sent_again_through_the_sdk(
+    s3_server: SeaweedS3Server, cloud_env: dict[str, str], unique_prefix: str, fault: str
+) -> None:
+    """A small PutObject sent without the SDK that meets a throttle, a reset before the server
+    saw it or a lost answer (the server applied it) is sent again through the SDK: the write
+    and the new file's append each land once, whole, and no error reaches the caller."""
+    with FaultProxy("127.0.0.1", s3_server.port) as proxy:
+        with S3Storage(S3_BUCKET, unique_prefix, endpoint_url=proxy.url) as storage:
+            proxy.add(Rule(action=fault, method="PUT", times=1))
+            storage.write("a.json", b'{"a": 1}')
+            proxy.add(Rule(action=fault, method="PUT", times=1))
+            storage.append("b.jsonl", b"1\n", offset=0)  # If-None-Match: *
+            lean = run_sync(storage._client()).lean
+            assert lean is not None
+            if fault == "slowdown":  # a reset: aiohttp itself may send the PUT again first
+                assert lean.fallbacks == 2
+        puts = [a for m, _t, a in proxy.log if m == "PUT"]
+        assert puts.count(fault) == 2 and len(puts) >= 4, proxy.log
+    with S3Storage(S3_BUCKET, unique_prefix, endpoint_url=s3_server.endpoint_url) as direct:
+        assert direct.read("a.json") == b'{"a": 1}'
+        assert direct.read("b.jsonl") == b"1\n"
+
+
+def test_keys_of_any_character_go_through_the_lean_path(
+    s3_server: SeaweedS3Server, cloud_env: dict[str, str], unique_prefix: str
+) -> None:
+    """Keys with every printable ASCII punctuation character, spaces and non-ASCII letters are
+    signed as sent: the server accepts the lean path's signature (no request handed to the
+    SDK) and each object reads back under its own key."""
+    names = [f"runs/p{i}{c}x.json" for i, c in enumerate(" !\"#$%&'()*+,-.:;<=>?@[]^_`{|}~")]
+    names += ["runs/ünï cødé/データ.json", "runs/a+b=c/d&e.jsonl"]
+    with S3Storage(S3_BUCKET, unique_prefix, endpoint_url=s3_server.endpoint_url) as storage:
+        for i, name in enumerate(names):
+            storage.write(name, f'{{"i": {i}}}'.encode())
+        lean = run_sync(storage._client()).lean
+        assert lean is not None and lean.fallbacks == 0
+        for i, name in enumerate(names):
+            assert storage.read(name) == f'{{"i": {i}}}'.encode(), name
+
+
+def test_an_answer_the_lean_path_cannot_act_on_turns_it_off(
+    s3_server: SeaweedS3Server, cloud_env: dict[str, str], unique_prefix: str
+) -> None:
+    """A small PutObject answered with something only the SDK can act on (here a 403; a
+    redirect to another region is the same) is sent again through the SDK, and every later
+    PutObject of that client goes through the SDK: one detour, not one per request."""
+    with FaultProxy("127.0.0.1", s3_server.port) as proxy:
+        with S3Storage(S3_BUCKET, unique_prefix, endpoint_url=proxy.url) as storage:
+            proxy.add(Rule(action="status", status=403, method="PUT", times=1))
+            for i in range(3):
+                storage.write(f"{i}.json", b"{}")
+            lean = run_sync(storage._client()).lean
+            assert lean is not None and not lean.enabled and lean.fallbacks == 1
+            assert [storage.read(f"{i}.json") for i in range(3)] == [b"{}"] * 3
+        assert [a for m, _t, a in proxy.log if m == "PUT"] == ["status", "pass", "pass", "pass"]
+
+
+def test_a_failed_precondition_on_the_lean_path_is_the_answer(
+    s3_server: SeaweedS3Server, cloud_env: dict[str, str], unique_prefix: str
+) -> None:
+    """A 412 to a small conditional PutObject is a ConflictError at once: one request, not
+    sent again through the SDK, and the object is untouched."""
+    proxy = FaultProxy("127.0.0.1", s3_server.port)
+    with proxy, S3Storage(S3_BUCKET, unique_prefix, endpoint_url=proxy.url) as storage:
+        storage.write("c.jsonl", b"theirs\n")
+        proxy.log.clear()
+        with pytest.raises(ConflictError):
+            run_sync(
+                storage._requests.put(
+                    run_sync(storage._client()),
+                    storage._key("c.jsonl"),
+                    storage.url("c.jsonl"),
+                    b"mine\n",
+                    IfNoneMatch="*",
+                )
+            )
+        assert [m for m, _t, _a in proxy.log] == ["PUT"]
+        assert storage.read("c.jsonl") == b"theirs\n"
+
+
+def test_a_put_answered_with_the_checksum_of_other_bytes_is_a_server_behaviour_error(
+    s3_server: SeaweedS3Server, cloud_env: dict[str, str], unique_prefix: str
+) -> None:
+    """A 200 to a PutObject whose ``x-amz-checksum-crc32c`` is not the CRC32C of the body sent
+    (the server stored something else) is a ServerBehaviourError naming the key, not success."""
+    with FaultProxy("127.0.0.1", s3_server.port) as proxy:
+        proxy.add(Rule(action="wrong_checksum", method="PUT", times=1))
+        with (
+            S3Storage(S3_BUCKET, unique_prefix, endpoint_url=proxy.url) as storage,
+            pytest.raises(ServerBehaviourError) as info,
+        ):
+            storage.write("d.json", b"{}")
+    assert info.value.feature == "PutObject checksum" and "d.json" in str(info.value)
+
+
 def test_a_ranged_get_with_the_whole_objects_checksum_is_read_whole(
     s3_server: SeaweedS3Server, cloud_env: dict[str, str], unique_prefix: str
 ) -> None:

@@ -8,6 +8,8 @@ Raw objects are inspected with a plain botocore client (no mocking of S3).
 from __future__ import annotations
 
 import asyncio
+import base64
+import datetime
 import inspect
 import pickle
 import socket
@@ -20,6 +22,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 import botocore.exceptions as bexc
+import crc32c
 import pytest
 
 from evalsyncd.errors import (
@@ -40,7 +43,7 @@ from evalsyncd.storage._s3errors import CODE_MAP as _CODE_MAP
 from evalsyncd.storage._s3errors import EXCEPTION_MAP as _EXCEPTION_MAP
 from evalsyncd.storage._s3errors import translate as _translate
 from evalsyncd.testing.proxy import CountingProxy
-from evalsyncd.testing.servers import SeaweedS3Server
+from evalsyncd.testing.servers import MotoS3Server, SeaweedS3Server
 from tests.conftest import S3_BUCKET
 from tests.helpers import old_layout
 
@@ -71,11 +74,14 @@ def internal_keys(raw: Any, storage: S3Storage) -> list[str]:
 
 
 @contextmanager
-def counted(s3_server: SeaweedS3Server, prefix: str) -> Iterator[tuple[S3Storage, CountingProxy]]:
-    """An ``S3Storage`` at ``prefix`` that talks to the server through a counting proxy."""
+def counted(
+    s3_server: SeaweedS3Server, prefix: str, *, record_heads: bool = False
+) -> Iterator[tuple[S3Storage, CountingProxy]]:
+    """An ``S3Storage`` at ``prefix`` that talks to the server through a counting proxy
+    (which keeps each request's line and headers with ``record_heads``)."""
     target = urlsplit(s3_server.endpoint_url)
     assert target.hostname is not None and target.port is not None
-    with CountingProxy(target.hostname, target.port) as proxy:
+    with CountingProxy(target.hostname, target.port, record_heads=record_heads) as proxy:
         storage = S3Storage(S3_BUCKET, prefix, endpoint_url=proxy.url)
         storage.read_tail = False  # the main objects' cost alone
         with storage:
@@ -116,15 +122,17 @@ def test_small_appends_rewrite_the_object_and_write_nothing_else(
 
 
 def test_append_request_counts(s3_server: SeaweedS3Server, cloud_env: dict[str, str]) -> None:
-    """A new file is a HEAD and a PUT; an append to an object this instance wrote is one
-    PUT; a cold instance appends with a HEAD, a GET and a PUT; stat, exists and remove
-    are one request, read and read_range one GET."""
+    """A new file is one PUT (If-None-Match, no HEAD first); an append to an object this
+    instance wrote is one PUT; a cold instance appends with a HEAD, a GET and a PUT (at
+    offset 0 after its optimistic PUT's 412); stat, exists and remove are one request,
+    read and read_range one GET."""
     prefix = f"counts-{time.time_ns()}"
     with counted(s3_server, prefix) as (storage, proxy):
         storage.exists("warm-up")  # the bucket check (HeadBucket once per instance)
         proxy.reset()
         storage.append("a.jsonl", b"1\n", offset=0)
-        assert proxy.requests == 2
+        assert proxy.requests == 1
+        storage.write("empty.jsonl", b"")
         proxy.reset()
         for i in range(2, 6):
             storage.append("a.jsonl", f"{i}\n".encode(), offset=2 * (i - 1))
@@ -134,6 +142,10 @@ def test_append_request_counts(s3_server: SeaweedS3Server, cloud_env: dict[str, 
         proxy.reset()
         storage.append("a.jsonl", b"6\n", offset=10)
         assert proxy.requests == 3
+        proxy.reset()
+        storage.append("empty.jsonl", b"1\n", offset=0)
+        assert proxy.requests == 4
+        assert storage.read("empty.jsonl") == b"1\n"
         for name, args in [
             ("stat", ("a.jsonl",)),
             ("exists", ("a.jsonl",)),
@@ -146,27 +158,19 @@ def test_append_request_counts(s3_server: SeaweedS3Server, cloud_env: dict[str, 
             assert proxy.requests == 1, name
 
 
-def test_small_append_sends_if_match(s3_storage: S3Storage) -> None:
-    """The rewrite of an append below 5 MiB is guarded by If-Match on the ETag it read."""
-    etag = s3_storage.write("guard.jsonl", b"base\n")
-    sent: list[dict[str, Any]] = []
-
-    def record(params: dict[str, Any], model: Any, **_kwargs: Any) -> None:
-        if model.name == "PutObject":
-            sent.append(dict(params))
-
-    async def scenario() -> None:
-        async with s3_storage:
-            client = await s3_storage._client()
-            client.meta.events.register("provide-client-params.s3", record)
-            try:
-                await s3_storage.aappend("guard.jsonl", b"more\n", offset=5)
-            finally:
-                client.meta.events.unregister("provide-client-params.s3", record)
-
-    asyncio.run(scenario())
-    assert [p.get("IfMatch") for p in sent] == [etag]
-    assert "Metadata" not in sent[0] or not sent[0]["Metadata"]
+def test_small_append_sends_if_match(s3_server: SeaweedS3Server, cloud_env: dict[str, str]) -> None:
+    """The rewrite of an append below 5 MiB is guarded by If-Match on the ETag it read,
+    and carries the CRC32C of its body, as seen on the wire."""
+    with counted(s3_server, f"guard-{time.time_ns()}", record_heads=True) as (storage, proxy):
+        etag = storage.write("guard.jsonl", b"base\n")
+        assert proxy.heads is not None
+        proxy.heads.clear()
+        storage.append("guard.jsonl", b"more\n", offset=5)
+        puts = [h for h in proxy.heads if h.method == "PUT"]
+    assert [h.headers.get("if-match") for h in puts] == [etag]
+    crc = base64.b64encode(crc32c.crc32c(b"base\nmore\n").to_bytes(4, "big")).decode()
+    assert puts[0].headers["x-amz-checksum-crc32c"] == crc
+    assert not [name for name in puts[0].headers if name.startswith("x-amz-meta-")]
 
 
 def test_lost_answer_of_an_append_is_not_applied_twice(s3_storage: S3Storage, raw: Any) -> None:
@@ -448,11 +452,27 @@ def test_missing_bucket_is_not_a_missing_file(
             lambda: storage.stat("x.json"),
             lambda: storage.exists("x.json"),
             lambda: storage.list_dir(""),
-            lambda: storage.append("x.jsonl", b"1\n", offset=0),
+            lambda: storage.append("x.jsonl", b"1\n", offset=2),  # a HEAD first
         ):
             with pytest.raises(BucketNotFoundError) as info:
                 call()
             assert not isinstance(info.value, FileNotFoundError)
+
+
+def test_a_put_to_a_missing_bucket_is_a_missing_bucket(
+    moto_server: MotoS3Server, cloud_env: dict[str, str]
+) -> None:
+    """A write, and an append at offset 0 (a PUT with no HEAD first), to a missing bucket are
+    BucketNotFoundError: the lean path's 404 goes to the SDK, which names it. On moto, as AWS;
+    SeaweedFS creates the bucket on PutObject instead."""
+    storage = S3Storage("no-such-bucket-here", "p", endpoint_url=moto_server.endpoint_url)
+    with storage:
+        for call in (
+            lambda: storage.write("x.json", b"{}"),
+            lambda: storage.append("x.jsonl", b"1\n", offset=0),
+        ):
+            with pytest.raises(BucketNotFoundError):
+                call()
 
 
 def test_unreachable_server_is_transient(cloud_env: dict[str, str]) -> None:
@@ -664,3 +684,34 @@ def test_remembered_object_of_another_writers_append_is_never_trusted(
         assert other.read("h.jsonl") == b"base\nmine-1\nother\nmine-2\n"
     finally:
         other.close()
+
+
+@pytest.mark.parametrize("token", [None, "session-token"])
+@pytest.mark.parametrize(
+    "key", ["runs/a b/ü~x+y.json", "p/k=1&x;y(*)!'.json", "runs/データ/trajectories.jsonl"]
+)
+def test_the_lean_signature_is_botocores(key: str, token: str | None) -> None:
+    """The lean PutObject path signs (awscrt) exactly as botocore's ``S3SigV4Auth`` does:
+    same signed headers, same signature, for keys that need encoding, with and without a
+    session token."""
+    from botocore.auth import S3SigV4Auth
+    from botocore.awsrequest import AWSRequest
+    from botocore.credentials import Credentials
+    from botocore.utils import percent_encode
+
+    from evalsyncd.storage._s3put import SigV4
+
+    credentials = Credentials("AKIDEXAMPLE", "secret", token).get_frozen_credentials()
+    path = "/bucket/" + percent_encode(key, safe="/~")
+    headers = {"User-Agent": "evalsyncd", "x-amz-checksum-crc32c": "AAAAAA==", "If-Match": '"e"'}
+    reference = AWSRequest("PUT", "http://127.0.0.1:8333" + path, headers=dict(headers), data=b"b")
+    S3SigV4Auth(credentials, "s3", "eu-west-3").add_auth(reference)
+    date = datetime.datetime.strptime(reference.headers["X-Amz-Date"], "%Y%m%dT%H%M%SZ")
+    ours = dict(
+        SigV4("eu-west-3", "127.0.0.1:8333").sign(
+            credentials, path, headers, b"b", date.replace(tzinfo=datetime.UTC)
+        )
+    )
+    assert ours["Authorization"] == reference.headers["Authorization"]
+    assert ours["x-amz-content-sha256"] == reference.headers["X-Amz-Content-SHA256"]
+    assert ours.get("X-Amz-Security-Token") == token

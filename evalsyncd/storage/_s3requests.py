@@ -17,10 +17,14 @@ import structlog
 
 from evalsyncd.errors import BucketNotFoundError, ServerBehaviourError
 from evalsyncd.storage._s3errors import BOUNDARY, boundary, error_code, http_status, translate
+from evalsyncd.storage._s3put import MAX_BYTES, LeanPut
 
 __all__ = ["S3Requests"]
 
 log = structlog.get_logger("evalsyncd.storage")
+
+_LEAN_KWARGS: Final = frozenset({"IfMatch", "IfNoneMatch"})
+"""The ``PutObject`` conditions :class:`~evalsyncd.storage._s3put.LeanPut` sends."""
 
 _DELETE_BATCH: Final = 1000
 """Keys per ``DeleteObjects`` request (S3's limit)."""
@@ -132,9 +136,30 @@ class S3Requests:
     async def put(self, client: Any, key: str, url: str, data: bytes, **kwargs: Any) -> str:
         """``PutObject`` with a CRC32C checksum (``kwargs``: its conditions, metadata).
 
+        Bodies of up to :data:`~evalsyncd.storage._s3put.MAX_BYTES` go through the
+        client's :class:`~evalsyncd.storage._s3put.LeanPut` when it has one
+        (``IfMatch`` and ``IfNoneMatch`` the only conditions); the SDK sends the rest,
+        and again what the lean path did not take.
+
         Returns:
             The new ETag.
         """
+        lean: LeanPut | None = getattr(client, "lean", None)
+        if (
+            lean is not None
+            and lean.enabled
+            and len(data) <= MAX_BYTES
+            and kwargs.keys() <= _LEAN_KWARGS
+        ):
+            etag = await lean.put(
+                key,
+                url,
+                data,
+                if_match=kwargs.get("IfMatch"),
+                if_none_match=kwargs.get("IfNoneMatch"),
+            )
+            if etag is not None:
+                return etag
         with boundary(url):
             resp = await client.put_object(
                 Bucket=self.bucket, Key=key, Body=data, ChecksumAlgorithm="CRC32C", **kwargs

@@ -14,7 +14,8 @@ The backend is split by job:
 
 How ``append(path, data)`` travels (one object per file, nothing else):
 
-- file missing: ``PutObject`` with ``If-None-Match: *``;
+- file missing: ``PutObject`` with ``If-None-Match: *``; at offset 0 that is
+  the first request (no ``HEAD``), and a 412 sends the append the ways below;
 - object of ``multipart_threshold`` (5 MiB) or more: a multipart upload whose
   first part(s) are ``UploadPartCopy`` of the object (``CopySourceIfMatch``,
   parts of at most 5 GiB) and whose last part carries ``data``, completed with
@@ -60,6 +61,7 @@ from evalsyncd.storage._base import StorageStat, check_key
 from evalsyncd.storage._cloud import INTERNAL_DIR, CloudStorage
 from evalsyncd.storage._s3errors import boundary
 from evalsyncd.storage._s3multipart import MULTIPART_MIN_BYTES, MiB, append_multipart
+from evalsyncd.storage._s3put import LeanPut, S3Client
 from evalsyncd.storage._s3requests import S3Requests
 
 __all__ = ["MULTIPART_MIN_BYTES", "AppendCache", "S3Storage"]
@@ -157,6 +159,11 @@ class S3Storage(CloudStorage):
             (S3's minimum part size, 5 MiB, or more).
         cache_max_bytes: memory for the bytes of small objects this instance
             wrote (an append to one of them then needs no download), bytes.
+        lean_puts: send ``PutObject`` requests of up to 1 MiB without the SDK's
+            request pipeline (:mod:`._s3put`: botocore's URL and signature over
+            aiohttp; a failure is sent again through the SDK, on top of its
+            ``max_attempts``, unless that is 1); ``False``: every request through
+            the SDK.
 
     Raises:
         ValueError: invalid bucket name or settings.
@@ -180,6 +187,7 @@ class S3Storage(CloudStorage):
         max_pool_connections: int = 32,
         multipart_threshold: int = MULTIPART_MIN_BYTES,
         cache_max_bytes: int = 64 * MiB,
+        lean_puts: bool = True,
     ) -> None:
         if multipart_threshold < MULTIPART_MIN_BYTES:
             raise ValueError(f"multipart_threshold must be >= {MULTIPART_MIN_BYTES} bytes")
@@ -199,6 +207,7 @@ class S3Storage(CloudStorage):
         self.max_pool_connections = max_pool_connections
         self.multipart_threshold = multipart_threshold
         self.cache_max_bytes = cache_max_bytes
+        self.lean_puts = lean_puts
         super().__init__(bucket, prefix)
 
     multipart_copy: bool = True
@@ -242,11 +251,25 @@ class S3Storage(CloudStorage):
                 max_pool_connections=self.max_pool_connections,
                 user_agent=USER_AGENT,
             )
-            return await stack.enter_async_context(
+            sdk = await stack.enter_async_context(
                 session.create_client(
                     "s3", endpoint_url=self.endpoint_url, region_name=region, config=config
                 )
             )
+            lean = None
+            if self.lean_puts:
+                lean = await LeanPut.open(
+                    stack,
+                    session,
+                    sdk,
+                    self.bucket,
+                    connect_timeout_s=self.connect_timeout_s,
+                    read_timeout_s=self.read_timeout_s,
+                    max_connections=self.max_pool_connections,
+                    user_agent=USER_AGENT,
+                    sdk_retries=self.max_attempts > 1,
+                )
+            return S3Client(sdk, lean)
 
     # -- keys ----------------------------------------------------------------------------
 
@@ -433,6 +456,17 @@ class S3Storage(CloudStorage):
                 self._cache.put(path, None, None)  # changed, or our answer was lost: look
             else:
                 self._cache.put(path, etag, content)
+                return etag
+        if known is None and offset == 0:
+            # At offset 0 the object is usually missing (a new file): create it with no
+            # HEAD first. One that exists (412) takes the path below, which tells our own
+            # earlier write (a retry) from another writer's.
+            try:
+                etag = await self._requests.put(client, key, url, data, IfNoneMatch="*")
+            except ConflictError:
+                pass
+            else:
+                self._cache.put(path, etag, data)
                 return etag
         for _attempt in range(ATTEMPTS):
             current = await self._current(client, path)

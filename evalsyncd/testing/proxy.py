@@ -6,6 +6,7 @@ add latency, or (subclassed) inject faults, between a client and a local server.
         proxy.reset()
         ...                                                  # the work to measure
         proxy.bytes_up, proxy.bytes_down, proxy.requests
+        # CountingProxy(..., record_heads=True).heads: each request's line and headers
 
 ``bytes_up`` counts client -> server bytes, ``bytes_down`` server -> client,
 headers and bodies as sent (plain HTTP on loopback, no TLS): the tools' own
@@ -25,9 +26,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+from dataclasses import dataclass
 from typing import Self
 
-__all__ = ["CountingProxy", "HttpRequestCounter", "LoopbackProxy"]
+__all__ = ["CountingProxy", "HttpRequestCounter", "LoopbackProxy", "RequestHead"]
 
 _CHUNK = 256 * 1024
 
@@ -157,11 +159,25 @@ class LoopbackProxy:
         raise NotImplementedError
 
 
-class HttpRequestCounter:
-    """Counts HTTP/1.x requests in one connection's client -> server byte stream."""
+@dataclass(frozen=True)
+class RequestHead:
+    """The request line and headers of one HTTP/1.x request (names lower-cased)."""
 
-    def __init__(self) -> None:
+    method: str
+    target: str
+    headers: dict[str, str]
+
+
+class HttpRequestCounter:
+    """Counts HTTP/1.x requests in one connection's client -> server byte stream.
+
+    Args:
+        heads: where to append each request's :class:`RequestHead` (``None``: count only).
+    """
+
+    def __init__(self, heads: list[RequestHead] | None = None) -> None:
         self.requests = 0
+        self._heads = heads
         self._buf = b""
         self._body_left = 0  # bytes of a Content-Length body still to skip
         self._chunked = False  # inside a chunked body
@@ -189,14 +205,20 @@ class HttpRequestCounter:
                 return
             head, self._buf = self._buf[:end].decode("latin-1"), self._buf[end + 4 :]
             self.requests += 1
-            for line in head.split("\r\n")[1:]:
+            request_line, *header_lines = head.split("\r\n")
+            headers: dict[str, str] = {}
+            for line in header_lines:
                 name, _, value = line.partition(":")
                 name = name.strip().lower()
+                headers[name] = value.strip()
                 if name == "content-length":
                     self._body_left = int(value.strip() or 0)
                 elif name == "transfer-encoding" and "chunked" in value.lower():
                     self._chunked = True
                     self._body_left = 0
+            if self._heads is not None:
+                method, _, rest = request_line.partition(" ")
+                self._heads.append(RequestHead(method, rest.rpartition(" ")[0], headers))
 
     def _chunk_step(self) -> bool:
         """Consume one chunk of a chunked body; False when more bytes are needed."""
@@ -227,11 +249,21 @@ class CountingProxy(LoopbackProxy):
         target_host: the server's address.
         target_port: the server's port.
         one_way_s: added delay per direction, seconds (0 for none).
+        record_heads: keep every request's line and headers in :attr:`heads`.
     """
 
-    def __init__(self, target_host: str, target_port: int, *, one_way_s: float = 0.0) -> None:
+    def __init__(
+        self,
+        target_host: str,
+        target_port: int,
+        *,
+        one_way_s: float = 0.0,
+        record_heads: bool = False,
+    ) -> None:
         super().__init__(target_host, target_port)
         self.one_way_s = one_way_s
+        self.heads: list[RequestHead] | None = [] if record_heads else None
+        """With ``record_heads``, every request's line and headers, in arrival order."""
         self.bytes_up = 0
         self.bytes_down = 0
         self._counters: list[HttpRequestCounter] = []
@@ -256,7 +288,7 @@ class CountingProxy(LoopbackProxy):
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
         """Pump both directions through the counters (and the delay line)."""
-        counter = HttpRequestCounter()
+        counter = HttpRequestCounter(self.heads)
         self._counters.append(counter)
         upstream_r, upstream_w = await self.open_upstream()
         try:
