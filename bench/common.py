@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import compileall
 import json
 import os
 import shutil
@@ -31,6 +32,7 @@ from typing import Any, TypeVar
 
 import psutil
 
+import evalsyncd
 from evalsyncd.storage import GCSStorage, S3Storage
 from evalsyncd.testing.servers import S3_ACCESS_KEY, S3_SECRET_KEY, FakeGCSServer, SeaweedS3Server
 
@@ -80,7 +82,11 @@ class Bench:
     results: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def start(self) -> None:
-        """Start both servers and create the bucket on each."""
+        """Start both servers and create the bucket on each; compile the package's
+        bytecode, as ``pip install`` does (an editable checkout under
+        ``PYTHONDONTWRITEBYTECODE`` would otherwise compile it again at every start of
+        ``evalsyncd``: 0.05 to 0.1 s, paid by no installed daemon)."""
+        compileall.compile_dir(Path(evalsyncd.__file__).parent, quiet=1)
         self.s3 = SeaweedS3Server(self.tmp / "seaweed").start()
         self.s3.create_bucket(BUCKET)
         self.gcs = FakeGCSServer(self.tmp / "fakegcs").start()
@@ -252,6 +258,7 @@ def run_in_tree(tree: Path, argv: list[str], what: str) -> dict[str, Any]:
     Raises:
         RuntimeError: the child failed (the end of its standard error attached).
     """
+    compileall.compile_dir(tree / "evalsyncd", quiet=1)  # every tree as installed (Bench.start)
     proc = subprocess.run(
         [sys.executable, *argv],
         env={**os.environ, "PYTHONPATH": str(tree)},

@@ -246,9 +246,12 @@ def _backfill(res: dict[str, Any], img: Path) -> list[str]:
     if daemon:
         listed = daemon.get("all_runs_listed_s", float("nan"))
         goal = rclone["wall_s"] / 3
+        starts = daemon.get("all_runs_listed_s_all", [listed])
+        each = ", ".join(f"{x:.2f}" for x in starts)
         out += [
             "`evalsyncd run` from scratch (tail log and catalog): `EvalStore` on the bucket "
-            f"lists every run after **{listed:.2f} s** (target: a third of rclone's "
+            f"lists every run after **{listed:.2f} s** (median of {len(starts)} starts: "
+            f"{each} s; target: a third of rclone's "
             f"{rclone['wall_s']:.2f} s, {goal:.2f} s: {_verdict(listed <= goal)}; "
             f"{rclone['wall_s'] / listed:.1f}x sooner than rclone finishes); every main "
             f"object exists after **{daemon.get('all_main_objects_s', float('nan')):.1f} s** "

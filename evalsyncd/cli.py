@@ -16,9 +16,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import json
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
@@ -261,7 +262,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-async def _run_daemon(settings: Settings, config_args: argparse.Namespace) -> int:
+@contextlib.contextmanager
+def _gc_held_until_ready() -> Iterator[Callable[[], None]]:
+    """The cyclic garbage collector off while the daemon starts, on again at ``READY=1``.
+
+    Start-up allocates far more than it frees: the modules, the SDK's parsed service
+    model, the settings, the first scan. Each collection of the oldest generation
+    walks all of it (about 0.1 s of CPU each, two or three before the first tail
+    object; ``docs/benchmarks.md`` section 3). The callable this yields, called at
+    ``READY=1``, moves what start-up allocated into the permanent generation
+    (``gc.freeze``: never scanned again; freed as usual once unreferenced) and turns
+    the collector back on. It is on again at exit from the block in any case.
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+
+    def ready() -> None:
+        if was_enabled and not gc.isenabled():
+            gc.freeze()
+            gc.enable()
+
+    try:
+        yield ready
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+async def _run_daemon(
+    settings: Settings, config_args: argparse.Namespace, on_ready: Callable[[], None] = lambda: None
+) -> int:
     import signal
 
     from evalsyncd.sync.service import Service
@@ -274,6 +304,12 @@ async def _run_daemon(settings: Settings, config_args: argparse.Namespace) -> in
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, reload_event.set)
     notifier = Notifier()
+
+    def notify(line: str) -> None:
+        if line == "READY=1":
+            on_ready()
+        notifier(line)
+
     metrics_server = None
     on_upload = None
     if settings.metrics_address:
@@ -282,7 +318,7 @@ async def _run_daemon(settings: Settings, config_args: argparse.Namespace) -> in
         metrics = Metrics()
         on_upload = metrics.on_upload
     service = Service(
-        settings, notify=notifier, watchdog_interval_s=watchdog_interval_s(), on_upload=on_upload
+        settings, notify=notify, watchdog_interval_s=watchdog_interval_s(), on_upload=on_upload
     )
     try:
         if settings.metrics_address:
@@ -993,6 +1029,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _check(args)
     if args.command == "view":
         return _view(args)
+    if args.command == "run":
+        with _gc_held_until_ready() as ready:
+            return _main_settings(args, ready)
+    return _main_settings(args)
+
+
+def _main_settings(args: argparse.Namespace, ready: Callable[[], None] = lambda: None) -> int:
+    """The commands that read the settings (``run``, ``sync``, ``status``, ...); see :func:`main`."""
     from evalsyncd.logs import configure_logging
     from evalsyncd.sync.journal import JournalError
 
@@ -1004,7 +1048,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(settings.log_format, "warning" if quiet else settings.log_level)
     try:
         if args.command == "run":
-            return asyncio.run(_run_daemon(settings, args))
+            return asyncio.run(_run_daemon(settings, args, ready))
         if args.command == "sync":
             return asyncio.run(_sync_once(settings, args.timeout))
         if args.command == "status":

@@ -118,7 +118,7 @@ def test_status_and_verify_do_not_load_the_daemon(module: str) -> None:
     assert out.strip() == "[]", out
     lazy = subprocess.run(
         [sys.executable, "-c", "import sys, evalsyncd.sync as s; s.Service; "
-         "print('watchdog' in sys.modules)"],
+         "print('evalsyncd.sync.service' in sys.modules)"],
         capture_output=True, text=True, check=True,
     ).stdout  # fmt: skip
     assert lazy.strip() == "True"  # the lazy name still resolves

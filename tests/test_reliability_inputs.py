@@ -259,6 +259,8 @@ def test_inotify_overflow_is_logged_and_rescanned(rel: RelEnv) -> None:
     try:
         burst = rel.root / "runs/burst"
         burst.mkdir(parents=True)
+        (burst / "first.json").write_text("{}")
+        wait_settled(rel)  # the directory is watched: the burst's events reach the queue
         for i in range(2000):
             (burst / f"r{i:04d}.json").write_text(f'{{"i": {i}}}')
         wait_for(lambda: events(daemon, "inotify_overflow"), 30, 0.1, "inotify_overflow")

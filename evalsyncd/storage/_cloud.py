@@ -24,8 +24,10 @@ and the internal area's objects (``_list_keys``, ``_delete_keys``,
 
 from __future__ import annotations
 
+import asyncio
 import copy
 from abc import ABC, abstractmethod
+from collections.abc import Iterable
 from contextlib import AsyncExitStack
 from typing import Any, ClassVar, Self
 
@@ -33,6 +35,7 @@ from evalsyncd.errors import (
     CorruptObjectError,
     InvalidKeyError,
     ObjectNotFoundError,
+    StorageError,
     TransientStorageError,
 )
 from evalsyncd.storage._base import StorageStat, check_key
@@ -42,11 +45,13 @@ from evalsyncd.storage._tailfind import INTERNAL_DIR, LevelCache, search_levels
 from evalsyncd.storage.tail import (
     TAIL_DIR,
     FileTail,
+    Piece,
     PieceCache,
     TailIndex,
     TailWriter,
     boundaries,
     note_damage,
+    object_name,
     read_index,
     read_pieces,
     stitch,
@@ -59,6 +64,12 @@ __all__ = ["INTERNAL_DIR", "CloudStorage"]
 # deltas). Readers and ``list_dir`` hide it at every level.
 
 _RUNTIME_ATTRS = ("_clients", "_levels", "_pieces", "_damaged")
+
+PREFETCH_GAP_BYTES = 64 * 1024
+"""Bytes between two wanted tail pieces that :meth:`CloudStorage.aprefetch_tail` reads
+through rather than start another ranged GET."""
+PREFETCH_SPAN_BYTES = 4 * 1024 * 1024
+"""Most bytes one ranged GET of :meth:`CloudStorage.aprefetch_tail` asks for."""
 
 
 class CloudStorage(ABC):
@@ -331,6 +342,82 @@ class CloudStorage(ABC):
     def _tail_url(self, name: str = "") -> str:
         key = self._tail_key(name) if name else self._internal_key(TAIL_DIR)
         return f"{self.scheme}://{self.bucket}/{key}"
+
+    async def aprefetch_tail(self, paths: Iterable[str]) -> int:
+        """Bring the tail pieces of many small files into this storage's piece cache in as
+        few requests as cover them, before reading the files one by one.
+
+        A reader about to read many files that live only in the tail log (a run listing
+        that finds no run catalog reads every run's ``metadata.json``, typically
+        pieces of one tail object, side by side) would otherwise send one ranged GET
+        per file. Here the wanted pieces of the tail log at this storage's own prefix
+        (cached ones, and pieces larger than the cache takes whole, left out) are
+        grouped per tail object into spans, a gap of at most
+        :data:`PREFETCH_GAP_BYTES` read through, each span at most
+        :data:`PREFETCH_SPAN_BYTES` and all of them at most half the cache: one ranged
+        GET per span, concurrently. The reads that follow find the pieces cached.
+
+        Best effort: a span that fails or comes back short caches nothing (the reads
+        that follow fetch, and report, as usual).
+
+        Args:
+            paths: file paths relative to this storage (others are ignored).
+
+        Returns:
+            How many pieces were cached. No request when the tail log is not read
+            (:attr:`read_tail`), holds none of ``paths``, or only one piece is wanted.
+        """
+        if not self.read_tail:
+            return 0
+        index = await self._tail_index()
+        cache = self._pieces
+        wanted: dict[int, set[Piece]] = {}
+        for path in paths:
+            ft = index.files.get(path)
+            for piece in ft.pieces if ft is not None else ():
+                if piece.length <= cache.max_piece_bytes and cache.get(piece) is None:
+                    wanted.setdefault(piece.seq, set()).add(piece)
+        spans: list[tuple[int, int, int, list[Piece]]] = []  # seq, first, last, pieces
+        budget = cache.max_bytes // 2
+        for seq, pieces in sorted(wanted.items()):
+            body = index.bodies.get(seq)
+            if body is None:
+                continue
+            for piece in sorted(pieces, key=lambda p: p.pos):
+                at, end = body + piece.pos, body + piece.pos + piece.length
+                last = spans[-1] if spans else None
+                if (
+                    last is not None
+                    and last[0] == seq
+                    and at - last[2] <= PREFETCH_GAP_BYTES
+                    and max(end, last[2]) - last[1] <= PREFETCH_SPAN_BYTES
+                ):
+                    spans[-1] = (seq, last[1], max(end, last[2]), [*last[3], piece])
+                else:
+                    spans.append((seq, at, end, [piece]))
+        kept: list[tuple[int, int, int, list[Piece]]] = []
+        for span in spans:
+            if budget < span[2] - span[1]:
+                break
+            budget -= span[2] - span[1]
+            kept.append(span)
+        if sum(len(span[3]) for span in kept) < 2:
+            return 0  # one piece: the read itself fetches it
+
+        async def fetch(seq: int, first: int, last: int, pieces: list[Piece]) -> int:
+            try:
+                data = await self._tail_get(object_name(seq), first, last)
+            except StorageError:
+                return 0
+            if len(data) != last - first:
+                return 0  # shorter than its index says: the reads find and report it
+            body = index.bodies[seq]
+            for piece in pieces:
+                lo = body + piece.pos - first
+                cache.put(piece, data[lo : lo + piece.length])
+            return len(pieces)
+
+        return sum(await asyncio.gather(*(fetch(*span) for span in kept)))
 
     def tail_writer(self, writer: str) -> TailWriter:
         """A writer of this prefix's tail log (see :class:`~evalsyncd.storage.tail.TailWriter`)."""

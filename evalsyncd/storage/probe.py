@@ -57,6 +57,7 @@ import structlog
 
 from evalsyncd.errors import ConflictError, StorageError, TransientStorageError
 from evalsyncd.storage._cloud import CloudStorage
+from evalsyncd.storage._loaded import is_gcs, is_s3
 from evalsyncd.storage._s3errors import BOUNDARY, http_status, translate
 
 log = structlog.get_logger("evalsyncd.storage")
@@ -162,14 +163,11 @@ async def aprobe(storage: CloudStorage) -> ProbeReport:
             denied, server unreachable: the first request failed).
         TypeError: ``storage`` is neither an ``S3Storage`` nor a ``GCSStorage``.
     """
-    from evalsyncd.storage.gcs import GCSStorage
-    from evalsyncd.storage.s3 import S3Storage
-
     base = storage._internal_key("probe", secrets.token_hex(6))
     report = ProbeReport(url=storage.url())
-    if isinstance(storage, S3Storage):
+    if is_s3(storage):
         await _probe_s3(storage, base, report)
-    elif isinstance(storage, GCSStorage):
+    elif is_gcs(storage):
         await _probe_gcs(storage, base, report)
     else:
         raise TypeError(f"cannot probe {type(storage).__name__}: S3Storage or GCSStorage only")
@@ -471,10 +469,8 @@ async def aadapt(storage: Any) -> ProbeReport | None:
             still checks its post-condition).
     """
     from evalsyncd.errors import ServerBehaviourError
-    from evalsyncd.storage.gcs import GCSStorage
-    from evalsyncd.storage.s3 import S3Storage
 
-    if not isinstance(storage, S3Storage | GCSStorage):
+    if not (is_s3(storage) or is_gcs(storage)):
         return None
     key = (type(storage).__name__, storage.url(), getattr(storage, "endpoint_url", None))
     report = _REPORTS.get(key)
@@ -482,7 +478,7 @@ async def aadapt(storage: Any) -> ProbeReport | None:
     if report is None:
         report = _REPORTS[key] = await aprobe(storage)
     copy = report.get("multipart-copy")
-    if isinstance(storage, S3Storage) and copy is not None and not copy.ok:
+    if is_s3(storage) and copy is not None and not copy.ok:
         storage.multipart_copy = False
     if fresh:
         missing = report.missing()

@@ -30,6 +30,7 @@ import structlog
 
 from evalsyncd.errors import StorageError
 from evalsyncd.storage._leftovers import last_left, note_left
+from evalsyncd.storage._loaded import is_gcs, is_s3
 
 __all__ = ["DEFAULT_MIN_AGE_S", "areap", "last_left", "note_left"]
 
@@ -57,13 +58,10 @@ async def areap(
     Raises:
         StorageError: the listing failed (single removals that fail are logged).
     """
-    from evalsyncd.storage.gcs import GCSStorage
-    from evalsyncd.storage.s3 import S3Storage
-
     cutoff = time.time() - min_age_s
-    if isinstance(storage, GCSStorage):
+    if is_gcs(storage):  # (neither SDK is imported for the other's storage)
         removed = await _reap_gcs(storage, cutoff)
-    elif isinstance(storage, S3Storage):
+    elif is_s3(storage):
         removed = await _reap_s3(storage, cutoff)
         if fold_segments:
             await storage.afold_old_segments()  # an older version's append segments

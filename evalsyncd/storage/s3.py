@@ -47,7 +47,6 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from aiobotocore.config import AioConfig
-from aiobotocore.session import AioSession
 
 from evalsyncd.errors import (
     ConflictError,
@@ -63,6 +62,7 @@ from evalsyncd.storage._s3errors import boundary
 from evalsyncd.storage._s3multipart import MULTIPART_MIN_BYTES, MiB, append_multipart
 from evalsyncd.storage._s3put import LeanPut, S3Client
 from evalsyncd.storage._s3requests import S3Requests
+from evalsyncd.storage._s3session import new_session
 
 __all__ = ["MULTIPART_MIN_BYTES", "AppendCache", "S3Storage"]
 
@@ -239,7 +239,7 @@ class S3Storage(CloudStorage):
 
     async def _open_client(self, stack: AsyncExitStack) -> Any:
         with boundary(self.url()):
-            session = AioSession(profile=self.profile)
+            session = new_session(self.profile)  # parsed service data shared per process
             region = self.region or session.get_config_variable("region") or "us-east-1"
             style = self.addressing_style or ("path" if self.endpoint_url else "auto")
             config = AioConfig(

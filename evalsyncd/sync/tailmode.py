@@ -308,14 +308,14 @@ class TailShipper:
             await self.files.ship_paths(direct, outcome)
             if outcome.error is not None:
                 return
-        due = self.due_now()
-        if due and not self._drain_all and any(is_run_metadata(s.path) for s in staged):
+        if not self._drain_all and any(is_run_metadata(s.path) for s in staged):
             # New runs are in the tail object just written: the steps after this pass
             # publish the run catalog, so readers list them now, before the requests
-            # of the main objects due, which the next pass (at once) sends.
+            # of the main objects due (and before working out which are), which the
+            # next pass (at once) sends.
             outcome.more = True
             return
-        await self.promote_due(due)
+        await self.promote_due(self.due_now())
 
     async def plan(self, path: str) -> Staged | object | None:
         """Stage what ``path`` needs in the next tail object (see :func:`~evalsyncd.sync.plan.plan`).
@@ -539,7 +539,7 @@ class TailShipper:
         facts = MainFacts(
             idle_s=now - self._last_change.get(path, 0.0),
             pieces=self.writer.pieces_of(path),
-            finalized=any(path.startswith(run) for run in self._finalized),
+            finalized=_under_any(path, self._finalized),
             drain=self._drain_all,
         )
         return main_due(entry, facts, now_wall, self.ctx.policy)
@@ -716,3 +716,15 @@ def _local_bytes(full: Path, entry: Entry, start: int, end: int) -> bytes | None
         return None
     finally:
         os.close(fd)
+
+
+def _under_any(path: str, dirs: set[str]) -> bool:
+    """Whether ``path`` is below one of ``dirs`` (each ending in ``/``): a lookup per
+    directory level of ``path``, not a scan of ``dirs`` (which holds every run finalized
+    since the last promotion; ``due`` asks it for every file of the tail index)."""
+    cut = path.find("/")
+    while cut >= 0:
+        if path[: cut + 1] in dirs:
+            return True
+        cut = path.find("/", cut + 1)
+    return False

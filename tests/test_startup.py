@@ -1,0 +1,269 @@
+"""What a short-lived reader and the daemon's start cost before their first useful request.
+
+- ``S3Storage`` clients of one process share botocore's parsed service data (a reader
+  opened again and again parses no JSON after the first), never settings or credentials;
+- the server probe and the reaper of an S3 destination never import the GCS SDK;
+- ``evalsyncd run`` keeps the cyclic garbage collector off until ``READY=1``, then
+  freezes what start-up allocated;
+- the tail shipper's "is this file's run finalized" check is a lookup per directory level;
+- a run listing that finds no run catalog (the moment between the daemon's first tail
+  object and its catalog, or ``use_catalog=False``) reads the ``metadata.json`` files
+  pending in the tail log in one request, not one per run.
+
+The figures these buy are measured in ``bench/backfill.py`` (``docs/benchmarks.md``
+section 3), never timed here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from botocore.loaders import JSONFileLoader
+
+from evalsyncd.cli import _gc_held_until_ready
+from evalsyncd.config import DestinationSettings
+from evalsyncd.storage import GCSStorage, S3Storage
+from evalsyncd.storage._loaded import is_gcs, is_s3
+from evalsyncd.storage._s3session import new_session
+from evalsyncd.storage.memory import MemoryStorage
+from evalsyncd.store import BenchmarkResult, EvalStore, StoredTrajectory, StoredTurn
+from evalsyncd.sync.destination import Destination
+from evalsyncd.sync.journal import Journal
+from evalsyncd.sync.tailmode import _under_any
+from evalsyncd.testing.proxy import CountingProxy
+from evalsyncd.testing.servers import SeaweedS3Server
+
+S3_BUCKET = "evalsyncd-test"
+
+
+@pytest.fixture
+def json_files_parsed(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
+    """The botocore data files parsed from now on (their paths), in order."""
+    parsed: list[str] = []
+    original = JSONFileLoader.load_file
+
+    def counting(self: JSONFileLoader, file_path: str) -> Any:
+        found = original(self, file_path)
+        if found is not None:
+            parsed.append(file_path)
+        return found
+
+    monkeypatch.setattr(JSONFileLoader, "load_file", counting)
+    yield parsed
+
+
+def test_a_reader_opened_again_parses_no_service_data(
+    cloud_env: dict[str, str],
+    s3_server: SeaweedS3Server,
+    unique_prefix: str,
+    json_files_parsed: list[str],
+) -> None:
+    """Two ``EvalStore`` readers on fresh ``S3Storage`` instances, one after the other, as
+    ``evalsyncd runs ls`` run in a loop: the first may parse botocore's data files (if no
+    client of this process did before), the second parses none, and both list the run."""
+    writer = S3Storage(S3_BUCKET, unique_prefix, endpoint_url=s3_server.endpoint_url)
+    with writer:
+        EvalStore(writer).create_run("m", ["gsm8k"], run_id="r1")
+    for _attempt in range(2):
+        json_files_parsed.clear()
+        reader = S3Storage(S3_BUCKET, unique_prefix, endpoint_url=s3_server.endpoint_url)
+        try:
+            assert [r.run_id for r in EvalStore(reader).list_runs()] == ["r1"]
+        finally:
+            reader.close()
+    assert json_files_parsed == [], f"the second client parsed {json_files_parsed}"
+
+
+def test_sessions_share_service_data_never_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each session reads its credentials and region from the environment as it is when
+    its client opens (as ``S3Storage`` opens one); only the data loader is shared, one per
+    ``AWS_DATA_PATH``."""
+
+    async def opened() -> tuple[Any, str, str]:
+        session = new_session()
+        credentials = await session.get_credentials()
+        assert credentials is not None
+        return session, session.get_config_variable("region"), credentials.access_key
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "first-key")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "first-secret")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-1")
+    first, region, key = asyncio.run(opened())
+    assert (region, key) == ("eu-west-1", "first-key")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "second-key")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-2")
+    second, region, key = asyncio.run(opened())
+    assert (region, key) == ("us-east-2", "second-key")
+    assert first.get_component("data_loader") is second.get_component("data_loader")
+    monkeypatch.setenv("AWS_DATA_PATH", "/nonexistent-evalsyncd-data-path")
+    other = new_session()
+    assert other.get_component("data_loader") is not first.get_component("data_loader")
+    assert "/nonexistent-evalsyncd-data-path" in other.get_component("data_loader").search_paths
+
+
+def test_backend_checks_import_no_sdk(
+    cloud_env: dict[str, str], s3_server: SeaweedS3Server, unique_prefix: str
+) -> None:
+    """The daemon's start on an S3 destination (the server probe, then the reaper) in a
+    fresh interpreter: both run against the server and the GCS SDK is never imported."""
+    code = (
+        "import asyncio, json, sys\n"
+        "from evalsyncd.storage import S3Storage\n"
+        "from evalsyncd.storage.probe import aadapt\n"
+        "from evalsyncd.storage.reap import areap\n"
+        "async def main():\n"
+        f"    async with S3Storage({S3_BUCKET!r}, {unique_prefix!r},"
+        f" endpoint_url={s3_server.endpoint_url!r}) as s:\n"
+        "        report = await aadapt(s)\n"
+        "        removed = await areap(s)\n"
+        "    return report.usable, removed\n"
+        "usable, removed = asyncio.run(main())\n"
+        "print(json.dumps({'usable': usable, 'removed': removed,\n"
+        "    'gcs': sorted(m for m in sys.modules if m.startswith(('gcloud', 'evalsyncd.storage.gcs')))}))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+    ).stdout
+    assert json.loads(out.strip().splitlines()[-1]) == {"usable": True, "removed": 0, "gcs": []}
+
+
+def test_backend_checks_name_the_backend() -> None:
+    """``is_s3``/``is_gcs`` answer as ``isinstance`` does, for the backends and others."""
+    s3 = S3Storage("bucket", "p", endpoint_url="http://127.0.0.1:1")
+    gcs = GCSStorage("bucket", "p")
+    memory = MemoryStorage("bucket", "p")
+    assert (is_s3(s3), is_gcs(s3)) == (True, False)
+    assert (is_s3(gcs), is_gcs(gcs)) == (False, True)
+    assert (is_s3(memory), is_gcs(memory)) == (False, False)
+    assert (is_s3(None), is_gcs("gs://bucket/p")) == (False, False)
+
+
+@pytest.fixture
+def gc_restored() -> Iterator[None]:
+    """The collector's state as it was, whatever the test did."""
+    was = gc.isenabled()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+        if was:
+            gc.enable()
+        else:
+            gc.disable()
+
+
+@pytest.mark.usefixtures("gc_restored")
+def test_the_collector_waits_for_ready_then_skips_the_start_up() -> None:
+    """Inside the block the collector is off; ``ready()`` freezes what exists (the
+    permanent generation is no longer empty) and turns it on; leaving turns it on in any
+    case, and a second ``ready()`` changes nothing."""
+    gc.enable()
+    gc.unfreeze()
+    with _gc_held_until_ready() as ready:
+        assert not gc.isenabled()
+        ready()
+        assert gc.isenabled() and gc.get_freeze_count() > 0
+        frozen = gc.get_freeze_count()
+        ready()
+        assert gc.get_freeze_count() == frozen
+    assert gc.isenabled()
+    with _gc_held_until_ready():
+        assert not gc.isenabled()  # never READY (a failed start): on again at exit
+    assert gc.isenabled()
+
+
+@pytest.mark.usefixtures("gc_restored")
+def test_a_collector_off_before_stays_off() -> None:
+    """A process that turned the collector off itself keeps it off, and nothing is frozen."""
+    gc.disable()
+    gc.unfreeze()
+    with _gc_held_until_ready() as ready:
+        ready()
+        assert not gc.isenabled() and gc.get_freeze_count() == 0
+    assert not gc.isenabled()
+
+
+@pytest.mark.parametrize(
+    ("path", "expected"),
+    [
+        ("runs/a/gsm8k/trajectories.jsonl", True),
+        ("runs/a/result.json", True),
+        ("runs/ab/metadata.json", False),  # a run whose id extends a finalized one's
+        ("runs/b/x/y.json", True),
+        ("runs/b/xy.json", False),
+        ("runs/a", False),  # the directory itself is no file below it
+        ("runs.jsonl", False),
+        ("", False),
+    ],
+)
+def test_a_file_is_in_a_finalized_run_by_its_directories(path: str, expected: bool) -> None:
+    """``_under_any`` answers as "starts with one of the directories" (each ending in
+    ``/``) does, by looking up each directory level of the path."""
+    dirs = {"runs/a/", "runs/b/x/"}
+    assert _under_any(path, dirs) is expected
+    assert _under_any(path, dirs) is any(path.startswith(d) for d in dirs)
+
+
+def _finalized_runs(root: Path, runs: int) -> None:
+    store = EvalStore(root)
+    for i in range(runs):
+        run_id = f"step{i:04d}_20240101_000000_{i:06x}"
+        store.create_run("m", ["gsm8k"], checkpoint_name=f"step{i}", run_id=run_id)
+        turn = StoredTurn(role="assistant", content="A" * 2000, token_count=1)
+        store.write_trajectory(
+            run_id, "gsm8k", StoredTrajectory(idx=0, benchmark="gsm8k", turns=[turn])
+        )
+        result = BenchmarkResult(name="gsm8k", score=0.5, num_examples=1, num_correct=1)
+        store.write_result(run_id, result)
+        store.write_summary(run_id, {"gsm8k": result})
+        store.finalize_run(run_id)
+
+
+def test_a_listing_without_catalog_reads_pending_runs_in_one_request(
+    cloud_env: dict[str, str], s3_server: SeaweedS3Server, unique_prefix: str, tmp_path: Path
+) -> None:
+    """The daemon's first pass over 20 finalized runs leaves every file in one tail object;
+    a reader that does not use the run catalog lists ``runs/`` through the tail log, then
+    finds every ``metadata.json`` pending in the tail and fetches their pieces in one
+    ranged GET (not 20): the same runs as the catalog's reader, in 4 requests."""
+    root = tmp_path / "root"
+    _finalized_runs(root, 20)
+    files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+    fields = {"name": "s3", "url": f"s3://{S3_BUCKET}/{unique_prefix}", "max_main_lag_s": 60.0}
+    settings = DestinationSettings.model_construct(**fields)  # type: ignore[arg-type]
+
+    async def first_pass() -> None:
+        storage = S3Storage(S3_BUCKET, unique_prefix, endpoint_url=s3_server.endpoint_url)
+        async with storage:
+            with Journal(tmp_path / "j.sqlite3", root) as journal:
+                d = Destination(settings, storage, journal, root, flush_interval_s=0.01)
+                for path in files:
+                    d.mark(path)
+                assert await d.run_pass()
+                assert d.shipper.behind == len(files)  # no main object yet: all in the tail
+
+    asyncio.run(first_pass())
+    with (
+        CountingProxy("127.0.0.1", s3_server.port) as proxy,
+        S3Storage(S3_BUCKET, unique_prefix, endpoint_url=proxy.url) as storage,
+    ):
+        with_catalog = [r.to_dict() for r in EvalStore(storage).list_runs()]
+        fresh = S3Storage(S3_BUCKET, unique_prefix, endpoint_url=proxy.url)
+        try:
+            proxy.reset()
+            without = [r.to_dict() for r in EvalStore(fresh, use_catalog=False).list_runs()]
+            cost = proxy.requests
+        finally:
+            fresh.close()
+    assert len(without) == 20 and without == with_catalog
+    # LIST runs/, LIST .evalsyncd/tail/, GET the tail header, GET the pieces of every
+    # metadata.json (side by side in the tail object's body)
+    assert cost == 4, cost
