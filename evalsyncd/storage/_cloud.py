@@ -392,7 +392,8 @@ class CloudStorage(ABC):
                     and at - last[2] <= PREFETCH_GAP_BYTES
                     and max(end, last[2]) - last[1] <= PREFETCH_SPAN_BYTES
                 ):
-                    spans[-1] = (seq, last[1], max(end, last[2]), [*last[3], piece])
+                    last[3].append(piece)
+                    spans[-1] = (seq, last[1], max(end, last[2]), last[3])
                 else:
                     spans.append((seq, at, end, [piece]))
         kept: list[tuple[int, int, int, list[Piece]]] = []

@@ -23,6 +23,7 @@ from evalsyncd.errors import (
     InvalidRequestError,
     ObjectNotFoundError,
     PermanentStorageError,
+    ServerBehaviourError,
     StorageError,
     TransientStorageError,
 )
@@ -34,6 +35,7 @@ __all__ = [
     "boundary",
     "error_code",
     "http_status",
+    "required_etag",
     "translate",
 ]
 
@@ -183,3 +185,21 @@ def boundary(url: str | None) -> Iterator[None]:
         yield
     except BOUNDARY as exc:
         raise translate(exc, url) from exc
+
+
+def required_etag(etag: object, status: object, url: str) -> str:
+    """The ETag of a ``PutObject`` answer (S3 always sends one; the journal keeps it as
+    the next ``If-Match``).
+
+    Raises:
+        ServerBehaviourError: the answer (HTTP ``status``) had none.
+    """
+    if not etag:
+        answer = f"HTTP {status} without an ETag"
+        raise ServerBehaviourError(
+            f"{url}: the server answered PutObject with {answer}",
+            url=url,
+            feature="PutObject",
+            answer=answer,
+        )
+    return str(etag)

@@ -76,7 +76,7 @@ from botocore.parsers import create_parser
 from botocore.utils import get_environ_proxies, percent_encode
 
 from evalsyncd.errors import PermanentStorageError, ServerBehaviourError, TransientStorageError
-from evalsyncd.storage._s3errors import error_code, translate
+from evalsyncd.storage._s3errors import error_code, required_etag, translate
 
 __all__ = ["MAX_BYTES", "LeanPut", "S3Client", "SigV4", "ca_bundle", "tls_context"]
 
@@ -124,10 +124,10 @@ class LeanPut:
         self._http = http
         self._user_agent = user_agent
         self._proxy, self._proxy_auth = proxy
-        split = urlsplit(base_url)
-        self._base_path = split.path
+        base = yarl.URL(base_url)
+        self._base_path = base.raw_path
         # As botocore signs it and aiohttp would send it: no default port (":443"), lower case.
-        self._signer = SigV4(region, str(yarl.URL(base_url).host_port_subcomponent))
+        self._signer = SigV4(region, str(base.host_port_subcomponent))
         self.sdk_retries = sdk_retries
         """Whether a failure goes to the SDK to be sent again (``False``: raised at once,
         translated, as the SDK would after its one attempt)."""
@@ -266,14 +266,7 @@ class LeanPut:
                 self.enabled = False
                 log.warning("s3_lean_put_off", url=url, answer=f"HTTP {status} {error_code(error)}")
             return None
-        etag = answer.get("ETag")
-        if not etag:  # the journal keeps it as the next If-Match
-            raise ServerBehaviourError(
-                f"{url}: the server answered PutObject with HTTP {status} without an ETag",
-                url=url,
-                feature="PutObject",
-                answer=f"HTTP {status} without an ETag",
-            )
+        etag = required_etag(answer.get("ETag"), status, url)
         echoed = answer.get("x-amz-checksum-crc32c")
         if echoed is not None and echoed != crc:
             raise ServerBehaviourError(
@@ -283,7 +276,7 @@ class LeanPut:
                 feature="PutObject checksum",
                 answer=f"CRC32C {echoed}, sent {crc}",
             )
-        return str(etag)
+        return etag
 
     def _fallback(self, url: str, why: str) -> None:
         self.fallbacks += 1

@@ -15,8 +15,15 @@ from typing import Any, Final
 import botocore.exceptions as bexc
 import structlog
 
-from evalsyncd.errors import BucketNotFoundError, ServerBehaviourError
-from evalsyncd.storage._s3errors import BOUNDARY, boundary, error_code, http_status, translate
+from evalsyncd.errors import BucketNotFoundError
+from evalsyncd.storage._s3errors import (
+    BOUNDARY,
+    boundary,
+    error_code,
+    http_status,
+    required_etag,
+    translate,
+)
 from evalsyncd.storage._s3put import MAX_BYTES, LeanPut
 
 __all__ = ["S3Requests"]
@@ -164,17 +171,8 @@ class S3Requests:
             resp = await client.put_object(
                 Bucket=self.bucket, Key=key, Body=data, ChecksumAlgorithm="CRC32C", **kwargs
             )
-        etag = resp.get("ETag")
-        if not etag:  # S3 always sends one; the journal keeps it as the next If-Match
-            status = resp.get("ResponseMetadata", {}).get("HTTPStatusCode", "?")
-            answer = f"HTTP {status} without an ETag"
-            raise ServerBehaviourError(
-                f"{url}: the server answered PutObject with {answer}",
-                url=url,
-                feature="PutObject",
-                answer=answer,
-            )
-        return str(etag)
+        status = resp.get("ResponseMetadata", {}).get("HTTPStatusCode", "?")
+        return required_etag(resp.get("ETag"), status, url)
 
     async def delete(self, client: Any, keys: list[str], url: str) -> None:
         """Delete objects (missing ones are fine): ``DeleteObject`` for one, else
