@@ -26,6 +26,17 @@ def run_closing(storage: Any, make: Callable[[], Awaitable[T]]) -> T:
     return asyncio.run(main())
 
 
+def lean_put_of(storage: Any) -> Any:
+    """The lean ``PutObject`` path of an ``S3Storage``'s client on the bridge loop, opened
+    (as the first small ``PutObject`` opens it), or ``None`` where the SDK sends all."""
+    from evalsyncd.storage._bridge import run_sync
+
+    async def opened() -> Any:
+        return await (await storage._client()).lean_put()
+
+    return run_sync(opened())
+
+
 def wait_for(
     condition: Callable[[], object],
     timeout_s: float = 30.0,

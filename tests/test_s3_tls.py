@@ -24,14 +24,13 @@ import yarl
 
 from evalsyncd.errors import PermanentStorageError, TransientStorageError
 from evalsyncd.storage import S3Storage
-from evalsyncd.storage._bridge import run_sync
 from evalsyncd.storage._s3put import LeanPut
 from evalsyncd.testing.proxy import LoopbackProxy
 from evalsyncd.testing.servers import SeaweedS3Server
 from evalsyncd.testing.tls import LoopbackCertificates, TlsProxy
 from tests.conftest import S3_BUCKET
 from tests.daemon import Daemon, wait_mirrored, write_config
-from tests.helpers import wait_for
+from tests.helpers import lean_put_of, wait_for
 from tests.opshelpers import evalsyncd as run_cli
 from tests.reliability import events
 
@@ -91,7 +90,7 @@ def test_lean_puts_and_the_sdks_requests_go_over_tls_with_the_ca_trusted(
         assert storage.read("runs/r/t.jsonl") == b'{"i": 0}\n{"i": 1}\n'
         assert storage.stat("runs/r/metadata.json").size == 15
         assert storage.list_dir("runs/r") == ["metadata.json", "t.jsonl"]
-        lean = run_sync(storage._client()).lean
+        lean = lean_put_of(storage)
         assert lean is not None and lean.enabled
         assert lean.base_url == f"{tls_proxy.url}/{S3_BUCKET}/"
         assert lean.fallbacks == 0
@@ -119,7 +118,7 @@ def test_an_untrusted_certificate_is_a_transient_error_naming_the_url(
     ) as storage:
         with pytest.raises(TransientStorageError) as info:
             storage.write("a.json", b"{}")
-        lean = run_sync(storage._client()).lean
+        lean = lean_put_of(storage)
         assert lean is not None and lean.enabled
         assert lean.fallbacks == (max_attempts > 1)
     message = str(info.value)
@@ -230,7 +229,7 @@ def test_the_lean_url_on_aws_is_the_regional_one_the_sdk_sends_to(
     for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):  # the test servers' (cloud_env)
         monkeypatch.delenv(name, raising=False)
     with S3Storage(bucket, "p", region=region) as storage:
-        lean = run_sync(storage._client()).lean
+        lean = lean_put_of(storage)
         assert lean is not None and lean.base_url == base_url and lean.region == region
 
 
@@ -249,12 +248,12 @@ def test_no_proxy_keeps_the_lean_path_direct_and_a_proxy_is_read_once(
     monkeypatch.setenv("NO_PROXY", "127.0.0.1")
     with S3Storage(S3_BUCKET, unique_prefix, endpoint_url=tls_proxy.url) as storage:
         storage.write("a.json", b"{}")
-        lean = run_sync(storage._client()).lean
+        lean = lean_put_of(storage)
         assert lean is not None and lean._proxy is None and lean.fallbacks == 0
     monkeypatch.delenv("NO_PROXY")
     monkeypatch.setenv("HTTPS_PROXY", "http://user:secret@proxy.invalid:3128")
     with S3Storage(S3_BUCKET, unique_prefix, endpoint_url=tls_proxy.url) as storage:
-        lean = run_sync(storage._client()).lean
+        lean = lean_put_of(storage)
         assert lean is not None
         assert lean._proxy == yarl.URL("http://proxy.invalid:3128")
         assert lean._proxy_auth is not None and lean._proxy_auth.login == "user"
@@ -317,7 +316,7 @@ def test_the_lean_path_goes_through_the_sdks_https_proxy(
             storage.write("a.json", b"{}")
             storage.append("b.jsonl", b"1\n", offset=0)
             assert storage.read("b.jsonl") == b"1\n"
-            lean = run_sync(storage._client()).lean
+            lean = lean_put_of(storage)
             assert lean is not None and lean.fallbacks == 0
             assert str(lean._proxy) == f"{form or 'http://'}127.0.0.1:{connect.port}"
     assert connect.tunnels and set(connect.tunnels) == {f"127.0.0.1:{tls_proxy.port}"}

@@ -24,7 +24,7 @@ from evalsyncd.storage._s3errors import (
     required_etag,
     translate,
 )
-from evalsyncd.storage._s3put import MAX_BYTES, LeanPut
+from evalsyncd.storage._s3put import MAX_BYTES, LeanPut, S3Client
 
 __all__ = ["S3Requests"]
 
@@ -151,13 +151,15 @@ class S3Requests:
         Returns:
             The new ETag.
         """
-        lean: LeanPut | None = getattr(client, "lean", None)
+        lean: LeanPut | None = None
         if (
-            lean is not None
-            and lean.enabled
+            isinstance(client, S3Client)
             and len(data) <= MAX_BYTES
             and kwargs.keys() <= _LEAN_KWARGS
         ):
+            with boundary(url):
+                lean = await client.lean_put()
+        if lean is not None and lean.enabled:
             etag = await lean.put(
                 key,
                 url,

@@ -62,7 +62,7 @@ from evalsyncd.storage._s3errors import boundary
 from evalsyncd.storage._s3multipart import MULTIPART_MIN_BYTES, MiB, append_multipart
 from evalsyncd.storage._s3put import LeanPut, S3Client
 from evalsyncd.storage._s3requests import S3Requests
-from evalsyncd.storage._s3session import new_session
+from evalsyncd.storage._s3session import new_session, tls_free
 
 __all__ = ["MULTIPART_MIN_BYTES", "AppendCache", "S3Storage"]
 
@@ -253,12 +253,19 @@ class S3Storage(CloudStorage):
             )
             sdk = await stack.enter_async_context(
                 session.create_client(
-                    "s3", endpoint_url=self.endpoint_url, region_name=region, config=config
+                    "s3",
+                    endpoint_url=self.endpoint_url,
+                    region_name=region,
+                    config=config,
+                    # no CA bundle to load for a plain-HTTP endpoint (a local server)
+                    verify=False if tls_free(self.endpoint_url) else None,
                 )
             )
-            lean = None
-            if self.lean_puts:
-                lean = await LeanPut.open(
+            if not self.lean_puts:
+                return S3Client(sdk)
+            return S3Client(
+                sdk,
+                lambda: LeanPut.open(
                     stack,
                     session,
                     sdk,
@@ -268,8 +275,8 @@ class S3Storage(CloudStorage):
                     max_connections=self.max_pool_connections,
                     user_agent=USER_AGENT,
                     sdk_retries=self.max_attempts > 1,
-                )
-            return S3Client(sdk, lean)
+                ),
+            )
 
     # -- keys ----------------------------------------------------------------------------
 
