@@ -21,7 +21,7 @@ import gc
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,15 +29,17 @@ import pytest
 from botocore.loaders import JSONFileLoader
 
 from evalsyncd.cli import _gc_held_until_ready
-from evalsyncd.config import DestinationSettings
+from evalsyncd.config import DestinationSettings, RetrySettings
 from evalsyncd.storage import GCSStorage, S3Storage
+from evalsyncd.storage._bridge import run_sync
 from evalsyncd.storage._loaded import is_gcs, is_s3
-from evalsyncd.storage._s3session import new_session
+from evalsyncd.storage._s3session import new_session, tls_free
 from evalsyncd.storage.memory import MemoryStorage
 from evalsyncd.store import BenchmarkResult, EvalStore, StoredTrajectory, StoredTurn
-from evalsyncd.sync.destination import Destination
+from evalsyncd.sync.destination import Destination, DestinationState
 from evalsyncd.sync.journal import Journal
-from evalsyncd.sync.tailmode import _under_any
+from evalsyncd.sync.owner import Owner
+from evalsyncd.sync.tailmode import TailShipper, _under_any
 from evalsyncd.testing.proxy import CountingProxy
 from evalsyncd.testing.servers import SeaweedS3Server
 
@@ -107,6 +109,56 @@ def test_sessions_share_service_data_never_settings(monkeypatch: pytest.MonkeyPa
     other = new_session()
     assert other.get_component("data_loader") is not first.get_component("data_loader")
     assert "/nonexistent-evalsyncd-data-path" in other.get_component("data_loader").search_paths
+
+
+def test_a_readers_client_builds_no_lean_put_path_and_loads_no_ca_bundle(
+    cloud_env: dict[str, str],
+    s3_server: SeaweedS3Server,
+    unique_prefix: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A client that only reads never builds the lean ``PutObject`` path (it is opened by
+    the first small ``PutObject``), and a client of a plain-HTTP endpoint loads no CA
+    bundle (no request to it can use TLS), while the bundle it would load is unreadable."""
+    monkeypatch.setenv("AWS_CA_BUNDLE", "/nonexistent/evalsyncd-ca.pem")
+    with S3Storage(S3_BUCKET, unique_prefix, endpoint_url=s3_server.endpoint_url) as storage:
+        assert storage.list_dir("") == []
+        assert run_sync(storage._client()).lean is None
+        storage.write("runs/r/metadata.json", b"{}")
+        lean = run_sync(storage._client()).lean
+        assert lean is not None and lean.fallbacks == 0
+        assert storage.read("runs/r/metadata.json") == b"{}"
+
+
+@pytest.mark.parametrize(
+    ("url", "proxy", "no_proxy", "expected"),
+    [
+        ("http://127.0.0.1:8333", None, None, True),
+        ("HTTP://minio.internal:9000", None, None, True),
+        ("https://127.0.0.1:8333", None, None, False),
+        (None, None, None, False),  # AWS itself: https
+        ("http://minio.internal:9000", "http://proxy:3128", None, False),
+        ("http://minio.internal:9000", "https://proxy:3128", None, False),
+        ("http://minio.internal:9000", "http://proxy:3128", "minio.internal", True),
+    ],
+)
+def test_a_client_needs_no_ca_bundle_only_without_tls_anywhere(
+    monkeypatch: pytest.MonkeyPatch,
+    url: str | None,
+    proxy: str | None,
+    no_proxy: str | None,
+    expected: bool,
+) -> None:
+    """``tls_free``: a plain-HTTP endpoint that no proxy of the environment applies to
+    (``HTTP_PROXY``, ``NO_PROXY``, as botocore reads them); an ``https://`` proxy in front
+    of a plain endpoint is verified with the bundle."""
+    for name in ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    if proxy is not None:
+        monkeypatch.setenv("HTTP_PROXY", proxy)
+    if no_proxy is not None:
+        monkeypatch.setenv("NO_PROXY", no_proxy)
+    assert tls_free(url) is expected
 
 
 def test_backend_checks_import_no_sdk(
@@ -267,3 +319,168 @@ def test_a_listing_without_catalog_reads_pending_runs_in_one_request(
     # LIST runs/, LIST .evalsyncd/tail/, GET the tail header, GET the pieces of every
     # metadata.json (side by side in the tail object's body)
     assert cost == 4, cost
+
+
+# -- the server check and the first pass --------------------------------------------------
+
+
+def _recorded(storage: MemoryStorage, events: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Record in ``events``, in order, each file the tail shipper stages (``plan <path>``)
+    and each write ``storage`` is asked for (``write <key or path> <bytes>``)."""
+    plan = TailShipper.plan
+
+    async def planned(self: TailShipper, path: str) -> Any:
+        events.append(f"plan {path}")
+        return await plan(self, path)
+
+    monkeypatch.setattr(TailShipper, "plan", planned)
+    for name in ("awrite", "aappend", "aremove", "_internal_put"):
+        method = getattr(storage, name)
+
+        def recording(*args: Any, _method: Any = method, **kwargs: Any) -> Any:
+            data = next((a for a in args if isinstance(a, bytes)), b"")
+            events.append(f"write {args[0]} {len(data)}")
+            return _method(*args, **kwargs)
+
+        monkeypatch.setattr(storage, name, recording)
+
+
+def _until_listed(
+    d: Destination, storage: MemoryStorage, runs: int, first: Callable[[], bool] = lambda: True
+) -> Any:
+    """Run ``d`` until ``first()`` holds, then until a fresh reader of ``storage`` (whose
+    requests meet the bucket's faults too) lists ``runs`` runs; then stop it."""
+
+    async def run() -> None:
+        task = asyncio.create_task(d.run())
+        for _ in range(600):
+            if first():
+                break
+            await asyncio.sleep(0.01)
+        reader = MemoryStorage(storage.bucket, storage.prefix)
+        for _ in range(600):
+            if len(await EvalStore(reader).alist_runs()) == runs:
+                break
+            await asyncio.sleep(0.01)
+        d.stop()
+        await task
+
+    return run()
+
+
+def test_the_first_pass_stages_while_the_claim_runs_and_writes_after_it(
+    memory_storage: MemoryStorage, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A claim that takes 0.3 s per request (read, create, read back): the first pass reads
+    the tail log and stages every file meanwhile, and the first write of all is the claim;
+    then one tail object makes every run listable."""
+    root = tmp_path / "root"
+    _finalized_runs(root, 5)
+    files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+    events: list[str] = []
+    _recorded(memory_storage, events, monkeypatch)
+    memory_storage.faults.delay("internal_get", 0.3)  # the claim's reads (a fresh prefix)
+    fields = {"name": "mem", "url": memory_storage.url(), "max_main_lag_s": 60.0}
+    settings = DestinationSettings.model_construct(**fields)  # type: ignore[arg-type]
+
+    async def scenario() -> None:
+        with Journal(tmp_path / "j.sqlite3", root) as journal:
+            owner = Owner(memory_storage, journal.writer_id(), "mem")
+            d = Destination(
+                settings, memory_storage, journal, root, flush_interval_s=0.01, owner=owner
+            )
+            for path in files:
+                d.mark(path)
+            await _until_listed(d, memory_storage, 5)
+            assert d.stats.failures == {}
+
+    asyncio.run(scenario())
+    writes = [e for e in events if e.startswith("write ")]
+    assert writes[0].split()[1].endswith("/.evalsyncd/owner.json"), writes
+    staged = {e.removeprefix("plan ") for e in events[: events.index(writes[0])]}
+    assert staged == set(files)  # all staged before the claim was even created
+    assert "/.evalsyncd/tail/" in writes[1].split()[1], writes
+
+
+def test_a_failed_claim_fails_the_first_pass_once_and_nothing_is_staged_twice(
+    memory_storage: MemoryStorage, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The claim's first read fails (an outage at start) while the first pass stages: the
+    pass writes nothing and the failure is counted once (the check's, which the pass waited
+    for); the check runs again after the backoff, and the files the failed pass staged go
+    out once, in one tail object: every file reads back as it is on disk."""
+    root = tmp_path / "root"
+    _finalized_runs(root, 5)
+    files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+    events: list[str] = []
+    _recorded(memory_storage, events, monkeypatch)
+    memory_storage.faults.delay("internal_get", 0.1, times=1)  # staging starts first
+    memory_storage.faults.fail("internal_get", times=1)
+    fields = {
+        "name": "mem",
+        "url": memory_storage.url(),
+        "max_main_lag_s": 60.0,
+        "retry": RetrySettings(initial_backoff_s=0.01, max_backoff_s=0.02),
+    }
+    settings = DestinationSettings.model_construct(**fields)  # type: ignore[arg-type]
+
+    async def scenario() -> None:
+        with Journal(tmp_path / "j.sqlite3", root) as journal:
+            owner = Owner(memory_storage, journal.writer_id(), "mem")
+            d = Destination(
+                settings, memory_storage, journal, root, flush_interval_s=0.01, owner=owner
+            )
+            for path in files:
+                d.mark(path)
+            await _until_listed(d, memory_storage, 5, first=lambda: bool(d.stats.failures))
+            assert d.stats.failures == {"TransientStorageError": 1}
+
+    asyncio.run(scenario())
+    writes = [e for e in events if e.startswith("write ")]
+    assert writes[0].split()[1].endswith("/.evalsyncd/owner.json"), writes
+    assert sum(e.startswith("plan ") for e in events[: events.index(writes[0])]) >= len(files)
+    # the first tail object holds each file's bytes once (what the failed pass staged was
+    # dropped), plus its header
+    tails = [int(w.split()[2]) for w in writes if "/.evalsyncd/tail/" in w.split()[1]]
+    local = sum((root / path).stat().st_size for path in files)
+    assert local < tails[0] < 1.5 * local, (tails, local)
+    reader = MemoryStorage(memory_storage.bucket, memory_storage.prefix)
+    for path in files:
+        assert reader.read(path) == (root / path).read_bytes(), path
+
+
+def test_another_daemons_prefix_gets_nothing_from_a_first_pass_that_staged(
+    memory_storage: MemoryStorage, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another daemon's claim on the prefix: the first pass stages (the check runs
+    meanwhile), then parks with ``PrefixOwnedError``; nothing is written."""
+    root = tmp_path / "root"
+    _finalized_runs(root, 3)
+    files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+    asyncio.run(Owner(memory_storage, "another-writer", "mem").ensure())
+    events: list[str] = []
+    _recorded(memory_storage, events, monkeypatch)
+    fields = {"name": "mem", "url": memory_storage.url(), "max_main_lag_s": 60.0}
+    settings = DestinationSettings.model_construct(**fields)  # type: ignore[arg-type]
+
+    async def scenario() -> None:
+        with Journal(tmp_path / "j.sqlite3", root) as journal:
+            owner = Owner(memory_storage, journal.writer_id(), "mem")
+            d = Destination(
+                settings, memory_storage, journal, root, flush_interval_s=0.01, owner=owner
+            )
+            for path in files:
+                d.mark(path)
+            task = asyncio.create_task(d.run())
+            for _ in range(500):
+                if d.state is DestinationState.PARKED:
+                    break
+                await asyncio.sleep(0.01)
+            d.stop()
+            await task
+            assert d.state is DestinationState.PARKED
+            assert d.last_error is not None and d.last_error.startswith("PrefixOwnedError")
+
+    asyncio.run(scenario())
+    assert not [e for e in events if e.startswith("write ")], events
+    assert any(e.startswith("plan ") for e in events)

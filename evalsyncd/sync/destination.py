@@ -214,36 +214,72 @@ class Destination(Scheduler):
         self.ctx.meter.on_upload = hook
 
     async def run(self) -> None:
-        """Probe the server (a step before the first pass), then run the scheduler's passes
-        until :meth:`stop`. A probe that could not run (an unreachable server) is retried
-        with the destination's backoff before each pass, and nothing ships until it ran."""
+        """Run the scheduler's passes until :meth:`stop`, after the server check.
+
+        The check (:meth:`_check_server`: the claim, the probe, a reap) runs while
+        the first passes read the tail log and stage files: every write waits for it
+        (:meth:`Context.ensure_owner`), so nothing is written on a prefix this
+        daemon does not own, or to a server the probe finds unusable, as when the
+        check came first, and a start spends the check's round trips staging. A
+        check that could not run (an unreachable server) fails the pass that waits
+        for it, or is recorded on its own when no pass wrote meanwhile (BACKOFF); it
+        is then tried again with the destination's backoff before each pass, and
+        nothing ships until it ran.
+        """
         self._server_pending = True
-        await self._know_server()
-        await super().run()
+        check = self.ctx.check = asyncio.ensure_future(self._checked())
+        try:
+            await super().run()
+        finally:
+            self.ctx.check = None
+            if not check.done():
+                check.cancel()
+
+    async def _checked(self) -> StorageError | None:
+        """:meth:`_check_server`, its failure recorded (the gate's result; see :meth:`run`)."""
+        try:
+            await self._check_server()
+        except StorageError as exc:
+            self._on_failure(exc, permanent=isinstance(exc, PermanentStorageError))  # wakes
+            return exc
+        return None
 
     async def run_pass(self) -> bool:
         """See :meth:`Scheduler.run_pass`; while the server probe has not run (the server
         was unreachable), first wait for :attr:`retry_at` and probe again: a probe that
         fails again is a failed pass (BACKOFF, retried with the backoff)."""
+        check = self.ctx.check
+        if check is not None and check.done():
+            self.ctx.check = None  # the start's check is over: recorded, if it failed
+        elif check is not None:
+            return await super().run_pass()  # writes wait for the check
         if self._server_pending and not self._stopping.is_set():
             await self._sleep(self.retry_at - self.clock())
-            if self._stopping.is_set() or not await self._know_server():
+            if self._stopping.is_set():
+                return False
+            try:
+                await self._check_server()
+            except StorageError as exc:
+                self._on_failure(exc, permanent=isinstance(exc, PermanentStorageError))
                 return False
         return await super().run_pass()
 
-    async def _know_server(self) -> bool:
-        """Probe the server (:func:`evalsyncd.storage.probe.aadapt`): fallbacks are set
-        and logged; a server without a required feature parks the destination; a probe
-        that found no server (an outage, a timeout) puts the destination in BACKOFF and
-        is tried again before the next pass (:meth:`run_pass`); a probe refused for good
-        (a permission the probe needs) is logged and the daemon goes on (every append
-        still checks its post-condition). After a probe, remove old leftovers of failed
+    async def _check_server(self) -> None:
+        """Claim the prefix, probe the server (:func:`evalsyncd.storage.probe.aadapt`):
+        fallbacks are set and logged. After a probe, remove old leftovers of failed
         cleanups (:func:`evalsyncd.storage.reap.areap`), best effort. Only on a prefix
         this daemon owns: the probe writes under ``.evalsyncd/probe/``.
 
-        Returns:
-            Whether the pass may go on (``False``: the failure is recorded, see
-            :attr:`retry_at`).
+        A probe refused for good (a permission the probe needs) is logged and the
+        daemon goes on (every append still checks its post-condition). Another
+        daemon's prefix, or a claim refused for good, is no failure of the check:
+        the pass that writes meets it and reports it (:meth:`Context.ensure_owner`).
+
+        Raises:
+            ServerBehaviourError: the server lacks a required feature (the
+                destination parks).
+            TransientStorageError: the claim or the probe found no server (an
+                outage, a timeout); tried again before the next pass.
         """
         from evalsyncd.storage.probe import aadapt
         from evalsyncd.storage.reap import areap
@@ -252,30 +288,26 @@ class Destination(Scheduler):
             try:
                 await self.owner.ensure()
             except PrefixOwnedError:
-                return True  # another daemon's prefix: the pass reports it (and writes nothing)
+                return  # another daemon's prefix: the pass reports it (and writes nothing)
             except StorageError as exc:
                 if isinstance(exc, PermanentStorageError):
-                    return True  # the pass meets and reports it
-                self._on_failure(_probe_error(self.storage, exc), permanent=False)
-                return False
+                    return  # the pass meets and reports it
+                raise _probe_error(self.storage, exc) from exc
         try:
             async with asyncio.timeout(_PROBE_TIMEOUT_S):  # an unreachable server: retried
                 await aadapt(self.storage)
-        except ServerBehaviourError as exc:
-            self._on_failure(exc, permanent=True)
-            return False
+        except ServerBehaviourError:
+            raise
         except PermanentStorageError as exc:
             log.warning("server_probe_failed", destination=self.name, error=repr(exc))
         except (StorageError, TimeoutError) as exc:
-            self._on_failure(_probe_error(self.storage, exc), permanent=False)
-            return False
+            raise _probe_error(self.storage, exc) from exc
         self._server_pending = False
         try:
             async with asyncio.timeout(_PROBE_TIMEOUT_S):
                 await areap(self.storage, min_age_s=self.settings.reap_min_age_s)
         except (StorageError, TimeoutError) as exc:
             log.warning("leftovers_not_removed", destination=self.name, error=repr(exc))
-        return True
 
     async def throttle(self, nbytes: int) -> None:
         """Wait until ``nbytes`` may be sent under ``max_upload_bytes_per_s``."""

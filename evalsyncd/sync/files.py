@@ -20,6 +20,7 @@ comes after every ``metadata.json``.
 from __future__ import annotations
 
 import enum
+import functools
 import os
 import stat as stat_mod
 from collections.abc import Iterator
@@ -50,8 +51,10 @@ class FileKind(enum.Enum):
     """never uploaded."""
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def classify(relpath: str) -> FileKind:
-    """The kind of a file, from its relative POSIX path alone."""
+    """The kind of a file, from its relative POSIX path alone (cached: a pass asks
+    for each file's kind several times)."""
     parts = relpath.split("/")
     if any(p.startswith(".") for p in parts):
         return FileKind.IGNORED

@@ -122,7 +122,7 @@ def read_lines(fd: int, offset: int, size: int, chunk_bytes: int) -> bytes:
     return b""
 
 
-def read_stable(full: Path, st: os.stat_result) -> bytes | None:
+def read_stable(full: str | Path, st: os.stat_result) -> bytes | None:
     """The whole file, or None if it changed (size, mtime or inode) while being read."""
     with open(full, "rb") as f:
         data = f.read()

@@ -11,9 +11,8 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import traceback
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable
 from typing import TypeVar
 
 import structlog
@@ -21,7 +20,7 @@ import structlog
 from evalsyncd.errors import PermanentStorageError, StorageError
 from evalsyncd.sync.files import phase_of
 
-__all__ = ["ByteBudget", "by_phase", "log_failure", "release_frames", "worst_error"]
+__all__ = ["ByteBudget", "Held", "by_phase", "log_failure", "release_frames", "worst_error"]
 
 T = TypeVar("T")
 log = structlog.get_logger("evalsyncd.sync")
@@ -106,17 +105,49 @@ class ByteBudget:
         self.limit = limit
         self.free = limit
         self._cond = asyncio.Condition()
+        self._waiting = 0  # holders waiting for bytes to come free
 
-    @contextlib.asynccontextmanager
-    async def hold(self, n: int) -> AsyncIterator[None]:
-        """Hold ``n`` bytes of the budget (at least 1, at most ``limit``) while inside."""
-        n = min(max(n, 1), self.limit)
-        async with self._cond:
-            await self._cond.wait_for(lambda: self.free >= n)
+    def hold(self, n: int) -> Held:
+        """Hold ``n`` bytes of the budget (at least 1, at most ``limit``) while inside
+        (``async with budget.hold(n):``).
+
+        First come, first served: while anyone waits, a new holder waits too. With
+        nobody waiting and the bytes free (every small file of a backfill), no lock
+        is taken.
+        """
+        return Held(self, min(max(n, 1), self.limit))
+
+    async def _take(self, n: int) -> None:
+        if self._waiting or self.free < n:
+            self._waiting += 1
+            try:
+                async with self._cond:
+                    await self._cond.wait_for(lambda: self.free >= n)
+                    self.free -= n
+            finally:
+                self._waiting -= 1
+        else:
             self.free -= n
-        try:
-            yield
-        finally:
+
+    async def _give(self, n: int) -> None:
+        self.free += n
+        if self._waiting:
             async with self._cond:
-                self.free += n
                 self._cond.notify_all()
+
+
+class Held:
+    """``n`` bytes of a :class:`ByteBudget`, held inside ``async with`` (see
+    :meth:`ByteBudget.hold`; a class, not a generator: one per file of a pass)."""
+
+    __slots__ = ("_budget", "_n")
+
+    def __init__(self, budget: ByteBudget, n: int) -> None:
+        self._budget = budget
+        self._n = n
+
+    async def __aenter__(self) -> None:
+        await self._budget._take(self._n)
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._budget._give(self._n)

@@ -29,13 +29,12 @@ parses (reported after ``invalid_json_grace_s``), any other file once quiet for
 
 from __future__ import annotations
 
-import contextlib
 import enum
 import json
 import math
 import os
 import stat
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +51,7 @@ __all__ = [
     "Do",
     "FileFacts",
     "MainFacts",
+    "Observation",
     "Observed",
     "Policy",
     "in_place_soon",
@@ -307,9 +307,9 @@ class Observed:
 Hold = Callable[[int], AbstractAsyncContextManager[None]]
 
 
-@contextlib.asynccontextmanager
-async def observe(root: Path, path: str, row: Entry | None, hold: Hold) -> AsyncIterator[Observed]:
-    """Look at ``root / path`` as :func:`plan` needs it, reading no more than it must.
+def observe(root: Path, path: str, row: Entry | None, hold: Hold) -> Observation:
+    """Look at ``root / path`` as :func:`plan` needs it, reading no more than it must
+    (``async with observe(...) as seen:``, ``seen`` an :class:`Observed`).
 
     A file that is gone, not regular, or unchanged since ``row`` is only
     stat'ed. An append-only file is opened (``O_NOFOLLOW``) and, with a live
@@ -318,34 +318,57 @@ async def observe(root: Path, path: str, row: Entry | None, hold: Hold) -> Async
     budget while the context is open. Local errors become facts (a missing
     file, :attr:`FileFacts.error`), never exceptions.
     """
-    try:
-        seen = _look(root, path, row)
-    except FileNotFoundError:
-        seen = Observed(FileFacts(path, None))
-    except OSError as exc:
-        seen = Observed(FileFacts(path, None, error=str(exc)))
-    if seen.fd is not None:
+    return Observation(root, path, row, hold)
+
+
+class Observation:
+    """The context of :func:`observe` (a class, not a generator: one per file of a pass):
+    the file stays open, or its bytes held, until the context exits."""
+
+    __slots__ = ("_held", "_hold", "_path", "_root", "_row", "_seen")
+
+    def __init__(self, root: Path, path: str, row: Entry | None, hold: Hold) -> None:
+        self._root, self._path, self._row, self._hold = root, path, row, hold
+        self._seen: Observed | None = None
+        self._held: AbstractAsyncContextManager[None] | None = None
+
+    async def __aenter__(self) -> Observed:
+        path, row = self._path, self._row
         try:
-            yield seen
-        finally:
-            os.close(seen.fd)
-        return
-    st = seen.facts.st
-    if (
-        st is None
-        or seen.facts.kind is not FileKind.REPLACE
-        or not stat.S_ISREG(st.st_mode)
-        or (row is not None and row.unchanged(st))
-    ):
-        yield seen
-        return
-    async with hold(st.st_size):
-        yield await _read_whole(root / path, path, st)
+            seen = self._seen = _look(self._root, path, row)
+        except FileNotFoundError:
+            return Observed(FileFacts(path, None))
+        except OSError as exc:
+            return Observed(FileFacts(path, None, error=str(exc)))
+        st = seen.facts.st
+        if (
+            seen.fd is not None
+            or st is None
+            or seen.facts.kind is not FileKind.REPLACE
+            or not stat.S_ISREG(st.st_mode)
+            or (row is not None and row.unchanged(st))
+        ):
+            return seen
+        held = self._hold(st.st_size)
+        await held.__aenter__()
+        self._held = held
+        try:
+            return await _read_whole(os.path.join(self._root, path), path, st)
+        except BaseException:
+            self._held = None
+            await held.__aexit__(None, None, None)
+            raise
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._seen is not None and self._seen.fd is not None:
+            os.close(self._seen.fd)
+        if self._held is not None:
+            await self._held.__aexit__(None, None, None)
 
 
 def _look(root: Path, path: str, row: Entry | None) -> Observed:
     """lstat, and for an append-only file that needs a look, open it and check its row."""
-    full = root / path
+    full = os.path.join(root, path)  # not root / path: a Path per file costs more than the stat
     st = os.stat(full, follow_symlinks=False)
     kind = classify(path)
     if (
@@ -364,7 +387,7 @@ def _look(root: Path, path: str, row: Entry | None) -> Observed:
     return Observed(FileFacts(path, st, divergence=reason), fd=fd)
 
 
-async def _read_whole(full: Path, path: str, st: os.stat_result) -> Observed:
+async def _read_whole(full: str, path: str, st: os.stat_result) -> Observed:
     """The facts of a replace-on-write file, from its whole content."""
     try:
         data = await blocking(st.st_size, read_stable, full, st)

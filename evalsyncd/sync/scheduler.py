@@ -140,6 +140,7 @@ class Scheduler:
         self.wall = wall
         self.state = DestinationState.HEALTHY
         self.last_error: str | None = None
+        self._recorded: BaseException | None = None  # the failure recorded last
         self.retry_at = 0.0
         """Monotonic time before which no pass starts (after a failure), seconds."""
         self._meter = meter
@@ -380,7 +381,14 @@ class Scheduler:
             self._wake.set()
 
     def _on_failure(self, exc: BaseException, *, permanent: bool) -> None:
-        """Record a failed pass: BACKOFF or PARKED until :attr:`retry_at` (no sleep here)."""
+        """Record a failed pass: BACKOFF or PARKED until :attr:`retry_at` (no sleep here).
+
+        One failure is recorded once, however many report it: the error of a check
+        that a pass waited for (``Destination.run``) comes back as that pass's error.
+        """
+        if exc is self._recorded:
+            return
+        self._recorded = exc
         release_frames(exc)
         kind = type(exc).__name__
         self._failures_by_kind[kind] = self._failures_by_kind.get(kind, 0) + 1

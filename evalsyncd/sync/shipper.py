@@ -23,9 +23,8 @@ shipper's :class:`Sender` methods.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Generic, Protocol, TypeVar
@@ -38,12 +37,13 @@ from evalsyncd.storage import Backend
 from evalsyncd.sync.journal import Entry, EntryStatus, Journal
 from evalsyncd.sync.lines import blocking, new_entry, read_lines, seen_as
 from evalsyncd.sync.owner import Owner
-from evalsyncd.sync.passes import ByteBudget, log_failure
+from evalsyncd.sync.passes import ByteBudget, Held, log_failure
 from evalsyncd.sync.plan import NEW_FILE, Action, Do, Observed, Policy, plan
 
 __all__ = [
     "Batch",
     "Context",
+    "Delta",
     "Meter",
     "NotReady",
     "Outcome",
@@ -93,6 +93,29 @@ class Meter:
             self.on_upload(self.name, op, nbytes, duration_s)
 
 
+class Delta:
+    """The context of :meth:`Context.read_delta` (a class, not a generator: one per file
+    of a pass): the bytes read, their size held of the byte budget until it exits."""
+
+    __slots__ = ("_args", "_held")
+
+    def __init__(self, held: Held, fd: int, start: int, size: int, room: int) -> None:
+        self._held = held
+        self._args = (fd, start, size, room)
+
+    async def __aenter__(self) -> bytes:
+        fd, start, size, room = self._args
+        await self._held.__aenter__()
+        try:
+            return await blocking(size - start, read_lines, fd, start, size, room)
+        except BaseException:
+            await self._held.__aexit__(None, None, None)
+            raise
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._held.__aexit__(None, None, None)
+
+
 @dataclass
 class Context:
     """What both shippers of one destination work with.
@@ -112,6 +135,10 @@ class Context:
         wall: Unix time, seconds (compared with file mtimes; recorded in the journal).
         owner: the prefix's claim (:mod:`evalsyncd.sync.owner`), checked before a
             shipper writes and when a write conflicts; ``None``: not checked.
+        check: the destination's server check while it runs (the claim and the probe,
+            ``Destination.run``): its result is the error it recorded, or ``None``.
+            Shippers read and stage meanwhile; every write waits for it
+            (:meth:`ensure_owner`).
     """
 
     name: str
@@ -126,6 +153,7 @@ class Context:
     clock: Callable[[], float] = time.monotonic
     wall: Callable[[], float] = time.time
     owner: Owner | None = None
+    check: asyncio.Future[StorageError | None] | None = None
     meter: Meter = field(init=False)
     sem: asyncio.Semaphore = field(init=False)
     _limiter: AsyncLimiter | None = field(init=False)
@@ -138,12 +166,18 @@ class Context:
         )
 
     async def ensure_owner(self) -> None:
-        """Return when this daemon owns the prefix (no request between rechecks).
+        """Return when this daemon owns the prefix (no request between rechecks) and the
+        server check (:attr:`check`), if one runs, passed: the call before a write.
 
         Raises:
             PrefixOwnedError: another daemon owns it: write nothing.
-            StorageError: the claim could not be read or created.
+            StorageError: the claim could not be read or created, or the server check
+                failed (the error it recorded).
         """
+        if self.check is not None:
+            error = await asyncio.shield(self.check)
+            if error is not None:
+                raise error
         if self.owner is not None:
             await self.owner.ensure()
 
@@ -162,10 +196,10 @@ class Context:
             await self._limiter.acquire(step)
             nbytes -= step
 
-    @contextlib.asynccontextmanager
-    async def read_delta(self, fd: int, start: int, size: int, room: int) -> AsyncIterator[bytes]:
+    def read_delta(self, fd: int, start: int, size: int, room: int) -> Delta:
         """The complete lines of ``fd`` from ``start`` (at most ``room`` bytes unless one line
-        is longer; ``b""``: none), holding their size of the byte budget while inside.
+        is longer; ``b""``: none), holding their size of the byte budget while inside
+        (``async with ctx.read_delta(...) as data:``).
 
         Args:
             fd: the append-only file, open for reading.
@@ -173,8 +207,7 @@ class Context:
             size: the file's size when it was observed, bytes.
             room: most bytes wanted.
         """
-        async with self.budget.hold(min(size - start, room)):
-            yield await blocking(size - start, read_lines, fd, start, size, room)
+        return Delta(self.budget.hold(min(size - start, room)), fd, start, size, room)
 
     async def timed_write(self, path: str, data: bytes, offset: int, op: str) -> str | None:
         """One write (``op="write"``, at offset 0) or append (``"append"``) of ``data``,

@@ -94,6 +94,7 @@ class PublishCatalog:
         catalog = build_catalog(entries, tail=at)
         if catalog == self._sent:
             return
+        await ctx.ensure_owner()
         await ctx.throttle(len(catalog))
         await ctx.storage.awrite_internal(CATALOG_NAME, catalog)
         self._sent, self._sent_entries, self._sent_at = catalog, plain, at

@@ -38,6 +38,7 @@ longer exist locally are written to their main objects from the tail's bytes.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 from dataclasses import dataclass, replace
@@ -62,6 +63,11 @@ from evalsyncd.sync.shipper import Batch, Context, Outcome, dispatch, settle
 __all__ = ["DIRECT", "Staged", "TailShipper"]
 
 log = structlog.get_logger("evalsyncd.sync")
+
+_YIELD_EVERY = 32
+"""Files staged between two yields to the event loop: staging thousands of files (a
+backfill) is CPU work that would otherwise hold the loop (the requests of the server
+check, the watcher) for a tenth of a second and more."""
 
 DIRECT: Final = object()
 """Plan outcome: sync this file on its own (straight to its main object)."""
@@ -127,6 +133,8 @@ class TailShipper:
         """
         ctx = self.ctx
         index = await self.writer.open()
+        if index.files:
+            await ctx.ensure_owner()  # reconciling writes (see _ship)
         rows = ctx.journal.entries(ctx.name)
         reset: list[str] = []
         removed: list[str] = []
@@ -241,7 +249,6 @@ class TailShipper:
         self.chunk_bytes = self.files.chunk_bytes = batch.chunk_bytes
         reset: list[str] = []
         try:
-            await self.ctx.ensure_owner()  # another daemon's prefix: write nothing
             await self._ship(batch, outcome, reset)
         except StorageError as exc:
             outcome.error = exc
@@ -258,15 +265,26 @@ class TailShipper:
         """One pass; ``reset`` receives the files recovery asks to stage again."""
         ctx = self.ctx
         if not self._opened:
-            reset += await self.open()
+            try:
+                reset += await self.open()
+            except StorageError:
+                await ctx.ensure_owner()  # another daemon's prefix is reported as such
+                raise
         # a tail object whose answer was lost is what readers see: adopt its index, and
         # stage its files again (their entries stay until then)
         lost = sorted(await self.writer.settle())
         self._restage.update(lost)
         reset += lost
+        # Nothing is written before ctx.ensure_owner() (another daemon's prefix, the server
+        # check at start). Staging writes only for a file the index names (an empty main
+        # object): with an empty index, files are staged first, the check runs meanwhile.
+        if self.writer.index.files or self.writer.dirty or reset:
+            await ctx.ensure_owner()
         staged: list[Staged] = []
         direct: list[str] = []
-        for path in sorted(dict.fromkeys([*batch.paths, *reset]), key=phase_of):
+        for i, path in enumerate(sorted(dict.fromkeys([*batch.paths, *reset]), key=phase_of)):
+            if i % _YIELD_EVERY == _YIELD_EVERY - 1:
+                await asyncio.sleep(0)  # the loop's other work (the server check at start) goes on
             if self.writer.staged_bytes >= self.chunk_bytes:
                 outcome.again[path] = True  # one tail object per chunk: the rest comes next
                 continue
@@ -287,6 +305,12 @@ class TailShipper:
             # a run's metadata.json changes outside the tail: a marked object first, so
             # that no reader takes the run catalog for complete meanwhile (catalog.py)
             self.writer.mark(CATALOG_MARK)
+        if staged or direct or self.writer.dirty:
+            try:
+                await ctx.ensure_owner()
+            except BaseException:
+                self.writer.discard()  # nothing staged was sent: the next pass stages it again
+                raise
         if staged or self.writer.dirty:
             await self.commit(staged)
             for s in staged:
@@ -340,7 +364,7 @@ class TailShipper:
             return DIRECT
         if kind is FileKind.REPLACE and self.writer.current(path) is None:
             with contextlib.suppress(OSError):
-                big = os.stat(ctx.root / path, follow_symlinks=False)
+                big = os.stat(os.path.join(ctx.root, path), follow_symlinks=False)
                 if big.st_size >= ctx.direct_append_bytes and not (row and row.unchanged(big)):
                     return DIRECT  # a large file is sent whole to its main object, not staged
         async with observe(ctx.root, path, row, ctx.budget.hold) as seen:
