@@ -25,6 +25,7 @@ from evalsyncd.storage.probe import FEATURES, probe
 from evalsyncd.testing.servers import MotoS3Server, S3Server, SeaweedS3Server
 from tests.conftest import S3_BUCKET
 from tests.faultproxy import FaultProxy, Rule
+from tests.helpers import lean_put_of
 from tests.opshelpers import evalsyncd
 
 MiB = 1024 * 1024
@@ -188,6 +189,11 @@ def test_concurrent_large_appends_never_mix_and_report_by_server(
             f"{s3_any.name} ignores If-Match on CompleteMultipartUpload: {len(winners)} appends "
             "were acknowledged (each saw its own ETag in the post-condition HEAD before the next "
             "Complete replaced it)"
+        )
+    if len(winners) != 1 and not s3_any.atomic_if_match_on_complete:
+        pytest.xfail(
+            f"{s3_any.name} checks If-Match on CompleteMultipartUpload, then replaces the "
+            f"object: {len(winners)} concurrent Completes passed the check (docs/design.md §11)"
         )
     assert len(winners) == 1, outcomes
     assert final == base + f'{{"w": {winners[0]}}}\n'.encode()
@@ -386,7 +392,7 @@ def test_a_small_put_the_lean_path_could_not_finish_is_sent_again_through_the_sd
             storage.write("a.json", b'{"a": 1}')
             proxy.add(Rule(action=fault, method="PUT", times=1))
             storage.append("b.jsonl", b"1\n", offset=0)  # If-None-Match: *
-            lean = run_sync(storage._client()).lean
+            lean = lean_put_of(storage)
             assert lean is not None
             if fault == "slowdown":  # a reset: aiohttp itself may send the PUT again first
                 assert lean.fallbacks == 2
@@ -408,7 +414,7 @@ def test_keys_of_any_character_go_through_the_lean_path(
     with S3Storage(S3_BUCKET, unique_prefix, endpoint_url=s3_server.endpoint_url) as storage:
         for i, name in enumerate(names):
             storage.write(name, f'{{"i": {i}}}'.encode())
-        lean = run_sync(storage._client()).lean
+        lean = lean_put_of(storage)
         assert lean is not None and lean.fallbacks == 0
         for i, name in enumerate(names):
             assert storage.read(name) == f'{{"i": {i}}}'.encode(), name
@@ -425,7 +431,7 @@ def test_an_answer_the_lean_path_cannot_act_on_turns_it_off(
             proxy.add(Rule(action="status", status=403, method="PUT", times=1))
             for i in range(3):
                 storage.write(f"{i}.json", b"{}")
-            lean = run_sync(storage._client()).lean
+            lean = lean_put_of(storage)
             assert lean is not None and not lean.enabled and lean.fallbacks == 1
             assert [storage.read(f"{i}.json") for i in range(3)] == [b"{}"] * 3
         assert [a for m, _t, a in proxy.log if m == "PUT"] == ["status", "pass", "pass", "pass"]

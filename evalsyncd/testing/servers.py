@@ -186,6 +186,9 @@ class S3Server(_Server):
     """``UploadPartCopy`` answers 412 when ``CopySourceIfMatch`` does not match."""
     enforces_if_match_on_complete: ClassVar[bool] = True
     """``CompleteMultipartUpload`` answers 412 when ``If-Match`` does not match."""
+    atomic_if_match_on_complete: ClassVar[bool] = True
+    """That check and the object's replacement are one step: of two concurrent
+    ``CompleteMultipartUpload`` with the same ``If-Match``, one fails."""
     dates_uploads: ClassVar[bool] = True
     """``ListMultipartUploads`` gives each upload's true ``Initiated`` time."""
 
@@ -280,6 +283,7 @@ class SeaweedS3Server(S3Server):
     """
 
     name: ClassVar[str] = "seaweedfs"
+    atomic_if_match_on_complete: ClassVar[bool] = False  # checked, then replaced: racy
 
     def start(self, timeout_s: float = 60.0, *, restart: bool = False) -> Self:
         """Start on a free block of ports and wait until it answers.
