@@ -324,6 +324,22 @@ def test_a_listing_without_catalog_reads_pending_runs_in_one_request(
 # -- the server check and the first pass --------------------------------------------------
 
 
+def _files(root: Path) -> list[str]:
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+
+
+def _claiming(storage: MemoryStorage, journal: Journal, root: Path, **fields: Any) -> Destination:
+    """A destination on ``storage`` that claims its prefix, as the daemon's does, with every
+    file under ``root`` marked."""
+    fields = {"name": "mem", "url": storage.url(), "max_main_lag_s": 60.0, **fields}
+    settings = DestinationSettings.model_construct(**fields)
+    owner = Owner(storage, journal.writer_id(), "mem")
+    d = Destination(settings, storage, journal, root, flush_interval_s=0.01, owner=owner)
+    for path in _files(root):
+        d.mark(path)
+    return d
+
+
 def _recorded(storage: MemoryStorage, events: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
     """Record in ``events``, in order, each file the tail shipper stages (``plan <path>``)
     and each write ``storage`` is asked for (``write <key or path> <bytes>``)."""
@@ -376,21 +392,14 @@ def test_the_first_pass_stages_while_the_claim_runs_and_writes_after_it(
     then one tail object makes every run listable."""
     root = tmp_path / "root"
     _finalized_runs(root, 5)
-    files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+    files = _files(root)
     events: list[str] = []
     _recorded(memory_storage, events, monkeypatch)
     memory_storage.faults.delay("internal_get", 0.3)  # the claim's reads (a fresh prefix)
-    fields = {"name": "mem", "url": memory_storage.url(), "max_main_lag_s": 60.0}
-    settings = DestinationSettings.model_construct(**fields)  # type: ignore[arg-type]
 
     async def scenario() -> None:
         with Journal(tmp_path / "j.sqlite3", root) as journal:
-            owner = Owner(memory_storage, journal.writer_id(), "mem")
-            d = Destination(
-                settings, memory_storage, journal, root, flush_interval_s=0.01, owner=owner
-            )
-            for path in files:
-                d.mark(path)
+            d = _claiming(memory_storage, journal, root)
             await _until_listed(d, memory_storage, 5)
             assert d.stats.failures == {}
 
@@ -411,27 +420,16 @@ def test_a_failed_claim_fails_the_first_pass_once_and_nothing_is_staged_twice(
     out once, in one tail object: every file reads back as it is on disk."""
     root = tmp_path / "root"
     _finalized_runs(root, 5)
-    files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+    files = _files(root)
     events: list[str] = []
     _recorded(memory_storage, events, monkeypatch)
     memory_storage.faults.delay("internal_get", 0.1, times=1)  # staging starts first
     memory_storage.faults.fail("internal_get", times=1)
-    fields = {
-        "name": "mem",
-        "url": memory_storage.url(),
-        "max_main_lag_s": 60.0,
-        "retry": RetrySettings(initial_backoff_s=0.01, max_backoff_s=0.02),
-    }
-    settings = DestinationSettings.model_construct(**fields)  # type: ignore[arg-type]
+    retry = RetrySettings(initial_backoff_s=0.01, max_backoff_s=0.02)
 
     async def scenario() -> None:
         with Journal(tmp_path / "j.sqlite3", root) as journal:
-            owner = Owner(memory_storage, journal.writer_id(), "mem")
-            d = Destination(
-                settings, memory_storage, journal, root, flush_interval_s=0.01, owner=owner
-            )
-            for path in files:
-                d.mark(path)
+            d = _claiming(memory_storage, journal, root, retry=retry)
             await _until_listed(d, memory_storage, 5, first=lambda: bool(d.stats.failures))
             assert d.stats.failures == {"TransientStorageError": 1}
 
@@ -456,21 +454,13 @@ def test_another_daemons_prefix_gets_nothing_from_a_first_pass_that_staged(
     meanwhile), then parks with ``PrefixOwnedError``; nothing is written."""
     root = tmp_path / "root"
     _finalized_runs(root, 3)
-    files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
     asyncio.run(Owner(memory_storage, "another-writer", "mem").ensure())
     events: list[str] = []
     _recorded(memory_storage, events, monkeypatch)
-    fields = {"name": "mem", "url": memory_storage.url(), "max_main_lag_s": 60.0}
-    settings = DestinationSettings.model_construct(**fields)  # type: ignore[arg-type]
 
     async def scenario() -> None:
         with Journal(tmp_path / "j.sqlite3", root) as journal:
-            owner = Owner(memory_storage, journal.writer_id(), "mem")
-            d = Destination(
-                settings, memory_storage, journal, root, flush_interval_s=0.01, owner=owner
-            )
-            for path in files:
-                d.mark(path)
+            d = _claiming(memory_storage, journal, root)
             task = asyncio.create_task(d.run())
             for _ in range(500):
                 if d.state is DestinationState.PARKED:

@@ -236,7 +236,7 @@ class Destination(Scheduler):
                 check.cancel()
 
     async def _checked(self) -> StorageError | None:
-        """:meth:`_check_server`, its failure recorded (the gate's result; see :meth:`run`)."""
+        """:meth:`_check_server`, its failure recorded: the failure, or ``None``."""
         try:
             await self._check_server()
         except StorageError as exc:
@@ -245,9 +245,10 @@ class Destination(Scheduler):
         return None
 
     async def run_pass(self) -> bool:
-        """See :meth:`Scheduler.run_pass`; while the server probe has not run (the server
-        was unreachable), first wait for :attr:`retry_at` and probe again: a probe that
-        fails again is a failed pass (BACKOFF, retried with the backoff)."""
+        """See :meth:`Scheduler.run_pass`. While the start's server check runs, a pass
+        goes on and its writes wait for it (:meth:`run`). After a check that failed (the
+        server was unreachable), first wait for :attr:`retry_at` and check again: a
+        check that fails again is a failed pass (BACKOFF, retried with the backoff)."""
         check = self.ctx.check
         if check is not None and check.done():
             self.ctx.check = None  # the start's check is over: recorded, if it failed
@@ -255,12 +256,7 @@ class Destination(Scheduler):
             return await super().run_pass()  # writes wait for the check
         if self._server_pending and not self._stopping.is_set():
             await self._sleep(self.retry_at - self.clock())
-            if self._stopping.is_set():
-                return False
-            try:
-                await self._check_server()
-            except StorageError as exc:
-                self._on_failure(exc, permanent=isinstance(exc, PermanentStorageError))
+            if self._stopping.is_set() or await self._checked() is not None:
                 return False
         return await super().run_pass()
 
