@@ -345,9 +345,9 @@ def _recorded(storage: MemoryStorage, events: list[str], monkeypatch: pytest.Mon
     and each write ``storage`` is asked for (``write <key or path> <bytes>``)."""
     plan = TailShipper.plan
 
-    async def planned(self: TailShipper, path: str) -> Any:
+    async def planned(self: TailShipper, path: str, *args: Any) -> Any:
         events.append(f"plan {path}")
-        return await plan(self, path)
+        return await plan(self, path, *args)
 
     monkeypatch.setattr(TailShipper, "plan", planned)
     for name in ("awrite", "aappend", "aremove", "_internal_put"):

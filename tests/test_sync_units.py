@@ -7,6 +7,7 @@ import random
 import sqlite3
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -124,6 +125,20 @@ def test_journal_roundtrip_and_persistence(tmp_path: Path) -> None:
         assert rec.state == "backoff" and rec.last_error == "TransientStorageError: boom"
         j.forget("d", "b.json")
         assert j.get("d", "b.json") is None
+
+
+def test_journal_rows_of_many_paths_are_those_of_get(tmp_path: Path) -> None:
+    """``rows`` answers as ``get`` for each path, across its queries of 500 paths: rows of
+    this destination only, absent paths left out, odd characters as they are."""
+    with Journal(tmp_path / "j.sqlite3", tmp_path / "root") as j:
+        paths = [f"runs/r{i:04d}/t '%_?.jsonl" for i in range(1201)]
+        for path in paths[::3]:
+            j.ack(_entry(path, 7))
+        j.ack(replace(_entry(paths[1]), destination="other"))
+        rows = j.rows("d", paths)
+        assert rows == {p: e for p in paths if (e := j.get("d", p)) is not None}
+        assert len(rows) == 401 and paths[1] not in rows
+        assert j.rows("d", []) == {}
 
 
 def test_journal_refuses_another_root(tmp_path: Path) -> None:

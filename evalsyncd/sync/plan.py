@@ -307,7 +307,9 @@ class Observed:
 Hold = Callable[[int], AbstractAsyncContextManager[None]]
 
 
-def observe(root: Path, path: str, row: Entry | None, hold: Hold) -> Observation:
+def observe(
+    root: Path, path: str, row: Entry | None, hold: Hold, st: os.stat_result | None = None
+) -> Observation:
     """Look at ``root / path`` as :func:`plan` needs it, reading no more than it must
     (``async with observe(...) as seen:``, ``seen`` an :class:`Observed`).
 
@@ -316,26 +318,29 @@ def observe(root: Path, path: str, row: Entry | None, hold: Hold) -> Observation
     row, its fingerprint checked (one read of at most 4 KiB). A
     replace-on-write file is read whole, holding ``hold(size)`` of the byte
     budget while the context is open. Local errors become facts (a missing
-    file, :attr:`FileFacts.error`), never exceptions.
+    file, :attr:`FileFacts.error`), never exceptions. ``st``: the file's ``lstat`` the
+    caller just took, if it took one (not taken again).
     """
-    return Observation(root, path, row, hold)
+    return Observation(root, path, row, hold, st)
 
 
 class Observation:
     """The context of :func:`observe` (a class, not a generator: one per file of a pass):
     the file stays open, or its bytes held, until the context exits."""
 
-    __slots__ = ("_held", "_hold", "_path", "_root", "_row", "_seen")
+    __slots__ = ("_held", "_hold", "_path", "_root", "_row", "_seen", "_st")
 
-    def __init__(self, root: Path, path: str, row: Entry | None, hold: Hold) -> None:
-        self._root, self._path, self._row, self._hold = root, path, row, hold
+    def __init__(
+        self, root: Path, path: str, row: Entry | None, hold: Hold, st: os.stat_result | None
+    ) -> None:
+        self._root, self._path, self._row, self._hold, self._st = root, path, row, hold, st
         self._seen: Observed | None = None
         self._held: AbstractAsyncContextManager[None] | None = None
 
     async def __aenter__(self) -> Observed:
         path, row = self._path, self._row
         try:
-            seen = self._seen = _look(self._root, path, row)
+            seen = self._seen = _look(self._root, path, row, self._st)
         except FileNotFoundError:
             return Observed(FileFacts(path, None))
         except OSError as exc:
@@ -366,10 +371,12 @@ class Observation:
             await self._held.__aexit__(None, None, None)
 
 
-def _look(root: Path, path: str, row: Entry | None) -> Observed:
-    """lstat, and for an append-only file that needs a look, open it and check its row."""
+def _look(root: Path, path: str, row: Entry | None, st: os.stat_result | None) -> Observed:
+    """lstat (unless ``st`` is the one just taken), and for an append-only file that needs a
+    look, open it and check its row."""
     full = os.path.join(root, path)  # not root / path: a Path per file costs more than the stat
-    st = os.stat(full, follow_symlinks=False)
+    if st is None:
+        st = os.stat(full, follow_symlinks=False)
     kind = classify(path)
     if (
         kind is not FileKind.APPEND

@@ -41,6 +41,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Final
@@ -282,14 +283,16 @@ class TailShipper:
             await ctx.ensure_owner()
         staged: list[Staged] = []
         direct: list[str] = []
-        for i, path in enumerate(sorted(dict.fromkeys([*batch.paths, *reset]), key=phase_of)):
+        paths = sorted(dict.fromkeys([*batch.paths, *reset]), key=phase_of)
+        rows = ctx.journal.rows(ctx.name, paths)
+        for i, path in enumerate(paths):
             if i % _YIELD_EVERY == _YIELD_EVERY - 1:
                 await asyncio.sleep(0)  # the loop's other work (the server check at start) goes on
             if self.writer.staged_bytes >= self.chunk_bytes:
                 outcome.again[path] = True  # one tail object per chunk: the rest comes next
                 continue
             try:
-                planned = await self.plan(path)
+                planned = await self.plan(path, rows)
             except Exception as exc:
                 settle(ctx.name, self.files.reporter, outcome, path, exc)
                 continue
@@ -341,8 +344,15 @@ class TailShipper:
             return
         await self.promote_due(self.due_now())
 
-    async def plan(self, path: str) -> Staged | object | None:
+    async def plan(
+        self, path: str, rows: Mapping[str, Entry] | None = None
+    ) -> Staged | object | None:
         """Stage what ``path`` needs in the next tail object (see :func:`~evalsyncd.sync.plan.plan`).
+
+        Args:
+            path: the file, relative to the root.
+            rows: the journal's rows of this pass's files, read together
+                (:meth:`~evalsyncd.sync.journal.Journal.rows`); ``None``: read this one.
 
         Returns:
             A :class:`Staged` (pieces staged), :data:`DIRECT` (sync it on its own),
@@ -356,18 +366,19 @@ class TailShipper:
         if kind is FileKind.IGNORED:
             return None
         check_key(path)
-        row = ctx.journal.get(ctx.name, path)
+        row = rows.get(path) if rows is not None else ctx.journal.get(ctx.name, path)
         if self._drain_all and row is None and self.writer.current(path) is None:
             # every main object is due in this pass (a stop, sync --once): a file new to
             # this destination would be staged only to be promoted at once; it goes
             # straight to its main object (one request, its bytes once on the wire)
             return DIRECT
+        st = None
         if kind is FileKind.REPLACE and self.writer.current(path) is None:
             with contextlib.suppress(OSError):
-                big = os.stat(os.path.join(ctx.root, path), follow_symlinks=False)
-                if big.st_size >= ctx.direct_append_bytes and not (row and row.unchanged(big)):
+                st = os.stat(os.path.join(ctx.root, path), follow_symlinks=False)
+                if st.st_size >= ctx.direct_append_bytes and not (row and row.unchanged(st)):
                     return DIRECT  # a large file is sent whole to its main object, not staged
-        async with observe(ctx.root, path, row, ctx.budget.hold) as seen:
+        async with observe(ctx.root, path, row, ctx.budget.hold, st) as seen:
             return await dispatch(ctx, self.files.reporter, seen, row, self)
 
     def _keep_or_drop(self, path: str) -> None:
