@@ -36,6 +36,7 @@ from evalsyncd.storage._loaded import is_gcs, is_s3
 from evalsyncd.storage._s3session import new_session, tls_free
 from evalsyncd.storage.memory import MemoryStorage
 from evalsyncd.store import BenchmarkResult, EvalStore, StoredTrajectory, StoredTurn
+from evalsyncd.sync import steps
 from evalsyncd.sync.destination import Destination, DestinationState
 from evalsyncd.sync.journal import Journal
 from evalsyncd.sync.owner import Owner
@@ -457,6 +458,7 @@ def test_another_daemons_prefix_gets_nothing_from_a_first_pass_that_staged(
     asyncio.run(Owner(memory_storage, "another-writer", "mem").ensure())
     events: list[str] = []
     _recorded(memory_storage, events, monkeypatch)
+    memory_storage.faults.delay("internal_get", 0.2)  # the claim's read: staging goes first
 
     async def scenario() -> None:
         with Journal(tmp_path / "j.sqlite3", root) as journal:
@@ -474,3 +476,39 @@ def test_another_daemons_prefix_gets_nothing_from_a_first_pass_that_staged(
     asyncio.run(scenario())
     assert not [e for e in events if e.startswith("write ")], events
     assert any(e.startswith("plan ") for e in events)
+
+
+def test_an_idle_daemon_on_another_daemons_prefix_parks_and_reaps_nothing(
+    memory_storage: MemoryStorage, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Nothing to send (an empty root) on a prefix another daemon claimed: the server check
+    itself parks the destination with ``PrefixOwnedError`` (no pass has to write first),
+    and the periodic reap of failed cleanups' leftovers never runs on that prefix."""
+    root = tmp_path / "root"
+    root.mkdir()
+    asyncio.run(Owner(memory_storage, "another-writer", "mem").ensure())
+    reaped: list[str] = []
+    reap = steps.areap
+
+    async def recording(storage: Any, **kwargs: Any) -> int:
+        reaped.append(storage.url())
+        return await reap(storage, **kwargs)
+
+    monkeypatch.setattr(steps, "areap", recording)
+
+    async def scenario() -> None:
+        with Journal(tmp_path / "j.sqlite3", root) as journal:
+            d = _claiming(memory_storage, journal, root, reap_interval_s=0.05, reap_min_age_s=1.0)
+            task = asyncio.create_task(d.run())
+            for _ in range(500):
+                if d.state is DestinationState.PARKED:
+                    break
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.2)  # reaps would be due meanwhile
+            d.stop()
+            await task
+            assert d.state is DestinationState.PARKED
+            assert d.last_error is not None and d.last_error.startswith("PrefixOwnedError")
+
+    asyncio.run(scenario())
+    assert reaped == []

@@ -28,7 +28,6 @@ import structlog
 from evalsyncd.config import DestinationSettings
 from evalsyncd.errors import (
     PermanentStorageError,
-    PrefixOwnedError,
     ServerBehaviourError,
     StorageError,
     TransientStorageError,
@@ -267,11 +266,12 @@ class Destination(Scheduler):
         this daemon owns: the probe writes under ``.evalsyncd/probe/``.
 
         A probe refused for good (a permission the probe needs) is logged and the
-        daemon goes on (every append still checks its post-condition). Another
-        daemon's prefix, or a claim refused for good, is no failure of the check:
-        the pass that writes meets it and reports it (:meth:`Context.ensure_owner`).
+        daemon goes on (every append still checks its post-condition).
 
         Raises:
+            PrefixOwnedError: another daemon owns the prefix (the destination parks,
+                whether or not it has anything to send).
+            PermanentStorageError: the claim was refused for good (a permission).
             ServerBehaviourError: the server lacks a required feature (the
                 destination parks).
             TransientStorageError: the claim or the probe found no server (an
@@ -283,12 +283,10 @@ class Destination(Scheduler):
         if self.owner is not None:
             try:
                 await self.owner.ensure()
-            except PrefixOwnedError:
-                return  # another daemon's prefix: the pass reports it (and writes nothing)
+            except PermanentStorageError:
+                raise  # another daemon's prefix (PrefixOwnedError), a claim refused for good
             except StorageError as exc:
-                if isinstance(exc, PermanentStorageError):
-                    return  # the pass meets and reports it
-                raise _probe_error(self.storage, exc) from exc
+                raise _probe_error(self.storage, exc, "the prefix's claim") from exc
         try:
             async with asyncio.timeout(_PROBE_TIMEOUT_S):  # an unreachable server: retried
                 await aadapt(self.storage)
@@ -310,12 +308,16 @@ class Destination(Scheduler):
         await self.ctx.throttle(nbytes)
 
 
-def _probe_error(storage: Backend, exc: BaseException) -> TransientStorageError:
-    """A probe that found no server, as the failure a pass records (``status`` shows it)."""
+def _probe_error(
+    storage: Backend, exc: BaseException, step: str = "the probe"
+) -> TransientStorageError:
+    """A server check that found no server at ``step`` (the prefix's claim, the probe), as
+    the failure a pass records (``status`` shows it)."""
     url = getattr(exc, "url", None) or storage.url()
     what = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
     error = TransientStorageError(
-        f"server probe of {storage.url()} failed, nothing is shipped until it passes: {what}",
+        f"server probe of {storage.url()} failed ({step}), nothing is shipped until it "
+        f"passes: {what}",
         url=url,
     )
     error.__cause__ = exc

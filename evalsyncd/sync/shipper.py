@@ -165,6 +165,11 @@ class Context:
             AsyncLimiter(self.max_upload_bytes_per_s, 1.0) if self.max_upload_bytes_per_s else None
         )
 
+    @property
+    def checking(self) -> bool:
+        """Whether the destination's server check (:attr:`check`) is still running."""
+        return self.check is not None and not self.check.done()
+
     async def ensure_owner(self) -> None:
         """Return when this daemon owns the prefix (no request between rechecks) and the
         server check (:attr:`check`), if one runs, passed: the call before a write.

@@ -173,6 +173,7 @@ class ReapLeftovers:
         due_in = self.next_due_in()
         if due_in is not None and due_in > 0:
             return
+        await ctx.ensure_owner()  # only on a prefix this daemon owns (PrefixOwnedError)
         started = ctx.wall()
         self._next_at = ctx.clock() + self.interval_s
         try:

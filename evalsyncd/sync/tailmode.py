@@ -308,7 +308,9 @@ class TailShipper:
             # a run's metadata.json changes outside the tail: a marked object first, so
             # that no reader takes the run catalog for complete meanwhile (catalog.py)
             self.writer.mark(CATALOG_MARK)
-        if staged or direct or self.writer.dirty:
+        if staged or direct or self.writer.dirty or not ctx.checking:
+            # before the first write; and in every pass once the start's check is over
+            # (a displaced owner notices the new one, even with nothing to send)
             try:
                 await ctx.ensure_owner()
             except BaseException:
