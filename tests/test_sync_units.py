@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import sqlite3
 import subprocess
@@ -139,6 +140,8 @@ def test_journal_rows_of_many_paths_are_those_of_get(tmp_path: Path) -> None:
         assert rows == {p: e for p in paths if (e := j.get("d", p)) is not None}
         assert len(rows) == 401 and paths[1] not in rows
         assert j.rows("d", []) == {}
+        undecodable = os.fsdecode(b"runs/r/bad\xff\xfe.jsonl")  # a name that is no UTF-8
+        assert j.rows("d", [undecodable, paths[0]]) == {paths[0]: rows[paths[0]]}
 
 
 def test_journal_refuses_another_root(tmp_path: Path) -> None:

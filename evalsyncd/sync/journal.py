@@ -222,6 +222,15 @@ _ENTRY_MARKS = ", ".join("?" for _ in _ENTRY_FIELDS)
 _RECORD_COLUMNS = ", ".join(f.name for f in fields(DestinationRecord))
 
 
+def _utf8(text: str) -> bool:
+    """Whether ``text`` encodes as UTF-8 (no lone surrogates), as SQLite stores text."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _by_name(row: sqlite3.Row) -> dict[str, Any]:
     """A row as ``{column: value}``: rows are built by column name, never by position."""
     return dict(zip(row.keys(), row, strict=True))
@@ -423,8 +432,11 @@ class Journal:
 
     def rows(self, destination: str, paths: Sequence[str]) -> dict[str, Entry]:
         """The rows of ``paths`` at one destination (those it has), by path: one query
-        per 500 paths instead of one per path (a pass over a backlog)."""
+        per 500 paths instead of one per path (a pass over a backlog). A path that is no
+        UTF-8 (a file name's undecodable bytes, kept as surrogates) has no row: it is
+        never mirrored, so never journaled."""
         found: dict[str, Entry] = {}
+        paths = [p for p in paths if p.isascii() or _utf8(p)]
         with self._reading() as db:
             for i in range(0, len(paths), _ROWS_PER_QUERY):
                 chunk = paths[i : i + _ROWS_PER_QUERY]
