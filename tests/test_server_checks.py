@@ -364,19 +364,32 @@ def test_daemon_behind_a_broken_upload_part_copy_falls_back_once_and_mirrors(
     assert "Traceback" not in log and "KeyError" not in log
 
 
-def test_put_answered_without_an_etag_is_a_server_behaviour_error(
-    s3_server: SeaweedS3Server, cloud_env: dict[str, str], unique_prefix: str
+@pytest.mark.parametrize(
+    ("action", "feature"),
+    [
+        # an empty 200: no ETag, which the journal needs as the next If-Match
+        ("empty_200", "PutObject"),
+        # a 200 whose x-amz-checksum-crc32c is not the body's (the server stored other bytes)
+        ("wrong_checksum", "PutObject checksum"),
+    ],
+)
+def test_a_put_answered_wrongly_is_a_server_behaviour_error(
+    s3_server: SeaweedS3Server,
+    cloud_env: dict[str, str],
+    unique_prefix: str,
+    action: str,
+    feature: str,
 ) -> None:
-    """A PutObject answered with an empty 200 (no ETag, which the journal needs as the next
-    If-Match) is a ServerBehaviourError naming PutObject, not a KeyError."""
+    """A 200 to a PutObject without an ETag, or with the CRC32C of other bytes, is a
+    ServerBehaviourError naming the feature and the key, not success (nor a KeyError)."""
     with FaultProxy("127.0.0.1", s3_server.port) as proxy:
-        proxy.add(Rule(action="empty_200", method="PUT", times=1))
+        proxy.add(Rule(action=action, method="PUT", times=1))
         with (
             S3Storage(S3_BUCKET, unique_prefix, endpoint_url=proxy.url) as storage,
             pytest.raises(ServerBehaviourError) as info,
         ):
             storage.write("a.json", b"{}")
-    assert info.value.feature == "PutObject" and "a.json" in str(info.value)
+    assert info.value.feature == feature and "a.json" in str(info.value)
 
 
 @pytest.mark.parametrize("fault", ["slowdown", "reset_before", "reset_after"])
@@ -458,21 +471,6 @@ def test_a_failed_precondition_on_the_lean_path_is_the_answer(
             )
         assert [m for m, _t, _a in proxy.log] == ["PUT"]
         assert storage.read("c.jsonl") == b"theirs\n"
-
-
-def test_a_put_answered_with_the_checksum_of_other_bytes_is_a_server_behaviour_error(
-    s3_server: SeaweedS3Server, cloud_env: dict[str, str], unique_prefix: str
-) -> None:
-    """A 200 to a PutObject whose ``x-amz-checksum-crc32c`` is not the CRC32C of the body sent
-    (the server stored something else) is a ServerBehaviourError naming the key, not success."""
-    with FaultProxy("127.0.0.1", s3_server.port) as proxy:
-        proxy.add(Rule(action="wrong_checksum", method="PUT", times=1))
-        with (
-            S3Storage(S3_BUCKET, unique_prefix, endpoint_url=proxy.url) as storage,
-            pytest.raises(ServerBehaviourError) as info,
-        ):
-            storage.write("d.json", b"{}")
-    assert info.value.feature == "PutObject checksum" and "d.json" in str(info.value)
 
 
 def test_a_ranged_get_with_the_whole_objects_checksum_is_read_whole(
