@@ -19,12 +19,15 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import botocore.exceptions
+import botocore.loaders
 import pytest
 from botocore.loaders import JSONFileLoader
 
@@ -33,7 +36,7 @@ from evalsyncd.config import DestinationSettings, RetrySettings
 from evalsyncd.storage import GCSStorage, S3Storage
 from evalsyncd.storage._bridge import run_sync
 from evalsyncd.storage._loaded import is_gcs, is_s3
-from evalsyncd.storage._s3session import new_session, tls_free
+from evalsyncd.storage._s3session import create_loader, new_session, tls_free
 from evalsyncd.storage.memory import MemoryStorage
 from evalsyncd.store import BenchmarkResult, EvalStore, StoredTrajectory, StoredTurn
 from evalsyncd.sync import steps
@@ -110,6 +113,36 @@ def test_sessions_share_service_data_never_settings(monkeypatch: pytest.MonkeyPa
     other = new_session()
     assert other.get_component("data_loader") is not first.get_component("data_loader")
     assert "/nonexistent-evalsyncd-data-path" in other.get_component("data_loader").search_paths
+
+
+@pytest.mark.parametrize("type_name", ["service-2", "endpoint-rule-set-1", "paginators-1"])
+def test_the_loader_answers_as_botocores_without_walking_every_service(
+    type_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Which services have data, and the data itself, are botocore's answers; a model
+    load lists only its own service's directory (botocore lists about 430)."""
+    reference = botocore.loaders.create_loader()
+    names = create_loader(None).list_available_services(type_name)
+    for name in ("s3", "sts", "ec2", "nope", "", "s3/2006-03-01", "..", "S3"):
+        assert (name in names) == (name in reference.list_available_services(type_name)), name
+    listed: list[str] = []
+    real_listdir = os.listdir
+
+    def listdir(path: str) -> list[str]:
+        listed.append(path)
+        return real_listdir(path)
+
+    monkeypatch.setattr(botocore.loaders.os, "listdir", listdir)
+    loader = create_loader(None)
+    assert loader.load_service_model("s3", type_name) == reference.load_service_model(
+        "s3", type_name
+    )
+    assert all(os.path.basename(path) == "s3" for path in listed), listed
+    with pytest.raises(botocore.exceptions.UnknownServiceError, match=r"'nope'.*s3"):
+        loader.load_service_model("nope", type_name)
+    assert list(loader.list_available_services(type_name)) == (
+        reference.list_available_services(type_name)
+    )
 
 
 def test_a_readers_client_builds_no_lean_put_path_and_loads_no_ca_bundle(
