@@ -370,6 +370,10 @@ def _status(settings: Settings, as_json: bool) -> int:
         _echo(json.dumps(report.to_dict(), indent=2))
     else:
         _echo(format_status(report))
+    if report.parked:
+        # for monitoring: a parked destination waits for a person, not for time
+        _echo(f"evalsyncd: parked: {', '.join(report.parked)}", file=sys.stderr)
+        return EX_FAILURE
     return EX_OK
 
 

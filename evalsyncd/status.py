@@ -104,6 +104,12 @@ class StatusReport:
         """A JSON-ready dict (times as Unix seconds)."""
         return asdict(self)
 
+    @property
+    def parked(self) -> list[str]:
+        """The destinations the daemon last recorded as ``parked`` (a permanent error, such
+        as access denied or another daemon's prefix: a person must act), by name."""
+        return [d.name for d in self.destinations if d.state == "parked"]
+
 
 def _pending(
     root: Path, rel: str, st: os.stat_result, entry: Entry | None

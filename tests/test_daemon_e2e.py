@@ -20,6 +20,7 @@ from evalsyncd.testing.servers import SeaweedS3Server
 from tests.conftest import GCS_BUCKET, S3_BUCKET
 from tests.daemon import Daemon, expected_mirror, remote_tree, wait_mirrored, write_config
 from tests.helpers import wait_for
+from tests.opshelpers import evalsyncd
 
 MiB = 1024 * 1024
 
@@ -399,6 +400,15 @@ def test_broken_destination_does_not_hold_back_others(env: Env) -> None:
             ),
             30,
         )
+        # status says so, and exits 1 (a parked destination waits for a person)
+        status = evalsyncd("status", "--config", str(daemon.config))
+        assert status.returncode == 1, status
+        assert "broken (s3://" in status.stdout and "parked" in status.stdout
+        assert "parked: broken" in status.stderr
+        report = evalsyncd("status", "--json", "--config", str(daemon.config))
+        assert report.returncode == 1
+        states = {d["name"]: d["state"] for d in json.loads(report.stdout)["destinations"]}
+        assert states == {"file": "healthy", "broken": "parked"}, states
 
 
 def test_sigterm_exits_zero_and_restart_resumes(env: Env) -> None:
