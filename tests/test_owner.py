@@ -290,6 +290,7 @@ def test_two_daemons_on_one_prefix_the_first_keeps_writing(
             wait_for(lambda: reader.read(key) == mine.read_bytes(), 30, 0.1, "A's lines")
             assert not events(b, "upload_succeeded") and not events(b, "tail_written")
             status = _cli("status", "--config", str(b_cfg))
+            assert status.returncode == 1 and "parked" in status.stderr, status
             assert f"owner: host {socket.gethostname()}" in status.stdout, status.stdout
             assert "this host writes nothing there" in status.stdout
     assert a.proc is not None and a.proc.returncode == 0
