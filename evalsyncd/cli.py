@@ -743,12 +743,16 @@ def _export(args: argparse.Namespace) -> int:
     for problem in summary.problems:
         level = "warning" if problem.startswith("bad line: ") else "error"
         _echo(f"evalsyncd: {level}: {problem}", file=sys.stderr)
+    for message in summary.read_around:
+        _echo(f"evalsyncd: warning: {message}", file=sys.stderr)
     _echo(
         f"wrote {summary.path} ({summary.rows} samples from {summary.files} files, "
         f"{summary.bad_lines} bad lines skipped)",
         file=sys.stderr,
     )
-    return EX_OK if summary.ok else EX_FAILURE
+    if not summary.ok or (summary.read_around and not args.allow_skipped):
+        return EX_FAILURE
+    return EX_OK
 
 
 @contextlib.contextmanager

@@ -188,7 +188,7 @@ def test_a_plain_object_changed_under_pending_tail_lines_is_read_plain_and_named
     """A host's plain trajectories.jsonl changed by another tool (a foreign line appended, or
     truncated below what the tail log builds on) while its tail log holds 4 more lines: runs
     show counts the plain object's lines (never tail lines glued onto foreign bytes, never a
-    "kept changing" error) and names the object, exit 1; restore copies the plain object and
+    "kept changing" error) and names the object, exit 1; runs export too; restore copies the plain object and
     exits 1 naming it, 0 with --allow-skipped."""
     prefix = f"t/plain-{tamper}-{uuid.uuid4().hex[:8]}"
     rel = "runs/r1/gsm8k/trajectories.jsonl"
@@ -217,6 +217,15 @@ def test_a_plain_object_changed_under_pending_tail_lines_is_read_plain_and_named
     assert f"gsm8k: no result yet, {lines} trajectories" in show.stdout, show.stdout
     assert main_url in show.stderr and "changed by something other than evalsyncd" in show.stderr
     assert "kept changing" not in show.stderr
+
+    out = tmp_path / "out"
+    exported = run_cli("runs", "export", fleet_url, "--output", str(out))
+    assert exported.returncode == 1, exported.stderr
+    assert main_url in exported.stderr and "changed by something other" in exported.stderr
+    assert (out / "samples.csv").read_text().count("\n") == 1 + lines  # header, the plain lines
+    exported = run_cli("runs", "export", "--allow-skipped", fleet_url, "--output", str(out))
+    assert exported.returncode == 0, exported.stderr
+    assert main_url in exported.stderr
 
     dest = tmp_path / "dest"
     restored = run_cli("restore", fleet_url, "r1", "--root", str(dest))

@@ -45,6 +45,7 @@ from evalsyncd.fleet import Fleet, FleetRun
 from evalsyncd.samples.lines import BadLine, ParsedLine
 from evalsyncd.samples.reader import DEFAULT_CHUNK_SIZE, SampleReader
 from evalsyncd.storage import Storage, storage_join
+from evalsyncd.storage.tail import tail_damage
 from evalsyncd.store.aio import bounded_map, reads_of
 from evalsyncd.store.layout import StoreLayout
 
@@ -83,6 +84,10 @@ class ExportSummary:
         bad_lines: lines skipped (not samples) or with a defect, in all files.
         problems: messages about hosts, runs or files that could not be read
             (their samples are missing from the table); the first 100 bad lines too.
+        read_around: messages about what was read around: a host whose tail log is
+            damaged, or whose plain object was changed by another tool under pending
+            tail lines, was read from its plain objects (its newest samples may be
+            missing); a key refused by the listing. The rest of the table is whole.
     """
 
     path: Path
@@ -90,6 +95,7 @@ class ExportSummary:
     files: int = 0
     bad_lines: int = 0
     problems: list[str] = field(default_factory=list)
+    read_around: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -138,7 +144,11 @@ async def aexport_samples(
     summary = ExportSummary(path)
     fleet = Fleet(storage, prefix)
     listing = await fleet.alist_runs()
-    summary.problems += [p.message for p in listing.problems if p.error is not None]
+    for problem in listing.problems:
+        if problem.kind in ("damaged", "skipped"):
+            summary.read_around.append(problem.message)
+        elif problem.error is not None:
+            summary.problems.append(problem.message)
     jobs: list[tuple[FleetRun, str]] = []
     readers: dict[str, SampleReader] = {}
     for run in sorted(listing.runs, key=lambda r: (r.host, r.run_id)):
@@ -218,4 +228,11 @@ async def aexport_samples(
         tmp.replace(path)
     finally:
         shutil.rmtree(parts, ignore_errors=True)
+    for reader in readers.values():
+        # a main object changed under pending tail lines, found by this export's reads
+        damage = await tail_damage(reader.storage)
+        if damage is not None and not any(str(damage) in m for m in summary.read_around):
+            summary.read_around.append(
+                f"{reader.storage.url()}: read from the plain objects: {damage}"
+            )
     return summary
