@@ -16,6 +16,8 @@ from typing import Any, Literal
 
 import structlog
 
+from evalsyncd.terminal import one_line
+
 __all__ = ["configure_logging"]
 
 _SECRET_PATTERNS = (
@@ -34,6 +36,19 @@ def _redact(_logger: Any, _method: str, event_dict: dict[str, Any]) -> dict[str,
             for pattern in _SECRET_PATTERNS:
                 value = pattern.sub(r"\1***", value)
             event_dict[key] = value
+    return event_dict
+
+
+def _one_line_event(_logger: Any, _method: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+    """Console lines: the event (a library's formatted message may quote a local file name
+    or a bucket's text) on one line, control characters shown escaped
+    (:func:`~evalsyncd.terminal.one_line`), so that it can neither start a forged line nor
+    send terminal escapes. The other values are printed with ``repr`` (the renderer's
+    ``repr_native_str``), which escapes them; the traceback keeps its lines. JSON lines
+    are escaped by the encoder."""
+    event = event_dict.get("event")
+    if isinstance(event, str):
+        event_dict["event"] = one_line(event)
     return event_dict
 
 
@@ -58,8 +73,9 @@ def configure_logging(
     renderer: Any = (
         structlog.processors.JSONRenderer()
         if use_json
-        else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+        else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty(), repr_native_str=True)
     )
+    last: list[Any] = [renderer] if use_json else [_one_line_event, renderer]
     structlog.configure(
         processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
         logger_factory=structlog.stdlib.LoggerFactory(),
@@ -71,7 +87,7 @@ def configure_logging(
         processors=[
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
             structlog.processors.format_exc_info,
-            renderer,
+            *last,
         ],
     )
     handler = logging.StreamHandler(sys.stderr)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from typing import Final
 
-__all__ = ["printable"]
+__all__ = ["one_line", "printable"]
 
 _UNSAFE: Final = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff]")
 """C0 controls but tab and newline, DEL, C1 controls, lone surrogates."""
@@ -35,3 +35,13 @@ def printable(text: str) -> str:
     'run\\\\x1b[2Kx\\n'
     """
     return _UNSAFE.sub(_escape, text)
+
+
+def one_line(text: str) -> str:
+    """:func:`printable`, with newlines shown as ``\\n`` too (a carriage return already is,
+    as ``\\x0d``): one value that cannot start a line of its own (a log line's field).
+
+    >>> one_line("a\\nfake_event=1")
+    'a\\\\nfake_event=1'
+    """
+    return printable(text).replace("\n", "\\n")

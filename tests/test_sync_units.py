@@ -357,6 +357,41 @@ def test_logs_never_show_credentials(capsys: pytest.CaptureFixture[str]) -> None
     assert "upload_failed" in err
 
 
+def test_console_logs_escape_what_a_file_name_or_bucket_holds(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A file name holding a newline and terminal escapes is one escaped field of one
+    console line: it can neither forge a log line nor move the cursor. A traceback keeps
+    its lines."""
+    import logging
+
+    import structlog
+
+    from evalsyncd.logs import configure_logging
+
+    configure_logging("console", "info")
+    try:
+        log = structlog.get_logger("test")
+        log.warning("upload_failed", key="runs/r/a\nfake_event level=error\x1b[2K\x07.jsonl")
+        log.warning("runs/r/\x1b]0;pwned\x07\nfake_event")  # a library's message
+        log.warning("upload_failed", key="runs/r/\x1b[2K")  # no space: printed bare before
+        try:
+            raise ValueError("boom")
+        except ValueError:
+            log.exception("pass_failed")
+        err = capsys.readouterr().err
+    finally:
+        structlog.reset_defaults()
+        logging.getLogger().handlers.clear()
+    first, second, third, *rest = err.splitlines()
+    assert "upload_failed" in first and "\\nfake_event level=error\\x1b[2K\\x07" in first
+    assert "runs/r/\\x1b]0;pwned\\x07\\nfake_event" in second
+    assert "key='runs/r/\\x1b[2K'" in third
+    assert "\x1b" not in err and "\x07" not in err
+    assert not any("fake_event" in line for line in rest)
+    assert "pass_failed" in rest[0] and "Traceback" in err and "ValueError: boom" in err
+
+
 def test_byte_budget_bounds_bytes_in_flight() -> None:
     """Uploads never hold more than the budget at once; an oversized one runs alone."""
     from evalsyncd.sync.passes import ByteBudget as _ByteBudget
