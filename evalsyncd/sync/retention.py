@@ -562,10 +562,14 @@ def recover(root: Path, journal: Journal, mirrors: Sequence[str] = ()) -> list[s
         The ids of the runs whose intent was finished or rolled back.
     """
     done = []
-    for tmp in (root / "runs").glob(f"*/{_MARKER_TMP}*.tmp"):  # a marker write cut short
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-    for run_id, ev in journal.evictions().items():
+    evictions = journal.evictions()
+    for run_id in evictions:
+        # a marker write cut short: only ever after the run's eviction row (the intent),
+        # so only those runs' directories are read, not every run's at each start
+        for tmp in (root / "runs" / run_id).glob(f"{_MARKER_TMP}*.tmp"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+    for run_id, ev in evictions.items():
         if ev.state != "intent":
             continue
         gone = [p for p, _, _ in ev.files if not (root / p).exists()]
