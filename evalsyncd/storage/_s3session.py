@@ -43,7 +43,7 @@ from botocore.exceptions import DataNotFoundError
 from botocore.loaders import Loader as _BotocoreLoader
 from botocore.utils import get_environ_proxies
 
-__all__ = ["Loader", "ServiceNames", "new_session", "tls_free"]
+__all__ = ["Loader", "ServiceNames", "create_loader", "new_session", "tls_free"]
 
 
 class ServiceNames(Sequence[str]):
