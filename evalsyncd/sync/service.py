@@ -404,7 +404,11 @@ class Service:
                 observer=self.settings.observer,
                 polling_interval_s=self.settings.polling_interval_s,
             )
-            if self._watcher.start() and self.settings.observer != "polling":
+            if (
+                self._watcher.start()
+                and not self._watcher.native  # the native observer reports ENOSPC itself
+                and self.settings.observer != "polling"
+            ):
                 self._probe = WatchProbe()
                 self._probe_watch_limit(self.root)
             for d in self.destinations.values():

@@ -8,7 +8,9 @@ directory, :meth:`WatchProbe.exhausted` adds a watch on its own inotify
 instance and removes it at once. ``ENOSPC`` means the limit is reached, so the
 observer's watch for that directory failed too (or will fail for the next
 one), and the service falls back to frequent scans (``Service.on_watch_failure``).
-Cost: two system calls per new directory.
+Cost: two system calls per new directory. Only with the watchdog observer: the
+native one (``evalsyncd.sync.watcher``, inotify read on the event loop) adds its
+watches itself and reports ``ENOSPC`` the same way.
 """
 
 from __future__ import annotations
