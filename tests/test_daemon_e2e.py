@@ -368,6 +368,28 @@ def test_local_deletes_keep_or_mirror(env: Env, mirror_deletes: bool) -> None:
         assert reader.exists("runs/r/b/result.json") is not mirror_deletes
 
 
+def test_a_run_moved_out_of_the_root_is_deleted_without_waiting_for_a_full_scan(
+    env: Env, tmp_path: Path
+) -> None:
+    """A run directory moved out of the watched root (one inotify event, for the directory)
+    has its files' objects deleted (mirror_deletes) long before the next full rescan."""
+    reader = env.add("s3")
+    store = EvalStore(env.root)
+    _write_runs(store, 2, 3)
+    with env.daemon(mirror_deletes=True, rescan_interval_s=600.0) as daemon:
+        wait_mirrored(env.root, reader)
+        gone = sorted(
+            p.relative_to(env.root).as_posix()
+            for p in (env.root / "runs/run-001").rglob("*")
+            if p.is_file()
+        )
+        assert gone and all(reader.exists(rel) for rel in gone)
+        os.rename(env.root / "runs/run-001", tmp_path / "moved-away")
+        wait_for(lambda: not any(reader.exists(rel) for rel in gone), 30, what="objects deleted")
+        assert reader.exists("runs/run-000/metadata.json")
+        assert any(e.get("event") == "delete_mirrored" for e in daemon.log_events())
+
+
 def test_broken_destination_does_not_hold_back_others(env: Env) -> None:
     """A destination whose credentials are refused is parked; the healthy ones keep mirroring."""
     # SeaweedFS creates missing buckets on the fly, so the permanent error here is

@@ -270,7 +270,8 @@ class Service:
 
     async def rescan(self, subtree: Path | None = None) -> int:
         """Compare the files under ``subtree`` (default: the root) with the journal and mark
-        every file a destination is behind on. Returns the number of files seen."""
+        every file a destination is behind on, and every journaled file under it that is
+        gone. Returns the number of files seen."""
         if subtree is None:
             self.first_scan_started.set()
         base = subtree or self.root
@@ -298,14 +299,16 @@ class Service:
                 e = entries.get(rel)
                 if e is None or not e.unchanged(st):
                     d.mark(rel)
-            if subtree is None:
-                for rel, e in entries.items():
-                    if (
-                        rel not in seen
-                        and e.status != "deleted"
-                        and not self._in_evicted_run(rel, evicted)
-                    ):
-                        d.mark(rel)
+            # journaled files of the subtree that are gone: a directory moved out of the
+            # root, or replaced, is one event for the directory, none for its files
+            for rel, e in entries.items():
+                if (
+                    rel.startswith(prefix)
+                    and rel not in seen
+                    and e.status != "deleted"
+                    and not self._in_evicted_run(rel, evicted)
+                ):
+                    d.mark(rel)
         if subtree is None:
             self.rescans += 1
         log.debug(
@@ -355,8 +358,7 @@ class Service:
                 subtrees, self._subtrees = self._subtrees, set()
                 if subtrees:
                     for sub in sorted(subtrees):
-                        if sub.is_dir():
-                            await self.rescan(sub)
+                        await self.rescan(sub)  # gone too: its journaled files are marked
                     continue
                 await self.rescan()
                 last_full = time.monotonic()
