@@ -25,17 +25,15 @@ asks ``list_available_services(type_name)`` whether the service exists: a walk
 of every service directory botocore ships (about 430, with a ``listdir`` and
 file checks in each), once per model type a process loads (the service model,
 the endpoint rule set, the paginators): about 6 ms of CPU each, on every
-command's first client. Here the answer is a :class:`ServiceNames` that tells
-whether one name is there from that service's own directory (botocore's
-``list_api_versions``: the same search path, the same test) and walks them all
-only if it is listed or counted.
+command's first client. Here, while a model loads, the answer for that one name
+comes from that service's own directory (botocore's ``list_api_versions``: the
+same search path, the same test); every other caller gets botocore's walk.
 """
 
 from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterator, Sequence
 from typing import Any
 
 from aiobotocore.session import AioSession
@@ -43,73 +41,46 @@ from botocore.exceptions import DataNotFoundError
 from botocore.loaders import Loader as _BotocoreLoader
 from botocore.utils import get_environ_proxies
 
-__all__ = ["Loader", "ServiceNames", "create_loader", "new_session", "tls_free"]
-
-
-class ServiceNames(Sequence[str]):
-    """The services that have ``type_name`` data, as botocore's
-    ``Loader.list_available_services`` answers (sorted names), found lazily.
-
-    ``name in names`` looks only in that service's directory, through the loader's
-    ``list_api_versions`` (true when some API version of ``name`` has a ``type_name``
-    file in the loader's search path: the test the full walk applies to each
-    directory). Iterating, indexing or ``len`` walk every directory once, as
-    botocore does, and keep the list.
-    """
-
-    def __init__(self, loader: Loader, type_name: str) -> None:
-        self._loader = loader
-        self._type_name = type_name
-        self._names: list[str] | None = None
-
-    def __contains__(self, name: object) -> bool:
-        if not isinstance(name, str) or not name or os.sep in name:
-            return False
-        if self._names is not None:
-            return name in self._names
-        try:
-            return bool(self._loader.list_api_versions(name, self._type_name))
-        except DataNotFoundError:
-            return False
-
-    def _all(self) -> list[str]:
-        if self._names is None:
-            self._names = self._loader.scan_services(self._type_name)
-        return self._names
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._all())
-
-    def __len__(self) -> int:
-        return len(self._all())
-
-    def __getitem__(self, index: Any) -> Any:
-        return self._all()[index]
-
-    def __repr__(self) -> str:
-        return f"ServiceNames({self._type_name!r})"
+__all__ = ["Loader", "create_loader", "new_session", "tls_free"]
 
 
 class Loader(_BotocoreLoader):  # type: ignore[misc]
-    """botocore's data loader whose ``list_available_services`` answers with a
-    :class:`ServiceNames`: the same answers, with one service's directory read for a
-    membership test instead of all of them. Thread-safe as botocore's is (its caches
-    are plain dicts; a race computes an answer twice)."""
+    """botocore's data loader, with the question ``load_service_model`` asks before it
+    loads a model (whether the service exists: ``list_available_services``) answered
+    from that one service's directory, through botocore's ``list_api_versions`` (the
+    same search path, the same test), when the service is there. For an unknown name,
+    and for every other caller, ``list_available_services`` is botocore's walk (a
+    sorted list). Thread-safe as botocore's is (its caches are plain dicts; a race
+    computes an answer twice)."""
 
     def __init__(self, extra_search_paths: list[str] | None = None) -> None:
         super().__init__(extra_search_paths=extra_search_paths)
-        self._service_names: dict[str, ServiceNames] = {}
+        self._loading = threading.local()
 
-    def list_available_services(self, type_name: str) -> ServiceNames:
-        names = self._service_names.get(type_name)
-        if names is None:
-            names = self._service_names[type_name] = ServiceNames(self, type_name)
-        return names
+    def load_service_model(
+        self, service_name: str, type_name: str, api_version: str | None = None
+    ) -> Any:
+        self._loading.name = service_name
+        try:
+            return super().load_service_model(service_name, type_name, api_version)
+        finally:
+            self._loading.name = None
 
-    def scan_services(self, type_name: str) -> list[str]:
-        """botocore's own walk: every service with ``type_name`` data, sorted."""
+    def list_available_services(self, type_name: str) -> list[str]:
+        name = getattr(self._loading, "name", None)
+        if isinstance(name, str) and self._has(name, type_name):
+            return [name]  # the one answer the model's load needs: the name is known
         names: list[str] = super().list_available_services(type_name)
         return names
+
+    def _has(self, name: str, type_name: str) -> bool:
+        """Whether some API version of service ``name`` has ``type_name`` data."""
+        if not name or os.sep in name or name in (".", ".."):
+            return False
+        try:
+            return bool(self.list_api_versions(name, type_name))
+        except DataNotFoundError:
+            return False
 
 
 def create_loader(data_path: str | None) -> Loader:
