@@ -198,6 +198,12 @@ def test_a_plain_object_changed_under_pending_tail_lines_is_read_plain_and_named
     for i in range(4):
         store.write_trajectory("r1", "gsm8k", StoredTrajectory(idx=i, benchmark="gsm8k"))
     tree = _tree(src)
+    clean = EvalStore(tmp_path / "clean")  # another host of the fleet, sound
+    clean.create_run("m", ["gsm8k"], run_id="r0")
+    clean.write_trajectory("r0", "gsm8k", StoredTrajectory(idx=0, benchmark="gsm8k"))
+    with S3Storage(S3_BUCKET, f"{prefix}/h0", endpoint_url=s3_server.endpoint_url) as h0:
+        for path, data in _tree(tmp_path / "clean").items():
+            h0.write(path, data)
     host = S3Storage(S3_BUCKET, f"{prefix}/h1", endpoint_url=s3_server.endpoint_url)
     with host:
         versions = {path: host.write(path, data) for path, data in tree.items()}
@@ -222,7 +228,8 @@ def test_a_plain_object_changed_under_pending_tail_lines_is_read_plain_and_named
     exported = run_cli("runs", "export", fleet_url, "--output", str(out))
     assert exported.returncode == 1, exported.stderr
     assert main_url in exported.stderr and "changed by something other" in exported.stderr
-    assert (out / "samples.csv").read_text().count("\n") == 1 + lines  # header, the plain lines
+    assert (out / "samples.csv").read_text().count("\n") == 1 + 1 + lines  # header, h0, h1
+    assert f"{fleet_url}/h0" not in exported.stderr  # the damage is h1's alone
     exported = run_cli("runs", "export", "--allow-skipped", fleet_url, "--output", str(out))
     assert exported.returncode == 0, exported.stderr
     assert main_url in exported.stderr

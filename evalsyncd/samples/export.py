@@ -232,7 +232,5 @@ async def aexport_samples(
         # a main object changed under pending tail lines, found by this export's reads
         damage = await tail_damage(reader.storage)
         if damage is not None and not any(str(damage) in m for m in summary.read_around):
-            summary.read_around.append(
-                f"{reader.storage.url()}: read from the plain objects: {damage}"
-            )
+            summary.read_around.append(f"read from the plain objects: {damage}")
     return summary

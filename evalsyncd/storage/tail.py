@@ -607,8 +607,9 @@ async def tail_damage(storage: object) -> CorruptObjectError | None:
 
     The newest tail object's header (:attr:`TailIndex.damage`), else the first
     tail object found shorter than its index says (:attr:`TailIndex.damaged_pieces`),
-    else a main object changed by something other than the writer under pending
-    pieces (its URL; kept by the storage until that file stitches again).
+    else a main object below ``storage``'s prefix changed by something other than the
+    writer under pending pieces (its URL; kept until that file stitches again; a
+    storage and its children share what they found, so each answers for its own).
 
     ``None`` when ``storage`` keeps no tail log, does not read it, or its newest
     tail object is sound. Uses the storage's cached index (no request when a read
@@ -621,10 +622,12 @@ async def tail_damage(storage: object) -> CorruptObjectError | None:
     if not isinstance(index, TailIndex):
         return None
     mains: dict[str, CorruptObjectError] = getattr(storage, "_damaged", None) or {}
+    url_of = getattr(storage, "url", None)
+    below = url_of("").rstrip("/") + "/" if callable(url_of) else ""
     return (
         index.damage
         or (index.damaged_pieces[0] if index.damaged_pieces else None)
-        or next(iter(mains.values()), None)
+        or next((exc for url, exc in list(mains.items()) if url.startswith(below)), None)
     )
 
 
