@@ -372,22 +372,31 @@ def test_a_run_moved_out_of_the_root_is_deleted_without_waiting_for_a_full_scan(
     env: Env, tmp_path: Path
 ) -> None:
     """A run directory moved out of the watched root (one inotify event, for the directory)
-    has its files' objects deleted (mirror_deletes) long before the next full rescan."""
+    has its files' objects deleted (mirror_deletes) long before the next full rescan; so
+    has one replaced by a file of the same name (its files' paths now fail with ENOTDIR)."""
     reader = env.add("s3")
     store = EvalStore(env.root)
-    _write_runs(store, 2, 3)
+    _write_runs(store, 3, 3)
+
+    def files_of(run: str) -> list[str]:
+        top = env.root / "runs" / run
+        return sorted(p.relative_to(env.root).as_posix() for p in top.rglob("*") if p.is_file())
+
     with env.daemon(mirror_deletes=True, rescan_interval_s=600.0) as daemon:
         wait_mirrored(env.root, reader)
-        gone = sorted(
-            p.relative_to(env.root).as_posix()
-            for p in (env.root / "runs/run-001").rglob("*")
-            if p.is_file()
-        )
+        gone = files_of("run-001")
         assert gone and all(reader.exists(rel) for rel in gone)
         os.rename(env.root / "runs/run-001", tmp_path / "moved-away")
         wait_for(lambda: not any(reader.exists(rel) for rel in gone), 30, what="objects deleted")
         assert reader.exists("runs/run-000/metadata.json")
         assert any(e.get("event") == "delete_mirrored" for e in daemon.log_events())
+
+        replaced = files_of("run-002")
+        os.rename(env.root / "runs/run-002", tmp_path / "replaced")
+        (env.root / "runs/run-002").write_text("not a run\n")
+        wait_for(lambda: not any(reader.exists(r) for r in replaced), 30, what="replaced run")
+        assert not any(e.get("event") == "file_unreadable" for e in daemon.log_events())
+        assert reader.exists("runs/run-000/metadata.json")
 
 
 def test_broken_destination_does_not_hold_back_others(env: Env) -> None:

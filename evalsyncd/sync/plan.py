@@ -341,7 +341,8 @@ class Observation:
         path, row = self._path, self._row
         try:
             seen = self._seen = _look(self._root, path, row, self._st)
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
+            # gone; or a directory on its path is a file now (a run directory replaced)
             return Observed(FileFacts(path, None))
         except OSError as exc:
             return Observed(FileFacts(path, None, error=str(exc)))
@@ -398,7 +399,7 @@ async def _read_whole(full: str, path: str, st: os.stat_result) -> Observed:
     """The facts of a replace-on-write file, from its whole content."""
     try:
         data = await blocking(st.st_size, read_stable, full, st)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return Observed(FileFacts(path, None))
     except OSError as exc:
         return Observed(FileFacts(path, st, error=str(exc)))
