@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import structlog
 
-from evalsyncd.terminal import one_line
+from evalsyncd.terminal import one_line, printable
 
 __all__ = ["configure_logging"]
 
@@ -39,16 +39,21 @@ def _redact(_logger: Any, _method: str, event_dict: dict[str, Any]) -> dict[str,
     return event_dict
 
 
-def _one_line_event(_logger: Any, _method: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+def _escaped(_logger: Any, _method: str, event_dict: dict[str, Any]) -> dict[str, Any]:
     """Console lines: the event (a library's formatted message may quote a local file name
     or a bucket's text) on one line, control characters shown escaped
     (:func:`~evalsyncd.terminal.one_line`), so that it can neither start a forged line nor
     send terminal escapes. The other values are printed with ``repr`` (the renderer's
-    ``repr_native_str``), which escapes them; the traceback keeps its lines. JSON lines
-    are escaped by the encoder."""
+    ``repr_native_str``), which escapes them. A traceback keeps its lines, with every
+    other control character escaped (:func:`~evalsyncd.terminal.printable`: an
+    exception's message may quote a file name too). JSON lines are escaped by the
+    encoder."""
     event = event_dict.get("event")
     if isinstance(event, str):
         event_dict["event"] = one_line(event)
+    trace = event_dict.get("exception")
+    if isinstance(trace, str):
+        event_dict["exception"] = printable(trace)
     return event_dict
 
 
@@ -75,7 +80,7 @@ def configure_logging(
         if use_json
         else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty(), repr_native_str=True)
     )
-    last: list[Any] = [renderer] if use_json else [_one_line_event, renderer]
+    last: list[Any] = [renderer] if use_json else [_escaped, renderer]
     structlog.configure(
         processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
         logger_factory=structlog.stdlib.LoggerFactory(),

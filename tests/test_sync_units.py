@@ -362,7 +362,7 @@ def test_console_logs_escape_what_a_file_name_or_bucket_holds(
 ) -> None:
     """A file name holding a newline and terminal escapes is one escaped field of one
     console line: it can neither forge a log line nor move the cursor. A traceback keeps
-    its lines."""
+    its lines; an exception's message has its escapes shown, not obeyed."""
     import logging
 
     import structlog
@@ -376,7 +376,7 @@ def test_console_logs_escape_what_a_file_name_or_bucket_holds(
         log.warning("runs/r/\x1b]0;pwned\x07\nfake_event")  # a library's message
         log.warning("upload_failed", key="runs/r/\x1b[2K")  # no space: printed bare before
         try:
-            raise ValueError("boom")
+            raise ValueError("boom: runs/r/\x1b[2K\x07.json")
         except ValueError:
             log.exception("pass_failed")
         err = capsys.readouterr().err
@@ -389,7 +389,8 @@ def test_console_logs_escape_what_a_file_name_or_bucket_holds(
     assert "key='runs/r/\\x1b[2K'" in third
     assert "\x1b" not in err and "\x07" not in err
     assert not any("fake_event" in line for line in rest)
-    assert "pass_failed" in rest[0] and "Traceback" in err and "ValueError: boom" in err
+    assert "pass_failed" in rest[0] and "Traceback" in err
+    assert "ValueError: boom: runs/r/\\x1b[2K\\x07.json" in err
 
 
 def test_byte_budget_bounds_bytes_in_flight() -> None:
