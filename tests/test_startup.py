@@ -451,6 +451,28 @@ def test_the_first_pass_stages_while_the_claim_runs_and_writes_after_it(
     assert "/.evalsyncd/tail/" in writes[1].split()[1], writes
 
 
+def test_a_parked_destination_stays_recorded_parked_until_its_server_check_passes(
+    memory_storage: MemoryStorage, tmp_path: Path
+) -> None:
+    """A daemon (or ``sync --once``) that starts a destination recorded ``parked`` records
+    nothing for it until its first outcome: ``status`` must not read ``healthy`` while
+    nothing was tried (a ``sync --once`` whose time went to another destination). The
+    server check that passes records it healthy."""
+    root = tmp_path / "root"
+    _finalized_runs(root, 1)
+    with Journal(tmp_path / "j.sqlite3", root) as journal:
+        journal.set_destination_state("mem", "parked", error="PrefixOwnedError: host b")
+        d = _claiming(memory_storage, journal, root)
+        assert journal.destinations()["mem"].state == "parked"
+
+        async def checked() -> None:
+            assert await d._checked() is None
+
+        asyncio.run(checked())
+        record = journal.destinations()["mem"]
+        assert (record.state, record.last_error) == ("healthy", "PrefixOwnedError: host b")
+
+
 def test_a_failed_claim_fails_the_first_pass_once_and_nothing_is_staged_twice(
     memory_storage: MemoryStorage, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -241,6 +241,8 @@ class Destination(Scheduler):
         except StorageError as exc:
             self._on_failure(exc, permanent=isinstance(exc, PermanentStorageError))  # wakes
             return exc
+        # the first outcome of this run: the prefix is ours and the server usable
+        self.journal.set_destination_state(self.name, self.state.value)
         return None
 
     async def run_pass(self) -> bool:

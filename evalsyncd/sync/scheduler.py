@@ -156,7 +156,9 @@ class Scheduler:
         self._last_pass = -1e18
         self._last_success_recorded = -1e18
         self._stopping = asyncio.Event()
-        self.journal.set_destination_state(self.name, self.state.value)
+        # Nothing is recorded yet: until this destination's first outcome (its server
+        # check, a pass, a transition) the journal keeps the state recorded last, so that
+        # `status` never reports a parked destination healthy before anything was tried.
 
     # -- intake ------------------------------------------------------------------------
 
