@@ -15,6 +15,8 @@ decide on retries by type and never by matching message strings::
     │   └── SearchPatternError            also ValueError: an invalid search regex
     ├── RunEvictedError                   also PermissionError: a write to a run evicted from
     │                                     the local disk (retention); `evalsyncd restore` it
+    ├── RootChangedError                  the watched root is gone or another directory: the
+    │                                     daemon sends nothing until it is back
     └── StorageError                      anything a storage backend raises
         ├── ObjectNotFoundError           also FileNotFoundError: the object is missing
         ├── ConflictError                 a precondition failed (HTTP 412, offset mismatch):
@@ -58,6 +60,7 @@ __all__ = [
     "ObjectNotFoundError",
     "PermanentStorageError",
     "PrefixOwnedError",
+    "RootChangedError",
     "RunEvictedError",
     "SampleError",
     "SampleNotFoundError",
@@ -92,6 +95,12 @@ class CatalogError(EvalsyncdError, ValueError):
     def __init__(self, message: str, *, url: str) -> None:
         super().__init__(message)
         self.url = url
+
+
+class RootChangedError(EvalsyncdError):
+    """The watched root is gone, or is another directory than the one the daemon started
+    on (moved away, removed, replaced, a volume unmounted from under it). Nothing is sent
+    until it is back: every file would look deleted. The message names the root."""
 
 
 class RunEvictedError(EvalsyncdError, PermissionError):

@@ -399,6 +399,39 @@ def test_a_run_moved_out_of_the_root_is_deleted_without_waiting_for_a_full_scan(
         assert reader.exists("runs/run-000/metadata.json")
 
 
+def test_a_root_moved_away_deletes_nothing_and_syncing_resumes_when_it_is_back(
+    env: Env, tmp_path: Path
+) -> None:
+    """The watched root moved aside (or a volume unmounted from under it) looks like every
+    file deleted; with mirror_deletes on, nothing may go. Passes fail naming the root
+    (backoff) while full rescans find nothing; once it is back, mirroring resumes."""
+    reader = env.add("s3", retry={"initial_backoff_s": 0.1, "max_backoff_s": 0.5})
+    store = EvalStore(env.root)
+    _write_runs(store, 2, 3)
+    with env.daemon(mirror_deletes=True, rescan_interval_s=0.5) as daemon:
+        wait_mirrored(env.root, reader)
+        before = remote_tree(reader)
+        aside = tmp_path / "aside"
+        os.rename(env.root, aside)
+
+        def refused() -> int:
+            return sum(
+                1
+                for e in daemon.log_events()
+                if e.get("event") == "pass_failed" and "RootChangedError" in e.get("error", "")
+            )
+
+        wait_for(lambda: refused() >= 3, 30, what="passes refused while the root is gone")
+        assert str(env.root) in next(
+            e["error"] for e in daemon.log_events() if e.get("event") == "pass_failed"
+        )
+        assert remote_tree(reader) == before  # nothing deleted
+        os.rename(aside, env.root)
+        store.write_trajectory("run-000", "gsm8k", _trajectory(99, "gsm8k"))
+        wait_mirrored(env.root, reader)
+        assert set(before) <= set(remote_tree(reader))
+
+
 def test_broken_destination_does_not_hold_back_others(env: Env) -> None:
     """A destination whose credentials are refused is parked; the healthy ones keep mirroring."""
     # SeaweedFS creates missing buckets on the fly, so the permanent error here is

@@ -249,7 +249,14 @@ class Destination(Scheduler):
         """See :meth:`Scheduler.run_pass`. While the start's server check runs, a pass
         goes on and its writes wait for it (:meth:`run`). After a check that failed (the
         server was unreachable), first wait for :attr:`retry_at` and check again: a
-        check that fails again is a failed pass (BACKOFF, retried with the backoff)."""
+        check that fails again is a failed pass (BACKOFF, retried with the backoff). A
+        watched root that is gone or replaced fails the pass before anything is read
+        (:meth:`Context.root_changed`): every file would look deleted."""
+        await self._sleep(self.retry_at - self.clock())  # after a failure, its backoff
+        changed = self.ctx.root_changed()
+        if changed is not None:
+            self._on_failure(changed, permanent=False)  # BACKOFF: looked at again, retried
+            return False
         check = self.ctx.check
         if check is not None and check.done():
             self.ctx.check = None  # the start's check is over: recorded, if it failed

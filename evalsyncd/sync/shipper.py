@@ -23,6 +23,8 @@ shipper's :class:`Sender` methods.
 from __future__ import annotations
 
 import asyncio
+import os
+import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,7 +34,7 @@ from typing import Generic, Protocol, TypeVar
 import structlog
 from aiolimiter import AsyncLimiter
 
-from evalsyncd.errors import InvalidKeyError, StorageError
+from evalsyncd.errors import InvalidKeyError, RootChangedError, StorageError
 from evalsyncd.storage import Backend
 from evalsyncd.sync.journal import Entry, EntryStatus, Journal
 from evalsyncd.sync.lines import blocking, new_entry, read_lines, seen_as
@@ -116,6 +118,15 @@ class Delta:
         await self._held.__aexit__(None, None, None)
 
 
+def _identity(path: Path) -> tuple[int, int] | None:
+    """``(st_dev, st_ino)`` of the directory at ``path``, or ``None`` if there is none."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino) if stat.S_ISDIR(st.st_mode) else None
+
+
 @dataclass
 class Context:
     """What both shippers of one destination work with.
@@ -157,12 +168,31 @@ class Context:
     meter: Meter = field(init=False)
     sem: asyncio.Semaphore = field(init=False)
     _limiter: AsyncLimiter | None = field(init=False)
+    _root_id: tuple[int, int] | None = field(init=False)
 
     def __post_init__(self) -> None:
+        self._root_id = _identity(self.root)
         self.meter = Meter(self.name)
         self.sem = asyncio.Semaphore(self.max_concurrency)
         self._limiter = (
             AsyncLimiter(self.max_upload_bytes_per_s, 1.0) if self.max_upload_bytes_per_s else None
+        )
+
+    def root_changed(self) -> RootChangedError | None:
+        """Whether :attr:`root` is gone or is another directory than when this context was
+        made (device and inode; one ``stat``): a pass must then send nothing, since every
+        file would look deleted (and with ``mirror_deletes``, every object would go)."""
+        now = _identity(self.root)
+        if now is not None and now == self._root_id:
+            return None
+        if self._root_id is None and now is not None:
+            self._root_id = now  # created after the start: adopted
+            return None
+        what = "is gone" if now is None else "is another directory now"
+        return RootChangedError(
+            f"the watched root {self.root} {what} (moved, removed, replaced or a volume "
+            "unmounted): nothing is sent until it is back; restart the daemon to adopt a "
+            "new root"
         )
 
     @property
