@@ -627,7 +627,7 @@ async def tail_damage(storage: object) -> CorruptObjectError | None:
     return (
         index.damage
         or (index.damaged_pieces[0] if index.damaged_pieces else None)
-        or next((exc for url, exc in list(mains.items()) if url.startswith(below)), None)
+        or next((exc for url, exc in mains.items() if url.startswith(below)), None)
     )
 
 

@@ -262,10 +262,12 @@ class Destination(Scheduler):
             self.ctx.check = None  # the start's check is over: recorded, if it failed
         elif check is not None:
             return await super().run_pass()  # writes wait for the check
-        if self._server_pending and not self._stopping.is_set():
-            await self._sleep(self.retry_at - self.clock())
-            if self._stopping.is_set() or await self._checked() is not None:
-                return False
+        if (
+            self._server_pending
+            and not self._stopping.is_set()
+            and await self._checked() is not None
+        ):
+            return False
         return await super().run_pass()
 
     async def _check_server(self) -> None:
