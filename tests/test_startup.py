@@ -33,7 +33,9 @@ from botocore.loaders import JSONFileLoader
 
 from evalsyncd.cli import _gc_held_until_ready
 from evalsyncd.config import DestinationSettings, RetrySettings
+from evalsyncd.errors import ServerBehaviourError
 from evalsyncd.storage import GCSStorage, S3Storage
+from evalsyncd.storage import probe as probe_module
 from evalsyncd.storage._bridge import run_sync
 from evalsyncd.storage._loaded import is_gcs, is_s3
 from evalsyncd.storage._s3session import create_loader, new_session, tls_free
@@ -449,6 +451,91 @@ def test_the_first_pass_stages_while_the_claim_runs_and_writes_after_it(
     staged = {e.removeprefix("plan ") for e in events[: events.index(writes[0])]}
     assert staged == set(files)  # all staged before the claim was even created
     assert "/.evalsyncd/tail/" in writes[1].split()[1], writes
+
+
+def _slow_probe(
+    events: list[str], monkeypatch: pytest.MonkeyPatch, error: Exception | None
+) -> None:
+    """The server probe takes 0.3 s and records ``probe start`` and ``probe end`` in
+    ``events`` (on a MemoryStorage the real one has nothing to probe); then raises
+    ``error``, if given."""
+
+    async def probing(storage: Any) -> None:
+        events.append("probe start")
+        await asyncio.sleep(0.3)
+        events.append("probe end")
+        if error is not None:
+            raise error
+
+    monkeypatch.setattr(probe_module, "aadapt", probing)
+
+
+def test_the_first_tail_object_waits_for_the_claim_and_objects_for_the_probe(
+    memory_storage: MemoryStorage, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A probe that takes 0.3 s: the first tail object goes out once the prefix is claimed,
+    while the probe runs (its requests overlap the upload), and every run is listed
+    through it; no object of a file is written before the probe passed."""
+    root = tmp_path / "root"
+    _finalized_runs(root, 5)
+    events: list[str] = []
+    _recorded(memory_storage, events, monkeypatch)
+    _slow_probe(events, monkeypatch, None)
+    main_written = lambda: any(e.startswith("write runs/") for e in events)  # noqa: E731
+
+    async def scenario() -> None:
+        with Journal(tmp_path / "j.sqlite3", root) as journal:
+            d = _claiming(memory_storage, journal, root)
+            await _until_listed(d, memory_storage, 5, first=main_written)
+            assert d.stats.failures == {}
+            assert d.state is DestinationState.HEALTHY
+
+    asyncio.run(scenario())
+    writes = [e for e in events if e.startswith(("write ", "probe "))]
+    assert writes[0].split()[1].endswith("/.evalsyncd/owner.json"), writes
+    tail = next(i for i, w in enumerate(writes) if "/.evalsyncd/tail/" in w)
+    started, ended = writes.index("probe start"), writes.index("probe end")
+    assert 0 < tail < ended and started < ended, writes  # the tail object did not wait
+    assert not [w for w in writes[:ended] if w.startswith("write runs/")], writes
+    assert [w for w in writes[ended:] if w.startswith("write runs/")], writes
+
+
+def test_a_probe_that_finds_the_server_unusable_after_the_first_tail_object_parks(
+    memory_storage: MemoryStorage, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The probe finds a required feature missing while the first tail object uploads: the
+    destination parks with the probe's error, and no object of a file is written, not
+    even by the pass a stop runs."""
+    root = tmp_path / "root"
+    _finalized_runs(root, 3)
+    events: list[str] = []
+    _recorded(memory_storage, events, monkeypatch)
+    error = ServerBehaviourError(
+        "s3://b/p: the server lacks checksums (400 InvalidRequest)",
+        url="s3://b/p",
+        feature="checksums",
+        answer="400 InvalidRequest",
+    )
+    _slow_probe(events, monkeypatch, error)
+
+    async def scenario() -> None:
+        with Journal(tmp_path / "j.sqlite3", root) as journal:
+            d = _claiming(memory_storage, journal, root)
+            task = asyncio.create_task(d.run())
+            for _ in range(500):
+                if d.state is DestinationState.PARKED:
+                    break
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.2)  # passes that would write objects have had their chance
+            d.stop()
+            await task
+            assert d.state is DestinationState.PARKED
+            assert d.last_error is not None and "lacks checksums" in d.last_error
+            assert journal.destinations()["mem"].state == "parked"
+
+    asyncio.run(scenario())
+    assert "probe end" in events
+    assert not [e for e in events if e.startswith("write runs/")], events
 
 
 def test_a_parked_destination_stays_recorded_parked_until_its_server_check_passes(

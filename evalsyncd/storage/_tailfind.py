@@ -157,6 +157,8 @@ class LevelCache:
             if task is None:
                 task = loop.create_task(_call(read))
                 self._entries[(loop, level)] = (now, task)
+            elif task.done():
+                return task.result()  # fresh: no await (a read of many files asks per file)
         return await asyncio.shield(task)
 
     def learn_absent(self, level: str) -> None:

@@ -220,27 +220,48 @@ class Destination(Scheduler):
         (:meth:`Context.ensure_owner`), so nothing is written on a prefix this
         daemon does not own, or to a server the probe finds unusable, as when the
         check came first, and a start spends the check's round trips staging. A
-        check that could not run (an unreachable server) fails the pass that waits
-        for it, or is recorded on its own when no pass wrote meanwhile (BACKOFF); it
-        is then tried again with the destination's backoff before each pass, and
-        nothing ships until it ran.
+        tail object's create waits for the claim alone (:meth:`Context.ensure_claimed`):
+        the probe starts when a write asks for it or the first pass ends, and its
+        requests go out while that tail object uploads. A check that could not run
+        (an unreachable server) fails the pass that waits for it, or is recorded on
+        its own when no pass wrote meanwhile (BACKOFF); it is then tried again with
+        the destination's backoff before each pass, and nothing ships until it ran.
         """
         self._server_pending = True
-        check = self.ctx.check = asyncio.ensure_future(self._checked())
+        ctx = self.ctx
+        ctx.check_wanted = asyncio.Event()
+        ctx.claimed = asyncio.get_running_loop().create_future()
+        check = ctx.check = asyncio.ensure_future(self._checked(ctx.claimed))
         try:
             await super().run()
         finally:
-            self.ctx.check = None
+            ctx.check = ctx.claimed = ctx.check_wanted = None
             if not check.done():
                 check.cancel()
 
-    async def _checked(self) -> StorageError | None:
-        """:meth:`_check_server`, its failure recorded: the failure, or ``None``."""
+    async def _checked(
+        self, claimed: asyncio.Future[StorageError | None] | None = None
+    ) -> StorageError | None:
+        """:meth:`_check_server`, its failure recorded: the failure, or ``None``.
+
+        Args:
+            claimed: the start's check (:meth:`run`): gets the claim's outcome as soon
+                as it is known, and the probe waits for :attr:`Context.check_wanted`.
+        """
         try:
-            await self._check_server()
+            await self._check_server(claimed)
         except StorageError as exc:
+            if claimed is not None and not claimed.done():
+                claimed.set_result(exc)  # the claim failed: so does a tail write
             self._on_failure(exc, permanent=isinstance(exc, PermanentStorageError))  # wakes
             return exc
+        except BaseException as exc:  # a stop (cancelled): a write waiting on it stops too
+            if claimed is not None and not claimed.done():
+                if isinstance(exc, asyncio.CancelledError):
+                    claimed.cancel()
+                else:
+                    claimed.set_exception(exc)
+            raise
         # the first outcome of this run: the prefix is ours and the server usable
         self.journal.set_destination_state(self.name, self.state.value)
         return None
@@ -259,22 +280,28 @@ class Destination(Scheduler):
             return False
         check = self.ctx.check
         if check is not None and check.done():
-            self.ctx.check = None  # the start's check is over: recorded, if it failed
+            self.ctx.check = self.ctx.claimed = None  # the start's check is over: recorded
         elif check is not None:
-            return await super().run_pass()  # writes wait for the check
-        if (
-            self._server_pending
-            and not self._stopping.is_set()
-            and await self._checked() is not None
-        ):
-            return False
+            try:
+                return await super().run_pass()  # writes wait for the check
+            finally:
+                self.ctx.want_check()  # the first pass is over: the probe goes on
+        if self._server_pending:
+            if self._stopping.is_set():
+                return False  # a stop waits for no check, and nothing unchecked is sent
+            if await self._checked() is not None:
+                return False
         return await super().run_pass()
 
-    async def _check_server(self) -> None:
+    async def _check_server(
+        self, claimed: asyncio.Future[StorageError | None] | None = None
+    ) -> None:
         """Claim the prefix, probe the server (:func:`evalsyncd.storage.probe.aadapt`):
-        fallbacks are set and logged. After a probe, remove old leftovers of failed
-        cleanups (:func:`evalsyncd.storage.reap.areap`), best effort. Only on a prefix
-        this daemon owns: the probe writes under ``.evalsyncd/probe/``.
+        fallbacks are set and logged. With ``claimed`` (the start's check), the claim's
+        success is set there and the probe waits for :attr:`Context.check_wanted`. After
+        a probe, remove old leftovers of failed cleanups
+        (:func:`evalsyncd.storage.reap.areap`), best effort. Only on a prefix this
+        daemon owns: the probe writes under ``.evalsyncd/probe/``.
 
         A probe refused for good (a permission the probe needs) is logged and the
         daemon goes on (every append still checks its post-condition).
@@ -298,6 +325,10 @@ class Destination(Scheduler):
                 raise  # another daemon's prefix (PrefixOwnedError), a claim refused for good
             except StorageError as exc:
                 raise _probe_error(self.storage, exc, "the prefix's claim") from exc
+        if claimed is not None:
+            claimed.set_result(None)
+            if self.ctx.check_wanted is not None:
+                await self.ctx.check_wanted.wait()
         try:
             async with asyncio.timeout(_PROBE_TIMEOUT_S):  # an unreachable server: retried
                 await aadapt(self.storage)

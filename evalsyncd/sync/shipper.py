@@ -148,8 +148,14 @@ class Context:
             shipper writes and when a write conflicts; ``None``: not checked.
         check: the destination's server check while it runs (the claim and the probe,
             ``Destination.run``): its result is the error it recorded, or ``None``.
-            Shippers read and stage meanwhile; every write waits for it
-            (:meth:`ensure_owner`).
+            Shippers read and stage meanwhile; every write of an object waits for it
+            (:meth:`ensure_owner`), a tail object's create for its claim only
+            (:meth:`ensure_claimed`).
+        claimed: the claim step of :attr:`check` while it runs: its result is the
+            error the check recorded there, or ``None`` once the prefix is claimed.
+        check_wanted: set when a write asks for the check: its probe waits for that
+            (or for the end of the first pass), so that a start's first tail object
+            does not wait on the probe's round trips, which go out during its upload.
     """
 
     name: str
@@ -165,6 +171,8 @@ class Context:
     wall: Callable[[], float] = time.time
     owner: Owner | None = None
     check: asyncio.Future[StorageError | None] | None = None
+    claimed: asyncio.Future[StorageError | None] | None = None
+    check_wanted: asyncio.Event | None = None
     meter: Meter = field(init=False)
     sem: asyncio.Semaphore = field(init=False)
     _limiter: AsyncLimiter | None = field(init=False)
@@ -202,15 +210,43 @@ class Context:
 
     async def ensure_owner(self) -> None:
         """Return when this daemon owns the prefix (no request between rechecks) and the
-        server check (:attr:`check`), if one runs, passed: the call before a write.
+        server check (:attr:`check`), if one runs, passed: the call before a write (a
+        tail object's create: :meth:`ensure_claimed`).
 
         Raises:
             PrefixOwnedError: another daemon owns it: write nothing.
             StorageError: the claim could not be read or created, or the server check
                 failed (the error it recorded).
         """
-        if self.check is not None:
-            error = await asyncio.shield(self.check)
+        await self._passed(self.check)
+
+    async def ensure_claimed(self) -> None:
+        """Return when this daemon owns the prefix, while the start's server probe may
+        still run: the call before a tail object's create, and nothing else.
+
+        A tail object is a new object under ``.evalsyncd/tail/``, sent with its CRC32C,
+        which a server that refuses checksums (the one feature the probe requires)
+        refuses the same way; every other feature the probe looks for serves writes of
+        objects (:meth:`ensure_owner`). The probe is asked to start, so that its
+        requests go out while the tail object uploads.
+
+        Raises:
+            PrefixOwnedError: another daemon owns it: write nothing.
+            StorageError: the claim could not be read or created (the error the check
+                recorded).
+        """
+        claim_only = self.checking and self.claimed is not None
+        await self._passed(self.claimed if claim_only else self.check)
+
+    def want_check(self) -> None:
+        """Let the start's server probe go on (see :attr:`check_wanted`)."""
+        if self.check_wanted is not None:
+            self.check_wanted.set()
+
+    async def _passed(self, step: asyncio.Future[StorageError | None] | None) -> None:
+        self.want_check()
+        if step is not None:
+            error = await asyncio.shield(step)
             if error is not None:
                 raise error
         if self.owner is not None:

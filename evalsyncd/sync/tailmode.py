@@ -277,8 +277,9 @@ class TailShipper:
         self._restage.update(lost)
         reset += lost
         # Nothing is written before ctx.ensure_owner() (another daemon's prefix, the server
-        # check at start). Staging writes only for a file the index names (an empty main
-        # object): with an empty index, files are staged first, the check runs meanwhile.
+        # check at start), or a tail object before ctx.ensure_claimed(). Staging writes
+        # only for a file the index names (an empty main object): with an empty index,
+        # files are staged first, the check runs meanwhile.
         if self.writer.index.files or self.writer.dirty or reset:
             await ctx.ensure_owner()
         staged: list[Staged] = []
@@ -310,14 +311,18 @@ class TailShipper:
             self.writer.mark(CATALOG_MARK)
         if staged or direct or self.writer.dirty or not ctx.checking:
             # before the first write; and in every pass once the start's check is over
-            # (a displaced owner notices the new one, even with nothing to send)
+            # (a displaced owner notices the new one, even with nothing to send). A tail
+            # object waits for the claim alone: the probe's requests go out meanwhile,
+            # and objects below (and perfile's) wait for the whole check.
             try:
-                await ctx.ensure_owner()
+                await ctx.ensure_claimed()
             except BaseException:
                 self.writer.discard()  # nothing staged was sent: the next pass stages it again
                 raise
         if staged or self.writer.dirty:
             await self.commit(staged)
+            if any(s.remove or s.empty for s in staged):
+                await ctx.ensure_owner()  # objects are written below
             for s in staged:
                 if s.remove:
                     # the index no longer names it: now its main object may go
@@ -616,6 +621,8 @@ class TailShipper:
         ctx = self.ctx
         if due is None:
             due = self.due_now()
+        if due:
+            await ctx.ensure_owner()  # the first pass's tail object waited for the claim alone
         error: StorageError | None = None
         try:
             phases = by_phase(due, lambda item: item[0], self._promote_guarded)
