@@ -39,7 +39,7 @@ from evalsyncd.storage import probe as probe_module
 from evalsyncd.storage._bridge import run_sync
 from evalsyncd.storage._loaded import is_gcs, is_s3
 from evalsyncd.storage._s3session import create_loader, new_session, tls_free
-from evalsyncd.storage.memory import MemoryStorage
+from evalsyncd.storage.memory import MemoryStorage, memory_bucket
 from evalsyncd.store import BenchmarkResult, EvalStore, StoredTrajectory, StoredTurn
 from evalsyncd.sync import steps
 from evalsyncd.sync.destination import Destination, DestinationState
@@ -453,6 +453,14 @@ def test_the_first_pass_stages_while_the_claim_runs_and_writes_after_it(
     assert "/.evalsyncd/tail/" in writes[1].split()[1], writes
 
 
+_CHECKSUMS_REFUSED = ServerBehaviourError(
+    "s3://b/p: the server lacks checksums (400 InvalidRequest)",
+    url="s3://b/p",
+    feature="checksums",
+    answer="400 InvalidRequest",
+)
+
+
 def _slow_probe(
     events: list[str], monkeypatch: pytest.MonkeyPatch, error: Exception | None
 ) -> None:
@@ -510,13 +518,7 @@ def test_a_probe_that_finds_the_server_unusable_after_the_first_tail_object_park
     _finalized_runs(root, 3)
     events: list[str] = []
     _recorded(memory_storage, events, monkeypatch)
-    error = ServerBehaviourError(
-        "s3://b/p: the server lacks checksums (400 InvalidRequest)",
-        url="s3://b/p",
-        feature="checksums",
-        answer="400 InvalidRequest",
-    )
-    _slow_probe(events, monkeypatch, error)
+    _slow_probe(events, monkeypatch, _CHECKSUMS_REFUSED)
 
     async def scenario() -> None:
         with Journal(tmp_path / "j.sqlite3", root) as journal:
@@ -536,6 +538,53 @@ def test_a_probe_that_finds_the_server_unusable_after_the_first_tail_object_park
     asyncio.run(scenario())
     assert "probe end" in events
     assert not [e for e in events if e.startswith("write runs/")], events
+
+
+def test_a_pass_that_wrote_a_tail_object_while_the_probe_failed_is_no_success(
+    memory_storage: MemoryStorage, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The probe fails while the first pass's tail object is still uploading (no run in
+    it, so no catalog to publish after it): the pass ends with the probe's error, and the
+    destination never reads ``healthy`` after it parked."""
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "runs.jsonl").write_text('{"run_id": "r1"}\n')
+    events: list[str] = []
+    _slow_probe(events, monkeypatch, _CHECKSUMS_REFUSED)
+    memory_storage.faults.delay("internal_create", 0.6)  # the claim, then the tail object
+    states: list[str] = []
+    passes: list[bool] = []
+    transition, run_pass = Destination._transition, Destination.run_pass
+
+    def recording(self: Destination, new: DestinationState, reason: str | None = None) -> None:
+        states.append(new.value)
+        transition(self, new, reason)
+
+    async def counted(self: Destination) -> bool:
+        passes.append(await run_pass(self))
+        return passes[-1]
+
+    monkeypatch.setattr(Destination, "_transition", recording)
+    monkeypatch.setattr(Destination, "run_pass", counted)
+
+    async def scenario() -> None:
+        with Journal(tmp_path / "j.sqlite3", root) as journal:
+            d = _claiming(memory_storage, journal, root)
+            task = asyncio.create_task(d.run())
+            for _ in range(500):
+                if passes:
+                    break
+                await asyncio.sleep(0.01)
+            d.stop()
+            await task
+            assert d.state is DestinationState.PARKED
+            assert journal.destinations()["mem"].state == "parked"
+
+    asyncio.run(scenario())
+    assert passes[0] is False, passes  # the first pass: its tail object sent, then the verdict
+    assert "probe end" in events
+    assert "parked" in states and "healthy" not in states[states.index("parked") :], states
+    assert any("/.evalsyncd/tail/" in key for key in memory_bucket(memory_storage.bucket).objects)
 
 
 def test_a_parked_destination_stays_recorded_parked_until_its_server_check_passes(

@@ -251,6 +251,10 @@ class TailShipper:
         reset: list[str] = []
         try:
             await self._ship(batch, outcome, reset)
+            if outcome.error is None and self.ctx.check is not None and not self.ctx.checking:
+                # the start's check ended during this pass (which may have written a tail
+                # object only): its verdict is this pass's, not a success over it
+                await self.ctx.ensure_owner()
         except StorageError as exc:
             outcome.error = exc
         if outcome.error is not None:
