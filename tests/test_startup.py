@@ -483,9 +483,11 @@ def test_the_first_tail_object_waits_for_the_claim_and_objects_for_the_probe(
 ) -> None:
     """A probe that takes 0.3 s: the first tail object goes out once the prefix is claimed,
     while the probe runs (its requests overlap the upload), and every run is listed
-    through it; no object of a file is written before the probe passed."""
+    through it; no object of a file is written before the probe passed, not even a file
+    big enough to go straight to its object."""
     root = tmp_path / "root"
     _finalized_runs(root, 5)
+    (root / "big.json").write_text(json.dumps({"x": "y" * 100_000}))  # sent whole, not staged
     events: list[str] = []
     _recorded(memory_storage, events, monkeypatch)
     _slow_probe(events, monkeypatch, None)
@@ -504,8 +506,9 @@ def test_the_first_tail_object_waits_for_the_claim_and_objects_for_the_probe(
     tail = next(i for i, w in enumerate(writes) if "/.evalsyncd/tail/" in w)
     started, ended = writes.index("probe start"), writes.index("probe end")
     assert 0 < tail < ended and started < ended, writes  # the tail object did not wait
-    assert not [w for w in writes[:ended] if w.startswith("write runs/")], writes
+    assert not [w for w in writes[:ended] if w.startswith(("write runs/", "write big"))], writes
     assert [w for w in writes[ended:] if w.startswith("write runs/")], writes
+    assert [w for w in writes[ended:] if w.startswith("write big.json")], writes
 
 
 def test_a_probe_that_finds_the_server_unusable_after_the_first_tail_object_parks(

@@ -343,6 +343,7 @@ class TailShipper:
                 if s.entry.seen_size < 0:
                     outcome.again[s.path] = True  # more complete lines than one chunk
         if direct:
+            await ctx.ensure_owner()  # objects: after the whole check (the tail: the claim)
             await self.files.ship_paths(direct, outcome)
             if outcome.error is not None:
                 return
