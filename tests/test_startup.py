@@ -403,6 +403,17 @@ def _recorded(storage: MemoryStorage, events: list[str], monkeypatch: pytest.Mon
         monkeypatch.setattr(storage, name, recording)
 
 
+async def _until_parked(d: Destination) -> None:
+    """Run ``d`` until it parks (5 s at most), then stop it and wait for its last pass."""
+    task = asyncio.create_task(d.run())
+    for _ in range(500):
+        if d.state is DestinationState.PARKED:
+            break
+        await asyncio.sleep(0.01)
+    d.stop()
+    await task
+
+
 def _until_listed(
     d: Destination, storage: MemoryStorage, runs: int, first: Callable[[], bool] = lambda: True
 ) -> Any:
@@ -526,14 +537,7 @@ def test_a_probe_that_finds_the_server_unusable_after_the_first_tail_object_park
     async def scenario() -> None:
         with Journal(tmp_path / "j.sqlite3", root) as journal:
             d = _claiming(memory_storage, journal, root)
-            task = asyncio.create_task(d.run())
-            for _ in range(500):
-                if d.state is DestinationState.PARKED:
-                    break
-                await asyncio.sleep(0.01)
-            await asyncio.sleep(0.2)  # passes that would write objects have had their chance
-            d.stop()
-            await task
+            await _until_parked(d)  # the pass in flight, and the stop's, end meanwhile
             assert d.state is DestinationState.PARKED
             assert d.last_error is not None and "lacks checksums" in d.last_error
             assert journal.destinations()["mem"].state == "parked"
@@ -663,13 +667,7 @@ def test_another_daemons_prefix_gets_nothing_from_a_first_pass_that_staged(
     async def scenario() -> None:
         with Journal(tmp_path / "j.sqlite3", root) as journal:
             d = _claiming(memory_storage, journal, root)
-            task = asyncio.create_task(d.run())
-            for _ in range(500):
-                if d.state is DestinationState.PARKED:
-                    break
-                await asyncio.sleep(0.01)
-            d.stop()
-            await task
+            await _until_parked(d)
             assert d.state is DestinationState.PARKED
             assert d.last_error is not None and d.last_error.startswith("PrefixOwnedError")
 
