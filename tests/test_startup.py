@@ -594,6 +594,59 @@ def test_a_pass_that_wrote_a_tail_object_while_the_probe_failed_is_no_success(
     assert any("/.evalsyncd/tail/" in key for key in memory_bucket(memory_storage.bucket).objects)
 
 
+def test_an_idle_start_probes_and_parks_on_an_unusable_server(
+    memory_storage: MemoryStorage, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Nothing to send (an empty root, or a restart with everything mirrored): no write
+    asks for the probe, which runs all the same soon after the claim, and a server it
+    finds unusable parks the destination (``status`` exits 1)."""
+    root = tmp_path / "root"
+    root.mkdir()
+    events: list[str] = []
+    _slow_probe(events, monkeypatch, _CHECKSUMS_REFUSED)
+
+    async def scenario() -> None:
+        with Journal(tmp_path / "j.sqlite3", root) as journal:
+            d = _claiming(memory_storage, journal, root)
+            await _until_parked(d)
+            assert d.state is DestinationState.PARKED
+            assert journal.destinations()["mem"].state == "parked"
+
+    asyncio.run(scenario())
+    assert events == ["probe start", "probe end"]
+
+
+def test_a_start_never_records_healthy_before_its_probe_passed(
+    memory_storage: MemoryStorage, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first pass sends its tail object while the probe runs (0.3 s), then the probe
+    finds the server unusable: what ``status`` reads goes to ``parked``, never through
+    ``healthy`` (the pass waits for the check's verdict)."""
+    root = tmp_path / "root"
+    (root / "notes").mkdir(parents=True)
+    (root / "notes" / "a.jsonl").write_text('{"a": 1}\n')
+    events: list[str] = []
+    _slow_probe(events, monkeypatch, _CHECKSUMS_REFUSED)
+    recorded: list[str] = []
+    record = Journal.set_destination_state
+
+    def recording(self: Journal, name: str, state: str, *args: Any, **kwargs: Any) -> Any:
+        recorded.append(state)
+        return record(self, name, state, *args, **kwargs)
+
+    monkeypatch.setattr(Journal, "set_destination_state", recording)
+
+    async def scenario() -> None:
+        with Journal(tmp_path / "j.sqlite3", root) as journal:
+            d = _claiming(memory_storage, journal, root)
+            await _until_parked(d)
+            assert journal.destinations()["mem"].state == "parked"
+
+    asyncio.run(scenario())
+    assert "parked" in recorded and "healthy" not in recorded, recorded
+    assert any("/.evalsyncd/tail/" in k for k in memory_bucket(memory_storage.bucket).objects)
+
+
 def test_a_parked_destination_stays_recorded_parked_until_its_server_check_passes(
     memory_storage: MemoryStorage, tmp_path: Path
 ) -> None:

@@ -18,6 +18,7 @@ use (``mark``, ``run``, ``run_pass``, ``state``, ``stats``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
 from collections.abc import Callable
@@ -61,6 +62,9 @@ log = structlog.get_logger("evalsyncd.sync")
 
 _PROBE_TIMEOUT_S = 30.0
 """Bound on one server probe, seconds (a probe that times out is tried again with the backoff)."""
+_PROBE_DEFER_S = 1.0
+"""At start, how long the probe waits after the claim for a write to ask for it, seconds:
+an idle daemon (nothing to send) probes, and parks on an unusable server, all the same."""
 
 PROMOTE_MIN_BYTES = 1024 * 1024
 """Pending bytes of one file from which its main object is due in the tail mode (at
@@ -328,7 +332,11 @@ class Destination(Scheduler):
         if claimed is not None:
             claimed.set_result(None)
             if self.ctx.check_wanted is not None:
-                await self.ctx.check_wanted.wait()
+                # a write asks for the probe, or the first pass ends; with nothing to send
+                # (no pass runs), it goes on after _PROBE_DEFER_S all the same
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(_PROBE_DEFER_S):
+                        await self.ctx.check_wanted.wait()
         try:
             async with asyncio.timeout(_PROBE_TIMEOUT_S):  # an unreachable server: retried
                 await aadapt(self.storage)

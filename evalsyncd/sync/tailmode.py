@@ -251,9 +251,10 @@ class TailShipper:
         reset: list[str] = []
         try:
             await self._ship(batch, outcome, reset)
-            if outcome.error is None and self.ctx.check is not None and not self.ctx.checking:
-                # the start's check ended during this pass (which may have written a tail
-                # object only): its verdict is this pass's, not a success over it
+            if outcome.error is None and self.ctx.check is not None:
+                # a pass that wrote a tail object only while the start's check runs ends
+                # with the check's verdict, not a success ahead of it (status would read
+                # healthy while the probe may still find the server unusable)
                 await self.ctx.ensure_owner()
         except StorageError as exc:
             outcome.error = exc
