@@ -286,10 +286,7 @@ class Destination(Scheduler):
         if check is not None and check.done():
             self.ctx.check = self.ctx.claimed = None  # the start's check is over: recorded
         elif check is not None:
-            try:
-                return await super().run_pass()  # writes wait for the check
-            finally:
-                self.ctx.want_check()  # the first pass is over: the probe goes on
+            return await super().run_pass()  # writes wait for the check; so does its end
         if self._server_pending:
             if self._stopping.is_set():
                 return False  # a stop waits for no check, and nothing unchecked is sent
