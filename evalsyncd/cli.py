@@ -95,6 +95,15 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--state-dir", metavar="DIR", help="journal directory (overrides the config)")
 
 
+def _add_adopt_root(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--adopt-root",
+        action="store_true",
+        help="the root is another directory than the one the journal mirrored, on purpose "
+        "(moved, restored): record it, and mirror its deletions again (mirror_deletes)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``evalsyncd`` command."""
     parser = argparse.ArgumentParser(
@@ -106,11 +115,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run the daemon (watch and mirror until stopped)")
     _add_common(run)
+    _add_adopt_root(run)
 
     sync = sub.add_parser(
         "sync", help="one catch-up pass, then exit (0 when everything is mirrored)"
     )
     _add_common(sync)
+    _add_adopt_root(sync)
     sync.add_argument(
         "--once", action="store_true", required=True, help="required: run one pass and exit"
     )
@@ -318,7 +329,11 @@ async def _run_daemon(
         metrics = Metrics()
         on_upload = metrics.on_upload
     service = Service(
-        settings, notify=notify, watchdog_interval_s=watchdog_interval_s(), on_upload=on_upload
+        settings,
+        notify=notify,
+        watchdog_interval_s=watchdog_interval_s(),
+        on_upload=on_upload,
+        adopt_root=config_args.adopt_root,
     )
     try:
         if settings.metrics_address:
@@ -334,13 +349,13 @@ async def _run_daemon(
     return EX_OK
 
 
-async def _sync_once(settings: Settings, timeout_s: float) -> int:
+async def _sync_once(settings: Settings, timeout_s: float, *, adopt_root: bool = False) -> int:
     import structlog
 
     from evalsyncd.sync.service import Service
 
     log = structlog.get_logger("evalsyncd.cli")
-    service = Service(settings)
+    service = Service(settings, adopt_root=adopt_root)
     bar: Any = None
     if sys.stderr.isatty():
         from tqdm import tqdm
@@ -1058,7 +1073,7 @@ def _main_settings(args: argparse.Namespace, ready: Callable[[], None] = lambda:
         if args.command == "run":
             return asyncio.run(_run_daemon(settings, args, ready))
         if args.command == "sync":
-            return asyncio.run(_sync_once(settings, args.timeout))
+            return asyncio.run(_sync_once(settings, args.timeout, adopt_root=args.adopt_root))
         if args.command == "status":
             return _status(settings, args.json)
         if args.command == "verify":

@@ -29,7 +29,14 @@ from pathlib import Path
 from typing import Any
 
 from evalsyncd.config import Settings
-from evalsyncd.sync.files import FileKind, classify, display_path, key_problem, scan_tree
+from evalsyncd.sync.files import (
+    FileKind,
+    classify,
+    dir_identity,
+    display_path,
+    key_problem,
+    scan_tree,
+)
 from evalsyncd.sync.journal import Entry, Journal
 from evalsyncd.sync.offline import JOURNAL_NAME, unacked_bytes
 from evalsyncd.sync.owner import read_owner_records
@@ -99,6 +106,10 @@ class StatusReport:
     not_mirrorable: dict[str, str] = field(default_factory=dict)
     """Files no destination can hold (their path is not a valid key), printable path ->
     why; they are not counted as pending (see :func:`~evalsyncd.sync.files.key_problem`)."""
+    root_replaced: bool = False
+    """The root is another directory (device, inode) than the one the journal mirrored:
+    the daemon leaves files missing from it as they were at the destinations (an
+    unmounted volume's mount point; ``--adopt-root`` records a moved root)."""
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (times as Unix seconds)."""
@@ -149,6 +160,8 @@ def collect_status(settings: Settings, *, now: float | None = None) -> StatusRep
         if journal is not None and settings.retention.enabled:
             retention = retention_status(settings, journal, now)
         records = journal.destinations() if journal else {}
+        known = journal.root_identity() if journal else None
+        replaced = known not in (None, dir_identity(settings.root))
         owners = read_owner_records(settings.state_dir)
         out = []
         for dest in settings.destinations:
@@ -195,6 +208,7 @@ def collect_status(settings: Settings, *, now: float | None = None) -> StatusRep
         destinations=out,
         retention=retention,
         not_mirrorable={display_path(rel): why for rel, why in sorted(bad.items())},
+        root_replaced=replaced,
     )
 
 
@@ -277,6 +291,12 @@ def format_status(report: StatusReport, *, now: float | None = None) -> str:
     lines = [f"root {report.root}: {report.files} files"]
     if not report.journal_exists:
         lines.append(f"journal {report.journal}: none yet (the daemon has not run)")
+    if report.root_replaced:
+        lines.append(
+            "root replaced: not the directory the journal mirrored (device and inode differ: "
+            "a volume not mounted, a moved root); files missing from it are left as they "
+            "were at the destinations. If it is the root now: evalsyncd sync --once --adopt-root"
+        )
     if report.not_mirrorable:
         lines.append(
             f"not mirrorable: {len(report.not_mirrorable)} files, never uploaded "

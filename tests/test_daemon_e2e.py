@@ -432,6 +432,71 @@ def test_a_root_moved_away_deletes_nothing_and_syncing_resumes_when_it_is_back(
         assert set(before) <= set(remote_tree(reader))
 
 
+def test_a_start_on_another_directory_at_the_root_deletes_nothing_until_adopted(
+    env: Env, tmp_path: Path
+) -> None:
+    """A start whose root is another directory than the one the journal mirrored (the
+    empty mount point of a volume not mounted yet; here the root moved aside and an
+    empty directory made in its place) sees every file as deleted: with mirror_deletes
+    on, no object may go, in that start or the next. When the root is back, deletions
+    mirror again; a root moved on purpose is adopted with --adopt-root."""
+    reader = env.add("s3")
+    mirror = env.add("local", name="nfs")
+    _write_runs(EvalStore(env.root), 2, 3)
+    cfg = write_config(env.tmp / "config.toml", env.root, env.state, env.dests, mirror_deletes=True)
+
+    def sync(*extra: str) -> str:
+        done = evalsyncd(
+            "sync", "--once", "--config", str(cfg), *extra, env={"EVALSYNCD_LOG_LEVEL": "debug"}
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        return done.stderr
+
+    sent = ("upload_succeeded", "tail_written", "delete_mirrored", "local_file_deleted")
+    assert "upload_succeeded" in sync()
+    before = {name: wait_mirrored(env.root, r) for name, r in env.readers.items()}
+    aside = tmp_path / "aside"
+    os.rename(env.root, aside)
+    env.root.mkdir()  # the mount point: empty, another inode (and on a volume, device)
+    for _ in range(2):  # a restart (systemd's Restart=) changes nothing
+        held = sync()
+        assert "root_replaced" in held
+        assert not [e for e in sent if e in held]
+        assert remote_tree(reader) == before["s3"]
+        assert remote_tree(mirror) == before["nfs"]
+    status = evalsyncd("status", "--json", "--config", str(cfg))
+    assert json.loads(status.stdout)["root_replaced"] is True
+    assert "--adopt-root" in evalsyncd("status", "--config", str(cfg)).stdout
+
+    env.root.rmdir()
+    os.rename(aside, env.root)  # mounted: the journal's root again
+    back = sync()
+    assert "root_replaced" not in back
+    assert not [e for e in sent if e in back]  # rows left as they were: nothing resent
+    wait_mirrored(env.root, reader)
+    os.remove(env.root / "runs/run-001/math/trajectories.jsonl")  # deletions mirror again
+    sync()
+    assert not reader.exists("runs/run-001/math/trajectories.jsonl")
+    wait_mirrored(env.root, mirror)
+
+    moved = tmp_path / "moved"  # a root restored elsewhere, then put in place on purpose
+    os.rename(env.root, moved)
+    env.root.mkdir()
+    (env.root / "runs.jsonl").write_bytes((moved / "runs.jsonl").read_bytes())
+    assert "root_replaced" in sync()
+    assert reader.exists("runs/run-000/metadata.json")
+    assert "root_adopted" in sync("--adopt-root")
+    assert not reader.exists("runs/run-000/metadata.json")  # adopted: its deletions mirror
+    assert (
+        json.loads(evalsyncd("status", "--json", "--config", str(cfg)).stdout)["root_replaced"]
+        is False
+    )
+    assert reader.exists("runs.jsonl")
+    os.remove(env.root / "runs.jsonl")
+    assert "root_replaced" not in sync()
+    assert not reader.exists("runs.jsonl")
+
+
 def test_broken_destination_does_not_hold_back_others(env: Env) -> None:
     """A destination whose credentials are refused is parked; the healthy ones keep mirroring."""
     # SeaweedFS creates missing buckets on the fly, so the permanent error here is

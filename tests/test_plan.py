@@ -107,6 +107,8 @@ CASES: list[tuple[str, FileFacts, Entry | None, Policy, Action]] = [
     ("gone, already marked", FileFacts("t.jsonl", None), row(status=EntryStatus.DELETED), POLICY, Action(Do.SKIP)),
     ("gone: keep the remote", FileFacts("t.jsonl", None), row(), POLICY, Action(Do.DELETED)),
     ("gone, mirror_deletes", FileFacts("t.jsonl", None), row(), replace(POLICY, mirror_deletes=True), Action(Do.REMOVE)),
+    ("gone, deletes held (another root)", FileFacts("t.jsonl", None), row(), replace(POLICY, mirror_deletes=True, hold_deletes=True), Action(Do.SKIP)),
+    ("gone, deletes held, mirror_deletes off", FileFacts("t.jsonl", None), row(), replace(POLICY, hold_deletes=True), Action(Do.SKIP)),
     # -- append-only
     ("new append-only file", FileFacts("t.jsonl", st()), None, POLICY, Action(Do.REWRITE, reason=NEW_FILE)),
     ("back after a delete", FileFacts("t.jsonl", st()), row(status=EntryStatus.DELETED), POLICY, Action(Do.REWRITE, reason=NEW_FILE)),

@@ -83,6 +83,7 @@ def shipping_context(
     *,
     flush_interval_s: float,
     mirror_deletes: bool = False,
+    hold_deletes: bool = False,
     invalid_json_grace_s: float = 30.0,
     inflight_bytes: int = INFLIGHT_BYTES,
     clock: Callable[[], float] = time.monotonic,
@@ -95,6 +96,7 @@ def shipping_context(
         flush_interval_s,
         invalid_json_grace_s,
         mirror_deletes,
+        hold_deletes,
         max_main_lag_s=settings.max_main_lag_s,
         compact_idle_s=settings.compact_idle_s,
         tail_max_pieces=settings.tail_max_pieces,
@@ -127,6 +129,8 @@ class Destination(Scheduler):
         root: the watched root.
         flush_interval_s: minimum time between two passes, seconds.
         mirror_deletes: delete remote objects of files deleted locally.
+        hold_deletes: act on no file missing locally (the root is another directory
+            than the one the journal mirrored; see :class:`~evalsyncd.sync.plan.Policy`).
         invalid_json_grace_s: how long a ``.json`` may stay unparseable before it
             is reported, seconds.
         chunk_bytes: see :data:`CHUNK_BYTES`, bytes.
@@ -148,6 +152,7 @@ class Destination(Scheduler):
         *,
         flush_interval_s: float,
         mirror_deletes: bool = False,
+        hold_deletes: bool = False,
         invalid_json_grace_s: float = 30.0,
         chunk_bytes: int = CHUNK_BYTES,
         retry_chunk_bytes: int = RETRY_CHUNK_BYTES,
@@ -171,6 +176,7 @@ class Destination(Scheduler):
             root,
             flush_interval_s=flush_interval_s,
             mirror_deletes=mirror_deletes,
+            hold_deletes=hold_deletes,
             invalid_json_grace_s=invalid_json_grace_s,
             inflight_bytes=inflight_bytes,
             clock=clock,

@@ -32,6 +32,7 @@ from evalsyncd.storage import check_key
 __all__ = [
     "FileKind",
     "classify",
+    "dir_identity",
     "display_path",
     "is_run_metadata",
     "key_problem",
@@ -70,6 +71,15 @@ def is_run_metadata(relpath: str) -> bool:
     """Whether ``relpath`` is ``runs/{run_id}/metadata.json``."""
     parts = relpath.split("/")
     return len(parts) == 3 and parts[0] == "runs" and parts[2] == "metadata.json"
+
+
+def dir_identity(path: Path) -> tuple[int, int] | None:
+    """``(st_dev, st_ino)`` of the directory at ``path``, or ``None`` if there is none."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino) if stat_mod.S_ISDIR(st.st_mode) else None
 
 
 def phase_of(relpath: str) -> int:

@@ -376,6 +376,24 @@ class Journal:
             self._db.execute("INSERT INTO meta VALUES ('tail_writer', ?)", (writer,))
             return writer
 
+    def root_identity(self) -> tuple[int, int] | None:
+        """``(st_dev, st_ino)`` of the watched root this journal mirrored, as
+        :meth:`record_root_identity` kept it; ``None`` before the first record."""
+        with self._lock:
+            row = self._db.execute("SELECT value FROM meta WHERE key = 'root_id'").fetchone()
+        dev, _, ino = str(row[0] if row is not None else "").partition(":")
+        if not (dev.isdigit() and ino.isdigit()):
+            return None  # none recorded (or not one this code wrote): the next start records it
+        return int(dev), int(ino)
+
+    def record_root_identity(self, identity: tuple[int, int]) -> None:
+        """Keep ``(st_dev, st_ino)`` as the watched root's identity (meta ``root_id``)."""
+        with self._lock:
+            self._db.execute(
+                "INSERT OR REPLACE INTO meta VALUES ('root_id', ?)",
+                (f"{identity[0]}:{identity[1]}",),
+            )
+
     def close(self) -> None:
         """Commit what is pending and close the connection."""
         self.commit()

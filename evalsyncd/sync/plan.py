@@ -131,6 +131,10 @@ class Policy:
         invalid_json_grace_s: how long a ``*.json`` may stay unparseable (or
             empty) before it is reported, seconds.
         mirror_deletes: remove remote objects of files deleted locally.
+        hold_deletes: a file missing locally is left as the journal knows it (its
+            object kept, its row live): the root is another directory than the one
+            the journal mirrored, such as a volume's empty mount point, and the files
+            may come back with it.
         max_main_lag_s, compact_idle_s, tail_max_pieces: the tail log's
             settings (see ``DestinationSettings``).
         promote_bytes: pending bytes from which a main object is due.
@@ -141,6 +145,7 @@ class Policy:
     flush_interval_s: float
     invalid_json_grace_s: float
     mirror_deletes: bool = False
+    hold_deletes: bool = False
     max_main_lag_s: float = 60.0
     compact_idle_s: float = 10.0
     tail_max_pieces: int = 32
@@ -172,7 +177,7 @@ def plan(facts: FileFacts, row: Entry | None, now: float, policy: Policy) -> Act
     if st is None or not stat.S_ISREG(st.st_mode):
         # gone, or no longer a regular file (a symlink is never followed; sockets, FIFOs):
         # what the remote holds is no longer the file
-        if not _live(row):
+        if not _live(row) or policy.hold_deletes:
             return Action(Do.SKIP)
         return Action(Do.REMOVE if policy.mirror_deletes else Do.DELETED)
     if row is not None and row.unchanged(st):

@@ -32,6 +32,7 @@ from evalsyncd.sync.destination import Destination
 from evalsyncd.sync.files import (
     FileKind,
     classify,
+    dir_identity,
     display_path,
     is_run_metadata,
     key_problem,
@@ -85,8 +86,13 @@ class Service:
         notify: Callable[[str], None] | None = None,
         watchdog_interval_s: float | None = None,
         on_upload: Callable[[str, str, int, float], None] | None = None,
+        adopt_root: bool = False,
     ) -> None:
         self.settings = settings
+        self._adopt_root = adopt_root
+        self.deletes_held = False
+        """Whether this run leaves files missing from the root as the journal knows them:
+        set by :meth:`open` (see :meth:`_hold_deletes`)."""
         self.root = settings.root
         self._notify = notify or (lambda line: None)
         self._status_wanted = notify is not None  # STATUS= costs a journal read per dirty file
@@ -135,11 +141,46 @@ class Service:
                 f"state_dir: cannot create the journal in {state_dir}: {exc.__cause__ or exc}"
             ) from exc
         self._stack.callback(self.journal.close)
+        self.deletes_held = self._hold_deletes(self.journal)
         for dest in self.settings.destinations:
             await self._add_destination(dest)
         # -- retention (evalsyncd.sync.retention): finish evictions a crash interrupted
         self.retention = Retention(self.root, self.settings.retention, self.journal, self.mirrors)
         await asyncio.to_thread(recover, self.root, self.journal, self.retention.urls())
+
+    def _hold_deletes(self, journal: Journal) -> bool:
+        """Whether this run must act on no file missing from the root.
+
+        The journal keeps the root's device and inode from its first run. A root
+        that is another directory now (the empty mount point of a volume not
+        mounted yet, a root moved or restored from a backup) makes every file the
+        journal knows look deleted: with ``mirror_deletes`` every object would go,
+        and without it every row would be marked deleted, to be uploaded again when
+        the volume is back. Such a run mirrors what the root holds and leaves the
+        missing files as they were (objects and rows); each start warns
+        (``root_replaced``) until the journal's root is back or ``adopt_root``
+        (``--adopt-root``) records the new one.
+        """
+        now = dir_identity(self.root)
+        known = journal.root_identity()
+        if now is None or now == known:
+            return False
+        if known is None or self._adopt_root:
+            if known is not None:
+                log.info("root_adopted", root=str(self.root))
+            journal.record_root_identity(now)
+            return False
+        log.warning(
+            "root_replaced",
+            root=str(self.root),
+            hint=(
+                "the root is another directory than the one this journal mirrored (device "
+                "and inode differ: a volume not mounted, a moved or restored root); files "
+                "missing from it are left as they were at the destinations. If it is the "
+                "root now, run once with --adopt-root"
+            ),
+        )
+        return True
 
     async def _add_destination(self, dest: DestinationSettings) -> Destination:
         assert self.journal is not None
@@ -155,6 +196,7 @@ class Service:
             self.root,
             flush_interval_s=self.settings.flush_interval_s,
             mirror_deletes=self.settings.mirror_deletes,
+            hold_deletes=self.deletes_held,
             invalid_json_grace_s=self.settings.invalid_json_grace_s,
             owner=Owner(
                 storage, self.journal.writer_id(), dest.name, state_dir=self.settings.state_dir

@@ -23,8 +23,6 @@ shipper's :class:`Sender` methods.
 from __future__ import annotations
 
 import asyncio
-import os
-import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,6 +34,7 @@ from aiolimiter import AsyncLimiter
 
 from evalsyncd.errors import InvalidKeyError, RootChangedError, StorageError
 from evalsyncd.storage import Backend
+from evalsyncd.sync.files import dir_identity
 from evalsyncd.sync.journal import Entry, EntryStatus, Journal
 from evalsyncd.sync.lines import blocking, new_entry, read_lines, seen_as
 from evalsyncd.sync.owner import Owner
@@ -118,15 +117,6 @@ class Delta:
         await self._held.__aexit__(None, None, None)
 
 
-def _identity(path: Path) -> tuple[int, int] | None:
-    """``(st_dev, st_ino)`` of the directory at ``path``, or ``None`` if there is none."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return (st.st_dev, st.st_ino) if stat.S_ISDIR(st.st_mode) else None
-
-
 @dataclass
 class Context:
     """What both shippers of one destination work with.
@@ -179,7 +169,7 @@ class Context:
     _root_id: tuple[int, int] | None = field(init=False)
 
     def __post_init__(self) -> None:
-        self._root_id = _identity(self.root)
+        self._root_id = dir_identity(self.root)
         self.meter = Meter(self.name)
         self.sem = asyncio.Semaphore(self.max_concurrency)
         self._limiter = (
@@ -190,7 +180,7 @@ class Context:
         """Whether :attr:`root` is gone or is another directory than when this context was
         made (device and inode; one ``stat``): a pass must then send nothing, since every
         file would look deleted (and with ``mirror_deletes``, every object would go)."""
-        now = _identity(self.root)
+        now = dir_identity(self.root)
         if now is not None and now == self._root_id:
             return None
         if self._root_id is None and now is not None:

@@ -147,7 +147,7 @@ class TailShipper:
                     # until then, so readers never see the file vanish meanwhile
                     self._restage.add(path)
                     reset.append(path)
-                elif ctx.policy.mirror_deletes:
+                elif ctx.policy.mirror_deletes and not ctx.policy.hold_deletes:
                     self.writer.forget(path)  # deleted locally: the index forgets it first,
                     removed.append(path)  # then its main object goes
                 else:
