@@ -18,7 +18,14 @@ from evalsyncd.store import BenchmarkResult, EvalStore, StoredTrajectory, Stored
 from evalsyncd.testing.proxy import CountingProxy
 from evalsyncd.testing.servers import SeaweedS3Server
 from tests.conftest import GCS_BUCKET, S3_BUCKET
-from tests.daemon import Daemon, expected_mirror, remote_tree, wait_mirrored, write_config
+from tests.daemon import (
+    Daemon,
+    expected_mirror,
+    read_keys,
+    remote_tree,
+    wait_mirrored,
+    write_config,
+)
 from tests.helpers import wait_for
 from tests.opshelpers import evalsyncd
 
@@ -397,6 +404,61 @@ def test_a_run_moved_out_of_the_root_is_deleted_without_waiting_for_a_full_scan(
         wait_for(lambda: not any(reader.exists(r) for r in replaced), 30, what="replaced run")
         assert not any(e.get("event") == "file_unreadable" for e in daemon.log_events())
         assert reader.exists("runs/run-000/metadata.json")
+
+
+@pytest.mark.parametrize("mirror_deletes", [False, True])
+def test_a_run_directory_swapped_for_a_symlink_is_never_read_through_it(
+    env: Env, tmp_path: Path, mirror_deletes: bool
+) -> None:
+    """A writer that swaps a mirrored run directory (or a benchmark directory in it) for a
+    symlink to a directory outside the root, holding files of the same names (another
+    user's secrets, the daemon's own configuration), must not get them uploaded: no
+    symlink is followed on a file's path, so the run's files are seen as gone, as
+    deleted files are, and the mirror never holds a byte from outside the root."""
+    reader = env.add("s3")
+    env.add("local", name="nfs")
+    store = EvalStore(env.root)
+    _write_runs(store, 3, 3)
+    secret = tmp_path / "outside"
+    for run in ("run-001", "run-002"):
+        for rel in sorted(p for p in (env.root / "runs" / run).rglob("*") if p.is_file()):
+            target = secret / run / rel.relative_to(env.root / "runs" / run)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            line = json.dumps({"secret": "SECRET-" + "x" * 50}) + "\n"
+            target.write_text(line * 3 if rel.suffix == ".jsonl" else line)
+    with env.daemon(mirror_deletes=mirror_deletes, rescan_interval_s=0.5) as daemon:
+        wait_mirrored(env.root, reader)
+        swapped = sorted(
+            p.relative_to(env.root).as_posix()
+            for run in ("run-001", "run-002")
+            for p in (env.root / "runs" / run).rglob("*")
+            if p.is_file()
+        )
+        os.rename(env.root / "runs/run-001", tmp_path / "aside-1")
+        os.symlink(secret / "run-001", env.root / "runs/run-001")  # the run directory
+        bench = env.root / "runs/run-002/gsm8k"
+        os.rename(bench, tmp_path / "aside-2")
+        os.symlink(secret / "run-002/gsm8k", bench)  # a directory inside a run
+        store.write_trajectory("run-000", "gsm8k", _trajectory(99, "gsm8k"))
+        seen = "delete_mirrored" if mirror_deletes else "local_file_deleted"
+        gone = [p for p in swapped if p.startswith("runs/run-001/") or "/gsm8k/" in p]
+
+        def handled() -> bool:
+            keys = {e.get("key") for e in daemon.log_events() if e.get("event") == seen}
+            return set(gone) <= keys
+
+        wait_for(handled, 30, what="the swapped files seen as gone")
+        appended = "runs/run-000/gsm8k/trajectories.jsonl"
+        wait_for(
+            lambda: read_keys(reader, [appended])[appended] == (env.root / appended).read_bytes(),
+            30,
+            what="the next append mirrored",
+        )
+        for name, r in env.readers.items():
+            leaked = [k for k, v in remote_tree(r).items() if b"SECRET" in v]
+            assert not leaked, f"{name}: bytes from outside the root in {leaked}"
+        assert all(reader.exists(p) is not mirror_deletes for p in gone)
+        assert not any(e.get("event") == "file_unreadable" for e in daemon.log_events())
 
 
 def test_a_root_moved_away_deletes_nothing_and_syncing_resumes_when_it_is_back(

@@ -20,6 +20,7 @@ comes after every ``metadata.json``.
 from __future__ import annotations
 
 import enum
+import errno
 import functools
 import os
 import stat as stat_mod
@@ -36,6 +37,7 @@ __all__ = [
     "display_path",
     "is_run_metadata",
     "key_problem",
+    "open_beneath",
     "phase_of",
     "scan_tree",
 ]
@@ -71,6 +73,43 @@ def is_run_metadata(relpath: str) -> bool:
     """Whether ``relpath`` is ``runs/{run_id}/metadata.json``."""
     parts = relpath.split("/")
     return len(parts) == 3 and parts[0] == "runs" and parts[2] == "metadata.json"
+
+
+_READ = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW
+_DIR = _READ | os.O_DIRECTORY
+
+
+def open_beneath(root: str | Path, path: str) -> int:
+    """Open the file at ``path`` (relative to ``root``, ``/``-separated) for reading,
+    following no symlink on the way: each directory is opened from its parent with
+    ``O_NOFOLLOW`` (``openat``), so a run directory swapped for a symlink between a
+    scan and a read never makes the daemon read (and upload) a file outside the root.
+
+    Returns:
+        A file descriptor (``O_CLOEXEC``); the caller closes it.
+
+    Raises:
+        NotADirectoryError: a directory on the path is a symlink or not a directory.
+        FileNotFoundError: a part of the path is missing.
+        OSError: ``ELOOP`` when the file itself is a symlink; any other open error.
+    """
+    parts = path.split("/")
+    fd = os.open(root, _DIR)
+    try:
+        for part in parts[:-1]:
+            try:
+                inner = os.open(part, _DIR, dir_fd=fd)
+            except OSError as exc:
+                if exc.errno != errno.ELOOP:
+                    raise
+                raise NotADirectoryError(
+                    errno.ENOTDIR, "a symlink on the path, never followed", os.path.join(root, path)
+                ) from exc
+            os.close(fd)
+            fd = inner
+        return os.open(parts[-1], _READ, dir_fd=fd)
+    finally:
+        os.close(fd)
 
 
 def dir_identity(path: Path) -> tuple[int, int] | None:

@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 
 import crc32c
 
+from evalsyncd.sync.files import open_beneath
 from evalsyncd.sync.journal import Entry, EntryStatus
 
 __all__ = [
@@ -122,9 +123,10 @@ def read_lines(fd: int, offset: int, size: int, chunk_bytes: int) -> bytes:
     return b""
 
 
-def read_stable(full: str | Path, st: os.stat_result) -> bytes | None:
-    """The whole file, or None if it changed (size, mtime or inode) while being read."""
-    with open(full, "rb") as f:
+def read_stable(root: str | Path, path: str, st: os.stat_result) -> bytes | None:
+    """The whole file ``path`` under ``root`` (opened with :func:`open_beneath`), or
+    None if it changed (size, mtime or inode) while being read."""
+    with open(open_beneath(root, path), "rb") as f:
         data = f.read()
         after = os.fstat(f.fileno())
     if (after.st_size, after.st_mtime_ns, after.st_ino) != (st.st_size, st.st_mtime_ns, st.st_ino):

@@ -30,6 +30,7 @@ parses (reported after ``invalid_json_grace_s``), any other file once quiet for
 from __future__ import annotations
 
 import enum
+import errno
 import json
 import math
 import os
@@ -41,7 +42,7 @@ from pathlib import Path
 
 import crc32c
 
-from evalsyncd.sync.files import FileKind, classify
+from evalsyncd.sync.files import FileKind, classify, open_beneath
 from evalsyncd.sync.journal import Entry, EntryStatus
 from evalsyncd.sync.lines import blocking, divergence, read_stable
 
@@ -346,10 +347,9 @@ class Observation:
         path, row = self._path, self._row
         try:
             seen = self._seen = _look(self._root, path, row, self._st)
-        except (FileNotFoundError, NotADirectoryError):
-            # gone; or a directory on its path is a file now (a run directory replaced)
-            return Observed(FileFacts(path, None))
         except OSError as exc:
+            if _gone(exc):
+                return Observed(FileFacts(path, None))
             return Observed(FileFacts(path, None, error=str(exc)))
         st = seen.facts.st
         if (
@@ -364,7 +364,7 @@ class Observation:
         await held.__aenter__()
         self._held = held
         try:
-            return await _read_whole(os.path.join(self._root, path), path, st)
+            return await _read_whole(self._root, path, st)
         except BaseException:
             self._held = None
             await held.__aexit__(None, None, None)
@@ -375,6 +375,13 @@ class Observation:
             os.close(self._seen.fd)
         if self._held is not None:
             await self._held.__aexit__(None, None, None)
+
+
+def _gone(exc: OSError) -> bool:
+    """Whether an error reading a file means it is gone: missing; a directory on its path
+    replaced by a file or a symlink (never followed, :func:`open_beneath`); the file
+    itself swapped for a symlink since its ``lstat`` (``ELOOP``)."""
+    return isinstance(exc, (FileNotFoundError, NotADirectoryError)) or exc.errno == errno.ELOOP
 
 
 def _look(root: Path, path: str, row: Entry | None, st: os.stat_result | None) -> Observed:
@@ -390,7 +397,7 @@ def _look(root: Path, path: str, row: Entry | None, st: os.stat_result | None) -
         or (row is not None and row.unchanged(st))
     ):
         return Observed(FileFacts(path, st))
-    fd = os.open(full, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    fd = open_beneath(root, path)
     try:
         st = os.fstat(fd)
         reason = divergence(fd, st, row) if row is not None and _live(row) else None
@@ -400,13 +407,13 @@ def _look(root: Path, path: str, row: Entry | None, st: os.stat_result | None) -
     return Observed(FileFacts(path, st, divergence=reason), fd=fd)
 
 
-async def _read_whole(full: str, path: str, st: os.stat_result) -> Observed:
+async def _read_whole(root: Path, path: str, st: os.stat_result) -> Observed:
     """The facts of a replace-on-write file, from its whole content."""
     try:
-        data = await blocking(st.st_size, read_stable, full, st)
-    except (FileNotFoundError, NotADirectoryError):
-        return Observed(FileFacts(path, None))
+        data = await blocking(st.st_size, read_stable, root, path, st)
     except OSError as exc:
+        if _gone(exc):
+            return Observed(FileFacts(path, None))
         return Observed(FileFacts(path, st, error=str(exc)))
     if data is None:
         return Observed(FileFacts(path, st, changed_while_read=True))

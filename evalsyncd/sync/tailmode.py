@@ -54,7 +54,7 @@ from evalsyncd.errors import ObjectNotFoundError, StorageError, TailConflictErro
 from evalsyncd.storage import Backend, check_key
 from evalsyncd.storage.tail import FileTail, TailIndex, TailWriter, stitch
 from evalsyncd.sync import lines
-from evalsyncd.sync.files import FileKind, classify, is_run_metadata, phase_of
+from evalsyncd.sync.files import FileKind, classify, is_run_metadata, open_beneath, phase_of
 from evalsyncd.sync.journal import Entry, EntryStatus
 from evalsyncd.sync.passes import by_phase, log_failure, worst_error
 from evalsyncd.sync.perfile import PerFileShipper
@@ -666,7 +666,6 @@ class TailShipper:
         ctx = self.ctx
         ft = self.writer.current(path)
         end = entry.tail_offset
-        full = ctx.root / path
         if (
             classify(path) is FileKind.APPEND
             and entry.acked_offset > 0
@@ -676,7 +675,7 @@ class TailShipper:
         else:
             start = 0
         async with ctx.budget.hold(end - start):
-            data = _local_bytes(full, entry, start, end)
+            data = _local_bytes(ctx.root, entry, start, end)
             if data is None and ft is not None and ft.size >= end:
                 data = await _remote_bytes(ctx.storage, self.writer, path, ft, end, start)
             if data is None or len(data) != end - start:
@@ -692,7 +691,7 @@ class TailShipper:
                 try:
                     version = await self.files.append(path, data, start)
                 except lines.RemoteDiverged:
-                    whole = _local_bytes(full, entry, 0, end)
+                    whole = _local_bytes(ctx.root, entry, 0, end)
                     if whole is None and ft is not None:
                         whole = await _remote_bytes(ctx.storage, self.writer, path, ft, end)
                     if whole is None:
@@ -744,11 +743,11 @@ def _agrees(row: Entry, ft: FileTail) -> bool:
     return ft.base == row.acked_offset and classify(row.path) is FileKind.APPEND
 
 
-def _local_bytes(full: Path, entry: Entry, start: int, end: int) -> bytes | None:
+def _local_bytes(root: Path, entry: Entry, start: int, end: int) -> bytes | None:
     """Bytes ``[start, end)`` of the local file, if it is still the file ``entry`` describes
     (same inode, long enough, same fingerprint or, replace-on-write, same CRC32C)."""
     try:
-        fd = os.open(full, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        fd = open_beneath(root, entry.path)
     except OSError:
         return None
     try:
