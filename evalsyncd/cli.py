@@ -623,7 +623,9 @@ def _echo(text: object, *, file: TextIO | None = None, flush: bool = False) -> N
 
 
 def _reader_logging() -> None:
-    """stderr lines ``evalsyncd: warning: ...`` for the store's warnings (runs, restore)."""
+    """stderr lines ``evalsyncd: warning: ...`` for the store's warnings (runs, restore).
+    A damaged tail log is not among them: these commands name it once, with the host
+    (the fleet's problems, :func:`_damaged_on_read`)."""
     import logging
 
     class _Lower(logging.Formatter):
@@ -632,6 +634,7 @@ def _reader_logging() -> None:
 
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_Lower())
+    handler.addFilter(lambda record: not hasattr(record, "tail_damage"))
     log = logging.getLogger("evalsyncd")
     log.handlers[:] = [handler]
     log.setLevel(logging.WARNING)

@@ -80,6 +80,9 @@ def test_a_bomb_in_one_hosts_tail_costs_that_host_not_the_fleet(
     ls = run_cli("runs", "ls", "--json", fleet_url)
     assert ls.returncode == 1, ls.stderr
     assert tail_url in ls.stderr and "inflates to more than the limit" in ls.stderr
+    assert ls.stderr.count(tail_url) == 1, ls.stderr  # named once, with its host
+    show = run_cli("runs", "show", fleet_url, "b1")
+    assert show.returncode == 1 and show.stderr.count(tail_url) == 1, show.stderr
     assert '"run_id": "b1"' in ls.stdout and '"run_id": "g1"' in ls.stdout
     assert run_cli("runs", "ls", "--allow-skipped", fleet_url).returncode == 0
     report = run_cli("runs", "report", fleet_url, "-o", str(tmp_path / "r.html"))
@@ -89,6 +92,7 @@ def test_a_bomb_in_one_hosts_tail_costs_that_host_not_the_fleet(
     restored = run_cli("restore", fleet_url, "b1", "--root", str(dest))
     assert restored.returncode == 1, restored.stderr
     assert tail_url in restored.stderr and "restored" in restored.stdout
+    assert restored.stderr.count(tail_url) == 1, restored.stderr
     assert _tree(dest / "runs/b1") == _tree(b1)
     again = run_cli("restore", "--allow-skipped", fleet_url, "b1", "--root", str(dest))
     assert again.returncode == 0 and "already present and identical" in again.stdout

@@ -543,14 +543,18 @@ _WARNED_MAX: Final = 256
 
 
 def _warn_once(exc: CorruptObjectError) -> None:
-    """One warning per damaged tail object per process (readers re-read the index often)."""
+    """One warning per damaged tail object per process (readers re-read the index often);
+    the record's ``tail_damage`` attribute is ``exc``, for a caller that reports the damage
+    its own way (the CLI's readers, through :func:`tail_damage`) to filter it."""
     key = str(exc)
     if key in _warned:
         return
     _warned[key] = None
     while len(_warned) > _WARNED_MAX:
         _warned.popitem(last=False)
-    logger.warning("reading the plain objects, the tail log is damaged: %s", exc)
+    logger.warning(
+        "reading the plain objects, the tail log is damaged: %s", exc, extra={"tail_damage": exc}
+    )
 
 
 def note_damage(index: TailIndex, exc: CorruptObjectError) -> None:
