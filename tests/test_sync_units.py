@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import random
 import sqlite3
@@ -28,6 +29,7 @@ from evalsyncd.sync import (
     phase_of,
     scan_tree,
 )
+from evalsyncd.sync.files import open_beneath
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -455,3 +457,38 @@ def test_watcher_hints_writes_not_reads(tmp_path: Path) -> None:
             watcher.stop()
 
     asyncio.run(scenario())
+
+
+def test_open_beneath_follows_no_symlink_below_the_root(tmp_path: Path) -> None:
+    """A file is opened beneath the root: the root may be a symlink (as configured), a
+    directory or the file below it may not (a run swapped for a link to elsewhere)."""
+    real = tmp_path / "real"
+    (real / "runs/r/g").mkdir(parents=True)
+    (real / "runs/r/g/t.jsonl").write_bytes(b"mine\n")
+    outside = tmp_path / "outside"
+    (outside / "g").mkdir(parents=True)
+    (outside / "g/t.jsonl").write_bytes(b"secret\n")
+    link = tmp_path / "root-link"
+    link.symlink_to(real)
+
+    def read(root: Path, path: str) -> bytes:
+        fd = open_beneath(root, path)
+        try:
+            return os.read(fd, 100)
+        finally:
+            os.close(fd)
+
+    assert read(real, "runs/r/g/t.jsonl") == read(link, "runs/r/g/t.jsonl") == b"mine\n"
+    os.rename(real / "runs/r", tmp_path / "aside")
+    (real / "runs/r").symlink_to(outside)
+    with pytest.raises(OSError) as raised:
+        read(link, "runs/r/g/t.jsonl")
+    assert raised.value.errno in (errno.ENOTDIR, errno.ELOOP)
+    (real / "runs/r").unlink()
+    (real / "runs/r/g").mkdir(parents=True)
+    (real / "runs/r/g/t.jsonl").symlink_to(outside / "g/t.jsonl")
+    with pytest.raises(OSError) as raised:
+        read(real, "runs/r/g/t.jsonl")
+    assert raised.value.errno == errno.ELOOP
+    with pytest.raises(FileNotFoundError):
+        read(real, "runs/r/missing.json")

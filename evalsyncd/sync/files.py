@@ -20,7 +20,6 @@ comes after every ``metadata.json``.
 from __future__ import annotations
 
 import enum
-import errno
 import functools
 import os
 import stat as stat_mod
@@ -77,34 +76,30 @@ def is_run_metadata(relpath: str) -> bool:
 
 _READ = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW
 _DIR = _READ | os.O_DIRECTORY
+_ROOT = os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECTORY
 
 
 def open_beneath(root: str | Path, path: str) -> int:
     """Open the file at ``path`` (relative to ``root``, ``/``-separated) for reading,
-    following no symlink on the way: each directory is opened from its parent with
+    following no symlink below ``root``: each directory is opened from its parent with
     ``O_NOFOLLOW`` (``openat``), so a run directory swapped for a symlink between a
     scan and a read never makes the daemon read (and upload) a file outside the root.
+    ``root`` itself, as configured, may be or go through a symlink.
 
     Returns:
         A file descriptor (``O_CLOEXEC``); the caller closes it.
 
     Raises:
-        NotADirectoryError: a directory on the path is a symlink or not a directory.
+        NotADirectoryError: a directory on the path is a symlink (Linux; ``ELOOP``
+            elsewhere) or not a directory.
         FileNotFoundError: a part of the path is missing.
         OSError: ``ELOOP`` when the file itself is a symlink; any other open error.
     """
     parts = path.split("/")
-    fd = os.open(root, _DIR)
+    fd = os.open(root, _ROOT)
     try:
         for part in parts[:-1]:
-            try:
-                inner = os.open(part, _DIR, dir_fd=fd)
-            except OSError as exc:
-                if exc.errno != errno.ELOOP:
-                    raise
-                raise NotADirectoryError(
-                    errno.ENOTDIR, "a symlink on the path, never followed", os.path.join(root, path)
-                ) from exc
+            inner = os.open(part, _DIR, dir_fd=fd)
             os.close(fd)
             fd = inner
         return os.open(parts[-1], _READ, dir_fd=fd)
