@@ -461,6 +461,32 @@ def test_a_run_directory_swapped_for_a_symlink_is_never_read_through_it(
         assert not any(e.get("event") == "file_unreadable" for e in daemon.log_events())
 
 
+def test_a_fifo_behind_a_symlinked_run_never_blocks_a_pass(env: Env, tmp_path: Path) -> None:
+    """A mirrored run directory swapped for a symlink to a directory whose
+    ``metadata.json`` is a FIFO, on a root that is another directory (its rows stay as
+    they were, live): no step reads through the symlink (the run catalog included,
+    which reads every live run's ``metadata.json``), so nothing blocks, and a new run
+    is mirrored and listed."""
+    reader = env.add("s3")
+    _write_runs(EvalStore(env.root), 2, 3)
+    cfg = write_config(env.tmp / "config.toml", env.root, env.state, env.dests)
+    assert evalsyncd("sync", "--once", "--config", str(cfg)).returncode == 0
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    os.mkfifo(outside / "metadata.json")
+    os.rename(env.root, tmp_path / "aside")
+    (env.root / "runs").mkdir(parents=True)
+    os.symlink(outside, env.root / "runs/run-000")
+    store = EvalStore(env.root)
+    run_id = store.create_run("m", ["gsm8k"], run_id="run-new")
+    store.write_trajectory(run_id, "gsm8k", _trajectory(0, "gsm8k"))
+    store.finalize_run(run_id)
+    done = evalsyncd("sync", "--once", "--config", str(cfg), timeout_s=60.0)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert reader.exists("runs/run-new/gsm8k/trajectories.jsonl")
+    assert "run-new" in [r.run_id for r in EvalStore(reader).list_runs()]
+
+
 def test_a_root_moved_away_deletes_nothing_and_syncing_resumes_when_it_is_back(
     env: Env, tmp_path: Path
 ) -> None:

@@ -74,8 +74,8 @@ def is_run_metadata(relpath: str) -> bool:
     return len(parts) == 3 and parts[0] == "runs" and parts[2] == "metadata.json"
 
 
-_READ = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW
-_DIR = _READ | os.O_DIRECTORY
+_READ = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
+_DIR = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_DIRECTORY
 _ROOT = os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECTORY
 
 
@@ -84,7 +84,9 @@ def open_beneath(root: str | Path, path: str) -> int:
     following no symlink below ``root``: each directory is opened from its parent with
     ``O_NOFOLLOW`` (``openat``), so a run directory swapped for a symlink between a
     scan and a read never makes the daemon read (and upload) a file outside the root.
-    ``root`` itself, as configured, may be or go through a symlink.
+    ``root`` itself, as configured, may be or go through a symlink. The file is opened
+    with ``O_NONBLOCK``: a FIFO swapped in never blocks the open (a regular file reads
+    as usual); callers check what they opened (``fstat``) before reading it.
 
     Returns:
         A file descriptor (``O_CLOEXEC``); the caller closes it.

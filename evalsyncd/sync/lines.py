@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import stat
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -34,6 +35,7 @@ __all__ = [
     "divergence",
     "fingerprint_at",
     "new_entry",
+    "read_known",
     "read_lines",
     "read_stable",
     "seen_as",
@@ -125,15 +127,46 @@ def read_lines(fd: int, offset: int, size: int, chunk_bytes: int) -> bytes:
 
 def read_stable(root: str | Path, path: str, st: os.stat_result) -> bytes | None:
     """The whole file ``path`` under ``root`` (opened with :func:`open_beneath`), or
-    None if it changed (size, mtime or inode) while being read."""
-    with open(open_beneath(root, path), "rb") as f:
-        data = f.read()
-        after = os.fstat(f.fileno())
+    None if it is not the file ``st`` describes (another inode: not read) or changed
+    (size, mtime or inode) while being read."""
+    fd = open_beneath(root, path)
+    try:
+        if not _same_file(os.fstat(fd), st.st_dev, st.st_ino):
+            return None
+        data = os.pread(fd, st.st_size + 1, 0)
+        after = os.fstat(fd)
+    finally:
+        os.close(fd)
     if (after.st_size, after.st_mtime_ns, after.st_ino) != (st.st_size, st.st_mtime_ns, st.st_ino):
         return None
     if len(data) != st.st_size:
         return None
     return data
+
+
+def read_known(root: str | Path, row: Entry) -> bytes | None:
+    """The whole local file of ``row`` (opened with :func:`open_beneath`) if it is still
+    the regular file the row describes (same device and inode), else None (gone,
+    replaced, a symlink on its path, or a FIFO: never read).
+
+    Raises:
+        OSError: the file could not be read (other than gone).
+    """
+    try:
+        fd = open_beneath(root, row.path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    try:
+        st = os.fstat(fd)
+        if not _same_file(st, row.dev, row.ino):
+            return None
+        return os.pread(fd, st.st_size, 0)
+    finally:
+        os.close(fd)
+
+
+def _same_file(st: os.stat_result, dev: int, ino: int) -> bool:
+    return stat.S_ISREG(st.st_mode) and (st.st_dev, st.st_ino) == (dev, ino)
 
 
 INLINE_READ_BYTES = 256 * 1024

@@ -22,6 +22,7 @@ from evalsyncd.catalog import CATALOG_MARK, CATALOG_PATH, build_catalog
 from evalsyncd.errors import StorageError
 from evalsyncd.storage.reap import areap, last_left
 from evalsyncd.storage.tail import TailIndex
+from evalsyncd.sync import lines
 from evalsyncd.sync.files import is_run_metadata
 from evalsyncd.sync.journal import EntryStatus
 from evalsyncd.sync.scheduler import PassReport
@@ -78,8 +79,10 @@ class PublishCatalog:
                 complete = False  # its remote object may be there, unlike its content here
                 continue
             try:
-                data = (ctx.root / path).read_bytes()
+                data = lines.read_known(ctx.root, row)
             except OSError:
+                data = None
+            if data is None:
                 complete = False
                 continue
             if crc32c.crc32c(data) == row.content_crc:
