@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import sqlite3
 import threading
 import time
 from collections.abc import Iterator
@@ -459,6 +460,75 @@ def test_a_run_directory_swapped_for_a_symlink_is_never_read_through_it(
             assert not leaked, f"{name}: bytes from outside the root in {leaked}"
         assert all(reader.exists(p) is not mirror_deletes for p in gone)
         assert not any(e.get("event") == "file_unreadable" for e in daemon.log_events())
+
+
+def test_a_daemon_started_on_the_mount_point_adopts_the_volume_when_it_is_mounted(
+    env: Env, tmp_path: Path
+) -> None:
+    """A daemon started at boot before its volume is mounted (another, empty directory
+    at the root) holds deletions; when the journal's own root comes back under it, it
+    adopts it without a restart: new files are mirrored and deletions mirror again."""
+    reader = env.add("s3", retry={"initial_backoff_s": 0.1, "max_backoff_s": 0.5})
+    store = EvalStore(env.root)
+    _write_runs(store, 2, 3)
+    cfg = write_config(env.tmp / "config.toml", env.root, env.state, env.dests)
+    assert evalsyncd("sync", "--once", "--config", str(cfg)).returncode == 0
+    before = remote_tree(reader)
+    aside = tmp_path / "volume"
+    os.rename(env.root, aside)
+    env.root.mkdir()  # the empty mount point
+    with env.daemon(mirror_deletes=True, rescan_interval_s=0.5) as daemon:
+        wait_for(
+            lambda: any(e.get("event") == "root_replaced" for e in daemon.log_events()),
+            30,
+            what="root_replaced",
+        )
+        wait_for(
+            lambda: any(e.get("event") == "pass_finished" for e in daemon.log_events()),
+            30,
+            what="a pass on the mount point",
+        )
+        assert remote_tree(reader) == before
+        env.root.rmdir()
+        os.rename(aside, env.root)  # mounted
+        store.write_trajectory("run-000", "gsm8k", _trajectory(77, "gsm8k"))
+        wait_mirrored(env.root, reader)
+        assert any(e.get("event") == "root_returned" for e in daemon.log_events())
+        os.remove(env.root / "runs/run-001/math/trajectories.jsonl")
+        wait_for(
+            lambda: not reader.exists("runs/run-001/math/trajectories.jsonl"),
+            30,
+            what="a deletion mirrored after the root came back",
+        )
+
+
+def test_an_old_journal_started_on_an_empty_mount_point_deletes_nothing(
+    env: Env, tmp_path: Path
+) -> None:
+    """A journal from before the root's record (an upgrade while the volume is not
+    mounted) meets an empty root while it holds live rows: nothing is deleted and that
+    directory is not recorded; the volume back, the root is recorded and all is well."""
+    reader = env.add("s3")
+    _write_runs(EvalStore(env.root), 2, 3)
+    cfg = write_config(env.tmp / "config.toml", env.root, env.state, env.dests, mirror_deletes=True)
+    assert evalsyncd("sync", "--once", "--config", str(cfg)).returncode == 0
+    before = remote_tree(reader)
+    db = sqlite3.connect(env.state / "journal.sqlite3")
+    with db:
+        db.execute("DELETE FROM meta WHERE key = 'root_id'")  # as an older version left it
+    db.close()
+    os.rename(env.root, tmp_path / "volume")
+    env.root.mkdir()
+    held = evalsyncd("sync", "--once", "--config", str(cfg))
+    assert held.returncode == 0 and "root_replaced" in held.stderr, held.stderr[-2000:]
+    assert remote_tree(reader) == before
+    env.root.rmdir()
+    os.rename(tmp_path / "volume", env.root)
+    back = evalsyncd("sync", "--once", "--config", str(cfg))
+    assert back.returncode == 0 and "root_replaced" not in back.stderr, back.stderr[-2000:]
+    status = json.loads(evalsyncd("status", "--json", "--config", str(cfg)).stdout)
+    assert status["root_replaced"] is False
+    assert remote_tree(reader) == before
 
 
 def test_a_fifo_behind_a_symlinked_run_never_blocks_a_pass(env: Env, tmp_path: Path) -> None:

@@ -109,6 +109,7 @@ CASES: list[tuple[str, FileFacts, Entry | None, Policy, Action]] = [
     ("gone, mirror_deletes", FileFacts("t.jsonl", None), row(), replace(POLICY, mirror_deletes=True), Action(Do.REMOVE)),
     ("gone, deletes held (another root)", FileFacts("t.jsonl", None), row(), replace(POLICY, mirror_deletes=True, hold_deletes=True), Action(Do.SKIP)),
     ("gone, deletes held, mirror_deletes off", FileFacts("t.jsonl", None), row(), replace(POLICY, hold_deletes=True), Action(Do.SKIP)),
+    ("gone with its file system, mirror_deletes", FileFacts("t.jsonl", None, other_fs=True), row(), replace(POLICY, mirror_deletes=True), Action(Do.SKIP)),
     # -- append-only
     ("new append-only file", FileFacts("t.jsonl", st()), None, POLICY, Action(Do.REWRITE, reason=NEW_FILE)),
     ("back after a delete", FileFacts("t.jsonl", st()), row(status=EntryStatus.DELETED), POLICY, Action(Do.REWRITE, reason=NEW_FILE)),

@@ -30,6 +30,7 @@ from evalsyncd.sync import (
     scan_tree,
 )
 from evalsyncd.sync.files import open_beneath
+from evalsyncd.sync.plan import other_fs
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -492,3 +493,16 @@ def test_open_beneath_follows_no_symlink_below_the_root(tmp_path: Path) -> None:
     assert raised.value.errno == errno.ELOOP
     with pytest.raises(FileNotFoundError):
         read(real, "runs/r/missing.json")
+
+
+def test_a_file_gone_with_its_file_system_is_told_from_a_deleted_one(tmp_path: Path) -> None:
+    """other_fs: the nearest directory above a missing file is on another device than the
+    one the file was seen on (a volume unmounted, or mounted over its directory)."""
+    (tmp_path / "runs/r").mkdir(parents=True)
+    here = os.stat(tmp_path).st_dev
+    elsewhere = os.stat("/proc").st_dev
+    assert here != elsewhere
+    assert not other_fs(tmp_path, "runs/r/g/t.jsonl", here)  # deleted, with its directory
+    assert other_fs(tmp_path, "runs/r/g/t.jsonl", elsewhere)
+    (tmp_path / "runs/x").symlink_to(tmp_path / "runs/r")  # a symlink is not a directory here
+    assert not other_fs(tmp_path, "runs/x/t.jsonl", here)

@@ -386,6 +386,14 @@ class Journal:
             return None  # none recorded (or not one this code wrote): the next start records it
         return int(dev), int(ino)
 
+    def has_live_rows(self) -> bool:
+        """Whether any destination's row names a file not known as deleted."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT 1 FROM entries WHERE status != ? LIMIT 1", (EntryStatus.DELETED.value,)
+            ).fetchone()
+        return row is not None
+
     def record_root_identity(self, identity: tuple[int, int]) -> None:
         """Keep ``(st_dev, st_ino)`` as the watched root's identity (meta ``root_id``)."""
         with self._lock:

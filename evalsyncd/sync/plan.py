@@ -58,6 +58,7 @@ __all__ = [
     "in_place_soon",
     "main_due",
     "observe",
+    "other_fs",
     "plan",
 ]
 
@@ -115,6 +116,10 @@ class FileFacts:
     """Replace-on-write: CRC32C of the content read."""
     error: str | None = None
     """The file exists but could not be read (permissions, I/O): the error."""
+    other_fs: bool = False
+    """Gone, and its row names another file system (device) than the nearest directory
+    above it now: a volume not mounted, or one mounted over where it lived. Not a
+    deletion (see :func:`other_fs`)."""
 
     @property
     def kind(self) -> FileKind:
@@ -178,7 +183,7 @@ def plan(facts: FileFacts, row: Entry | None, now: float, policy: Policy) -> Act
     if st is None or not stat.S_ISREG(st.st_mode):
         # gone, or no longer a regular file (a symlink is never followed; sockets, FIFOs):
         # what the remote holds is no longer the file
-        if not _live(row) or policy.hold_deletes:
+        if not _live(row) or policy.hold_deletes or facts.other_fs:
             return Action(Do.SKIP)
         return Action(Do.REMOVE if policy.mirror_deletes else Do.DELETED)
     if row is not None and row.unchanged(st):
@@ -349,7 +354,8 @@ class Observation:
             seen = self._seen = _look(self._root, path, row, self._st)
         except OSError as exc:
             if _gone(exc):
-                return Observed(FileFacts(path, None))
+                moved = row is not None and other_fs(self._root, path, row.dev)
+                return Observed(FileFacts(path, None, other_fs=moved))
             return Observed(FileFacts(path, None, error=str(exc)))
         st = seen.facts.st
         if (
@@ -375,6 +381,25 @@ class Observation:
             os.close(self._seen.fd)
         if self._held is not None:
             await self._held.__aexit__(None, None, None)
+
+
+def other_fs(root: Path, path: str, dev: int) -> bool:
+    """Whether the nearest directory above the missing file ``path`` (up to ``root``;
+    symlinks are not directories here) is on another device than ``dev``, the one the
+    file was seen on: the file did not go, its file system did (a volume unmounted
+    from under the root, or the root's empty mount point; or a volume mounted over the
+    directory it was written in). Such a file is never taken for deleted."""
+    parts = path.split("/")[:-1]
+    while True:
+        try:
+            st = os.stat(os.path.join(root, *parts), follow_symlinks=False)
+            if stat.S_ISDIR(st.st_mode):
+                return st.st_dev != dev
+        except OSError:
+            pass
+        if not parts:
+            return False  # the root itself is gone: Context.root_changed handles it
+        parts.pop()
 
 
 def _gone(exc: OSError) -> bool:

@@ -65,6 +65,12 @@ STATUS_INTERVAL_S = 2.0
 """Period of systemd ``STATUS=`` lines, seconds."""
 
 
+def _empty(directory: Path) -> bool:
+    """Whether ``directory`` holds no entry at all."""
+    with os.scandir(directory) as it:
+        return next(it, None) is None
+
+
 class Service:
     """Mirror ``settings.root`` to every destination until stopped.
 
@@ -158,14 +164,20 @@ class Service:
         and without it every row would be marked deleted, to be uploaded again when
         the volume is back. Such a run mirrors what the root holds and leaves the
         missing files as they were (objects and rows); each start warns
-        (``root_replaced``) until the journal's root is back or ``adopt_root``
-        (``--adopt-root``) records the new one.
+        (``root_replaced``) until the journal's root is back (a running daemon adopts
+        it then, ``Context.root_changed``) or ``adopt_root`` (``--adopt-root``)
+        records the new one. A journal without a record (older versions) records the
+        root at its first start, unless the root is empty while the journal has live
+        rows (a mount point, most likely): that start holds deletions too.
         """
         now = dir_identity(self.root)
         known = journal.root_identity()
         if now is None or now == known:
             return False
-        if known is None or self._adopt_root:
+        # a journal from before the record, started on an empty root (a mount point,
+        # most likely) while it mirrored files: not recorded, and nothing deleted
+        suspect = known is None and _empty(self.root) and journal.has_live_rows()
+        if self._adopt_root or (known is None and not suspect):
             if known is not None:
                 log.info("root_adopted", root=str(self.root))
             journal.record_root_identity(now)

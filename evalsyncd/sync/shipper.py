@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Generic, Protocol, TypeVar
 
@@ -179,18 +179,24 @@ class Context:
     def root_changed(self) -> RootChangedError | None:
         """Whether :attr:`root` is gone or is another directory than when this context was
         made (device and inode; one ``stat``): a pass must then send nothing, since every
-        file would look deleted (and with ``mirror_deletes``, every object would go)."""
+        file would look deleted (and with ``mirror_deletes``, every object would go). The
+        journal's recorded root coming back is adopted (it lifts ``hold_deletes``)."""
         now = dir_identity(self.root)
         if now is not None and now == self._root_id:
             return None
-        if self._root_id is None and now is not None:
-            self._root_id = now  # created after the start: adopted
+        if now is not None and (self._root_id is None or now == self.journal.root_identity()):
+            # created after the start; or the journal's own root is back (a volume mounted
+            # after a start on its empty mount point): adopted, and its deletions mirror
+            self._root_id = now
+            if self.policy.hold_deletes:
+                self.policy = replace(self.policy, hold_deletes=False)
+                log.info("root_returned", destination=self.name, root=str(self.root))
             return None
         what = "is gone" if now is None else "is another directory now"
         return RootChangedError(
             f"the watched root {self.root} {what} (moved, removed, replaced or a volume "
-            "unmounted): nothing is sent until it is back; restart the daemon to adopt a "
-            "new root"
+            "unmounted): nothing is sent until it is back; a restart mirrors the directory "
+            "there, and deletes nothing it lacks until --adopt-root"
         )
 
     @property
