@@ -95,15 +95,6 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--state-dir", metavar="DIR", help="journal directory (overrides the config)")
 
 
-def _add_adopt_root(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--adopt-root",
-        action="store_true",
-        help="the root is another directory than the one the journal mirrored, on purpose "
-        "(moved, restored): record it, and mirror its deletions again (mirror_deletes)",
-    )
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``evalsyncd`` command."""
     parser = argparse.ArgumentParser(
@@ -115,13 +106,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run the daemon (watch and mirror until stopped)")
     _add_common(run)
-    _add_adopt_root(run)
 
     sync = sub.add_parser(
         "sync", help="one catch-up pass, then exit (0 when everything is mirrored)"
     )
     _add_common(sync)
-    _add_adopt_root(sync)
+    for p in (run, sync):
+        p.add_argument(
+            "--adopt-root",
+            action="store_true",
+            help="the root is another directory than the one the journal mirrored, on "
+            "purpose (moved, restored): record it, and mirror its deletions again",
+        )
     sync.add_argument(
         "--once", action="store_true", required=True, help="required: run one pass and exit"
     )
