@@ -32,6 +32,7 @@ from evalsyncd.sync.retention import (
     Policy,
     Retention,
     RunView,
+    _delete_files,
     choose,
     eligibility,
     recover,
@@ -728,3 +729,23 @@ def test_retention_metrics_render_the_last_round() -> None:
         "evalsyncd_retention_evicted_runs": 2,
         "evalsyncd_retention_oldest_kept_seconds": 90.0,
     }
+
+
+def test_eviction_never_unlinks_through_a_symlink_swapped_in_after_the_proof(
+    tmp_path: Path,
+) -> None:
+    """A benchmark directory (or a run directory) swapped for a symlink between the proof
+    and the deletion: the files outside the root, with the same names, stay; the files
+    of the root reachable without a symlink go."""
+    root = tmp_path / "root"
+    (root / "runs/r/gsm8k").mkdir(parents=True)
+    (root / "runs/r/gsm8k/trajectories.jsonl").write_bytes(b"x\n")
+    (root / "runs/r/result.json").write_bytes(b"{}")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "trajectories.jsonl").write_bytes(b"someone else's\n")
+    os.rename(root / "runs/r/gsm8k", tmp_path / "aside")
+    (root / "runs/r/gsm8k").symlink_to(outside)
+    _delete_files(root, "r", ["runs/r/gsm8k/trajectories.jsonl", "runs/r/result.json"])
+    assert (outside / "trajectories.jsonl").read_bytes() == b"someone else's\n"
+    assert not (root / "runs/r/result.json").exists()

@@ -37,6 +37,7 @@ __all__ = [
     "is_run_metadata",
     "key_problem",
     "open_beneath",
+    "open_dir_beneath",
     "phase_of",
     "scan_tree",
 ]
@@ -79,6 +80,30 @@ _DIR = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_DIRECTORY
 _ROOT = os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECTORY
 
 
+def open_dir_beneath(root: str | Path, path: str) -> int:
+    """Open the directory at ``path`` (relative to ``root``, ``/``-separated; ``""``: the
+    root), following no symlink below ``root`` (see :func:`open_beneath`).
+
+    Returns:
+        A directory file descriptor (``O_CLOEXEC``), for ``dir_fd=``; the caller closes it.
+
+    Raises:
+        NotADirectoryError: a directory on the path is a symlink (Linux; ``ELOOP``
+            elsewhere) or not a directory.
+        FileNotFoundError: a part of the path is missing.
+    """
+    fd = os.open(root, _ROOT)
+    try:
+        for part in path.split("/") if path else ():
+            inner = os.open(part, _DIR, dir_fd=fd)
+            os.close(fd)
+            fd = inner
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def open_beneath(root: str | Path, path: str) -> int:
     """Open the file at ``path`` (relative to ``root``, ``/``-separated) for reading,
     following no symlink below ``root``: each directory is opened from its parent with
@@ -97,14 +122,10 @@ def open_beneath(root: str | Path, path: str) -> int:
         FileNotFoundError: a part of the path is missing.
         OSError: ``ELOOP`` when the file itself is a symlink; any other open error.
     """
-    parts = path.split("/")
-    fd = os.open(root, _ROOT)
+    parent, _, name = path.rpartition("/")
+    fd = open_dir_beneath(root, parent)
     try:
-        for part in parts[:-1]:
-            inner = os.open(part, _DIR, dir_fd=fd)
-            os.close(fd)
-            fd = inner
-        return os.open(parts[-1], _READ, dir_fd=fd)
+        return os.open(name, _READ, dir_fd=fd)
     finally:
         os.close(fd)
 

@@ -56,7 +56,7 @@ from evalsyncd.errors import StorageError
 from evalsyncd.evicted import MARKER_NAME, EvictionMarker, build_marker, parse_marker
 from evalsyncd.storage import Backend
 from evalsyncd.store.layout import MAX_JSON_BYTES, loads_bounded
-from evalsyncd.sync.files import FileKind, classify
+from evalsyncd.sync.files import FileKind, classify, open_dir_beneath
 from evalsyncd.sync.journal import Entry, EntryStatus, Journal
 
 __all__ = [
@@ -521,11 +521,24 @@ def _fsync_dir(directory: Path) -> None:
 
 
 def _delete_files(root: Path, run_id: str, files: Iterable[str]) -> None:
-    """Unlink ``files`` and then the empty directories they leave (never the run's own)."""
+    """Unlink ``files`` and then the empty directories they leave (never the run's own).
+    Each file is unlinked from its directory opened beneath the root
+    (:func:`~evalsyncd.sync.files.open_dir_beneath`): a run directory swapped for a
+    symlink after the proof never gets files outside the root unlinked (those files
+    stay; nothing is lost)."""
     dirs: set[Path] = set()
     for rel in files:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(root / rel)
+        parent, _, name = rel.rpartition("/")
+        try:
+            fd = open_dir_beneath(root, parent)
+        except OSError:
+            log.warning("evict_file_skipped", key=rel, reason="not beneath the root any more")
+            continue
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(name, dir_fd=fd)
+        finally:
+            os.close(fd)
         dirs.add((root / rel).parent)
     base = root / "runs" / run_id
     for d in sorted(dirs, key=lambda p: len(p.parts), reverse=True):
