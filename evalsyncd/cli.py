@@ -381,11 +381,16 @@ def _status(settings: Settings, as_json: bool) -> int:
         _echo(json.dumps(report.to_dict(), indent=2))
     else:
         _echo(format_status(report))
+    failed = False
     if report.parked:
         # for monitoring: a parked destination waits for a person, not for time
         _echo(f"evalsyncd: parked: {', '.join(report.parked)}", file=sys.stderr)
-        return EX_FAILURE
-    return EX_OK
+        failed = True
+    if report.root_replaced:
+        # so does a root that is not the directory mirrored (mount it, or --adopt-root)
+        _echo(f"evalsyncd: root replaced: {report.root}", file=sys.stderr)
+        failed = True
+    return EX_FAILURE if failed else EX_OK
 
 
 async def _evict(settings: Settings, *, dry_run: bool, as_json: bool) -> int:

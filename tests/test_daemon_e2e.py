@@ -624,6 +624,7 @@ def test_a_start_on_another_directory_at_the_root_deletes_nothing_until_adopted(
         assert remote_tree(mirror) == before["nfs"]
     status = evalsyncd("status", "--json", "--config", str(cfg))
     assert json.loads(status.stdout)["root_replaced"] is True
+    assert status.returncode == 1 and "root replaced" in status.stderr  # for monitoring
     assert "--adopt-root" in evalsyncd("status", "--config", str(cfg)).stdout
 
     env.root.rmdir()
