@@ -295,7 +295,9 @@ def format_status(report: StatusReport, *, now: float | None = None) -> str:
         lines.append(
             "root replaced: not the directory the journal mirrored (device and inode differ: "
             "a volume not mounted, a moved root); files missing from it are left as they "
-            "were at the destinations. If it is the root now: evalsyncd sync --once --adopt-root"
+            "were at the destinations. Mount the volume (a running daemon adopts it); or, "
+            "if this is the root now, stop the daemon, run evalsyncd sync --once "
+            "--adopt-root and start it again"
         )
     if report.not_mirrorable:
         lines.append(

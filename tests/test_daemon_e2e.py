@@ -462,17 +462,25 @@ def test_a_run_directory_swapped_for_a_symlink_is_never_read_through_it(
         assert not any(e.get("event") == "file_unreadable" for e in daemon.log_events())
 
 
+@pytest.mark.parametrize("old_journal", [False, True])
 def test_a_daemon_started_on_the_mount_point_adopts_the_volume_when_it_is_mounted(
-    env: Env, tmp_path: Path
+    env: Env, tmp_path: Path, old_journal: bool
 ) -> None:
     """A daemon started at boot before its volume is mounted (another, empty directory
     at the root) holds deletions; when the journal's own root comes back under it, it
-    adopts it without a restart: new files are mirrored and deletions mirror again."""
+    adopts it without a restart: new files are mirrored and deletions mirror again.
+    With a journal from before the root's record (an upgrade while unmounted), the
+    first directory with files there is adopted and recorded."""
     reader = env.add("s3", retry={"initial_backoff_s": 0.1, "max_backoff_s": 0.5})
     store = EvalStore(env.root)
     _write_runs(store, 2, 3)
     cfg = write_config(env.tmp / "config.toml", env.root, env.state, env.dests)
     assert evalsyncd("sync", "--once", "--config", str(cfg)).returncode == 0
+    if old_journal:
+        db = sqlite3.connect(env.state / "journal.sqlite3")
+        with db:
+            db.execute("DELETE FROM meta WHERE key = 'root_id'")
+        db.close()
     before = remote_tree(reader)
     aside = tmp_path / "volume"
     os.rename(env.root, aside)
@@ -500,6 +508,8 @@ def test_a_daemon_started_on_the_mount_point_adopts_the_volume_when_it_is_mounte
             30,
             what="a deletion mirrored after the root came back",
         )
+    status = evalsyncd("status", "--json", "--config", str(cfg))
+    assert status.returncode == 0 and json.loads(status.stdout)["root_replaced"] is False
 
 
 def test_an_old_journal_started_on_an_empty_mount_point_deletes_nothing(

@@ -34,6 +34,7 @@ __all__ = [
     "classify",
     "dir_identity",
     "display_path",
+    "has_entries",
     "is_run_metadata",
     "key_problem",
     "open_beneath",
@@ -128,6 +129,15 @@ def open_beneath(root: str | Path, path: str) -> int:
         return os.open(name, _READ, dir_fd=fd)
     finally:
         os.close(fd)
+
+
+def has_entries(path: Path) -> bool:
+    """Whether the directory at ``path`` holds any entry (``False`` if it cannot be read)."""
+    try:
+        with os.scandir(path) as it:
+            return next(it, None) is not None
+    except OSError:
+        return False
 
 
 def dir_identity(path: Path) -> tuple[int, int] | None:

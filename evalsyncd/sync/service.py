@@ -34,6 +34,7 @@ from evalsyncd.sync.files import (
     classify,
     dir_identity,
     display_path,
+    has_entries,
     is_run_metadata,
     key_problem,
     scan_tree,
@@ -63,12 +64,6 @@ log = structlog.get_logger("evalsyncd.sync")
 
 STATUS_INTERVAL_S = 2.0
 """Period of systemd ``STATUS=`` lines, seconds."""
-
-
-def _empty(directory: Path) -> bool:
-    """Whether ``directory`` holds no entry at all."""
-    with os.scandir(directory) as it:
-        return next(it, None) is None
 
 
 class Service:
@@ -176,7 +171,7 @@ class Service:
             return False
         # a journal from before the record, started on an empty root (a mount point,
         # most likely) while it mirrored files: not recorded, and nothing deleted
-        suspect = known is None and _empty(self.root) and journal.has_live_rows()
+        suspect = known is None and not has_entries(self.root) and journal.has_live_rows()
         if self._adopt_root or (known is None and not suspect):
             if known is not None:
                 log.info("root_adopted", root=str(self.root))

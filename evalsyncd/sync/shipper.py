@@ -34,7 +34,7 @@ from aiolimiter import AsyncLimiter
 
 from evalsyncd.errors import InvalidKeyError, RootChangedError, StorageError
 from evalsyncd.storage import Backend
-from evalsyncd.sync.files import dir_identity
+from evalsyncd.sync.files import dir_identity, has_entries
 from evalsyncd.sync.journal import Entry, EntryStatus, Journal
 from evalsyncd.sync.lines import blocking, new_entry, read_lines, seen_as
 from evalsyncd.sync.owner import Owner
@@ -184,10 +184,18 @@ class Context:
         now = dir_identity(self.root)
         if now is not None and now == self._root_id:
             return None
-        if now is not None and (self._root_id is None or now == self.journal.root_identity()):
+        known = self.journal.root_identity() if now is not None else None
+        if now is not None and (
+            self._root_id is None
+            or now == known
+            or (known is None and self.policy.hold_deletes and has_entries(self.root))
+        ):
             # created after the start; or the journal's own root is back (a volume mounted
-            # after a start on its empty mount point): adopted, and its deletions mirror
+            # after a start on its empty mount point; with a journal from before the
+            # record, the first directory with files there): adopted, deletions mirror
             self._root_id = now
+            if known is None:
+                self.journal.record_root_identity(now)
             if self.policy.hold_deletes:
                 self.policy = replace(self.policy, hold_deletes=False)
                 log.info("root_returned", destination=self.name, root=str(self.root))
