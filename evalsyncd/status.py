@@ -32,13 +32,12 @@ from evalsyncd.config import Settings
 from evalsyncd.sync.files import (
     FileKind,
     classify,
-    dir_identity,
     display_path,
     key_problem,
     scan_tree,
 )
 from evalsyncd.sync.journal import Entry, Journal
-from evalsyncd.sync.offline import JOURNAL_NAME, unacked_bytes
+from evalsyncd.sync.offline import JOURNAL_NAME, root_replaced, unacked_bytes
 from evalsyncd.sync.owner import read_owner_records
 
 __all__ = [
@@ -160,8 +159,7 @@ def collect_status(settings: Settings, *, now: float | None = None) -> StatusRep
         if journal is not None and settings.retention.enabled:
             retention = retention_status(settings, journal, now)
         records = journal.destinations() if journal else {}
-        known = journal.root_identity() if journal else None
-        replaced = known not in (None, dir_identity(settings.root))
+        replaced = journal is not None and root_replaced(settings.root, journal)
         owners = read_owner_records(settings.state_dir)
         out = []
         for dest in settings.destinations:

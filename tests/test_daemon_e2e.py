@@ -532,6 +532,8 @@ def test_an_old_journal_started_on_an_empty_mount_point_deletes_nothing(
     held = evalsyncd("sync", "--once", "--config", str(cfg))
     assert held.returncode == 0 and "root_replaced" in held.stderr, held.stderr[-2000:]
     assert remote_tree(reader) == before
+    status = evalsyncd("status", "--json", "--config", str(cfg))  # as the daemon judged it
+    assert status.returncode == 1 and json.loads(status.stdout)["root_replaced"] is True
     env.root.rmdir()
     os.rename(tmp_path / "volume", env.root)
     back = evalsyncd("sync", "--once", "--config", str(cfg))

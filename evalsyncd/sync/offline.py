@@ -1,8 +1,8 @@
 """What ``status``, ``verify`` and the service share, without the running daemon.
 
 The journal's file name, the one count of a file's unacknowledged bytes, the
-backlog it adds up to, and how a destination's storage is opened from its
-settings. Importing this module loads neither watchdog nor the daemon's core,
+backlog it adds up to, how a destination's storage is opened from its settings,
+and whether the root is the directory the journal mirrored. Importing this module loads neither watchdog nor the daemon's core,
 so ``evalsyncd status`` and ``evalsyncd verify`` start fast.
 """
 
@@ -14,14 +14,28 @@ from pathlib import Path
 
 from evalsyncd.config import DestinationSettings, for_scheme
 from evalsyncd.storage import Backend, parse_url
-from evalsyncd.sync.files import FileKind
-from evalsyncd.sync.journal import Entry, EntryStatus
+from evalsyncd.sync.files import FileKind, dir_identity, has_entries
+from evalsyncd.sync.journal import Entry, EntryStatus, Journal
 from evalsyncd.sync.lines import complete_end, divergence
 
-__all__ = ["JOURNAL_NAME", "Backlog", "open_destination_storage", "unacked_bytes"]
+__all__ = ["JOURNAL_NAME", "Backlog", "open_destination_storage", "root_replaced", "unacked_bytes"]
 
 JOURNAL_NAME = "journal.sqlite3"
 """The journal's file name in the state directory."""
+
+
+def root_replaced(root: Path, journal: Journal) -> bool:
+    """Whether ``root`` is not the directory ``journal`` mirrored: another device and
+    inode than the journal recorded (meta ``root_id``); or, with nothing recorded (a
+    journal of an older version), an empty directory while the journal has live rows
+    (a volume's mount point, most likely). ``False`` when the root is missing."""
+    now = dir_identity(root)
+    if now is None:
+        return False
+    known = journal.root_identity()
+    if known is None:
+        return not has_entries(root) and journal.has_live_rows()
+    return now != known
 
 
 def open_destination_storage(dest: DestinationSettings) -> Backend:

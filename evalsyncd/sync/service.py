@@ -34,7 +34,6 @@ from evalsyncd.sync.files import (
     classify,
     dir_identity,
     display_path,
-    has_entries,
     is_run_metadata,
     key_problem,
     scan_tree,
@@ -44,6 +43,7 @@ from evalsyncd.sync.offline import (
     JOURNAL_NAME,
     Backlog,
     open_destination_storage,
+    root_replaced,
     unacked_bytes,
 )
 from evalsyncd.sync.owner import Owner
@@ -161,21 +161,15 @@ class Service:
         missing files as they were (objects and rows); each start warns
         (``root_replaced``) until the journal's root is back (a running daemon adopts
         it then, ``Context.root_changed``) or ``adopt_root`` (``--adopt-root``)
-        records the new one. A journal without a record (older versions) records the
-        root at its first start, unless the root is empty while the journal has live
-        rows (a mount point, most likely): that start holds deletions too.
+        records the new one. What counts as another directory is
+        :func:`~evalsyncd.sync.offline.root_replaced`, as ``status`` shows it.
         """
-        now = dir_identity(self.root)
-        known = journal.root_identity()
-        if now is None or now == known:
-            return False
-        # a journal from before the record, started on an empty root (a mount point,
-        # most likely) while it mirrored files: not recorded, and nothing deleted
-        suspect = known is None and not has_entries(self.root) and journal.has_live_rows()
-        if self._adopt_root or (known is None and not suspect):
-            if known is not None:
-                log.info("root_adopted", root=str(self.root))
-            journal.record_root_identity(now)
+        if not root_replaced(self.root, journal) or self._adopt_root:
+            now, known = dir_identity(self.root), journal.root_identity()
+            if now is not None and now != known:
+                if known is not None:
+                    log.info("root_adopted", root=str(self.root))
+                journal.record_root_identity(now)
             return False
         log.warning(
             "root_replaced",

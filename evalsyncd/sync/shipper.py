@@ -184,22 +184,23 @@ class Context:
         now = dir_identity(self.root)
         if now is not None and now == self._root_id:
             return None
-        known = self.journal.root_identity() if now is not None else None
-        if now is not None and (
-            self._root_id is None
-            or now == known
-            or (known is None and self.policy.hold_deletes and has_entries(self.root))
-        ):
-            # created after the start; or the journal's own root is back (a volume mounted
-            # after a start on its empty mount point; with a journal from before the
-            # record, the first directory with files there): adopted, deletions mirror
-            self._root_id = now
-            if known is None:
-                self.journal.record_root_identity(now)
-            if self.policy.hold_deletes:
-                self.policy = replace(self.policy, hold_deletes=False)
-                log.info("root_returned", destination=self.name, root=str(self.root))
-            return None
+        if now is not None:
+            known = self.journal.root_identity()
+            if (
+                self._root_id is None
+                or now == known
+                or (known is None and self.policy.hold_deletes and has_entries(self.root))
+            ):
+                # created after the start; or the journal's own root is back (a volume
+                # mounted after a start on its empty mount point; with a journal from
+                # before the record, the first directory with files there): adopted
+                self._root_id = now
+                if known is None:
+                    self.journal.record_root_identity(now)
+                if self.policy.hold_deletes:  # its deletions mirror again
+                    self.policy = replace(self.policy, hold_deletes=False)
+                    log.info("root_returned", destination=self.name, root=str(self.root))
+                return None
         what = "is gone" if now is None else "is another directory now"
         return RootChangedError(
             f"the watched root {self.root} {what} (moved, removed, replaced or a volume "
