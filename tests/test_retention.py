@@ -414,7 +414,7 @@ def test_an_interrupted_eviction_is_finished_or_rolled_back(
     tmp_path: Path, buckets: list[MemoryStorage], deleted: int
 ) -> None:
     """A crash after the intent: with no file deleted yet the run is rolled back whole
-    (rows back, marker gone); with some deleted it is finished and recorded as evicted,
+    (rows back, marker gone, as quiet as before); with some deleted it is finished and recorded as evicted,
     never half-gone and unrecorded."""
     rig = Rig(tmp_path, buckets)
     run = _write_run(rig.store, "r")
@@ -446,6 +446,9 @@ def test_an_interrupted_eviction_is_finished_or_rolled_back(
         assert ev == {} and rig.journal.entries("d0") == rows_before
         assert not (rig.root / "runs" / run / MARKER_NAME).exists()
         assert len(_local_files(rig.root, run)) == 6
+        # the marker written and removed: the run is as quiet as before, still eligible
+        (r,) = scan_runs(rig.root)
+        assert r.view(time.time()).quiet_s > DAY
     else:
         assert ev[run].state == "evicted"
         assert (rig.root / "runs" / run / MARKER_NAME).exists()

@@ -234,7 +234,7 @@ class RunOnDisk:
         run_id: the directory's name.
         finalized: ``summary.json`` is present, or ``metadata.json`` scores every benchmark.
         newest_mtime: newest mtime of anything in it (files, directories, ignored
-            files), Unix seconds.
+            files; the run directory's own only when it is empty), Unix seconds.
         files: the mirrored files eviction would delete.
         kept_bytes: bytes of what stays (``metadata.json``, ``summary.json``, the marker).
         marker: its eviction marker, ``None`` when not evicted.
@@ -265,7 +265,9 @@ def _scan_run(root: Path, run_id: str) -> RunOnDisk:
     files: list[LocalFile] = []
     others: list[str] = []
     kept = 0
-    newest = base.lstat().st_mtime
+    # not the run directory's own mtime: writing and removing the eviction marker changes
+    # it, and a rolled-back eviction must not make a run look freshly written
+    newest = 0.0
     marker: EvictionMarker | None = None
     stack = [(base, f"runs/{run_id}/")]
     while stack:
@@ -292,6 +294,8 @@ def _scan_run(root: Path, run_id: str) -> RunOnDisk:
                     files.append(LocalFile(rel, st))
                 else:
                     others.append(rel)
+    if not newest:  # nothing in it
+        newest = base.lstat().st_mtime
     finalized = (base / "summary.json").is_file() or _scored(base / "metadata.json")
     files.sort(key=lambda f: f.path)
     return RunOnDisk(run_id, finalized, newest, tuple(files), kept, marker, tuple(sorted(others)))
