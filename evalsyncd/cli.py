@@ -1043,6 +1043,9 @@ def _view(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit status."""
+    from evalsyncd.storage._cas import defer_default_cas
+
+    defer_default_cas()  # this process's aiohttp loads CA certificates only if it needs them
     args = build_parser().parse_args(argv)
     if args.command == "runs":
         return _runs(args)

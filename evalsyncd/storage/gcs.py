@@ -76,6 +76,7 @@ from gcloud.aio.storage import Storage as _SDKClient
 
 from evalsyncd.errors import ConflictError, ObjectNotFoundError, ServerBehaviourError
 from evalsyncd.storage._base import StorageStat
+from evalsyncd.storage._cas import load_default_cas
 from evalsyncd.storage._cloud import INTERNAL_DIR, CloudStorage
 from evalsyncd.storage._gcsclient import GCSClient, PreconditionFailed, translate_error
 
@@ -169,6 +170,7 @@ class GCSStorage(CloudStorage):
         self.timeout_s = float(timeout_s)
         self.connect_timeout_s = float(connect_timeout_s)
         self.page_size = page_size
+        load_default_cas()  # the GCS client's requests use aiohttp's default TLS context
 
     # -- client ------------------------------------------------------------------
 
