@@ -1043,9 +1043,6 @@ def _view(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit status."""
-    from evalsyncd.storage._cas import defer_default_cas
-
-    defer_default_cas()  # this process's aiohttp loads CA certificates only if it needs them
     args = build_parser().parse_args(argv)
     if args.command == "runs":
         return _runs(args)
@@ -1102,5 +1099,10 @@ def _main_settings(args: argparse.Namespace, ready: Callable[[], None] = lambda:
 
 
 def entrypoint() -> None:
-    """Console-script entry point."""
+    """Console-script entry point (and ``python -m evalsyncd``): the process is ours, so
+    its aiohttp loads CA certificates only if a request may need them (:mod:`._cas`);
+    :func:`main` called from another program leaves that program's aiohttp as it is."""
+    from evalsyncd.storage._cas import defer_default_cas
+
+    defer_default_cas()
     sys.exit(main())

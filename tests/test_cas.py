@@ -29,6 +29,12 @@ _PROBE = textwrap.dedent(
 
     if sys.argv[1] == "cli":
         defer_default_cas()
+    elif sys.argv[1] == "main":  # the command line called from another program
+        from evalsyncd.cli import main
+        try:
+            main(["--help"])
+        except SystemExit:
+            pass
     from evalsyncd.storage import S3Storage  # imports aiohttp through aiobotocore
     import aiohttp, aiohttp.connector as connector
 
@@ -47,7 +53,11 @@ _PROBE = textwrap.dedent(
     }
     if sys.argv[3] == "gcs":
         from evalsyncd.storage import GCSStorage
-        GCSStorage("bucket", "prefix")  # a GCS client's requests use the default context
+
+        async def gcs_session():  # a GCS client's requests use the default context
+            await GCSStorage("bucket", "prefix")._new_session().close()
+
+        asyncio.run(gcs_session())
     else:
         load_default_cas()
     out["after"] = connector._SSL_CONTEXT_VERIFIED.cert_store_stats()["x509_ca"]
@@ -82,7 +92,7 @@ def _probe(mode: str, url: str, then: str, ca_file: Path) -> dict[str, object]:
         check=False,
     )
     assert done.returncode == 0, done.stderr
-    result: dict[str, object] = json.loads(done.stdout)
+    result: dict[str, object] = json.loads(done.stdout.splitlines()[-1])  # after any --help
     return result
 
 
@@ -103,12 +113,40 @@ def test_the_command_line_loads_ca_certificates_only_when_a_request_may_need_the
     assert str(out["get_after"]).startswith("HTTP ")
 
 
+@pytest.mark.parametrize("mode", ["library", "main"])
 def test_the_library_loads_them_as_aiohttp_does(
-    https_url: str, certs: LoopbackCertificates
+    https_url: str, certs: LoopbackCertificates, mode: str
 ) -> None:
-    """Without the command line's opt-in (an application using ``EvalStore``), aiohttp's
-    verifying context has the system's CAs from its import on: the application's own
-    requests work as without evalsyncd."""
-    out = _probe("library", https_url, "load", certs.ca_file)
+    """Without the command line's opt-in (an application using ``EvalStore``, or calling
+    ``evalsyncd.cli.main``), aiohttp's verifying context has the system's CAs from its
+    import on: the application's own requests work as without evalsyncd."""
+    out = _probe(mode, https_url, "load", certs.ca_file)
     assert out["before"] == 1
     assert str(out["get_before"]).startswith("HTTP ")
+
+
+def test_the_console_script_defers_them() -> None:
+    """``evalsyncd`` (the console script, and ``python -m evalsyncd``) opts in before its
+    command runs; the class it patched for the import is left as it was."""
+    script = textwrap.dedent(
+        """
+        import ssl, sys
+        import evalsyncd.cli as cli
+
+        def command():
+            from evalsyncd.storage import S3Storage
+            import aiohttp.connector as connector
+            stats = connector._SSL_CONTEXT_VERIFIED.cert_store_stats()["x509_ca"]
+            untouched = "set_default_verify_paths" not in vars(ssl.SSLContext)
+            print(stats, untouched)
+            return 0
+
+        cli.main = command
+        cli.entrypoint()
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["0", "True"]

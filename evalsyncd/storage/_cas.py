@@ -14,14 +14,14 @@ Neither is needed by most processes:
   Every S3 request brings one (aiobotocore's, built from the client's ``verify`` and CA
   bundle; :class:`~._s3put.LeanPut`'s, :func:`~._s3put.tls_context`). The GCS client
   (gcloud-aio, and its token requests) brings none: :class:`~.gcs.GCSStorage` calls
-  :func:`load_default_cas` when it is made.
+  :func:`load_default_cas` before it opens an HTTP session.
 
-:func:`defer_default_cas` (called by the command line for its own process, never by the
-library: an application's own aiohttp requests rely on these contexts) makes the
-import of ``aiohttp.connector`` skip those loads; :func:`load_default_cas` loads them
-into the verifying context, once. A request through the verifying context before that
-fails its certificate check (``CERTIFICATE_VERIFY_FAILED``): it never goes out
-unverified.
+:func:`defer_default_cas` makes the import of ``aiohttp.connector`` skip those loads;
+:func:`load_default_cas` loads them into the verifying context, once. Only the command
+line's entry point calls the first, for its own process: never the library, nor
+:func:`evalsyncd.cli.main` called from another program, whose own aiohttp requests rely
+on these contexts. A request through the verifying context before the load fails its
+certificate check (``CERTIFICATE_VERIFY_FAILED``): it never goes out unverified.
 """
 
 from __future__ import annotations
@@ -48,8 +48,9 @@ _lock = threading.Lock()
 def defer_default_cas() -> None:
     """Make the coming import of ``aiohttp.connector`` build its TLS contexts without
     loading CA certificates (see the module docstring). No effect once it is imported.
-    For the ``evalsyncd`` process only: call :func:`load_default_cas` before any request
-    that may use aiohttp's default verifying context."""
+    For the ``evalsyncd`` process only (its console script): call
+    :func:`load_default_cas` before any request that may use aiohttp's default verifying
+    context. The finder stays in ``sys.meta_path`` (it answers only that module, once)."""
     if _MODULE in sys.modules or any(isinstance(f, _Finder) for f in sys.meta_path):
         return
     sys.meta_path.insert(0, _Finder())
@@ -95,6 +96,7 @@ class _Loader:
         module.__loader__ = self.inner  # the module as a plain import leaves it
         if module.__spec__ is not None:
             module.__spec__.loader = self.inner
+        own = "set_default_verify_paths" in vars(ssl.SSLContext)
         real = ssl.SSLContext.set_default_verify_paths
         importing = threading.get_ident()
         built: list[ssl.SSLContext] = []
@@ -109,6 +111,9 @@ class _Loader:
         try:
             self.inner.exec_module(module)
         finally:
-            ssl.SSLContext.set_default_verify_paths = real  # type: ignore[method-assign]
+            if own:
+                ssl.SSLContext.set_default_verify_paths = real  # type: ignore[method-assign]
+            else:  # inherited from _ssl._SSLContext: leave the class as it was
+                del ssl.SSLContext.set_default_verify_paths
         with _lock:
             _deferred.extend(c for c in built if c.verify_mode != ssl.CERT_NONE)

@@ -170,12 +170,12 @@ class GCSStorage(CloudStorage):
         self.timeout_s = float(timeout_s)
         self.connect_timeout_s = float(connect_timeout_s)
         self.page_size = page_size
-        load_default_cas()  # the GCS client's requests use aiohttp's default TLS context
 
     # -- client ------------------------------------------------------------------
 
     def _new_session(self) -> aiohttp.ClientSession:
         """The aiohttp session of one client (a seam for tests that trace requests)."""
+        load_default_cas()  # its requests (and the token's) use aiohttp's default TLS context
         return aiohttp.ClientSession(timeout=self._timeout())
 
     def _timeout(self) -> aiohttp.ClientTimeout:
