@@ -12,6 +12,7 @@ proxy settings.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import ssl
@@ -256,7 +257,10 @@ def test_no_proxy_keeps_the_lean_path_direct_and_a_proxy_is_read_once(
         lean = lean_put_of(storage)
         assert lean is not None
         assert lean._proxy == yarl.URL("http://proxy.invalid:3128")
-        assert lean._proxy_auth is not None and lean._proxy_auth.login == "user"
+        assert lean._proxy_headers is not None
+        assert base64.b64decode(
+            lean._proxy_headers["Proxy-Authorization"].removeprefix("Basic ")
+        ).startswith(b"user:")
 
 
 class ConnectProxy(LoopbackProxy):
@@ -267,11 +271,14 @@ class ConnectProxy(LoopbackProxy):
     def __init__(self, target_host: str, target_port: int) -> None:
         super().__init__(target_host, target_port)
         self.tunnels: list[str] = []
+        self.requests: list[str] = []
+        """Every request line received (``CONNECT`` or not)."""
 
     async def serve_connection(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
         head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
+        self.requests.append(head.split("\r\n", 1)[0])
         method, target, _version = head.split("\r\n", 1)[0].split(" ")
         if method != "CONNECT":
             writer.write(b"HTTP/1.1 405 Method Not Allowed\r\nContent-Length: 0\r\n\r\n")
@@ -323,6 +330,32 @@ def test_the_lean_path_goes_through_the_sdks_https_proxy(
     assert tls_proxy.heads is not None
     puts = [h for h in tls_proxy.heads if h.method == "PUT"]
     assert len(puts) == 2 and all("amz-sdk-invocation-id" not in h.headers for h in puts)
+
+
+def test_an_https_proxy_in_front_of_an_http_endpoint_is_verified_on_every_path(
+    s3_server: SeaweedS3Server,
+    cloud_env: dict[str, str],
+    certs: LoopbackCertificates,
+    untrusting: None,
+    monkeypatch: pytest.MonkeyPatch,
+    unique_prefix: str,
+) -> None:
+    """``HTTP_PROXY=https://user:secret@...`` for a plain-HTTP endpoint, the proxy's
+    certificate not trusted: the TLS hop to the proxy is verified on the lean path as in
+    the SDK, so the write fails with a clear error and the proxy never receives a
+    request (nor the credentials in its URL)."""
+    proxy = ConnectProxy("127.0.0.1", s3_server.port)
+    proxy.server_ssl = certs.server_context()
+    with proxy:
+        monkeypatch.setenv("HTTP_PROXY", f"https://user:secret@127.0.0.1:{proxy.port}")
+        with (
+            S3Storage(
+                S3_BUCKET, unique_prefix, endpoint_url=s3_server.endpoint_url, max_attempts=1
+            ) as storage,
+            pytest.raises(TransientStorageError),
+        ):
+            storage.write("a.json", b"{}")
+    assert proxy.requests == []
 
 
 def test_a_daemon_without_the_ca_backs_off_and_ships_once_restarted_with_it(

@@ -125,7 +125,9 @@ class LeanPut:
         self._credentials = credentials
         self._http = http
         self._user_agent = user_agent
-        self._proxy, self._proxy_auth = proxy
+        self._proxy, auth = proxy
+        # the proxy's credentials as a header (aiohttp 3.14 deprecates ``proxy_auth``)
+        self._proxy_headers = {"Proxy-Authorization": auth.encode()} if auth else None
         base = yarl.URL(base_url)
         self._base_path = base.raw_path
         # As botocore signs it and aiohttp would send it: no default port (":443"), lower case.
@@ -163,8 +165,8 @@ class LeanPut:
             request URL of an unexpected shape.
 
         Raises:
-            PermanentStorageError: an ``https://`` endpoint and a CA bundle (the
-                SDK's, :func:`ca_bundle`) that cannot be loaded; the message names it.
+            PermanentStorageError: an ``https://`` endpoint or proxy and a CA bundle
+                (the SDK's, :func:`ca_bundle`) that cannot be loaded; the message names it.
         """
         credentials = await session.get_credentials()
         if credentials is None or client.meta.config.proxies:
@@ -178,9 +180,18 @@ class LeanPut:
             log.info("s3_lean_put_off", url=f"s3://{bucket}", sdk_url=url.geturl())
             return None
         base = f"{url.scheme}://{url.netloc}{url.path[: -len(_PROBE_KEY)]}"
+        # The SDK's proxy, as botocore resolves it once per client (NO_PROXY, a proxy URL
+        # without a scheme read as http://, an https:// proxy kept: aiohttp's own reading of
+        # the environment differs on the last two), credentials taken from its URL.
+        proxy_url = ProxyConfiguration(proxies=get_environ_proxies(base)).proxy_url_for(base)
+        proxy = strip_auth_from_url(yarl.URL(proxy_url)) if proxy_url else (None, None)
+        # TLS to the endpoint or to an https:// proxy (even for an http:// endpoint, where
+        # ssl=False would have aiohttp's unverified context carry the proxy's credentials)
+        # is verified with the SDK's CA bundle, as the SDK verifies it
+        tls = url.scheme == "https" or (proxy[0] is not None and proxy[0].scheme == "https")
         connector = aiohttp.TCPConnector(
             limit=max_connections,
-            ssl=tls_context(session, f"s3://{bucket}") if url.scheme == "https" else False,
+            ssl=tls_context(session, f"s3://{bucket}") if tls else False,
         )
         http = await stack.enter_async_context(
             aiohttp.ClientSession(
@@ -192,11 +203,6 @@ class LeanPut:
                 auto_decompress=False,
             )
         )
-        # The SDK's proxy, as botocore resolves it once per client (NO_PROXY, a proxy URL
-        # without a scheme read as http://, an https:// proxy kept: aiohttp's own reading of
-        # the environment differs on the last two), credentials taken from its URL.
-        proxy_url = ProxyConfiguration(proxies=get_environ_proxies(base)).proxy_url_for(base)
-        proxy = strip_auth_from_url(yarl.URL(proxy_url)) if proxy_url else (None, None)
         return cls(base, client.meta.region_name, credentials, http, user_agent, proxy, sdk_retries)
 
     async def put(
@@ -241,7 +247,7 @@ class LeanPut:
                 headers=signed,
                 allow_redirects=False,
                 proxy=self._proxy,
-                proxy_auth=self._proxy_auth,
+                proxy_headers=self._proxy_headers,
             ) as resp:
                 body = await resp.read()
                 status, answer = resp.status, resp.headers
