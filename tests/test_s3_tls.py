@@ -26,7 +26,7 @@ import yarl
 from evalsyncd.errors import PermanentStorageError, TransientStorageError
 from evalsyncd.storage import S3Storage
 from evalsyncd.storage._s3put import LeanPut
-from evalsyncd.testing.proxy import LoopbackProxy
+from evalsyncd.testing.proxy import CountingProxy, LoopbackProxy
 from evalsyncd.testing.servers import SeaweedS3Server
 from evalsyncd.testing.tls import LoopbackCertificates, TlsProxy
 from tests.conftest import S3_BUCKET
@@ -257,9 +257,9 @@ def test_no_proxy_keeps_the_lean_path_direct_and_a_proxy_is_read_once(
         lean = lean_put_of(storage)
         assert lean is not None
         assert lean._proxy == yarl.URL("http://proxy.invalid:3128")
-        assert lean._proxy_headers is not None
+        assert lean._connect_headers is not None and not lean._request_headers
         assert base64.b64decode(
-            lean._proxy_headers["Proxy-Authorization"].removeprefix("Basic ")
+            lean._connect_headers["Proxy-Authorization"].removeprefix("Basic ")
         ).startswith(b"user:")
 
 
@@ -356,6 +356,29 @@ def test_an_https_proxy_in_front_of_an_http_endpoint_is_verified_on_every_path(
         ):
             storage.write("a.json", b"{}")
     assert proxy.requests == []
+
+
+def test_an_http_proxy_with_credentials_gets_them_on_every_lean_put(
+    s3_server: SeaweedS3Server,
+    cloud_env: dict[str, str],
+    untrusting: None,
+    monkeypatch: pytest.MonkeyPatch,
+    unique_prefix: str,
+) -> None:
+    """``HTTP_PROXY=http://user:secret@...`` for a plain-HTTP endpoint: each lean PUT goes
+    to the proxy in absolute form with the proxy's credentials (``Proxy-Authorization``),
+    as the SDK's requests do, and none is handed to the SDK."""
+    with CountingProxy("127.0.0.1", s3_server.port, record_heads=True) as proxy:
+        monkeypatch.setenv("HTTP_PROXY", f"http://user:secret@127.0.0.1:{proxy.port}")
+        with S3Storage(S3_BUCKET, unique_prefix, endpoint_url=s3_server.endpoint_url) as storage:
+            storage.write("a.json", b"{}")
+            storage.write("b.json", b"[]")
+            lean = lean_put_of(storage)
+            assert lean is not None and lean.fallbacks == 0
+    assert proxy.heads is not None
+    puts = [h for h in proxy.heads if h.method == "PUT"]
+    want = "Basic " + base64.b64encode(b"user:secret").decode()
+    assert len(puts) == 2 and all(h.headers.get("proxy-authorization") == want for h in puts)
 
 
 def test_a_daemon_without_the_ca_backs_off_and_ships_once_restarted_with_it(

@@ -126,8 +126,14 @@ class LeanPut:
         self._http = http
         self._user_agent = user_agent
         self._proxy, auth = proxy
-        # the proxy's credentials as a header (aiohttp 3.14 deprecates ``proxy_auth``)
-        self._proxy_headers = {"Proxy-Authorization": auth.encode()} if auth else None
+        # The proxy's credentials (aiohttp 3.14 deprecates ``proxy_auth``): on the CONNECT
+        # of an https:// endpoint's tunnel (``proxy_headers``: never inside the tunnel), or
+        # on the request itself for an http:// endpoint, which goes to the proxy in absolute
+        # form (aiohttp copies ``proxy_headers`` to neither)
+        creds = {"Proxy-Authorization": auth.encode()} if auth else {}
+        tunnelled = base_url.startswith("https://")
+        self._connect_headers = creds if tunnelled and creds else None
+        self._request_headers = [] if tunnelled else list(creds.items())
         base = yarl.URL(base_url)
         self._base_path = base.raw_path
         # As botocore signs it and aiohttp would send it: no default port (":443"), lower case.
@@ -244,10 +250,10 @@ class LeanPut:
             async with self._http.put(
                 yarl.URL(self.base_url + path, encoded=True),  # as signed: not quoted again
                 data=data,
-                headers=signed,
+                headers=signed + self._request_headers,  # the proxy's: not signed
                 allow_redirects=False,
                 proxy=self._proxy,
-                proxy_headers=self._proxy_headers,
+                proxy_headers=self._connect_headers,
             ) as resp:
                 body = await resp.read()
                 status, answer = resp.status, resp.headers
