@@ -107,9 +107,9 @@ async def append_multipart(
             ranges = copy_ranges(size)
 
             async def copy(number: int, lo: int, hi: int) -> dict[str, Any]:
-                # Always a range, even for the whole object: on a server that ignores
-                # CopySourceIfMatch, a copy of the whole current object would take in
-                # another writer's append that completed meanwhile (then ours after it)
+                kwargs: dict[str, Any] = {}
+                if len(ranges) > 1:
+                    kwargs["CopySourceRange"] = f"bytes={lo}-{hi - 1}"
                 resp = await client.upload_part_copy(
                     Bucket=bucket,
                     Key=key,
@@ -117,7 +117,7 @@ async def append_multipart(
                     PartNumber=number,
                     CopySource={"Bucket": bucket, "Key": key},
                     CopySourceIfMatch=etag,
-                    CopySourceRange=f"bytes={lo}-{hi - 1}",
+                    **kwargs,
                 )
                 result = resp.get("CopyPartResult") or {}
                 part = {"PartNumber": number, "ETag": _etag(result, "UploadPartCopy", resp, url)}
