@@ -179,6 +179,12 @@ def test_concurrent_large_appends_never_mix_and_report_by_server(
         return [r if isinstance(r, BaseException) else None for r in results]
 
     outcomes = asyncio.run(contend())
+    mixed = [r for r in outcomes if isinstance(r, ServerBehaviourError)]
+    if mixed and not s3_any.enforces_copy_source_if_match:
+        # a loser's UploadPartCopy took in a winner's completed append: its post-condition
+        # finds its own ETag on a bigger object and says so (no acknowledged line is lost)
+        assert all("CopySourceIfMatch" in str(r) for r in mixed), mixed
+        pytest.xfail(f"{s3_any.name} ignores CopySourceIfMatch: a copy took in another append")
     assert all(isinstance(r, ConflictError) for r in outcomes if r is not None), outcomes
     final = s3_on.read("race.jsonl")
     assert final[: len(base)] == base and final.count(b"\n") == base.count(b"\n") + 1

@@ -201,7 +201,9 @@ async def check_appended(
     if got_size != size:
         answer = f"ETag {etag} with {got_size} bytes instead of {size}"
         raise ServerBehaviourError(
-            f"{url}: the server completed a multipart append into a wrong object ({answer}); "
+            f"{url}: the server completed a multipart append into a wrong object ({answer}): "
+            "it copied another object than the one CopySourceIfMatch named (another "
+            "writer's append, completed meanwhile, is in it before this one's bytes), or "
             "its UploadPartCopy is broken (run `evalsyncd check` on this URL)",
             url=url,
             feature="UploadPartCopy",
