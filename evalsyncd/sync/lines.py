@@ -38,6 +38,7 @@ __all__ = [
     "read_known",
     "read_lines",
     "read_stable",
+    "same_file",
     "seen_as",
 ]
 
@@ -131,7 +132,7 @@ def read_stable(root: str | Path, path: str, st: os.stat_result) -> bytes | None
     (size, mtime or inode) while being read."""
     fd = open_beneath(root, path)
     try:
-        if not _same_file(os.fstat(fd), st.st_dev, st.st_ino):
+        if not same_file(os.fstat(fd), st.st_dev, st.st_ino):
             return None
         data = os.pread(fd, st.st_size + 1, 0)
         after = os.fstat(fd)
@@ -158,14 +159,15 @@ def read_known(root: str | Path, row: Entry) -> bytes | None:
         return None
     try:
         st = os.fstat(fd)
-        if not _same_file(st, row.dev, row.ino):
+        if not same_file(st, row.dev, row.ino):
             return None
         return os.pread(fd, st.st_size, 0)
     finally:
         os.close(fd)
 
 
-def _same_file(st: os.stat_result, dev: int, ino: int) -> bool:
+def same_file(st: os.stat_result, dev: int, ino: int) -> bool:
+    """Whether ``st`` (an ``fstat``) is the regular file of device ``dev``, inode ``ino``."""
     return stat.S_ISREG(st.st_mode) and (st.st_dev, st.st_ino) == (dev, ino)
 
 

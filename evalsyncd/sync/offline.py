@@ -2,8 +2,9 @@
 
 The journal's file name, the one count of a file's unacknowledged bytes, the
 backlog it adds up to, how a destination's storage is opened from its settings,
-and whether the root is the directory the journal mirrored. Importing this module loads neither watchdog nor the daemon's core,
-so ``evalsyncd status`` and ``evalsyncd verify`` start fast.
+and whether the root is the directory the journal mirrored. Importing this module
+loads neither watchdog nor the daemon's core, so ``evalsyncd status`` and
+``evalsyncd verify`` start fast.
 """
 
 from __future__ import annotations

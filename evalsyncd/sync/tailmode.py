@@ -752,7 +752,7 @@ def _local_bytes(root: Path, entry: Entry, start: int, end: int) -> bytes | None
         return None
     try:
         st = os.fstat(fd)
-        if (st.st_dev, st.st_ino) != (entry.dev, entry.ino) or st.st_size < entry.tail_offset:
+        if not lines.same_file(st, entry.dev, entry.ino) or st.st_size < entry.tail_offset:
             return None
         if classify(entry.path) is FileKind.REPLACE:
             data = os.pread(fd, st.st_size + 1, 0)
