@@ -25,12 +25,13 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from evalsyncd.catalog import CATALOG_NAME, MAX_CATALOG_BYTES, build_catalog, parse_catalog
 from evalsyncd.errors import CorruptObjectError, EvalsyncdError
 from evalsyncd.fleet import Fleet
+from evalsyncd.storage import tail as tail_module
 from evalsyncd.storage.memory import MemoryStorage, drop_bucket, memory_bucket
 from evalsyncd.storage.tail import (
     MAX_FILES,
@@ -298,6 +299,46 @@ def make_host(storage: MemoryStorage, host: str, run_id: str) -> EvalStore:
     store = EvalStore(storage, host)
     store.create_run("m", ["gsm8k"], run_id=run_id)
     return store
+
+
+_VALUES = st.one_of(
+    st.integers(-2, 2**64),
+    st.sampled_from([0, 1, 7, 2**42, 5 * 1024**4, 5 * 1024**4 + 1, True, False, None]),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=3),
+    st.sampled_from(["a", "r", "x"]),
+)
+_PIECES = st.lists(
+    st.one_of(st.lists(_VALUES, min_size=3, max_size=3), st.lists(_VALUES, max_size=4), _VALUES),
+    max_size=3,
+)
+_ENTRIES = st.one_of(
+    st.fixed_dictionaries(
+        {"k": _VALUES, "size": _VALUES, "base": _VALUES, "mtime": _VALUES},
+        optional={"p": _PIECES, "mv": st.one_of(st.none(), st.text(max_size=3), _VALUES)},
+    ),
+    _VALUES,
+)
+
+
+@given(entry=_ENTRIES, seq=st.integers(0, 3))
+@example(entry={"k": "a", "size": 9, "base": 2, "mtime": 1.5, "p": [[0, 0, 3], [1, 4, 4]]}, seq=1)
+@example(entry={"k": "r", "size": 3, "base": 0, "mtime": 2, "mv": "v1", "p": [[2, 0, 3]]}, seq=1)
+@example(entry={"k": "a", "size": 3, "base": 0, "mtime": 1.0, "p": [[0, 0, True]]}, seq=0)
+@example(entry={"k": "a", "size": 3, "base": 0, "mtime": float("inf"), "p": []}, seq=0)
+@settings(max_examples=600, deadline=None)
+def test_a_tail_entry_reads_the_same_through_the_fast_and_the_checked_path(
+    entry: Any, seq: int
+) -> None:
+    """The one-pass check of an index entry accepts exactly what the field-by-field check
+    accepts, builds the same entry, and leaves every error to it (the same message)."""
+    results = []
+    for read in (tail_module._file_tail, tail_module._file_tail_checked):
+        try:
+            results.append(read("runs/r/x.jsonl", entry, seq))
+        except ValueError as exc:
+            results.append(str(exc))
+    assert results[0] == results[1]
 
 
 def test_damaged_tail_is_read_around_and_reported_by_every_reader(bucket: str) -> None:

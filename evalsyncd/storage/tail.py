@@ -382,7 +382,47 @@ def _dict(value: object, what: str) -> dict[str, Any]:
 
 
 def _file_tail(path: str, f: object, seq: int) -> FileTail:
-    """One ``files`` entry, every field checked (shape, type, range)."""
+    """One ``files`` entry, every field checked (shape, type, range).
+
+    The checks of :func:`_file_tail_checked` in one pass over a well-formed entry (an
+    index of thousands of files is read on every listing); an entry that fails any of
+    them is checked again there, which names what is wrong.
+    """
+    if type(f) is dict:
+        kind, size, base, raw_pieces = f.get("k"), f.get("size"), f.get("base"), f.get("p")
+        mv, mtime = f.get("mv"), f.get("mtime")
+        if (
+            (kind == "a" or kind == "r")
+            and type(size) is int
+            and type(base) is int
+            and 0 <= base <= size <= MAX_OBJECT_BYTES
+            and type(raw_pieces) is list
+            and (mv is None or isinstance(mv, str))
+            and (type(mtime) is float or type(mtime) is int)
+            and math.isfinite(mtime)
+        ):
+            pieces = []
+            for raw in raw_pieces:
+                if type(raw) is not list or len(raw) != 3:
+                    break
+                at, pos, length = raw
+                if not (
+                    type(at) is int
+                    and type(pos) is int
+                    and type(length) is int
+                    and 0 <= at <= seq
+                    and 0 <= pos <= MAX_OBJECT_BYTES
+                    and 0 <= length <= MAX_OBJECT_BYTES
+                ):
+                    break
+                pieces.append(Piece(at, pos, length))
+            else:
+                return FileTail(str(kind), size, base, mv, float(mtime), tuple(pieces))
+    return _file_tail_checked(path, f, seq)
+
+
+def _file_tail_checked(path: str, f: object, seq: int) -> FileTail:
+    """:func:`_file_tail`, one check at a time: the ``ValueError`` names the field."""
     f = _dict(f, "the entry")
     kind = f.get("k")
     if kind not in ("a", "r"):

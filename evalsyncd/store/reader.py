@@ -276,12 +276,13 @@ class EvalStoreReader:
             StorageError: the storage failed (never reported as "no runs").
         """
         catalog: Catalog | None = None
+        index: TailIndex | None = None
         listed: list[str] | None = None
         if self.use_catalog:
             catalog, index = await both(self._aread_catalog(), self._aown_tail())
             listed = _vouched_runs(catalog, index)
         if listed is None:
-            listed = await self._reads.list_dir(self._layout.runs_dir())
+            listed = await self._alist_runs_dir(catalog, index)
         valid = StoreLayout.runs_in(listed)
         skipped = [
             Skipped(self.storage.url(self._layout.path("runs", name)), "not a valid run id")
@@ -322,6 +323,23 @@ class EvalStoreReader:
             elif r is not None:
                 runs.append(r)
         return sorted(runs, key=layout.recency_key, reverse=True), skipped
+
+    async def _alist_runs_dir(self, catalog: Catalog | None, index: TailIndex | None) -> list[str]:
+        """The names under ``runs/`` (one listing). The ``metadata.json`` pieces of the
+        runs pending in the tail log (``index``) that ``catalog`` lacks are fetched
+        meanwhile (:meth:`_aprefetch`), so the reads of those runs that follow find them
+        cached instead of waiting for the listing first."""
+        listing = self._reads.list_dir(self._layout.runs_dir())
+        if index is None:
+            return await listing
+        known = catalog.entries if catalog is not None else {}
+        pending = [
+            path
+            for path in index.files
+            if (run := _run_of_metadata(path)) is not None and run not in known
+        ]
+        names, _ = await both(listing, self._aprefetch(pending))
+        return names
 
     def read_run(self, run_id: str) -> RunMetadata:
         """The metadata of one run; see :meth:`aread_run`."""
@@ -610,8 +628,13 @@ def _vouched_runs(catalog: Catalog | None, index: TailIndex | None) -> list[str]
     if not catalog.vouched_by(index.writer, index.seq, index.marks):
         return None
     names = set(catalog.entries)
-    for path in index.files:
-        parts = path.split("/")
-        if len(parts) == 3 and parts[0] == "runs" and parts[2] == "metadata.json":
-            names.add(parts[1])
+    names.update(run for run in map(_run_of_metadata, index.files) if run is not None)
     return sorted(names)
+
+
+def _run_of_metadata(path: str) -> str | None:
+    """The run whose ``metadata.json`` ``path`` is (``runs/{run}/metadata.json``), else ``None``."""
+    parts = path.split("/")
+    if len(parts) == 3 and parts[0] == "runs" and parts[2] == "metadata.json":
+        return parts[1]
+    return None
