@@ -22,6 +22,7 @@ import json
 import os
 import subprocess
 import sys
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -151,6 +152,40 @@ def test_the_loader_answers_as_botocores_without_walking_every_service(
         loader.load_service_model("nope", type_name)
     names = loader.list_available_services(type_name)  # other callers: botocore's list
     assert type(names) is list and names == reference.list_available_services(type_name)
+
+
+@pytest.mark.parametrize(
+    ("name", "type_name"),
+    [
+        ("endpoints", None),
+        ("s3", "service-2"),
+        ("s3", "endpoint-rule-set-1"),
+        ("s3", "paginators-1"),
+    ],
+)
+def test_the_loader_parses_botocores_data_into_plain_dicts_in_their_order(
+    name: str, type_name: str | None
+) -> None:
+    """The shared loader's data is botocore's, key for key and in botocore's order, held
+    in plain dicts (parsed without ``OrderedDict``, two to three times faster): if
+    botocore renamed the step that is overridden, the type would show it."""
+    reference = botocore.loaders.create_loader()
+    loader = create_loader(None)
+    if type_name is None:
+        expected, got = reference.load_data(name), loader.load_data(name)
+    else:
+        expected = reference.load_service_model(name, type_name)
+        got = loader.load_service_model(name, type_name)
+    assert json.dumps(got) == json.dumps(expected)  # same keys, values and order
+
+    def containers(value: Any) -> Iterator[Any]:
+        yield value
+        children = value.values() if isinstance(value, dict) else value
+        for child in children if isinstance(value, dict | list) else ():
+            yield from containers(child)
+
+    assert {type(c) for c in containers(got) if isinstance(c, dict)} == {dict}
+    assert any(type(c) is OrderedDict for c in containers(expected))
 
 
 def test_a_readers_client_builds_no_lean_put_path_and_loads_no_ca_bundle(
