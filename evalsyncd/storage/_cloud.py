@@ -499,6 +499,13 @@ class CloudStorage(ABC):
         where, rel = await self._locate(path)
         return (await where._tail_index()).files.get(rel)
 
+    async def _own_entry(self, path: str) -> FileTail | None:
+        """:meth:`_tail_entry` of a ``path`` that :meth:`_locate` found this storage's own
+        (no second search)."""
+        if not self.read_tail:
+            return None
+        return (await self._tail_index()).files.get(path)
+
     async def _stitched(self, path: str, start: int, end: int | None) -> bytes | None:
         """Bytes ``[start, end)`` of main object + tail pieces, or ``None`` when the tail
         holds nothing of ``path`` or the main object is damaged (read the main object alone).
@@ -614,7 +621,7 @@ class CloudStorage(ABC):
         where, rel = await self._locate(path)
         if where is not self:
             return await where.aread(rel)
-        if await self._tail_entry(path) is not None:
+        if await self._own_entry(path) is not None:
             data = await self._stitched(path, 0, None)
             if data is not None:
                 return data
@@ -629,7 +636,7 @@ class CloudStorage(ABC):
         where, rel = await self._locate(path)
         if where is not self:
             return await where.aread_range(rel, offset, length)
-        if await self._tail_entry(path) is not None:
+        if await self._own_entry(path) is not None:
             data = await self._stitched(path, offset, None if length is None else offset + length)
             if data is not None:
                 return data
@@ -646,7 +653,7 @@ class CloudStorage(ABC):
         where, rel = await self._locate(path)
         if where is not self:
             return await where.astat(rel)
-        ft = await self._tail_entry(path)
+        ft = await self._own_entry(path)
         if ft is not None and (ft.kind == "r" or ft.base == 0):
             return StorageStat(size=ft.size, mtime=ft.mtime, version=None)  # the tail alone
         main = await self._main_stat(path)
@@ -663,7 +670,7 @@ class CloudStorage(ABC):
         where, rel = await self._locate(path)
         if where is not self:
             return await where.aexists(rel)
-        if await self._tail_entry(path) is not None:
+        if await self._own_entry(path) is not None:
             return True
         return await self._main_exists(path)
 

@@ -822,7 +822,8 @@ async def read_pieces(
         lo, hi = max(start, lo_file), min(end, hi_file)
         if lo < hi:
             jobs.append(one(piece, lo - lo_file, hi - lo_file))
-    parts = await asyncio.gather(*jobs)
+    # one piece (most reads): awaited as is, not wrapped in a task
+    parts = [await jobs[0]] if len(jobs) == 1 else await asyncio.gather(*jobs)
     data = b"".join(parts)
     if len(data) != max(0, min(end, ft.size) - start):
         raise ObjectNotFoundError(
