@@ -122,3 +122,17 @@ def test_status_and_verify_do_not_load_the_daemon(module: str) -> None:
         capture_output=True, text=True, check=True,
     ).stdout  # fmt: skip
     assert lazy.strip() == "True"  # the lazy name still resolves
+
+
+def test_the_daemon_does_not_load_the_store() -> None:
+    """The daemon's engine (what ``evalsyncd run`` imports) loads no module of
+    ``evalsyncd.store``: it writes the run catalog through :mod:`evalsyncd.catalog`, and
+    retention reads a run's metadata with the store's rules only when it looks at runs."""
+    code = (
+        "import sys, evalsyncd.sync.service, evalsyncd.storage.s3\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[:2] == ['evalsyncd', 'store']))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    assert out.strip() == "[]", out

@@ -55,7 +55,6 @@ from evalsyncd.config import RetentionSettings
 from evalsyncd.errors import StorageError
 from evalsyncd.evicted import MARKER_NAME, EvictionMarker, build_marker, parse_marker
 from evalsyncd.storage import Backend
-from evalsyncd.store.layout import MAX_JSON_BYTES, loads_bounded
 from evalsyncd.sync.files import FileKind, classify, open_dir_beneath
 from evalsyncd.sync.journal import Entry, EntryStatus, Journal
 
@@ -304,6 +303,9 @@ def _scan_run(root: Path, run_id: str) -> RunOnDisk:
 def _scored(path: Path) -> bool:
     """Whether ``metadata.json`` has a score for each of its benchmarks (at least one):
     what ``EvalStore.finalize_run`` leaves, for a run that never wrote ``summary.json``."""
+    # the store's rules for its JSON, imported here: a daemon's start does not load the store
+    from evalsyncd.store.layout import MAX_JSON_BYTES, loads_bounded
+
     try:
         with open(path, "rb") as f:
             raw = f.read(MAX_JSON_BYTES + 1)
