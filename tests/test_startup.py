@@ -528,9 +528,9 @@ def test_the_first_tail_object_waits_for_the_claim_and_objects_for_the_probe(
     memory_storage: MemoryStorage, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A probe that takes 0.3 s: the first tail object goes out once the prefix is claimed,
-    while the probe runs (its requests overlap the upload), and every run is listed
-    through it; no object of a file is written before the probe passed, not even a file
-    big enough to go straight to its object."""
+    before the probe starts (its requests would slow the upload readers wait for), and
+    every run is listed through it; no object of a file is written before the probe
+    passed, not even a file big enough to go straight to its object."""
     root = tmp_path / "root"
     _finalized_runs(root, 5)
     (root / "big.json").write_text(json.dumps({"x": "y" * 100_000}))  # sent whole, not staged
@@ -551,10 +551,50 @@ def test_the_first_tail_object_waits_for_the_claim_and_objects_for_the_probe(
     assert writes[0].split()[1].endswith("/.evalsyncd/owner.json"), writes
     tail = next(i for i, w in enumerate(writes) if "/.evalsyncd/tail/" in w)
     started, ended = writes.index("probe start"), writes.index("probe end")
-    assert 0 < tail < ended and started < ended, writes  # the tail object did not wait
+    assert 0 < tail < started < ended, writes  # the tail object did not wait, nor compete
     assert not [w for w in writes[:ended] if w.startswith(("write runs/", "write big"))], writes
     assert [w for w in writes[ended:] if w.startswith("write runs/")], writes
     assert [w for w in writes[ended:] if w.startswith("write big.json")], writes
+
+
+def test_the_run_catalog_of_the_first_pass_goes_out_while_the_probe_runs(
+    memory_storage: MemoryStorage, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A first pass that stages every file: its tail object, then the run catalog that
+    vouches for it, wait for the claim alone; the probe starts after them, and the pass
+    ends with its verdict (the destination is healthy only then)."""
+    root = tmp_path / "root"
+    _finalized_runs(root, 5)
+    events: list[str] = []
+    _recorded(memory_storage, events, monkeypatch)
+    _slow_probe(events, monkeypatch, None)
+    put = memory_storage._internal_put
+
+    async def slow_tail_put(key: str, *args: Any, **kwargs: Any) -> Any:
+        tail = "/.evalsyncd/tail/" in key
+        if tail:
+            await asyncio.sleep(0.05)  # an upload that takes a while
+        done = await put(key, *args, **kwargs)
+        if tail:
+            events.append("tail written")
+        return done
+
+    monkeypatch.setattr(memory_storage, "_internal_put", slow_tail_put)
+
+    async def scenario() -> None:
+        with Journal(tmp_path / "j.sqlite3", root) as journal:
+            d = _claiming(memory_storage, journal, root)
+            await _until_listed(d, memory_storage, 5, first=lambda: "probe end" in events)
+            assert d.stats.failures == {}
+            assert d.state is DestinationState.HEALTHY
+
+    asyncio.run(scenario())
+    writes = [e for e in events if e.startswith(("write ", "probe ", "tail "))]
+    tail = writes.index("tail written")
+    catalog = next(i for i, w in enumerate(writes) if "/.evalsyncd/catalog.json " in w)
+    started, ended = writes.index("probe start"), writes.index("probe end")
+    assert tail < catalog < started < ended, writes
+    assert not [w for w in writes[:ended] if w.startswith("write runs")], writes
 
 
 def test_a_probe_that_finds_the_server_unusable_after_the_first_tail_object_parks(

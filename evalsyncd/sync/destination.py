@@ -7,7 +7,7 @@
                     |            |                                 log and max_main_lag_s > 0
                     |            +-- PerFileShipper for big deltas
                     |   or       PerFileShipper (sync/perfile.py)  every file on its own
-                    +-- steps:   PublishCatalog, ReapLeftovers (sync/steps.py)
+                    +-- steps:   PublishCatalog, ServerVerdict, ReapLeftovers (sync/steps.py)
 
 Both shippers share one :class:`~evalsyncd.sync.shipper.Context` built here
 from the destination's settings. Nothing here decides or sends: this module
@@ -43,7 +43,7 @@ from evalsyncd.sync.plan import Policy
 from evalsyncd.sync.scheduler import CHUNK_BYTES, RETRY_CHUNK_BYTES, Scheduler, Stats
 from evalsyncd.sync.shipper import Context, Shipper
 from evalsyncd.sync.states import DestinationState, backoff_delay
-from evalsyncd.sync.steps import PublishCatalog, ReapLeftovers
+from evalsyncd.sync.steps import PublishCatalog, ReapLeftovers, ServerVerdict
 from evalsyncd.sync.tailmode import TailShipper
 
 __all__ = [
@@ -200,6 +200,7 @@ class Destination(Scheduler):
             retry=settings.retry,
             steps=[
                 PublishCatalog(self.ctx, self._tail_index),
+                ServerVerdict(self.ctx),
                 ReapLeftovers(self.ctx, settings.reap_interval_s, settings.reap_min_age_s),
             ],
             chunk_bytes=chunk_bytes,

@@ -227,13 +227,17 @@ class Context:
 
     async def ensure_claimed(self) -> None:
         """Return when this daemon owns the prefix, while the start's server probe may
-        still run: the call before a tail object's create, and nothing else.
+        still run: the call before a write of the tail log (a tail object's create) or
+        of the run catalog, and nothing else.
 
-        A tail object is a new object under ``.evalsyncd/tail/``, sent with its CRC32C,
-        which a server that refuses checksums (the one feature the probe requires)
+        Both are objects under ``.evalsyncd/`` replaced or created whole, sent with their
+        CRC32C, which a server that refuses checksums (the one feature the probe requires)
         refuses the same way; every other feature the probe looks for serves writes of
-        objects (:meth:`ensure_owner`). The probe is asked to start, so that its
-        requests go out while the tail object uploads.
+        objects (:meth:`ensure_owner`). The probe is not asked to start: on a machine
+        whose cores the server shares, its requests would slow the upload of the first
+        tail object, which readers wait for; it starts when the pass ends, when a write
+        of an object asks for it, or a second after the claim
+        (``docs/benchmarks.md`` section 3).
 
         Raises:
             PrefixOwnedError: another daemon owns it: write nothing.
@@ -241,15 +245,18 @@ class Context:
                 recorded).
         """
         claim_only = self.checking and self.claimed is not None
-        await self._passed(self.claimed if claim_only else self.check)
+        await self._passed(self.claimed if claim_only else self.check, ask=not claim_only)
 
     def want_check(self) -> None:
         """Let the start's server probe go on (see :attr:`check_wanted`)."""
         if self.check_wanted is not None:
             self.check_wanted.set()
 
-    async def _passed(self, step: asyncio.Future[StorageError | None] | None) -> None:
-        self.want_check()
+    async def _passed(
+        self, step: asyncio.Future[StorageError | None] | None, *, ask: bool = True
+    ) -> None:
+        if ask:
+            self.want_check()
         if step is not None:
             error = await asyncio.shield(step)
             if error is not None:

@@ -2,6 +2,8 @@
 
 - :class:`PublishCatalog`: the run catalog (``.evalsyncd/catalog.json``) after a
   pass that touched a run's ``metadata.json`` (see :mod:`evalsyncd.catalog`);
+- :class:`ServerVerdict`: the verdict of the start's server check, after a pass
+  that wrote while it ran;
 - :class:`ReapLeftovers`: the removal of what failed cleanups left (GCS compose
   deltas, S3 multipart uploads; :mod:`evalsyncd.storage.reap`) every
   ``reap_interval_s``, and once a leftover noted since is ``reap_min_age_s`` old.
@@ -28,7 +30,7 @@ from evalsyncd.sync.journal import EntryStatus
 from evalsyncd.sync.scheduler import PassReport
 from evalsyncd.sync.shipper import Context
 
-__all__ = ["PublishCatalog", "ReapLeftovers"]
+__all__ = ["PublishCatalog", "ReapLeftovers", "ServerVerdict"]
 
 log = structlog.get_logger("evalsyncd.sync")
 CATALOG_NAME = CATALOG_PATH.split("/", 1)[1]
@@ -97,7 +99,7 @@ class PublishCatalog:
         catalog = build_catalog(entries, tail=at)
         if catalog == self._sent:
             return
-        await ctx.ensure_owner()
+        await ctx.ensure_claimed()  # like a tail object: the probe may still run
         await ctx.throttle(len(catalog))
         await ctx.storage.awrite_internal(CATALOG_NAME, catalog)
         self._sent, self._sent_entries, self._sent_at = catalog, plain, at
@@ -129,6 +131,36 @@ class PublishCatalog:
         if self._sent_at is None or self._sent_at[0] != index.writer:
             return False
         return index.marks.get(CATALOG_MARK, -1) <= self._sent_at[1]
+
+
+class ServerVerdict:
+    """After a pass while the start's server check (claim, probe, reap) still runs: wait
+    for its verdict, so that such a pass (one that wrote only what needs the claim alone:
+    a tail object, the run catalog) ends with it, never as a success ahead of it (status
+    would read healthy while the probe may still find the server unusable).
+
+    The last step but the reap: readers list the runs of the first tail object, and the
+    run catalog then published, while the probe runs.
+
+    Args:
+        ctx: the destination's shipping context.
+    """
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+
+    def next_due_in(self) -> float | None:
+        """``None``: it follows passes, never asks for one."""
+        return None
+
+    async def after_pass(self, report: PassReport) -> None:
+        """Wait for the start's check, if it runs (it starts now, if nothing asked before).
+
+        Raises:
+            StorageError: the check failed (the error it recorded): the pass failed.
+        """
+        if self.ctx.check is not None:
+            await self.ctx.ensure_owner()
 
 
 REAP_TIMEOUT_S = 60.0

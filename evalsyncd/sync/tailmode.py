@@ -245,17 +245,15 @@ class TailShipper:
 
     async def ship(self, batch: Batch) -> Outcome:
         """Stage every due file of ``batch``, write one tail object, then update due main
-        objects; see :class:`Outcome` (its ``error``: nothing unacknowledged was journaled)."""
+        objects; see :class:`Outcome` (its ``error``: nothing unacknowledged was journaled).
+        A pass that wrote only a tail object while the start's server check runs ends
+        before the check's verdict: the steps after it wait for that
+        (:class:`~evalsyncd.sync.steps.ServerVerdict`)."""
         outcome = Outcome()
         self.chunk_bytes = self.files.chunk_bytes = batch.chunk_bytes
         reset: list[str] = []
         try:
             await self._ship(batch, outcome, reset)
-            if outcome.error is None and self.ctx.check is not None:
-                # a pass that wrote a tail object only while the start's check runs ends
-                # with the check's verdict, not a success ahead of it (status would read
-                # healthy while the probe may still find the server unusable)
-                await self.ctx.ensure_owner()
         except StorageError as exc:
             outcome.error = exc
         if outcome.error is not None:
