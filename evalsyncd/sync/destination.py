@@ -231,9 +231,11 @@ class Destination(Scheduler):
         (:meth:`Context.ensure_owner`), so nothing is written on a prefix this
         daemon does not own, or to a server the probe finds unusable, as when the
         check came first, and a start spends the check's round trips staging. A
-        tail object's create waits for the claim alone (:meth:`Context.ensure_claimed`):
-        the probe starts when a write asks for it or the first pass ends, and its
-        requests go out while that tail object uploads. A check that could not run
+        tail object's create, and the run catalog, wait for the claim alone
+        (:meth:`Context.ensure_claimed`): the probe starts when a write of an object asks
+        for it, when the first pass ends (after its tail object uploaded: the probe's
+        requests would slow it), or a second after the claim; the pass's last step
+        waits for its verdict (:class:`~evalsyncd.sync.steps.ServerVerdict`). A check that could not run
         (an unreachable server) fails the pass that waits for it, or is recorded on
         its own when no pass wrote meanwhile (BACKOFF); it is then tried again with
         the destination's backoff before each pass, and nothing ships until it ran.

@@ -315,8 +315,8 @@ class TailShipper:
         if staged or direct or self.writer.dirty or not ctx.checking:
             # before the first write; and in every pass once the start's check is over
             # (a displaced owner notices the new one, even with nothing to send). A tail
-            # object waits for the claim alone: the probe's requests go out meanwhile,
-            # and objects below (and perfile's) wait for the whole check.
+            # object waits for the claim alone, and the probe starts after it (the steps
+            # wait for its verdict); objects below (and perfile's) wait for the whole check.
             try:
                 await ctx.ensure_claimed()
             except BaseException:
