@@ -633,7 +633,7 @@ def _vouched_runs(catalog: Catalog | None, index: TailIndex | None) -> list[str]
 
 
 def _run_of_metadata(path: str) -> str | None:
-    """The run whose ``metadata.json`` ``path`` is (``runs/{run}/metadata.json``), else ``None``."""
+    """The run of ``runs/{run}/metadata.json``; ``None`` for any other ``path``."""
     parts = path.split("/")
     if len(parts) == 3 and parts[0] == "runs" and parts[2] == "metadata.json":
         return parts[1]

@@ -232,13 +232,14 @@ class Destination(Scheduler):
         daemon does not own, or to a server the probe finds unusable, as when the
         check came first, and a start spends the check's round trips staging. A
         tail object's create, and the run catalog, wait for the claim alone
-        (:meth:`Context.ensure_claimed`): the probe starts when a write of an object asks
-        for it, when the first pass ends (after its tail object uploaded: the probe's
-        requests would slow it), or a second after the claim; the pass's last step
-        waits for its verdict (:class:`~evalsyncd.sync.steps.ServerVerdict`). A check that could not run
-        (an unreachable server) fails the pass that waits for it, or is recorded on
-        its own when no pass wrote meanwhile (BACKOFF); it is then tried again with
-        the destination's backoff before each pass, and nothing ships until it ran.
+        (:meth:`Context.ensure_claimed`): the probe starts when a write of an object
+        asks for it, when the first pass ends (after its tail object uploaded: the
+        probe's requests would slow it), or a second after the claim; the pass's last
+        step waits for its verdict (:class:`~evalsyncd.sync.steps.ServerVerdict`). A
+        check that could not run (an unreachable server) fails the pass that waits for
+        it, or is recorded on its own when no pass wrote meanwhile (BACKOFF); it is then
+        tried again with the destination's backoff before each pass, and nothing ships
+        until it ran.
         """
         self._server_pending = True
         ctx = self.ctx
