@@ -106,16 +106,9 @@ def test_the_cycle_check_finds_a_cycle() -> None:
 def test_status_and_verify_do_not_load_the_daemon(module: str) -> None:
     """Importing what ``evalsyncd status`` and ``verify`` run loads neither watchdog nor the
     daemon's core (scheduler, shippers, service); ``evalsyncd.sync`` resolves them lazily."""
-    code = (
-        f"import sys, {module}\n"
-        "heavy = ('watchdog', 'aiolimiter', 'evalsyncd.sync.service', 'evalsyncd.sync.scheduler',\n"
-        "         'evalsyncd.sync.tailmode', 'evalsyncd.sync.perfile', 'evalsyncd.sync.watcher')\n"
-        "print(sorted(m for m in sys.modules if m.startswith(heavy)))\n"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True
-    ).stdout
-    assert out.strip() == "[]", out
+    heavy = ("watchdog", "aiolimiter", "evalsyncd.sync.service", "evalsyncd.sync.scheduler",
+             "evalsyncd.sync.tailmode", "evalsyncd.sync.perfile", "evalsyncd.sync.watcher")  # fmt: skip
+    assert _loaded_by(module, heavy) == []
     lazy = subprocess.run(
         [sys.executable, "-c", "import sys, evalsyncd.sync as s; s.Service; "
          "print('evalsyncd.sync.service' in sys.modules)"],
@@ -128,11 +121,20 @@ def test_the_daemon_does_not_load_the_store() -> None:
     """The daemon's engine (what ``evalsyncd run`` imports) loads no module of
     ``evalsyncd.store``: it writes the run catalog through :mod:`evalsyncd.catalog`, and
     retention reads a run's metadata with the store's rules only when it looks at runs."""
+    assert _loaded_by("evalsyncd.sync.service, evalsyncd.storage.s3", ("evalsyncd.store",)) == []
+
+
+def _loaded_by(modules: str, prefixes: tuple[str, ...]) -> list[str]:
+    """The modules named ``prefixes`` or below them that importing ``modules`` (a
+    comma-separated list) loads, in a fresh interpreter."""
     code = (
-        "import sys, evalsyncd.sync.service, evalsyncd.storage.s3\n"
-        "print(sorted(m for m in sys.modules if m.split('.')[:2] == ['evalsyncd', 'store']))\n"
+        f"import sys, {modules}\n"
+        f"prefixes = {prefixes!r}\n"
+        "print(sorted(m for m in sys.modules if any(m == p or m.startswith(p + '.') "
+        "for p in prefixes)))\n"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout
-    assert out.strip() == "[]", out
+    loaded: list[str] = ast.literal_eval(out.strip())
+    return loaded
