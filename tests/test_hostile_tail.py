@@ -111,6 +111,11 @@ HOSTILE_HEADERS: dict[str, bytes] = {
     "seq negative": tail_object({**header(), "seq": -1}),
     "seq past 2**64": tail_object({**header(), "seq": 2**64}),
     "created NaN": tail_object(b'{"writer":"w","seq":1,"created":NaN,"files":{}}'),
+    "created past a float": tail_object({**header(), "created": 10**400}),
+    "mtime past a float": tail_object(header(a=entry(mtime=10**400))),
+    "mtime past a float, a bad piece": tail_object(
+        header(a=entry(mtime=-(10**400), p=[[True, 0, 4]]))
+    ),
     "size a bool": tail_object(header(a=entry(size=True))),
     "size a float": tail_object(header(a=entry(size=4.0))),
     "size huge": tail_object(header(a=entry(size=10**30, p=[[3, 0, 10**30]]))),
@@ -303,6 +308,7 @@ def make_host(storage: MemoryStorage, host: str, run_id: str) -> EvalStore:
 
 _VALUES = st.one_of(
     st.integers(-2, 2**64),
+    st.integers(-(10**400), 10**400),
     st.sampled_from([0, 1, 7, 2**42, 5 * 1024**4, 5 * 1024**4 + 1, True, False, None]),
     st.floats(allow_nan=True, allow_infinity=True),
     st.text(max_size=3),

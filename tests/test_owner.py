@@ -215,10 +215,21 @@ def test_a_vanished_claim_hands_nothing_over(memory_storage: MemoryStorage, tmp_
     asyncio.run(run())
 
 
-def test_a_damaged_claim_is_reported_not_overwritten(memory_storage: MemoryStorage) -> None:
+@pytest.mark.parametrize(
+    "damaged",
+    [
+        b"not json",
+        b'{"format": 1, "writer": "w", "host": "h", "claimed_at": 1' + b"0" * 400 + b"}",
+        b'{"format": 1, "writer": "w", "host": "h", "claimed_at": "inf"}',
+    ],
+    ids=["not json", "a time past a float", "an infinite time"],
+)
+def test_a_damaged_claim_is_reported_not_overwritten(
+    memory_storage: MemoryStorage, damaged: bytes
+) -> None:
     """A claim that does not parse parks with its URL and the take-over fix; take_over
     replaces it."""
-    memory_storage.write_internal(OWNER_NAME, b"not json")
+    memory_storage.write_internal(OWNER_NAME, damaged)
 
     async def run() -> None:
         with pytest.raises(CorruptObjectError, match=r"owner\.json.*--take-over"):

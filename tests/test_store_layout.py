@@ -60,6 +60,9 @@ def test_parse_model_warns_and_reads_as_missing(caplog: pytest.LogCaptureFixture
     assert "mem://m.json" in messages[1] and "not an object" in messages[1]
     good = BenchmarkResult("b", 0.5, 2, 1)
     assert parse_model(BenchmarkResult, good.to_dict(), "x") == good
+    # JSON integers have no bound: one no float holds is not a score (no OverflowError)
+    huge = parse_json_object(b'{"benchmark": "b", "score": 1' + b"0" * 400 + b"}", "mem://h")
+    assert parse_model(BenchmarkResult, huge, "mem://h") is None
 
 
 def test_trajectory_parser_across_chunks(caplog: pytest.LogCaptureFixture) -> None:

@@ -80,13 +80,14 @@ import json
 import logging
 import math
 import secrets
+import sys
 import threading
 import time
 import zlib
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Final, Protocol
+from typing import Any, Final, Protocol, TypeGuard
 
 from evalsyncd.errors import (
     ConflictError,
@@ -360,11 +361,22 @@ def _int(value: object, what: str, lo: int = 0, hi: int = _MAX_SEQ) -> int:
     return value
 
 
+_FLOAT_MAX_INT: Final = int(sys.float_info.max)
+"""Largest integer a float holds (JSON integers have no bound: larger ones are refused)."""
+
+
+def _finite(value: object) -> TypeGuard[int | float]:
+    """Whether ``value`` is a float that is finite, or an int a float holds (not a bool)."""
+    if type(value) is float:
+        return math.isfinite(value)
+    return type(value) is int and -_FLOAT_MAX_INT <= value <= _FLOAT_MAX_INT
+
+
 def _num(value: object, what: str) -> float:
     """``value`` as a finite float if it is an int or float (not a bool); else ``ValueError``."""
-    if type(value) not in (int, float) or not math.isfinite(value):  # type: ignore[arg-type]
-        raise ValueError(f"{what} is {value!r}, not a finite number")
-    return float(value)  # type: ignore[arg-type]
+    if not _finite(value):
+        raise ValueError(f"{what} is {value!r:.80}, not a finite number")
+    return float(value)
 
 
 def _str(value: object, what: str, *, none: bool = False) -> str | None:
@@ -398,8 +410,7 @@ def _file_tail(path: str, f: object, seq: int) -> FileTail:
             and 0 <= base <= size <= MAX_OBJECT_BYTES
             and type(raw_pieces) is list
             and (mv is None or isinstance(mv, str))
-            and (type(mtime) is float or type(mtime) is int)
-            and math.isfinite(mtime)
+            and _finite(mtime)
         ):
             pieces = []
             for raw in raw_pieces:
@@ -539,9 +550,10 @@ def decode_header(data: bytes, url: str) -> tuple[TailIndex, int] | int:
             bodies=bodies,
             marks=marks,
         )
-    except (ValueError, RecursionError) as exc:
+    except (ValueError, RecursionError, OverflowError) as exc:
         # ValueError: the checks above, JSONDecodeError, UnicodeDecodeError;
-        # RecursionError: JSON nested deeper than the interpreter's stack
+        # RecursionError: JSON nested deeper than the interpreter's stack;
+        # OverflowError: a number no float holds (none reaches a float unchecked)
         why = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
         raise CorruptObjectError(f"{url}: damaged tail header: {why}", url=url) from exc
     for path, ft in files.items():

@@ -58,6 +58,7 @@ import json
 import logging
 import math
 import re
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -328,7 +329,13 @@ def json_problem(data: bytes) -> str | None:
 
 
 def _is_num(v: object) -> bool:
-    return type(v) in (int, float) and math.isfinite(v)  # type: ignore[arg-type]
+    """A finite float, or an int a float holds (JSON integers have no bound; not a bool)."""
+    if type(v) is float:
+        return math.isfinite(v)
+    return type(v) is int and -_FLOAT_MAX_INT <= v <= _FLOAT_MAX_INT
+
+
+_FLOAT_MAX_INT = int(sys.float_info.max)
 
 
 def _is_name(v: str) -> bool:

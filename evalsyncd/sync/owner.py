@@ -46,6 +46,7 @@ import asyncio
 import contextlib
 import enum
 import json
+import math
 import os
 import secrets
 import socket
@@ -143,14 +144,17 @@ class Claim:
             fmt = int(raw.get("format", 0))
             if fmt != CLAIM_FORMAT:
                 raise ValueError(f"unknown format {fmt} (this evalsyncd reads {CLAIM_FORMAT})")
+            claimed_at = float(raw["claimed_at"])
+            if not math.isfinite(claimed_at):
+                raise ValueError(f"claimed_at is {claimed_at}, not a time")
             return cls(
                 writer=str(raw["writer"]),
                 host=str(raw["host"]),
-                claimed_at=float(raw["claimed_at"]),
+                claimed_at=claimed_at,
                 token=str(raw.get("token", "")),
                 format=fmt,
             )
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        except (ValueError, KeyError, TypeError, AttributeError, OverflowError) as exc:
             raise CorruptObjectError(
                 f"{url}: not an evalsyncd owner claim ({exc}); if this host should own the "
                 "prefix, run `evalsyncd claim --destination NAME --take-over`",
