@@ -33,8 +33,8 @@ Its files are parsed into plain dicts (:class:`JSONFileLoader`). botocore parses
 them with ``object_pairs_hook=OrderedDict``, to keep the order of their keys
 (botocore#51, from the days of Python 2.6); a plain dict keeps it too since
 Python 3.7, and parses two to three times faster: the endpoint data, the S3 model
-and its rule set in about 10 ms instead of 25 ms, on the first client of every
-command (``docs/benchmarks.md`` section 3). botocore only reads, copies and
+and its rule set are read and parsed in about 20 ms instead of 33 ms, on the first
+client of every command (``docs/benchmarks.md`` section 3). botocore only reads, copies and
 iterates what it loads; it never asks for an ``OrderedDict``.
 """
 

@@ -229,8 +229,9 @@ class Destination(Scheduler):
         The check (:meth:`_check_server`: the claim, the probe, a reap) runs while
         the first passes read the tail log and stage files: every write waits for it
         (:meth:`Context.ensure_owner`), so nothing is written on a prefix this
-        daemon does not own, or to a server the probe finds unusable, as when the
-        check came first, and a start spends the check's round trips staging. A
+        daemon does not own, and nothing but the tail log and the run catalog to a
+        server the probe finds unusable, and a start spends the check's round trips
+        staging. A
         tail object's create, and the run catalog, wait for the claim alone
         (:meth:`Context.ensure_claimed`): the probe starts when a write of an object
         asks for it, when the first pass ends (after its tail object uploaded: the

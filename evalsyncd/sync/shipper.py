@@ -139,13 +139,13 @@ class Context:
         check: the destination's server check while it runs (the claim and the probe,
             ``Destination.run``): its result is the error it recorded, or ``None``.
             Shippers read and stage meanwhile; every write of an object waits for it
-            (:meth:`ensure_owner`), a tail object's create for its claim only
-            (:meth:`ensure_claimed`).
+            (:meth:`ensure_owner`), a tail object's create and the run catalog for its
+            claim only (:meth:`ensure_claimed`).
         claimed: the claim step of :attr:`check` while it runs: its result is the
             error the check recorded there, or ``None`` once the prefix is claimed.
-        check_wanted: set when a write asks for the check: its probe waits for that
-            (or for the end of the first pass), so that a start's first tail object
-            does not wait on the probe's round trips, which go out during its upload.
+        check_wanted: set when a write of an object (or the end of a pass) asks for
+            the check: its probe waits for that, so that a start's first tail object
+            neither waits on the probe's round trips nor shares its upload with them.
     """
 
     name: str
