@@ -497,7 +497,7 @@ class CloudStorage(ABC):
         if not self.read_tail:
             return None
         where, rel = await self._locate(path)
-        return (await where._tail_index()).files.get(rel)
+        return await where._own_entry(rel)
 
     async def _own_entry(self, path: str) -> FileTail | None:
         """:meth:`_tail_entry` of a ``path`` that :meth:`_locate` found this storage's own
